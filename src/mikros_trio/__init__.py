@@ -1,0 +1,68 @@
+"""mikros_trio: the Mikros service model for Python, on Trio.
+
+Layers, data flowing one way (each module's name says where it sits):
+
+    service.toml ─► _definition ─► _container ─► _supervisor ─► running service
+                    (validated,     (dependency-   (one Trio nursery: graph-ordered
+                     frozen, pure)   injector,      start, health, signals,
+                                     sync wiring)   two-phase shutdown)
+
+Kinds (``worker``, ``script``, and the HTTP and gRPC kinds) and features
+plug in as components through ``_registry``. This module only re-exports
+the public API; everything is importable from here.
+"""
+
+from ._component import Component, Lifetime, Role, ShutdownTrigger
+from ._container import BuildContext, ServiceContainer
+from ._definition import (
+    ClientSettings,
+    ComponentSettings,
+    Definition,
+    FeatureConfig,
+    LifecycleSettings,
+    LogSettings,
+    ServiceType,
+    definition_schema,
+    load_definition,
+    parse_definition,
+)
+from ._health import ComponentState, Health, Phase
+from ._registry import FeatureSpec, KindSpec, Registry, default_registry
+from ._service import Service, run
+from ._supervisor import LifecycleEvent, Supervisor, Timeouts
+from .errors import ComponentError, ConfigError, ConfigIssue, MikrosTrioError
+
+__all__ = [
+    "BuildContext",
+    "ClientSettings",
+    "Component",
+    "ComponentError",
+    "ComponentSettings",
+    "ComponentState",
+    "ConfigError",
+    "ConfigIssue",
+    "Definition",
+    "FeatureConfig",
+    "FeatureSpec",
+    "Health",
+    "KindSpec",
+    "LifecycleEvent",
+    "LifecycleSettings",
+    "Lifetime",
+    "LogSettings",
+    "MikrosTrioError",
+    "Phase",
+    "Registry",
+    "Role",
+    "Service",
+    "ServiceContainer",
+    "ServiceType",
+    "ShutdownTrigger",
+    "Supervisor",
+    "Timeouts",
+    "default_registry",
+    "definition_schema",
+    "load_definition",
+    "parse_definition",
+    "run",
+]

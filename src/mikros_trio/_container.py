@@ -1,0 +1,350 @@
+"""The container layer: dependency-injector wiring, turned into components.
+
+Sync only, by design: dependency-injector's async resources are bound to
+asyncio and do not run under Trio, so lifecycle belongs to the supervisor.
+What this module does:
+
+- wires the :class:`~mikros_trio.Definition` and its values into a
+  :class:`ServiceContainer` (``container.definition``, ``container.config``);
+- asks each kind in ``types`` and each enabled feature for its components,
+  importing their modules only now;
+- finds the user's lifecycle components: every ``Singleton`` or ``Object``
+  provider whose value has ``on_start`` / ``on_shutdown`` / ``warmup``
+  hooks. Discovery looks at classes, not instances, so nothing is
+  constructed before its turn in the start order; the edges between them
+  come from the container's own wiring (a provider injected into another
+  must be started first), from ``depends_on`` / ``enhanced_by`` attributes,
+  and from ``[components.<name>]`` in service.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import trio
+from dependency_injector import containers, providers
+
+from ._component import Component, Lifetime, Role
+from ._definition import Definition
+from ._graph import NodeSpec
+from ._registry import Registry
+from .errors import ConfigError, ConfigIssue
+
+__all__ = [
+    "BuildContext",
+    "HookComponent",
+    "ServiceContainer",
+    "build_components",
+    "container_class",
+    "plain",
+]
+
+_HOOKS = ("on_start", "on_shutdown", "warmup")
+
+
+class ServiceContainer(containers.DeclarativeContainer):
+    """Base container of a service; subclass it and add providers.
+
+    ``definition`` gives the loaded :class:`~mikros_trio.Definition`;
+    ``config`` holds service.toml as a strict ``Configuration``, so
+    ``ServiceContainer.config.service.dsn`` reads ``[service] dsn``. Set
+    :attr:`service_model` to a dataclass to have ``[service]`` decoded and
+    validated into it. Example::
+
+        class Container(ServiceContainer):
+            repo = providers.Singleton(Repo, dsn=ServiceContainer.config.service.dsn)
+            worker = providers.Factory(Poller, repo=repo)
+
+    Any ``Singleton`` whose class defines ``on_start`` / ``on_shutdown``
+    (sync or async) becomes a lifecycle component named after its
+    attribute; override providers before the service starts
+    (``container.repo.override(fake)``) and the service uses the override.
+    """
+
+    definition: providers.Object[Any] = providers.Object(None)
+    config = providers.Configuration(strict=True)
+
+    #: Optional dataclass that ``[service]`` is decoded into.
+    service_model: ClassVar[type[Any] | None] = None
+
+
+#: Providers of the base container itself: never lifecycle components.
+_RESERVED = frozenset({"definition", "config"})
+
+
+@dataclass(frozen=True, slots=True)
+class BuildContext:
+    """What a kind's or feature's builder receives.
+
+    ``name`` is the kind or feature, ``settings`` its decoded
+    ``[runtime.<kind>]`` or ``[features.<name>]`` table.
+    """
+
+    name: str
+    settings: Any
+    definition: Definition
+    container: ServiceContainer
+
+    def provider(self, attribute: str, key_path: str) -> providers.Provider[Any]:
+        """The container provider called ``attribute``, or a ``ConfigError`` at ``key_path``."""
+        found = self.container.providers.get(attribute)
+        if found is None:
+            raise ConfigError(
+                [
+                    ConfigIssue(
+                        self.definition.source,
+                        key_path,
+                        f"the {self.name} kind needs a container provider named "
+                        f"{attribute!r}; {container_class(self.container).__name__} has none",
+                    )
+                ]
+            )
+        return found
+
+
+class HookComponent(Component):
+    """A user object with ``on_start`` / ``on_shutdown`` hooks, as a component.
+
+    The object is obtained from its provider when the component starts, so
+    it is built in start order and any override in place is honoured.
+    ``on_shutdown`` runs only if ``on_start`` completed, and at most once.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        provider: Callable[[], Any],
+        *,
+        depends_on: Sequence[str] = (),
+        enhanced_by: Sequence[str] = (),
+        role: Role = Role.PROCESSING,
+    ) -> None:
+        self.name = name
+        self.role = role
+        self.depends_on = tuple(depends_on)
+        self.enhanced_by = tuple(enhanced_by)
+        self._provider = provider
+        self.instance: Any = None
+
+    async def run(
+        self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.instance = self._provider()
+        await _call_hook(self.instance, "on_start")
+        task_status.started()
+        await lifetime.wait_stopping()
+        await _call_hook(self.instance, "on_shutdown")
+
+
+class _WarmHookComponent(HookComponent):
+    """A :class:`HookComponent` whose object also has a ``warmup`` hook.
+
+    A separate class so the supervisor, which skips components that do not
+    override ``warmup``, sees only the ones that do.
+    """
+
+    async def warmup(self) -> None:
+        await _call_hook(self.instance, "warmup")
+
+
+async def _call_hook(obj: Any, hook: str) -> None:
+    method = getattr(obj, hook, None)
+    if method is None:
+        return
+    result = method()
+    if inspect.isawaitable(result):
+        await result
+
+
+def _provided_type(provider: providers.Provider[Any]) -> type[Any] | None:
+    """The class a provider's value has, found without calling it (or None)."""
+    effective = provider.last_overriding or provider
+    if isinstance(effective, providers.Object):
+        return type(effective.provides)
+    if isinstance(effective, providers.BaseSingleton):
+        provides = effective.provides
+        return provides if isinstance(provides, type) else None
+    return None  # factories make a new object per call: nothing to start or stop
+
+
+def discover(
+    container: ServiceContainer, definition: Definition, reserved: Iterable[str]
+) -> list[tuple[Component, NodeSpec]]:
+    """The user's lifecycle components in ``container``, with graph declarations."""
+    skip = _RESERVED | set(reserved)
+    found: dict[str, tuple[providers.Provider[Any], type[Any]]] = {}
+    for name, provider in container.providers.items():
+        if name in skip:
+            continue
+        cls = _provided_type(provider)
+        if cls is not None and any(callable(getattr(cls, hook, None)) for hook in _HOOKS):
+            found[name] = (provider, cls)
+    by_identity = {id(provider): name for name, (provider, _) in found.items()}
+    container_name = container_class(container).__name__
+    out: list[tuple[Component, NodeSpec]] = []
+    for name, (provider, cls) in found.items():
+        # The container's wiring is a dependency declaration: whatever is
+        # injected into this provider must be running before it starts.
+        related: list[providers.Provider[Any]] = list(provider.traverse())
+        wired = [
+            by_identity[id(sub)]
+            for sub in related
+            if id(sub) in by_identity and by_identity[id(sub)] != name
+        ]
+        declared = definition.components.get(name)
+        depends = _unique(
+            [*wired, *getattr(cls, "depends_on", ()), *(declared.depends_on if declared else ())]
+        )
+        enhanced = _unique(
+            [*getattr(cls, "enhanced_by", ()), *(declared.enhanced_by if declared else ())]
+        )
+        role = getattr(cls, "role", Role.PROCESSING)
+        kind = _WarmHookComponent if callable(getattr(cls, "warmup", None)) else HookComponent
+        component = kind(name, provider, depends_on=depends, enhanced_by=enhanced, role=role)
+        source, path = (
+            (definition.source, f"components.{name}")
+            if declared
+            else ("<container>", f"{container_name}.{name}")
+        )
+        out.append((component, NodeSpec(name, role, depends, enhanced, source, path)))
+    issues = [
+        ConfigIssue(
+            definition.source,
+            f"components.{name}",
+            f"names a lifecycle component, but {container_name} "
+            + (
+                "gives no object with on_start/on_shutdown hooks there"
+                if name in container.providers
+                else "has no such provider"
+            ),
+        )
+        for name in definition.components
+        if name not in found
+    ]
+    if issues:
+        raise ConfigError(issues)
+    return out
+
+
+def container_class(container: ServiceContainer) -> type[ServiceContainer]:
+    """The declarative class an instance came from (instances are DynamicContainers)."""
+    parent: type[ServiceContainer] | None = getattr(container, "declarative_parent", None)
+    return parent if parent is not None else type(container)
+
+
+def _unique(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def _load_factory(spec_factory: str) -> Callable[[BuildContext], Sequence[Component]]:
+    module_name, _, attribute = spec_factory.partition(":")
+    module = importlib.import_module(module_name)
+    factory: Callable[[BuildContext], Sequence[Component]] = getattr(module, attribute)
+    return factory
+
+
+def build_components(
+    container: ServiceContainer, definition: Definition, registry: Registry
+) -> tuple[list[Component], list[NodeSpec]]:
+    """Every component of the service and its graph node, in declaration order.
+
+    Kinds' and features' components first (features, then kinds, as
+    declared), then the user's. Raises ``ConfigError`` with every problem
+    found across all of them.
+    """
+    wire(container, definition)
+    issues: list[ConfigIssue] = []
+    components: list[Component] = []
+    nodes: list[NodeSpec] = []
+    reserved: list[str] = []
+
+    def add(built: Iterable[Component], source: str, path: str) -> None:
+        for component in built:
+            components.append(component)
+            nodes.append(
+                NodeSpec(
+                    component.name,
+                    component.role,
+                    component.depends_on,
+                    component.enhanced_by,
+                    source,
+                    path,
+                )
+            )
+
+    builders: list[tuple[str, Any, str, str]] = []
+    for feature in definition.enabled_features(registry):
+        fspec = registry.features[feature]
+        builders.append((feature, definition.features[feature].settings, fspec.factory, "features"))
+    for entry in definition.types:
+        kspec = registry.kind(entry.kind)
+        assert kspec is not None  # the definition layer validated the kinds
+        settings = definition.runtime[entry.kind]
+        provider_name = getattr(settings, "provider", None)
+        if isinstance(provider_name, str):
+            reserved.append(provider_name)
+        builders.append((entry.kind, settings, kspec.factory, "runtime"))
+    for name, settings, factory, table in builders:
+        context = BuildContext(name, settings, definition, container)
+        try:
+            add(_load_factory(factory)(context), definition.source, f"{table}.{name}")
+        except ConfigError as exc:
+            issues.extend(exc.issues)
+    try:
+        for component, node in discover(container, definition, reserved):
+            components.append(component)
+            nodes.append(node)
+    except ConfigError as exc:
+        issues.extend(exc.issues)
+    if issues:
+        raise ConfigError(issues)
+    return components, nodes
+
+
+def wire(container: ServiceContainer, definition: Definition) -> None:
+    """Give ``container`` the definition and its values as ``config``."""
+    container.definition.set_provides(definition)
+    container.config.from_dict(plain(definition))
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain dicts, lists and scalars (for ``Configuration``)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.name != "environ"  # secrets must not leak into config
+        }
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [plain(item) for item in value]
+    return value
+
+
+def entry_point(obj: Any, what: str) -> Callable[[Lifetime], Awaitable[Any]]:
+    """Normalise a user's worker or script into ``async f(lifetime)``.
+
+    Accepts an async callable taking the :class:`Lifetime` or nothing, or an
+    object whose ``run`` method is one.
+    """
+    target = getattr(obj, "run", obj)
+    if not callable(target):
+        raise TypeError(f"the {what} provider gave {obj!r}, which is not callable")
+    try:
+        takes_lifetime = len(inspect.signature(target).parameters) >= 1
+    except (TypeError, ValueError):
+        takes_lifetime = True
+
+    async def call(lifetime: Lifetime) -> Any:
+        result = target(lifetime) if takes_lifetime else target()
+        if not inspect.isawaitable(result):
+            raise TypeError(f"the {what} {target!r} must be async (it returned {result!r})")
+        return await result
+
+    return call

@@ -1,0 +1,738 @@
+"""``service.toml`` → a validated, frozen :class:`Definition`.
+
+The first layer, and a pure one: it reads one file, checks everything that
+can be checked without starting anything, and either returns a frozen model
+or raises :class:`~mikros_trio.errors.ConfigError` carrying *every* issue,
+each with its key path. Later layers (container, supervisor) trust the
+result and never re-validate it.
+
+A Mikros Go ``service.toml`` loads unchanged::
+
+    name = "http"
+    types = ["http:8080"]
+    version = "v0.1.0"
+    language = "go"
+    product = "EXAMPLE"
+
+    [log]
+    error_stack_trace = "disabled"
+
+Typed tables are decoded by :mod:`._settings`; this module adds the rules
+that span tables: ``types`` against the registry, ``[runtime.<kind>]`` against
+``types``, port precedence, feature settings, lifecycle timing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Literal
+
+from ._registry import KindSpec, Registry, default_registry
+from ._settings import decode, decode_fields, join_path, json_schema, quote, show, suggest
+from .errors import ConfigError, ConfigIssue
+
+__all__ = [
+    "ClientSettings",
+    "ComponentSettings",
+    "Definition",
+    "FeatureConfig",
+    "LifecycleSettings",
+    "LogSettings",
+    "ServiceType",
+    "TestsSettings",
+    "definition_schema",
+    "load_definition",
+    "parse_definition",
+]
+
+
+def _empty() -> Mapping[Any, Any]:
+    return MappingProxyType({})
+
+
+# Port numbers everywhere: in "kind:port", [runtime.<kind>] and the
+# MIKROS_<KIND>_PORT variables. 0 asks the OS for a free port (tests).
+_PORT_MAX: Final = 65535
+_PORT_EXPECTED: Final = f"an integer between 0 and {_PORT_MAX}"
+
+# Keys of [clients.*] name other services (Mikros names may hold "-");
+# keys of [components.*] name container providers, so Python identifiers.
+_CLIENT_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_COMPONENT_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# Semantic Versioning 2.0 (core, pre-release, build metadata), with the "v"
+# prefix Mikros uses. In the subset of regex syntax Python and JSON Schema
+# (ECMA-262) share, because it also goes into the schema.
+_NUMBER = "(?:0|[1-9][0-9]*)"
+_IDENT = "(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+_VERSION: Final = (
+    f"v?{_NUMBER}\\.{_NUMBER}\\.{_NUMBER}"
+    f"(?:-{_IDENT}(?:\\.{_IDENT})*)?"
+    "(?:\\+[0-9A-Za-z-]+(?:\\.[0-9A-Za-z-]+)*)?"
+)
+
+
+# -- the model -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceType:
+    """One entry of ``types``: a kind, and the port written as ``"kind:port"``.
+
+    ``kind`` is the canonical name (``"native"`` is stored as ``"worker"``);
+    ``port`` is ``None`` when the entry has no ``:port`` part. The port the
+    service really uses is :meth:`Definition.port`.
+    """
+
+    kind: str
+    port: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """``[log]``: level and shape of the service's log lines."""
+
+    level: Literal["debug", "info", "warn", "warning", "error", "internal"] = field(
+        default="info", metadata={"help": "Lowest level written."}
+    )
+    error_stack_trace: Literal["default", "disabled", "structured"] = field(
+        default="default",
+        metadata={"help": "How error stack traces are logged (Mikros Go key)."},
+    )
+    format: Literal["auto", "json", "console"] = field(
+        default="auto",
+        metadata={"help": "Line format; auto is console on a terminal, JSON otherwise."},
+    )
+    attributes: Mapping[str, str | int | float | bool] = field(
+        default_factory=_empty,
+        metadata={"help": "Static attributes added to every log line."},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """``[clients.<name>]``: where another service listens."""
+
+    host: str = field(metadata={"help": "Host name or address of the service."})
+    port: int = field(metadata={"help": "Its TCP port.", "ge": 1, "le": _PORT_MAX})
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleSettings:
+    """``[lifecycle]``: start and shutdown deadlines, in seconds.
+
+    ``readiness_delay + drain_timeout`` must stay below ``shutdown_timeout``
+    (work-processing components still need time to stop and flush after the
+    drain), and ``shutdown_timeout`` below Kubernetes' default 30 s grace
+    period, after which the pod is killed.
+    """
+
+    start_timeout: float = field(
+        default=15.0, metadata={"help": "Deadline for every component to report ready.", "gt": 0}
+    )
+    drain_timeout: float = field(
+        default=10.0,
+        metadata={"help": "Deadline for work-generating components to drain.", "gt": 0},
+    )
+    shutdown_timeout: float = field(
+        default=20.0,
+        metadata={
+            "help": "Deadline for the whole shutdown; below Kubernetes' default 30 s grace.",
+            "gt": 0,
+            "lt": 30,
+            "expect": "a number of seconds > 0 and < 30 (Kubernetes' default grace period)",
+        },
+    )
+    readiness_delay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Pause between readiness off and draining, for load balancers to notice.",
+            "ge": 0,
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentSettings:
+    """``[components.<name>]``: extra start/stop ordering for a container component."""
+
+    depends_on: tuple[str, ...] = field(
+        default=(), metadata={"help": "Components that must start before this one."}
+    )
+    enhanced_by: tuple[str, ...] = field(
+        default=(), metadata={"help": "Components that enhance this one and start after it."}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TestsSettings:
+    """``[tests]``: Mikros Go test-harness switches, accepted for compatibility."""
+
+    execute_lifecycle: bool = field(
+        default=False, metadata={"help": "Run lifecycle hooks in tests (Mikros Go)."}
+    )
+    discard_log_messages: bool | None = field(
+        default=None, metadata={"help": "Drop log output in tests (Mikros Go)."}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureConfig:
+    """One feature's table: whether it is enabled, and its decoded settings.
+
+    ``settings`` is an instance of the feature's ``FeatureSpec.settings``.
+    """
+
+    enabled: bool
+    settings: object
+
+
+@dataclass(frozen=True, slots=True)
+class Definition:
+    """A validated ``service.toml``: frozen all the way down.
+
+    Built by :func:`load_definition` or :func:`parse_definition`, never by
+    hand. Mappings are read-only views and arrays are tuples, so no layer
+    can change the configuration another layer reads.
+
+    ``runtime`` holds one settings instance for every kind in ``types``
+    (defaults when the file has no ``[runtime.<kind>]`` table); ``features``
+    holds the features in file order, then the registry's always-on features
+    the file does not mention; ``service`` is the free-form ``[service]``
+    table, or an instance of the ``service_model`` given when loading.
+
+    >>> text = 'name = "svc"\\ntypes = ["http:9000"]\\nversion = "v1.0.0"'
+    >>> d = parse_definition(text, environ={})
+    >>> d.kinds, d.port("http")
+    (('http',), 9000)
+    """
+
+    source: str
+    name: str
+    types: tuple[ServiceType, ...]
+    version: str
+    language: str
+    product: str
+    envs: tuple[str, ...]
+    log: LogSettings
+    features: Mapping[str, FeatureConfig]
+    clients: Mapping[str, ClientSettings]
+    runtime: Mapping[str, object]
+    service: Any
+    lifecycle: LifecycleSettings
+    components: Mapping[str, ComponentSettings]
+    tests: TestsSettings
+    services: Mapping[str, Any]
+    environ: Mapping[str, str] = field(default_factory=_empty, repr=False, compare=False)
+    # Effective port of each kind, resolved at load time because it needs the
+    # registry (port_env, default_port) that the definition does not keep.
+    _ports: Mapping[str, int | None] = field(default_factory=_empty, repr=False, compare=False)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The canonical kind names of ``types``, in file order."""
+        return tuple(entry.kind for entry in self.types)
+
+    def port(self, kind: str) -> int | None:
+        """The port ``kind`` listens on, or ``None`` for a kind without one.
+
+        Precedence: the kind's environment variable (``MIKROS_HTTP_PORT``),
+        then ``"kind:port"`` in ``types``, then ``[runtime.<kind>] port``,
+        then the kind's default. Raises ``KeyError`` for a kind that is not
+        in ``types``.
+        """
+        if kind not in self._ports:
+            raise KeyError(f"kind {kind!r} is not in types {list(self.kinds)}")
+        return self._ports[kind]
+
+    def enabled_features(self, registry: Registry) -> tuple[str, ...]:
+        """Features to run: enabled or always-on ones in file order, then other always-on ones."""
+        names = [
+            name
+            for name, config in self.features.items()
+            if config.enabled or _always_on(registry, name)
+        ]
+        names.extend(
+            name for name, spec in registry.features.items() if spec.always_on and name not in names
+        )
+        return tuple(names)
+
+    def missing_envs(self) -> tuple[str, ...]:
+        """The names in ``envs`` that the environment does not define."""
+        return tuple(name for name in self.envs if name not in self.environ)
+
+
+def _always_on(registry: Registry, name: str) -> bool:
+    spec = registry.features.get(name)
+    return spec is not None and spec.always_on
+
+
+@dataclass(frozen=True, slots=True)
+class _Document:
+    """The top-level keys of service.toml, as written, before cross-table checks."""
+
+    name: str = field(
+        metadata={
+            "help": "Service name: letters, digits, '_', '-' and '.'.",
+            "pattern": "[A-Za-z0-9_.-]+",
+            "expect": 'a non-empty name of letters, digits, "_", "-" and "."',
+        }
+    )
+    types: tuple[str, ...] = field(
+        metadata={"help": 'Service kinds, each "kind" or "kind:port"; script stands alone.'}
+    )
+    version: str = field(
+        metadata={
+            "help": 'Service version, "v1.2.3" (Mikros) or SemVer 2.0.',
+            "pattern": _VERSION,
+            "expect": 'a version like "v1.2.3" or "1.2.3"',
+        }
+    )
+    language: Literal["python", "go", "rust"] = field(
+        default="python", metadata={"help": "Implementation language (Mikros)."}
+    )
+    product: str = field(default="", metadata={"help": "Product the service belongs to."})
+    envs: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Environment variables the service requires.",
+            "pattern": "[A-Z_][A-Z0-9_]*",
+            "expect": "an environment variable name in upper case (A-Z, 0-9, _)",
+        },
+    )
+    log: LogSettings = field(default_factory=LogSettings, metadata={"help": "Logging."})
+    features: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=_empty,
+        metadata={"help": "Features by name: enabled = true plus the feature's settings."},
+    )
+    clients: Mapping[str, ClientSettings] = field(
+        default_factory=_empty, metadata={"help": "Other services this one calls, by name."}
+    )
+    runtime: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=_empty, metadata={"help": "Settings of each kind in types."}
+    )
+    service: Mapping[str, Any] = field(
+        default_factory=_empty, metadata={"help": "The service's own settings."}
+    )
+    lifecycle: LifecycleSettings = field(
+        default_factory=LifecycleSettings, metadata={"help": "Start and shutdown deadlines."}
+    )
+    components: Mapping[str, ComponentSettings] = field(
+        default_factory=_empty, metadata={"help": "Extra ordering of container components."}
+    )
+    tests: TestsSettings = field(
+        default_factory=TestsSettings, metadata={"help": "Mikros Go test settings."}
+    )
+    services: Mapping[str, Any] = field(
+        default_factory=_empty,
+        metadata={"help": "Mikros Go per-kind service tables; kept, unused."},
+    )
+
+
+# -- loading ---------------------------------------------------------------------
+
+
+def load_definition(
+    path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    registry: Registry | None = None,
+    service_model: type | None = None,
+) -> Definition:
+    """Read and validate the ``service.toml`` at ``path``.
+
+    Raises :class:`~mikros_trio.errors.ConfigError` with every issue found,
+    including a file that cannot be read or is not UTF-8; never anything
+    else for bad input. See :func:`parse_definition` for the arguments.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as file:
+            raw = file.read()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError([ConfigIssue(source, "", f"cannot read the file: {reason}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        message = f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at line {line}, column {column}"
+        raise ConfigError([ConfigIssue(source, "", message)]) from None
+    # Some editors start UTF-8 files with a byte-order mark; TOML has no use for it.
+    text = text.removeprefix("\ufeff")
+    return parse_definition(
+        text, source=source, environ=environ, registry=registry, service_model=service_model
+    )
+
+
+def parse_definition(
+    text: str,
+    *,
+    source: str = "service.toml",
+    environ: Mapping[str, str] | None = None,
+    registry: Registry | None = None,
+    service_model: type | None = None,
+) -> Definition:
+    """Validate the ``service.toml`` document ``text``.
+
+    ``source`` names the file in issues. ``environ`` (default: a copy of
+    ``os.environ``) supplies port overrides and is what
+    :meth:`Definition.missing_envs` checks. ``registry`` (default: the
+    built-in kinds and features) says which kinds and features exist.
+    ``service_model``, a dataclass, types the ``[service]`` table.
+
+    Raises :class:`~mikros_trio.errors.ConfigError` with every issue found;
+    never anything else for bad input.
+    """
+    env = MappingProxyType(dict(os.environ if environ is None else environ))
+    try:
+        try:
+            data = tomllib.loads(text)
+        except ValueError as exc:
+            # TOMLDecodeError (a ValueError) says "(at line L, column C)";
+            # other ValueErrors come from values tomllib cannot convert
+            # (an integer of more than 4300 digits).
+            raise ConfigError([ConfigIssue(source, "", f"invalid TOML: {exc}")]) from None
+        return _Loader(source, env, registry or default_registry(), service_model).load(data)
+    except RecursionError:
+        # Arrays nested thousands deep exhaust the parser's (and the
+        # decoder's) stack; that is a bad file, not a crash.
+        raise ConfigError([ConfigIssue(source, "", "tables or arrays nested too deeply")]) from None
+
+
+class _Loader:
+    """The checks of one document, collecting issues instead of stopping at the first."""
+
+    def __init__(
+        self,
+        source: str,
+        environ: Mapping[str, str],
+        registry: Registry,
+        service_model: type | None,
+    ) -> None:
+        self.source = source
+        self.environ = environ
+        self.registry = registry
+        self.service_model = service_model
+        self.issues: list[ConfigIssue] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.issues.append(ConfigIssue(self.source, path, message))
+
+    def decode(self, cls: type, data: object, path: str, known: tuple[str, ...] = ()) -> Any:
+        value, issues = decode(cls, data, source=self.source, path=path, known=known)
+        self.issues.extend(issues)
+        return value
+
+    def load(self, data: dict[str, Any]) -> Definition:
+        values, self.issues = decode_fields(_Document, data, source=self.source, path="")
+        types = self.check_types(values["types"]) if "types" in values else None
+        specs = (
+            None if types is None else {entry.kind: self.kind_spec(entry.kind) for entry in types}
+        )
+        self.check_envs(values.get("envs", ()))
+        runtime = self.check_runtime(values.get("runtime", {}), types, specs)
+        env_ports = self.check_port_env(specs or {})
+        features = self.check_features(values.get("features", {}))
+        self.check_names(data.get("clients"), "clients", _CLIENT_NAME, "a client name")
+        self.check_names(
+            data.get("components"), "components", _COMPONENT_NAME, "a Python identifier"
+        )
+        lifecycle = values.get("lifecycle", LifecycleSettings())
+        if "lifecycle" in values:
+            self.check_lifecycle(lifecycle)
+        service: Any = values.get("service", _empty())
+        # A model is decoded from the raw table (not the frozen copy) and also
+        # when the table is absent, so that its required keys are reported.
+        if self.service_model is not None and ("service" in values or "service" not in data):
+            service = self.decode(self.service_model, data.get("service", {}), "service")
+
+        if self.issues:
+            raise ConfigError(_in_file_order(self.issues, data))
+        # No issues means every check above produced its result.
+        assert types is not None
+        assert specs is not None
+        assert runtime is not None
+        ports = {
+            entry.kind: _effective_port(
+                specs[entry.kind], env_ports.get(entry.kind), entry.port, runtime[entry.kind]
+            )
+            for entry in types
+        }
+        return Definition(
+            source=self.source,
+            name=values["name"],
+            types=types,
+            version=values["version"],
+            language=values.get("language", "python"),
+            product=values.get("product", ""),
+            envs=values.get("envs", ()),
+            log=values.get("log", LogSettings()),
+            features=MappingProxyType(features),
+            clients=values.get("clients", _empty()),
+            runtime=MappingProxyType(runtime),
+            service=service,
+            lifecycle=lifecycle,
+            components=values.get("components", _empty()),
+            tests=values.get("tests", TestsSettings()),
+            services=values.get("services", _empty()),
+            environ=self.environ,
+            _ports=MappingProxyType(ports),
+        )
+
+    def kind_spec(self, kind: str) -> KindSpec:
+        spec = self.registry.kind(kind)
+        assert spec is not None  # check_types only returns known kinds
+        return spec
+
+    def check_types(self, entries: tuple[str, ...]) -> tuple[ServiceType, ...] | None:
+        """Parse ``"kind[:port]"`` entries; ``None`` if any is unusable."""
+        if not entries:
+            self.add("types", "expected at least one service kind, got an empty array")
+            return None
+        before = len(self.issues)
+        parsed: list[ServiceType] = []
+        seen: dict[str, int] = {}
+        for index, entry in enumerate(entries):
+            path = f"types[{index}]"
+            name, colon, port_text = entry.partition(":")
+            spec = self.registry.kind(name)
+            if spec is None:
+                hint = suggest(name, self.registry.names(), noun="kinds")
+                self.add(path, f"unknown kind {quote(name)}{hint}")
+                continue
+            port = None
+            if colon:
+                if spec.default_port is None:
+                    self.add(path, f"kind {quote(spec.name)} takes no port, got {quote(entry)}")
+                    continue
+                port = _parse_port(port_text)
+                if port is None:
+                    self.add(path, f'expected {_PORT_EXPECTED} after ":", got {show(port_text)}')
+                    continue
+            if spec.name in seen:
+                alias = "" if name == spec.name else f" ({quote(name)} is an alias)"
+                where = f"types[{seen[spec.name]}]"
+                self.add(path, f"kind {quote(spec.name)}{alias} is already listed at {where}")
+                continue
+            seen[spec.name] = index
+            parsed.append(ServiceType(spec.name, port))
+        for entry_spec in (self.kind_spec(entry.kind) for entry in parsed):
+            if entry_spec.alone and len(entries) > 1:
+                index = seen[entry_spec.name]
+                others = ", ".join(quote(e) for i, e in enumerate(entries) if i != index)
+                self.add(
+                    f"types[{index}]",
+                    f"kind {quote(entry_spec.name)} must be the only entry in types, "
+                    f"got it with {others}",
+                )
+        return tuple(parsed) if len(self.issues) == before else None
+
+    def check_envs(self, names: tuple[str, ...]) -> None:
+        first: dict[str, int] = {}
+        for index, name in enumerate(names):
+            if name in first:
+                self.add(
+                    f"envs[{index}]", f"{quote(name)} is already listed at envs[{first[name]}]"
+                )
+            else:
+                first[name] = index
+
+    def check_runtime(
+        self,
+        tables: Mapping[str, Mapping[str, Any]],
+        types: tuple[ServiceType, ...] | None,
+        specs: Mapping[str, KindSpec] | None,
+    ) -> dict[str, object] | None:
+        """Decode ``[runtime.<kind>]`` tables; defaults for kinds without one."""
+        runtime: dict[str, object] = {}
+        seen: dict[str, str] = {}
+        for key, table in tables.items():
+            path = join_path("runtime", key)
+            spec = self.registry.kind(key)
+            if spec is None:
+                hint = suggest(key, self.registry.names(), noun="kinds")
+                self.add(path, f"unknown kind {quote(key)}{hint}")
+                continue
+            if specs is not None and spec.name not in specs:
+                self.add(path, f"kind {quote(spec.name)} is not in types")
+                continue
+            if spec.name in seen:
+                self.add(
+                    path, f"kind {quote(spec.name)} already has a table: runtime.{seen[spec.name]}"
+                )
+                continue
+            seen[spec.name] = key
+            settings = self.decode(spec.settings, table, path)
+            if settings is not None:
+                runtime[spec.name] = settings
+        if types is None or specs is None:
+            return None
+        for entry in types:
+            if entry.kind not in seen:
+                settings = self.decode(
+                    specs[entry.kind].settings, {}, join_path("runtime", entry.kind)
+                )
+                runtime[entry.kind] = settings
+            settings = runtime.get(entry.kind)
+            configured = getattr(settings, "port", None)
+            if entry.port is not None and configured is not None and configured != entry.port:
+                key = seen.get(entry.kind, entry.kind)
+                path = join_path(join_path("runtime", key), "port")
+                self.add(
+                    path,
+                    f'conflicts with "{entry.kind}:{entry.port}" in types, got {show(configured)}; '
+                    "set the port in one place",
+                )
+        return runtime if len(runtime) == len(types) else None
+
+    def check_port_env(self, specs: Mapping[str, KindSpec]) -> dict[str, int]:
+        """Ports from the kinds' environment variables, which win over the file."""
+        ports: dict[str, int] = {}
+        for kind, spec in specs.items():
+            if spec.port_env is None or spec.default_port is None:
+                continue
+            text = self.environ.get(spec.port_env)
+            if text is None:
+                continue
+            port = _parse_port(text)
+            if port is None:
+                self.add(
+                    "types",
+                    f"environment variable {spec.port_env} overrides the {kind} port: "
+                    f"expected {_PORT_EXPECTED}, got {show(text)}",
+                )
+            else:
+                ports[kind] = port
+        return ports
+
+    def check_features(self, tables: Mapping[str, Mapping[str, Any]]) -> dict[str, FeatureConfig]:
+        features: dict[str, FeatureConfig] = {}
+        known = self.registry.features
+        for name, table in tables.items():
+            path = join_path("features", name)
+            spec = known.get(name)
+            if spec is None:
+                self.add(
+                    path, f"unknown feature {quote(name)}{suggest(name, known, noun='features')}"
+                )
+                continue
+            enabled = self.decode(bool, table.get("enabled", False), join_path(path, "enabled"))
+            settings_table = {key: value for key, value in table.items() if key != "enabled"}
+            settings = self.decode(spec.settings, settings_table, path, known=("enabled",))
+            if enabled is not None and settings is not None:
+                features[name] = FeatureConfig(enabled, settings)
+        for name, spec in known.items():
+            if spec.always_on and name not in tables:
+                settings = self.decode(spec.settings, {}, join_path("features", name))
+                features[name] = FeatureConfig(False, settings)
+        return features
+
+    def check_names(self, table: object, path: str, pattern: re.Pattern[str], what: str) -> None:
+        if not isinstance(table, Mapping):
+            return  # the decoder already said it is no table
+        for key in table:
+            if not pattern.fullmatch(key):
+                self.add(join_path(path, key), f"expected {what}, got {quote(key)}")
+
+    def check_lifecycle(self, lifecycle: LifecycleSettings) -> None:
+        # Drain runs inside the shutdown deadline, after the readiness delay;
+        # the rest of the shutdown (stopping work-processing components,
+        # flushing) needs what is left.
+        before_stop = lifecycle.readiness_delay + lifecycle.drain_timeout
+        if before_stop >= lifecycle.shutdown_timeout:
+            self.add(
+                "lifecycle.shutdown_timeout",
+                f"expected more than readiness_delay + drain_timeout = {before_stop:g} s, "
+                f"got {lifecycle.shutdown_timeout:g}",
+            )
+
+
+def _parse_port(text: str) -> int | None:
+    # Digits only: int() would also take " 80", "+80", "8_0" and non-ASCII digits.
+    if not (text.isascii() and text.isdigit()):
+        return None
+    port = int(text)
+    return port if port <= _PORT_MAX else None
+
+
+def _effective_port(
+    spec: KindSpec, from_env: int | None, from_types: int | None, settings: object
+) -> int | None:
+    if spec.default_port is None:
+        return None
+    for port in (from_env, from_types, getattr(settings, "port", None)):
+        if port is not None:
+            return int(port)
+    return spec.default_port
+
+
+def _in_file_order(issues: list[ConfigIssue], data: Mapping[str, Any]) -> list[ConfigIssue]:
+    """Issues ordered by the position of their top-level key in the file.
+
+    Checks run table by table, not line by line; sorting (stably) by the
+    first key of the path lets a user fix the file from top to bottom.
+    """
+    order = {join_path("", key): index for index, key in enumerate(data)}
+
+    def position(issue: ConfigIssue) -> int:
+        head = re.match(r'"(?:[^"\\]|\\.)*"|[^.\[]*', issue.path)
+        # Keys missing from the file (a missing required key) come first.
+        return order.get(head.group() if head else "", -1)
+
+    return sorted(issues, key=position)
+
+
+# -- schema ------------------------------------------------------------------------
+
+
+def definition_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a whole ``service.toml``.
+
+    Kinds, their ``[runtime.<kind>]`` tables and the features come from
+    ``registry`` (default: the built-in one), so the schema matches what
+    :func:`load_definition` accepts with the same registry, except for rules
+    that span keys (duplicates, ports, lifecycle sums).
+    """
+    registry = registry or default_registry()
+    schema = json_schema(_Document)
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "service.toml",
+        **schema,
+    }
+    properties = schema["properties"]
+
+    names = []
+    for spec in registry.kinds.values():
+        alternatives = "|".join(re.escape(name) for name in (spec.name, *spec.aliases))
+        port = "(?::[0-9]+)?" if spec.default_port is not None else ""
+        names.append(f"(?:{alternatives}){port}")
+    properties["types"]["items"]["pattern"] = f"^(?:{'|'.join(names)})$"
+    properties["types"]["minItems"] = 1
+
+    kinds: dict[str, Any] = {}
+    for spec in registry.kinds.values():
+        for name in (spec.name, *spec.aliases):
+            kinds[name] = json_schema(spec.settings)
+    properties["runtime"].update(properties=kinds, additionalProperties=False)
+
+    features: dict[str, Any] = {}
+    for name, feature in registry.features.items():
+        table = json_schema(feature.settings)
+        table["properties"] = {
+            "enabled": {"type": "boolean", "default": False, "description": "Turn it on."},
+            **table["properties"],
+        }
+        features[name] = table
+    properties["features"].update(properties=features, additionalProperties=False)
+
+    properties["clients"]["propertyNames"] = {"pattern": f"^{_CLIENT_NAME.pattern}$"}
+    properties["components"]["propertyNames"] = {"pattern": f"^{_COMPONENT_NAME.pattern}$"}
+    return schema

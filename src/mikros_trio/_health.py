@@ -1,0 +1,119 @@
+"""The one health state of a service, per component and overall.
+
+The supervisor is the only writer; HTTP probes and ``grpc.health.v1`` are
+readers. Readers that stream changes (gRPC ``Watch``) wait on
+:meth:`Health.wait_changed`, which costs nothing while nobody waits: the
+event is created lazily and only set when someone holds it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import trio
+
+__all__ = ["ComponentState", "Health", "Phase"]
+
+
+class Phase(enum.Enum):
+    """Where the whole service is in its life.
+
+    ``STARTING`` until every component is ready and warm; ``SERVING`` while
+    it takes work; ``DRAINING`` from the first moment shutdown begins (so
+    readiness turns off before anything stops); ``STOPPED`` once every
+    component has stopped.
+    """
+
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class ComponentState(enum.Enum):
+    """Where one component is: the same words as :class:`Phase`, plus failure."""
+
+    PENDING = "pending"  # waiting for its dependencies to be ready
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Health:
+    """Health of a service: overall :class:`Phase` and each component's state.
+
+    Liveness (:attr:`live`) stays true until the process is about to exit,
+    draining included; readiness (:attr:`ready`) is true only while
+    :attr:`phase` is ``SERVING``.
+    """
+
+    __slots__ = ("_changed", "_components", "_phase", "_version")
+
+    def __init__(self) -> None:
+        self._phase = Phase.STARTING
+        self._components: dict[str, ComponentState] = {}
+        self._version = 0
+        self._changed: trio.Event | None = None
+
+    @property
+    def phase(self) -> Phase:
+        """The service's overall phase."""
+        return self._phase
+
+    @property
+    def ready(self) -> bool:
+        """True only while serving: what ``/readyz`` and gRPC ``SERVING`` report."""
+        return self._phase is Phase.SERVING
+
+    @property
+    def live(self) -> bool:
+        """True until the service has stopped: what ``/livez`` reports."""
+        return self._phase is not Phase.STOPPED
+
+    @property
+    def components(self) -> Mapping[str, ComponentState]:
+        """Read-only view of every component's state, in registration order."""
+        return MappingProxyType(self._components)
+
+    @property
+    def version(self) -> int:
+        """Increases on every change; pass it to :meth:`wait_changed`."""
+        return self._version
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready view for ``/healthz``: overall phase and each component."""
+        return {
+            "status": self._phase.value,
+            "components": {name: state.value for name, state in self._components.items()},
+        }
+
+    async def wait_changed(self, since: int) -> int:
+        """Wait until the version moves past ``since``; return the new version."""
+        while self._version <= since:
+            if self._changed is None:
+                self._changed = trio.Event()
+            await self._changed.wait()
+        return self._version
+
+    # -- writer side: the supervisor only ---------------------------------
+
+    def _set_phase(self, phase: Phase) -> None:
+        if phase is not self._phase:
+            self._phase = phase
+            self._bump()
+
+    def _set_component(self, name: str, state: ComponentState) -> None:
+        if self._components.get(name) is not state:
+            self._components[name] = state
+            self._bump()
+
+    def _bump(self) -> None:
+        self._version += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None

@@ -1,0 +1,52 @@
+"""Typed settings of the built-in kinds' ``[runtime.<kind>]`` tables.
+
+Plain frozen dataclasses with no imports beyond the standard library, so the
+definition layer can validate every kind's table without importing the kind
+(and its network stack). Field ``metadata`` carries the help text and bounds
+that both the validator and ``mikros-trio schema`` read:
+``help`` (str), ``ge`` / ``gt`` / ``le`` (numbers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["GrpcSettings", "HttpSettings", "ScriptSettings", "WorkerSettings"]
+
+_PORT = {"help": "TCP port to listen on; 0 picks a free one.", "ge": 0, "le": 65535}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """``[runtime.worker]``: a long-running loop."""
+
+    provider: str = field(
+        default="worker",
+        metadata={"help": "Container provider that gives the worker (an async callable)."},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptSettings:
+    """``[runtime.script]``: a one-shot entry point whose result is the exit code."""
+
+    provider: str = field(
+        default="script",
+        metadata={"help": "Container provider that gives the script (an async callable)."},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """``[runtime.http]``: the HTTP server."""
+
+    host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})  # noqa: S104
+    port: int | None = field(default=None, metadata=_PORT)
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcSettings:
+    """``[runtime.grpc]``: the gRPC server."""
+
+    host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})  # noqa: S104
+    port: int | None = field(default=None, metadata=_PORT)

@@ -1,0 +1,250 @@
+"""A service: definition + container + supervisor, and the ``run`` entry point.
+
+``Service`` is what tests and the CLI drive; :func:`run` is what a
+service's ``main.py`` awaits: it owns the process (signals, logging, exit
+code) and never returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+from ._container import ServiceContainer, build_components, container_class
+from ._definition import Definition, load_definition
+from ._health import Health
+from ._registry import Registry, default_registry
+from ._supervisor import LifecycleEvent, Supervisor, Timeouts
+from .errors import ConfigError, ConfigIssue
+
+__all__ = ["Service", "configure_logging",
+    "event_printer", "report_config_error", "require_envs", "run"]
+
+#: Environment switch for ``--verbose`` when a service is run as ``python main.py``.
+VERBOSE_ENV = "MIKROS_TRIO_VERBOSE"
+
+
+class Service:
+    """One service, built from a container and a service.toml.
+
+    ``build()`` validates everything (config, environment, container,
+    graph) without constructing or starting any component, raising
+    :class:`~mikros_trio.ConfigError` with every problem found. ``run()``
+    builds if needed, then runs the lifecycle and returns the exit code;
+    under ``nursery.start`` it resumes the caller once the service is ready.
+
+    Example::
+
+        service = Service(Container, "service.toml")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            ...                      # the service is serving
+            service.stop()
+    """
+
+    def __init__(
+        self,
+        container: ServiceContainer | type[ServiceContainer],
+        config: str | os.PathLike[str] | Definition = "service.toml",
+        *,
+        environ: Mapping[str, str] | None = None,
+        registry: Registry | None = None,
+        handle_signals: bool = False,
+        on_event: Callable[[LifecycleEvent], None] | None = None,
+    ) -> None:
+        self.container: ServiceContainer = (
+            container() if isinstance(container, type) else container
+        )
+        self._config = config
+        self._environ = environ
+        self._registry = registry or default_registry()
+        self._handle_signals = handle_signals
+        self._on_event = on_event
+        self._definition: Definition | None = None
+        self._supervisor: Supervisor | None = None
+
+    def build(self) -> Supervisor:
+        """Validate and wire everything; idempotent. Raises ``ConfigError``."""
+        if self._supervisor is not None:
+            return self._supervisor
+        definition = self._config
+        if not isinstance(definition, Definition):
+            definition = load_definition(
+                definition,
+                environ=self._environ,
+                registry=self._registry,
+                service_model=container_class(self.container).service_model,
+            )
+        require_envs(definition)
+        components, nodes = build_components(self.container, definition, self._registry)
+        lifecycle = definition.lifecycle
+        self._supervisor = Supervisor(
+            components,
+            nodes=nodes,
+            timeouts=Timeouts(
+                start_timeout=lifecycle.start_timeout,
+                drain_timeout=lifecycle.drain_timeout,
+                shutdown_timeout=lifecycle.shutdown_timeout,
+                readiness_delay=lifecycle.readiness_delay,
+            ),
+            handle_signals=self._handle_signals,
+            on_event=self._on_event,
+        )
+        self._definition = definition
+        return self._supervisor
+
+    @property
+    def definition(self) -> Definition:
+        """The loaded definition (after :meth:`build`)."""
+        self.build()
+        assert self._definition is not None
+        return self._definition
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The supervisor running the components (after :meth:`build`)."""
+        return self.build()
+
+    @property
+    def health(self) -> Health:
+        """The service's health state."""
+        return self.build().health
+
+    @property
+    def events(self) -> list[LifecycleEvent]:
+        """The lifecycle event log, in order."""
+        return self.build().events
+
+    @property
+    def exit_code(self) -> int:
+        """The exit code the run earned (after ``run`` returned)."""
+        return self.build().exit_code
+
+    def stop(self, reason: str = "stop requested", *, exit_code: int | None = None) -> None:
+        """Begin graceful shutdown. Idempotent."""
+        self.build().stop(reason, exit_code=exit_code)
+
+    async def run(self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED) -> int:
+        """Run the whole lifecycle; return the exit code."""
+        supervisor = self.build()
+        ready = False
+
+        def on_ready(value: Any) -> None:
+            nonlocal ready
+            ready = True
+            task_status.started(self)
+
+        code = await supervisor.run(task_status=_Relay(on_ready))
+        if not ready:
+            task_status.started(self)  # never got ready: the caller still resumes
+        return code
+
+
+def require_envs(definition: Definition) -> None:
+    """Raise ``ConfigError`` naming every required variable the environment lacks."""
+    missing = definition.missing_envs()
+    if missing:
+        raise ConfigError(
+            ConfigIssue(
+                definition.source, "envs", f"required environment variable {name} is not set"
+            )
+            for name in missing
+        )
+
+
+class _Relay:
+    """A ``task_status`` that calls back instead of moving a task."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[Any], None]) -> None:
+        self._callback = callback
+
+    def started(self, value: Any = None) -> None:
+        self._callback(value)
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "internal": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def configure_logging(level: str = "info", *, verbose: bool = False) -> None:
+    """Send the framework's log lines to stderr unless the application set logging up.
+
+    A stand-in until the logger feature owns the pipeline; it never
+    replaces handlers the user installed.
+    """
+    logger = logging.getLogger("mikros_trio")
+    logger.setLevel(logging.DEBUG if verbose else _LEVELS.get(level, logging.INFO))
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+def report_config_error(error: ConfigError) -> None:
+    """Print a configuration error the way users should see it: no traceback."""
+    print(f"mikros-trio: {error.render()}", file=sys.stderr)
+
+
+def event_printer() -> Callable[[LifecycleEvent], None]:
+    """An ``on_event`` sink for ``--verbose``: one line per event, times from the first."""
+    origin: list[float] = []
+
+    def emit(event: LifecycleEvent) -> None:
+        if not origin:
+            origin.append(event.time)
+        shifted = dataclasses.replace(event, time=event.time - origin[0])
+        print(shifted, file=sys.stderr, flush=True)
+
+    return emit
+
+
+async def run(
+    container: ServiceContainer | type[ServiceContainer],
+    config: str | os.PathLike[str] = "service.toml",
+    *,
+    verbose: bool | None = None,
+) -> NoReturn:
+    """Run a service until it stops, then exit the process with its exit code.
+
+    Handles SIGTERM and SIGINT (a second one forces exit), prints
+    configuration errors without a traceback (exit 2), and prints the
+    lifecycle event log when ``verbose`` (or ``MIKROS_TRIO_VERBOSE=1``).
+    Call it from ``trio.run``::
+
+        async def main() -> None:
+            await mikros_trio.run(Container, Path(__file__).with_name("service.toml"))
+
+        if __name__ == "__main__":
+            trio.run(main)
+    """
+    if verbose is None:
+        verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    service = Service(
+        container,
+        Path(config),
+        handle_signals=True,
+        on_event=event_printer() if verbose else None,
+    )
+    try:
+        service.build()
+    except ConfigError as error:
+        report_config_error(error)
+        raise SystemExit(2) from None
+    configure_logging(service.definition.log.level, verbose=verbose)
+    code = await service.run()
+    raise SystemExit(code)

@@ -1,0 +1,199 @@
+"""``mikros-trio``: run, check and describe services.
+
+Exit codes: 0 ok; 1 the service failed at run time; 2 a configuration or
+usage error (printed without a Python traceback); 128 + N when signal N
+forced the exit or cut a script short.
+
+    mikros-trio run examples/worker/main.py            # Container, service.toml beside it
+    mikros-trio run myservice.app:Container --config service.toml --verbose
+    mikros-trio check examples/worker/main.py          # validate, print the start order
+    mikros-trio check --config service.toml            # the file alone, no container
+    mikros-trio schema > service.schema.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._container import ServiceContainer, container_class
+from ._definition import Definition, definition_schema, load_definition
+from ._graph import NodeSpec, plan
+from ._registry import default_registry
+from ._service import (
+    Service,
+    configure_logging,
+    event_printer,
+    report_config_error,
+    require_envs,
+)
+from .errors import ConfigError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the target; printed, exit 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mikros-trio`` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code: int = args.handler(args)
+    except ConfigError as error:
+        report_config_error(error)
+        return EXIT_USAGE
+    except UsageError as error:
+        print(f"mikros-trio: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mikros-trio", description="Run, check and describe mikros_trio services."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="start a service and run it until it stops")
+    run.add_argument("target", help="container: path/to/main.py[:Container] or module[:Container]")
+    run.add_argument("--config", type=Path, help="service.toml (default: beside the target)")
+    run.add_argument("--verbose", "-v", action="store_true", help="print lifecycle events")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser(
+        "check", help="validate config, environment and graph; print the start order"
+    )
+    check.add_argument("target", nargs="?", help="container, as for run (optional)")
+    check.add_argument("--config", type=Path, help="service.toml (default: beside the target)")
+    check.set_defaults(handler=_check)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of service.toml")
+    schema.set_defaults(handler=_schema)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    container, config = _resolve(args.target, args.config)
+    service = Service(
+        container,
+        config,
+        handle_signals=True,
+        on_event=event_printer() if args.verbose else None,
+    )
+    service.build()
+    configure_logging(service.definition.log.level, verbose=args.verbose)
+    return trio.run(service.run)
+
+
+def _check(args: argparse.Namespace) -> int:
+    if args.target is None and args.config is None:
+        raise UsageError("check needs a target, --config, or both")
+    if args.target is None:
+        definition = load_definition(args.config)
+        waves = plan(_file_nodes(definition)).waves()
+        scope = "the file alone; give a target to check the container too"
+    else:
+        container, config = _resolve(args.target, args.config)
+        service = Service(container, config)
+        definition = service.definition
+        waves = service.supervisor.plan.waves()
+        scope = f"with container {container_class(service.container).__name__}"
+    require_envs(definition)
+    kinds = ", ".join(t.kind for t in definition.types)
+    print(f"{definition.source}: ok ({scope})")
+    print(f"service {definition.name} {definition.version}; kinds: {kinds}")
+    print("start order (components on one line start together; stop is the reverse):")
+    for number, wave in enumerate(waves, start=1):
+        print(f"  {number}. {', '.join(wave)}")
+    return EXIT_OK
+
+
+def _file_nodes(definition: Definition) -> list[NodeSpec]:
+    """The graph service.toml alone declares: kinds, features, ``[components]``."""
+    from ._component import Role
+
+    registry = default_registry()
+    nodes = [
+        NodeSpec(name, Role.PROCESSING, path=f"features.{name}")
+        for name in definition.enabled_features(registry)
+    ]
+    nodes += [NodeSpec(t.kind, Role.GENERATING, path="types") for t in definition.types]
+    nodes += [
+        NodeSpec(
+            name,
+            Role.PROCESSING,
+            settings.depends_on,
+            settings.enhanced_by,
+            definition.source,
+            f"components.{name}",
+        )
+        for name, settings in definition.components.items()
+    ]
+    return nodes
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(json.dumps(definition_schema(), indent=2))
+    return EXIT_OK
+
+
+def _resolve(target: str, config: Path | None) -> tuple[type[ServiceContainer], Path]:
+    """Import ``target`` and find its container class and its service.toml."""
+    spec, _, attribute = target.partition(":")
+    attribute = attribute or "Container"
+    path = Path(spec)
+    if spec.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise UsageError(f"target file {spec} does not exist")
+        module = _import_file(path)
+        default_config = path.parent / "service.toml"
+    else:
+        try:
+            module = importlib.import_module(spec)
+        except ImportError as error:
+            raise UsageError(f"cannot import {spec!r}: {error}") from None
+        default_config = Path("service.toml")
+    container = getattr(module, attribute, None)
+    if not (isinstance(container, type) and issubclass(container, ServiceContainer)):
+        raise UsageError(
+            f"{spec} has no ServiceContainer subclass named {attribute!r} "
+            "(name it with TARGET:Name)"
+        )
+    return container, config if config is not None else default_config
+
+
+def _import_file(path: Path) -> Any:
+    # Import under a private name so the file's `if __name__ == "__main__"`
+    # block (its own trio.run) does not fire.
+    name = f"_mikros_trio_target_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        raise UsageError(f"importing {path} failed: {type(error).__name__}: {error}") from None
+    return module
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Start a whole service in-process for a test, with the real lifecycle.
+
+Registered as a pytest plugin (entry point ``pytest11``), it provides the
+``mikros_service`` fixture; :func:`start_service` is the same thing as an
+async context manager for use outside pytest. Network kinds bind ephemeral
+ports (their ``MIKROS_*_PORT`` variable is set to ``0``), provider
+overrides are applied before anything starts and removed afterwards, and
+the service is stopped — gracefully, through its real shutdown sequence —
+when the test ends. Works under pytest-trio, including ``autojump_clock``.
+
+Example::
+
+    async def test_uses_fake_repo(mikros_service):
+        running = await mikros_service.start(
+            Container, "service.toml", overrides={"repo": FakeRepo()}
+        )
+        assert running.health.ready
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from dependency_injector import providers
+
+from ._container import ServiceContainer
+from ._definition import Definition
+from ._health import Health
+from ._registry import Registry, default_registry
+from ._service import Service
+from ._supervisor import LifecycleEvent
+
+__all__ = ["RunningService", "ServiceStarter", "start_service"]
+
+
+class RunningService:
+    """A service started by the harness: its state, and a way to stop it."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self._done = trio.Event()
+        self._exit_code: int | None = None
+
+    @property
+    def container(self) -> ServiceContainer:
+        """The container the service runs from (overrides applied)."""
+        return self.service.container
+
+    @property
+    def definition(self) -> Definition:
+        """The loaded definition."""
+        return self.service.definition
+
+    @property
+    def health(self) -> Health:
+        """The live health state."""
+        return self.service.health
+
+    @property
+    def events(self) -> list[LifecycleEvent]:
+        """The lifecycle event log so far."""
+        return self.service.events
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Bound ports by component name, as the kinds published them."""
+        return {name: address[1] for name, address in self.service.supervisor.addresses.items()}
+
+    @property
+    def finished(self) -> bool:
+        """True once the service has stopped."""
+        return self._done.is_set()
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code once finished, else ``None``."""
+        return self._exit_code
+
+    def phases(self, component: str) -> list[str]:
+        """The phases ``component`` went through, in order."""
+        return [event.phase for event in self.events if event.component == component]
+
+    async def wait(self) -> int:
+        """Wait until the service stops on its own; return its exit code."""
+        await self._done.wait()
+        assert self._exit_code is not None
+        return self._exit_code
+
+    async def stop(self) -> int:
+        """Shut down gracefully and wait for it; return the exit code. Idempotent."""
+        self.service.stop("stopped by the test harness")
+        return await self.wait()
+
+    async def _run(self, *, task_status: trio.TaskStatus[Service]) -> None:
+        try:
+            await self.service.run(task_status=task_status)
+        finally:
+            self._exit_code = self.service.exit_code
+            self._done.set()
+
+
+def _apply_overrides(
+    container: ServiceContainer, overrides: Mapping[str, Any]
+) -> list[providers.Provider[Any]]:
+    applied = []
+    for name, value in overrides.items():
+        provider = container.providers.get(name)
+        if provider is None:
+            known = ", ".join(sorted(container.providers))
+            raise KeyError(f"override {name!r}: the container has no such provider ({known})")
+        provider.override(value if isinstance(value, providers.Provider) else providers.Object(value))
+        applied.append(provider)
+    return applied
+
+
+@asynccontextmanager
+async def start_service(
+    container: ServiceContainer | type[ServiceContainer],
+    config: str | os.PathLike[str] | Definition,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    registry: Registry | None = None,
+    ephemeral_ports: bool = True,
+) -> AsyncIterator[RunningService]:
+    """Start the service, yield it once ready (or finished), stop it on exit.
+
+    ``overrides`` maps provider names to replacement values (wrapped in
+    ``providers.Object``) or providers. ``environ`` replaces the process
+    environment for the definition (required envs, port overrides).
+    """
+    instance = container() if isinstance(container, type) else container
+    registry = registry or default_registry()
+    env = dict(os.environ if environ is None else environ)
+    if ephemeral_ports:
+        for spec in registry.kinds.values():
+            if spec.port_env is not None:
+                env[spec.port_env] = "0"
+    applied = _apply_overrides(instance, overrides or {})
+    try:
+        config_arg = config if isinstance(config, Definition) else Path(config)
+        service = Service(instance, config_arg, environ=env, registry=registry)
+        service.build()  # configuration errors surface here, before any task
+        running = RunningService(service)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(running._run)
+            try:
+                yield running
+            finally:
+                service.stop("stopped by the test harness")
+    finally:
+        for provider in applied:
+            provider.reset_last_overriding()
+
+
+class ServiceStarter:
+    """What the ``mikros_service`` fixture gives a test: ``await starter.start(...)``."""
+
+    def __init__(self, stack: AsyncExitStack) -> None:
+        self._stack = stack
+
+    async def start(
+        self,
+        container: ServiceContainer | type[ServiceContainer],
+        config: str | os.PathLike[str] | Definition,
+        **options: Any,
+    ) -> RunningService:
+        """Start a service for this test; it is stopped when the test ends.
+
+        ``options`` are those of :func:`start_service`.
+        """
+        return await self._stack.enter_async_context(start_service(container, config, **options))
+
+
+@pytest.fixture(name="mikros_service")
+async def _mikros_service() -> AsyncIterator[ServiceStarter]:
+    """Starts services for a test and stops them, in reverse, when it ends."""
+    async with AsyncExitStack() as stack:
+        yield ServiceStarter(stack)

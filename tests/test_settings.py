@@ -147,7 +147,11 @@ def test_wrong_types_are_reported_with_what_was_got(data: object, path: str, mes
             "expected an integer between 0 and 65535, got 70000 (integer)",
         ),
         ({"name": "a", "ratio": 0}, "root.ratio", "expected a number > 0 and < 1, got 0 (integer)"),
-        ({"name": "a", "ratio": 1.0}, "root.ratio", "expected a number > 0 and < 1, got 1.0 (float)"),
+        (
+            {"name": "a", "ratio": 1.0},
+            "root.ratio",
+            "expected a number > 0 and < 1, got 1.0 (float)",
+        ),
     ],
 )
 def test_bounds_are_checked(data: object, path: str, message: str) -> None:

@@ -64,7 +64,9 @@ class Container(ServiceContainer):
     service_model = Settings
 
     counter = providers.Singleton(Counter)
-    worker = providers.Factory(Ticker, counter=counter, settings=ServiceContainer.definition.provided.service)
+    worker = providers.Factory(
+        Ticker, counter=counter, settings=ServiceContainer.definition.provided.service
+    )
 
 
 async def main() -> None:

@@ -148,7 +148,7 @@ class Component(abc.ABC):
     ) -> None:
         """Set up, call ``task_status.started()``, serve until stopping, drain, return."""
 
-    async def warmup(self) -> None:
+    async def warmup(self) -> None:  # noqa: B027 - optional hook; the default does nothing
         """Runs after every component is ready and before the service reports ready."""
 
     def __repr__(self) -> str:

@@ -645,11 +645,12 @@ class _Loader:
         # Drain runs inside the shutdown deadline, after the readiness delay;
         # the rest of the shutdown (stopping work-processing components,
         # flushing) needs what is left.
-        before_stop = lifecycle.readiness_delay + lifecycle.drain_timeout
-        if before_stop >= lifecycle.shutdown_timeout:
+        delay, drain = lifecycle.readiness_delay, lifecycle.drain_timeout
+        if delay + drain >= lifecycle.shutdown_timeout:
             self.add(
                 "lifecycle.shutdown_timeout",
-                f"expected more than readiness_delay + drain_timeout = {before_stop:g} s, "
+                "expected more than readiness_delay + drain_timeout "
+                f"({delay:g} + {drain:g} = {delay + drain:g} s), "
                 f"got {lifecycle.shutdown_timeout:g}",
             )
 
@@ -692,13 +693,16 @@ def _in_file_order(issues: list[ConfigIssue], data: Mapping[str, Any]) -> list[C
 # -- schema ------------------------------------------------------------------------
 
 
-def definition_schema(registry: Registry | None = None) -> dict[str, Any]:
+def definition_schema(
+    registry: Registry | None = None, *, service_model: type | None = None
+) -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a whole ``service.toml``.
 
     Kinds, their ``[runtime.<kind>]`` tables and the features come from
-    ``registry`` (default: the built-in one), so the schema matches what
-    :func:`load_definition` accepts with the same registry, except for rules
-    that span keys (duplicates, ports, lifecycle sums).
+    ``registry`` (default: the built-in one), and ``[service]`` is typed by
+    ``service_model`` when given, so the schema matches what
+    :func:`load_definition` accepts with the same arguments, except for
+    rules that span keys (duplicates, ports, lifecycle sums).
     """
     registry = registry or default_registry()
     schema = json_schema(_Document)
@@ -732,6 +736,12 @@ def definition_schema(registry: Registry | None = None) -> dict[str, Any]:
         }
         features[name] = table
     properties["features"].update(properties=features, additionalProperties=False)
+
+    if service_model is not None:
+        properties["service"] = {
+            **json_schema(service_model),
+            "description": properties["service"]["description"],
+        }
 
     properties["clients"]["propertyNames"] = {"pattern": f"^{_CLIENT_NAME.pattern}$"}
     properties["components"]["propertyNames"] = {"pattern": f"^{_COMPONENT_NAME.pattern}$"}

@@ -8,7 +8,7 @@ stop after Y stops":
   after X and stops right before it, and whatever depends on X also waits
   for E, without naming it.
 - the ready barrier: every work-processing component before every
-  work-generating one. It is one virtual node, not P×G edges, so the graph
+  work-generating one. It is one virtual node, not P*G edges, so the graph
   stays linear in size.
 
 Everything here is plain lists of ints: the supervisor walks these tables

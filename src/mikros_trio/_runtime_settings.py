@@ -40,7 +40,7 @@ class ScriptSettings:
 class HttpSettings:
     """``[runtime.http]``: the HTTP server."""
 
-    host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})  # noqa: S104
+    host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})
     port: int | None = field(default=None, metadata=_PORT)
 
 
@@ -48,5 +48,5 @@ class HttpSettings:
 class GrpcSettings:
     """``[runtime.grpc]``: the gRPC server."""
 
-    host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})  # noqa: S104
+    host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})
     port: int | None = field(default=None, metadata=_PORT)

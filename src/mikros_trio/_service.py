@@ -24,8 +24,14 @@ from ._registry import Registry, default_registry
 from ._supervisor import LifecycleEvent, Supervisor, Timeouts
 from .errors import ConfigError, ConfigIssue
 
-__all__ = ["Service", "configure_logging",
-    "event_printer", "report_config_error", "require_envs", "run"]
+__all__ = [
+    "Service",
+    "configure_logging",
+    "event_printer",
+    "report_config_error",
+    "require_envs",
+    "run",
+]
 
 #: Environment switch for ``--verbose`` when a service is run as ``python main.py``.
 VERBOSE_ENV = "MIKROS_TRIO_VERBOSE"
@@ -59,9 +65,7 @@ class Service:
         handle_signals: bool = False,
         on_event: Callable[[LifecycleEvent], None] | None = None,
     ) -> None:
-        self.container: ServiceContainer = (
-            container() if isinstance(container, type) else container
-        )
+        self.container: ServiceContainer = container() if isinstance(container, type) else container
         self._config = config
         self._environ = environ
         self._registry = registry or default_registry()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,13 +114,14 @@ def _apply_overrides(
         if provider is None:
             known = ", ".join(sorted(container.providers))
             raise KeyError(f"override {name!r}: the container has no such provider ({known})")
-        provider.override(value if isinstance(value, providers.Provider) else providers.Object(value))
+        provider.override(
+            value if isinstance(value, providers.Provider) else providers.Object(value)
+        )
         applied.append(provider)
     return applied
 
 
-@asynccontextmanager
-async def start_service(
+def _prepare(
     container: ServiceContainer | type[ServiceContainer],
     config: str | os.PathLike[str] | Definition,
     *,
@@ -128,13 +129,8 @@ async def start_service(
     environ: Mapping[str, str] | None = None,
     registry: Registry | None = None,
     ephemeral_ports: bool = True,
-) -> AsyncIterator[RunningService]:
-    """Start the service, yield it once ready (or finished), stop it on exit.
-
-    ``overrides`` maps provider names to replacement values (wrapped in
-    ``providers.Object``) or providers. ``environ`` replaces the process
-    environment for the definition (required envs, port overrides).
-    """
+) -> tuple[RunningService, list[providers.Provider[Any]]]:
+    """Apply overrides and build the service; configuration errors raise here, plainly."""
     instance = container() if isinstance(container, type) else container
     registry = registry or default_registry()
     env = dict(os.environ if environ is None else environ)
@@ -146,24 +142,76 @@ async def start_service(
     try:
         config_arg = config if isinstance(config, Definition) else Path(config)
         service = Service(instance, config_arg, environ=env, registry=registry)
-        service.build()  # configuration errors surface here, before any task
-        running = RunningService(service)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(running._run)
-            try:
-                yield running
-            finally:
-                service.stop("stopped by the test harness")
+        service.build()
+    except BaseException:
+        _reset(applied)
+        raise
+    return RunningService(service), applied
+
+
+def _reset(applied: list[providers.Provider[Any]]) -> None:
+    for provider in applied:
+        provider.reset_last_overriding()
+
+
+async def _serve(
+    running: RunningService,
+    applied: list[providers.Provider[Any]],
+    *,
+    task_status: trio.TaskStatus[RunningService] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a prepared service to its end, then remove its overrides.
+
+    One task does it, so it can live in any nursery: the caller's
+    (``start_service``) or the fixture's (``mikros_service``).
+    """
+    try:
+        await running._run(task_status=_Forward(task_status, running))
     finally:
-        for provider in applied:
-            provider.reset_last_overriding()
+        _reset(applied)
+
+
+class _Forward:
+    """Report the :class:`RunningService` (not the Service) as the started value."""
+
+    __slots__ = ("_running", "_status")
+
+    def __init__(self, status: trio.TaskStatus[RunningService], running: RunningService) -> None:
+        self._status = status
+        self._running = running
+
+    def started(self, value: Any = None) -> None:
+        self._status.started(self._running)
+
+
+@asynccontextmanager
+async def start_service(
+    container: ServiceContainer | type[ServiceContainer],
+    config: str | os.PathLike[str] | Definition,
+    **options: Any,
+) -> AsyncIterator[RunningService]:
+    """Start the service, yield it once ready (or finished), stop it on exit.
+
+    Options: ``overrides`` maps provider names to replacement values
+    (wrapped in ``providers.Object``) or providers; ``environ`` replaces the
+    process environment for the definition (required envs, port
+    overrides); ``registry``; ``ephemeral_ports`` (default true).
+    """
+    running, applied = _prepare(container, config, **options)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_serve, running, applied)
+        try:
+            yield running
+        finally:
+            running.service.stop("stopped by the test harness")
 
 
 class ServiceStarter:
     """What the ``mikros_service`` fixture gives a test: ``await starter.start(...)``."""
 
-    def __init__(self, stack: AsyncExitStack) -> None:
-        self._stack = stack
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._started: list[RunningService] = []
 
     async def start(
         self,
@@ -175,11 +223,20 @@ class ServiceStarter:
 
         ``options`` are those of :func:`start_service`.
         """
-        return await self._stack.enter_async_context(start_service(container, config, **options))
+        running, applied = _prepare(container, config, **options)
+        await self._nursery.start(_serve, running, applied)
+        self._started.append(running)
+        return running
+
+    async def _stop_all(self) -> None:
+        for running in reversed(self._started):
+            await running.stop()
 
 
 @pytest.fixture(name="mikros_service")
 async def _mikros_service() -> AsyncIterator[ServiceStarter]:
     """Starts services for a test and stops them, in reverse, when it ends."""
-    async with AsyncExitStack() as stack:
-        yield ServiceStarter(stack)
+    async with trio.open_nursery() as nursery:
+        starter = ServiceStarter(nursery)
+        yield starter
+        await starter._stop_all()

@@ -1,0 +1,60 @@
+"""Sessions CI and developers run: tests, lint, typecheck, examples, bench.
+
+``nox -s tests`` is what .ci/run runs. Every session installs the project
+into its own virtualenv, so a fresh machine with only python3 needs nothing
+else than ``pip install nox``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+ROOT = Path(__file__).parent
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The test suite, with branch coverage (subprocesses included)."""
+    session.install("-e", ".[test]")
+    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "combine", "--quiet", success_codes=[0, 1])
+    session.run("coverage", "report", "--skip-covered", "--sort=cover")
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on src/."""
+    session.install("-e", ".", "mypy>=1.11", "pytest>=8")
+    session.run("mypy", "--strict", "src")
+
+
+@nox.session(python=PYTHON)
+def examples(session: nox.Session) -> None:
+    """Run every example's test: each example service is started for real."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/test_examples.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks in bench/: each prints one JSON object as its last line."""
+    session.install("-e", ".")
+    scripts = sorted((ROOT / "bench").glob("*.py"))
+    for script in scripts:
+        if not script.name.startswith("_"):
+            session.run("python", str(script), *session.posargs)

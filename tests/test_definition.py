@@ -1,0 +1,711 @@
+"""service.toml → Definition: Mikros compatibility, every rule, and no crash on any input."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import FrozenInstanceError, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mikros_trio._definition import (
+    ClientSettings,
+    ComponentSettings,
+    Definition,
+    FeatureConfig,
+    LifecycleSettings,
+    LogSettings,
+    ServiceType,
+    definition_schema,
+    load_definition,
+    parse_definition,
+)
+from mikros_trio._registry import FeatureSpec, Registry, default_registry
+from mikros_trio._runtime_settings import GrpcSettings, HttpSettings, WorkerSettings
+from mikros_trio.errors import ConfigError, ConfigIssue
+
+ASSETS = Path(__file__).parent / "assets"
+GOOD = sorted((ASSETS / "good").glob("*.toml"))
+BAD = sorted((ASSETS / "bad").glob("*.toml"))
+BAD_GRAPH = sorted((ASSETS / "bad_graph").glob("*.toml"))
+
+MIKROS_GO = """\
+name="http"
+types=["http:8080"]
+version="v0.1.0"
+language="go"
+product="EXAMPLE"
+[log]
+error_stack_trace="disabled"
+[tests]
+execute_lifecycle=false
+"""
+
+MINIMAL = 'name = "svc"\ntypes = ["http"]\nversion = "v1.0.0"\n'
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """Settings of the test-only "audit" feature."""
+
+    sink: str = "stderr"
+    batch: int = field(default=10, metadata={"ge": 1})
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatSettings:
+    """Settings of the test-only always-on "heartbeat" feature."""
+
+    every: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceModel:
+    """A user's typed [service] table."""
+
+    dsn: str
+    page_size: int = field(default=20, metadata={"ge": 1, "le": 500})
+
+
+@pytest.fixture(name="registry")
+def fixture_registry() -> Registry:
+    """The built-in kinds plus two test features, one of them always on."""
+    return Registry(
+        kinds=default_registry().kinds,
+        features={
+            "audit": FeatureSpec("audit", AuditSettings, "tests:audit"),
+            "heartbeat": FeatureSpec("heartbeat", HeartbeatSettings, "tests:hb", always_on=True),
+        },
+    )
+
+
+def expectation(path: Path) -> tuple[str, str | None]:
+    """The key path (and message fragment) a bad asset declares in its first lines."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("# expect: "), f"{path.name} must start with '# expect: <path>'"
+    expected = lines[0].removeprefix("# expect: ").strip()
+    message = None
+    if len(lines) > 1 and lines[1].startswith("# message: "):
+        message = lines[1].removeprefix("# message: ").strip()
+    return ("" if expected == "<syntax>" else expected), message
+
+
+def issues_of(text: str, **kwargs: Any) -> tuple[ConfigIssue, ...]:
+    kwargs.setdefault("environ", {})
+    with pytest.raises(ConfigError) as info:
+        parse_definition(text, **kwargs)
+    return info.value.issues
+
+
+def paths_of(text: str, **kwargs: Any) -> list[str]:
+    return [issue.path for issue in issues_of(text, **kwargs)]
+
+
+# -- good files ----------------------------------------------------------------
+
+
+def test_mikros_go_file_loads() -> None:
+    """A Mikros Go service.toml loads unchanged, with its Go-specific keys kept."""
+    definition = parse_definition(MIKROS_GO, environ={})
+    assert definition.name == "http"
+    assert definition.types == (ServiceType("http", 8080),)
+    assert definition.version == "v0.1.0"
+    assert definition.language == "go"
+    assert definition.product == "EXAMPLE"
+    assert definition.log.error_stack_trace == "disabled"
+    assert definition.tests.execute_lifecycle is False
+    assert definition.port("http") == 8080
+
+
+@pytest.mark.parametrize("path", GOOD, ids=lambda p: p.name)
+def test_good_assets_load(path: Path, registry: Registry) -> None:
+    """Every sample in assets/good loads without issues."""
+    definition = load_definition(path, environ={}, registry=registry)
+    assert definition.source == str(path)
+    assert set(definition.runtime) == set(definition.kinds)
+
+
+def test_full_asset_values(registry: Registry) -> None:
+    """The full sample decodes every table into its typed, frozen form."""
+    definition = load_definition(ASSETS / "good" / "full.toml", environ={}, registry=registry)
+    assert definition.kinds == ("http", "grpc", "worker")
+    assert definition.version == "1.4.0-rc.1+build.5"
+    assert definition.envs == ("DATABASE_URL", "ORDERS_TOKEN")
+    assert definition.log == LogSettings(
+        level="debug",
+        error_stack_trace="structured",
+        format="json",
+        attributes={"team": "orders", "shard": 3, "ratio": 0.5, "canary": False},
+    )
+    assert definition.features["audit"] == FeatureConfig(True, AuditSettings("stdout", 50))
+    assert definition.features["heartbeat"] == FeatureConfig(False, HeartbeatSettings())
+    assert definition.clients == {
+        "users": ClientSettings("users.internal", 50051),
+        "billing-v2": ClientSettings("billing.internal", 443),
+    }
+    assert definition.runtime == {
+        "http": HttpSettings(host="127.0.0.1"),
+        "grpc": GrpcSettings(port=50052),
+        "worker": WorkerSettings(provider="order_worker"),
+    }
+    assert (definition.port("http"), definition.port("grpc"), definition.port("worker")) == (
+        8081,
+        50052,
+        None,
+    )
+    assert definition.service["limits"]["rate"] == 2.5
+    assert definition.service["regions"] == ("eu", "us")
+    assert definition.lifecycle == LifecycleSettings(5.0, 8.5, 15.0, 2.0)
+    assert definition.components == {
+        "repo": ComponentSettings(depends_on=("database",)),
+        "database": ComponentSettings(enhanced_by=("metrics_hook",)),
+        "metrics_hook": ComponentSettings(),
+    }
+    assert definition.tests.discard_log_messages is True
+    assert definition.services == {"http": {"custom": "kept as written"}}
+
+
+def test_alias_kind_is_stored_by_canonical_name() -> None:
+    """The alias "native", in types and as [runtime.native], means the worker kind."""
+    definition = load_definition(ASSETS / "good" / "worker.toml", environ={})
+    assert definition.types == (ServiceType("worker", None),)
+    assert definition.runtime == {"worker": WorkerSettings(provider="send_loop")}
+
+
+def test_script_asset() -> None:
+    """A script service stands alone and has no port."""
+    definition = load_definition(ASSETS / "good" / "script.toml", environ={})
+    assert definition.kinds == ("script",)
+    assert definition.port("script") is None
+
+
+def test_defaults_for_optional_tables() -> None:
+    """A minimal file gets defaults for language, product, log, lifecycle and runtime."""
+    definition = parse_definition(MINIMAL, environ={})
+    assert definition.language == "python"
+    assert definition.product == ""
+    assert definition.log == LogSettings()
+    assert definition.lifecycle == LifecycleSettings()
+    assert definition.runtime == {"http": HttpSettings()}
+    assert definition.features == {}
+    assert definition.service == {}
+
+
+def test_bad_graph_assets_load() -> None:
+    """Component cycles and unknown dependencies are not this layer's business: they load."""
+    assert len(BAD_GRAPH) == 2
+    for path in BAD_GRAPH:
+        definition = load_definition(path, environ={})
+        assert "a" in definition.components
+        assert expectation(path)[0] == "components.a.depends_on"
+
+
+# -- bad files -------------------------------------------------------------------
+
+
+def test_there_are_enough_bad_assets() -> None:
+    """assets/bad holds at least 28 samples, one problem each."""
+    assert len(BAD) >= 28
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
+def test_bad_asset_is_rejected_at_its_key_path(path: Path) -> None:
+    """Each bad sample raises ConfigError with an issue at the declared key path."""
+    expected_path, message = expectation(path)
+    with pytest.raises(ConfigError) as info:
+        load_definition(path, environ={})
+    issues = info.value.issues
+    matching = [issue for issue in issues if issue.path == expected_path]
+    assert matching, f"no issue at {expected_path!r}: {issues}"
+    if message is not None:
+        assert any(message in issue.message for issue in matching), matching
+    assert all(path.name in str(issue) for issue in issues)
+
+
+def test_not_utf8_file(tmp_path: Path) -> None:
+    """A file that is not UTF-8 is one issue naming the line and column of the bad byte."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'name = "svc"\nproduct = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as info:
+        load_definition(path, environ={})
+    (issue,) = info.value.issues
+    assert issue.path == ""
+    assert "latin1.toml" in str(issue)
+    assert issue.message == "not valid UTF-8: byte 0xe9 at line 2, column 15"
+
+
+def test_byte_order_mark_is_ignored(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark some editors write does not break loading."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+    assert load_definition(path, environ={}).name == "svc"
+
+
+@pytest.mark.parametrize("name", ["missing.toml", "."])
+def test_unreadable_file(tmp_path: Path, name: str) -> None:
+    """A missing file or a directory is a ConfigError, not an OSError."""
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_definition(tmp_path / name, environ={})
+
+
+def test_three_problems_reported_at_once() -> None:
+    """Distinct problems in one file are all reported together, in file order."""
+    text = 'name = "svc"\ntypes = ["http:99999"]\nversion = "1.0"\n[log]\nlevel = "loud"\n'
+    assert paths_of(text) == ["types[0]", "version", "log.level"]
+
+
+def test_issue_order_follows_the_file() -> None:
+    """Issues are sorted by their top-level key's position; missing keys come first."""
+    text = '[lifecycle]\ndrain_timeout = -1\n[log]\nlevel = "x"\n'
+    assert paths_of(text) == ["name", "types", "version", "lifecycle.drain_timeout", "log.level"]
+
+
+def test_toml_syntax_error_names_line_and_column() -> None:
+    """A syntax error is one issue with an empty path and the position in the message."""
+    (issue,) = issues_of("name = \n", source="x.toml")
+    assert issue.path == ""
+    assert "line 1, column 8" in issue.message
+    assert str(issue).startswith("x.toml: invalid TOML")
+
+
+def test_deep_nesting_is_an_issue_not_a_crash() -> None:
+    """Arrays nested deeper than the parser's stack are reported as a config issue."""
+    (issue,) = issues_of("x = " + "[" * 100_000 + "]" * 100_000)
+    assert issue.path == ""
+
+
+def test_huge_integer_is_an_issue_not_a_crash() -> None:
+    """An integer too long for Python to convert is reported, not raised."""
+    (issue,) = issues_of(MINIMAL + "product = " + "9" * 5000 + "\n")
+    assert issue.message.startswith("invalid TOML")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["log = 3", "runtime = []", "features = 1", "clients = true", "components = 'x'", "tests = 0"],
+)
+def test_wrong_type_for_a_table(text: str) -> None:
+    """A scalar where a table belongs is an issue at that key."""
+    key = text.split(" ")[0]
+    assert paths_of(MINIMAL + text + "\n") == [key]
+
+
+def test_runtime_port_must_agree_with_types() -> None:
+    """Equal ports in "kind:port" and [runtime.kind] are fine; different ones are not."""
+    base = 'name = "svc"\ntypes = ["http:8080"]\nversion = "v1.0.0"\n[runtime.http]\n'
+    assert parse_definition(base + "port = 8080\n", environ={}).port("http") == 8080
+    (issue,) = issues_of(base + "port = 9090\n")
+    assert issue.path == "runtime.http.port"
+    assert '"http:8080"' in issue.message
+
+
+def test_runtime_table_twice_through_an_alias() -> None:
+    """[runtime.worker] and [runtime.native] together are one kind configured twice."""
+    text = (
+        'name = "svc"\ntypes = ["worker"]\nversion = "v1.0.0"\n'
+        '[runtime.worker]\nprovider = "a"\n[runtime.native]\nprovider = "b"\n'
+    )
+    assert paths_of(text) == ["runtime.native"]
+
+
+def test_script_alone_with_itself() -> None:
+    """script listed twice is a duplicate, reported at the second entry."""
+    text = 'name = "s"\ntypes = ["script", "script"]\nversion = "v1.0.0"\n'
+    assert "types[1]" in paths_of(text)
+
+
+@pytest.mark.parametrize(
+    "version", ["v0.1.0", "1.2.3", "1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-0.3.7", "1.0.0+20130313"]
+)
+def test_semver_versions_are_accepted(version: str) -> None:
+    """Mikros "v1.2.3" and SemVer 2.0 versions with pre-release and build metadata load."""
+    text = f'name = "svc"\ntypes = ["http"]\nversion = "{version}"\n'
+    assert parse_definition(text, environ={}).version == version
+
+
+@pytest.mark.parametrize("version", ["1.2", "v1.2.3.4", "1.0.0-01", "1.0.0+", "latest", "V1.0.0"])
+def test_non_semver_versions_are_rejected(version: str) -> None:
+    """Versions that are not "v1.2.3" or SemVer 2.0 are rejected at "version"."""
+    text = f'name = "svc"\ntypes = ["http"]\nversion = "{version}"\n'
+    assert paths_of(text) == ["version"]
+
+
+# -- ports -------------------------------------------------------------------------
+
+
+def port_of(types: str, runtime: str = "", environ: dict[str, str] | None = None) -> int | None:
+    text = f'name = "svc"\ntypes = [{types}]\nversion = "v1.0.0"\n{runtime}'
+    return parse_definition(text, environ=environ or {}).port("http")
+
+
+def test_port_default() -> None:
+    """Without any setting, a kind listens on its default port."""
+    assert port_of('"http"') == 8080
+
+
+def test_port_runtime_over_default() -> None:
+    """[runtime.kind] port wins over the default."""
+    assert port_of('"http"', "[runtime.http]\nport = 7000\n") == 7000
+
+
+def test_port_types_over_runtime_default() -> None:
+    """A port in "kind:port" wins over the default (and must equal a runtime port)."""
+    assert port_of('"http:7001"') == 7001
+
+
+def test_port_env_over_everything() -> None:
+    """The kind's environment variable wins over "kind:port" and [runtime.kind]."""
+    assert port_of('"http:7001"', environ={"MIKROS_HTTP_PORT": "7002"}) == 7002
+    assert port_of('"http"', "[runtime.http]\nport = 7000\n", {"MIKROS_HTTP_PORT": "0"}) == 0
+
+
+def test_port_env_only_for_its_kind() -> None:
+    """MIKROS_GRPC_PORT does not touch the http kind."""
+    assert port_of('"http"', environ={"MIKROS_GRPC_PORT": "9"}) == 8080
+
+
+@pytest.mark.parametrize("value", ["abc", "", "70000", "-1", " 80", "٨٠"])
+def test_invalid_port_env_is_an_issue(value: str) -> None:
+    """An unusable MIKROS_HTTP_PORT is an issue at "types" naming the variable."""
+    (issue,) = issues_of(MINIMAL, environ={"MIKROS_HTTP_PORT": value})
+    assert issue.path == "types"
+    assert "MIKROS_HTTP_PORT" in issue.message
+
+
+def test_port_env_ignored_for_kinds_not_in_types() -> None:
+    """A port variable of a kind the service does not use is not checked."""
+    assert parse_definition(MINIMAL, environ={"MIKROS_GRPC_PORT": "x"}).kinds == ("http",)
+
+
+def test_port_of_kind_not_in_types() -> None:
+    """Asking the port of a kind the service does not have is a KeyError."""
+    with pytest.raises(KeyError, match="grpc"):
+        parse_definition(MINIMAL, environ={}).port("grpc")
+
+
+def test_port_zero_is_allowed() -> None:
+    """Port 0 (pick a free port) is valid in types."""
+    assert port_of('"http:0"') == 0
+
+
+# -- environment, features, service model -------------------------------------------
+
+
+def test_missing_envs() -> None:
+    """missing_envs lists the declared variables the environment lacks."""
+    text = MINIMAL + 'envs = ["A", "B", "C"]\n'
+    assert parse_definition(text, environ={"B": ""}).missing_envs() == ("A", "C")
+
+
+def test_environ_defaults_to_a_copy_of_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without environ, the process environment at load time is used."""
+    monkeypatch.setenv("MIKROS_HTTP_PORT", "6006")
+    monkeypatch.setenv("NEEDED", "1")
+    definition = parse_definition(MINIMAL + 'envs = ["NEEDED"]\n')
+    monkeypatch.delenv("NEEDED")
+    assert definition.port("http") == 6006
+    assert definition.missing_envs() == ()
+
+
+def test_enabled_features(registry: Registry) -> None:
+    """Enabled features come in file order, then always-on ones."""
+    text = MINIMAL + "[features.heartbeat]\nevery = 1\n[features.audit]\nenabled = true\n"
+    definition = parse_definition(text, environ={}, registry=registry)
+    assert list(definition.features) == ["heartbeat", "audit"]
+    assert definition.features["heartbeat"] == FeatureConfig(False, HeartbeatSettings(1.0))
+    assert definition.enabled_features(registry) == ("heartbeat", "audit")
+    off = parse_definition(MINIMAL + "[features.audit]\n", environ={}, registry=registry)
+    assert off.enabled_features(registry) == ("heartbeat",)
+
+
+def test_unknown_feature_suggests(registry: Registry) -> None:
+    """An unknown feature name is reported with the closest registered one."""
+    (issue,) = issues_of(MINIMAL + "[features.adit]\n", registry=registry)
+    assert issue.path == "features.adit"
+    assert issue.message == 'unknown feature "adit"; did you mean "audit"?'
+
+
+@pytest.mark.parametrize(
+    ("table", "path", "message"),
+    [
+        ("enabeld = true", "features.audit.enabeld", 'did you mean "enabled"?'),
+        ('enabled = "yes"', "features.audit.enabled", "expected a boolean"),
+        ("batch = 0", "features.audit.batch", "expected an integer >= 1, got 0"),
+    ],
+)
+def test_feature_table_is_checked(registry: Registry, table: str, path: str, message: str) -> None:
+    """A feature table holds `enabled` plus the feature's own typed settings."""
+    (issue,) = issues_of(MINIMAL + f"[features.audit]\n{table}\n", registry=registry)
+    assert issue.path == path
+    assert message in issue.message
+
+
+def test_service_model_decodes_the_service_table() -> None:
+    """With a service_model, [service] becomes an instance of it."""
+    text = MINIMAL + '[service]\ndsn = "postgres://db"\n'
+    definition = parse_definition(text, environ={}, service_model=ServiceModel)
+    assert definition.service == ServiceModel(dsn="postgres://db")
+
+
+def test_service_model_issues_have_service_paths() -> None:
+    """A [service] table that does not fit the model is reported under "service."."""
+    text = MINIMAL + "[service]\npage_size = 0\ndns = 1\n"
+    assert paths_of(text, service_model=ServiceModel) == [
+        "service.page_size",
+        "service.dns",
+        "service.dsn",
+    ]
+
+
+def test_service_model_requires_its_keys_when_the_table_is_absent() -> None:
+    """A model with required keys makes an absent [service] table an issue."""
+    assert paths_of(MINIMAL, service_model=ServiceModel) == ["service.dsn"]
+
+
+def test_service_without_model_is_a_frozen_mapping() -> None:
+    """Without a model, [service] is kept as a read-only mapping."""
+    definition = parse_definition(MINIMAL + "[service]\na = [1, {b = 2}]\n", environ={})
+    assert definition.service["a"][1]["b"] == 2
+    with pytest.raises(TypeError):
+        definition.service["a"] = 1
+
+
+# -- frozen ----------------------------------------------------------------------
+
+
+def test_definition_is_frozen(registry: Registry) -> None:
+    """Neither the definition nor any of its mappings can be changed."""
+    definition = load_definition(ASSETS / "good" / "full.toml", environ={}, registry=registry)
+    with pytest.raises(FrozenInstanceError):
+        definition.name = "other"  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError):
+        definition.log.level = "error"  # type: ignore[misc]
+    for mapping in (
+        definition.features,
+        definition.clients,
+        definition.runtime,
+        definition.components,
+        definition.services,
+        definition.environ,
+        definition.log.attributes,
+    ):
+        with pytest.raises(TypeError):
+            mapping["x"] = 1  # type: ignore[index]
+    assert isinstance(definition.types, tuple)
+    assert isinstance(definition.components["repo"].depends_on, tuple)
+
+
+def test_environ_is_not_part_of_equality() -> None:
+    """Two loads of one file are equal whatever the environment held."""
+    assert parse_definition(MINIMAL, environ={"A": "1"}) == parse_definition(MINIMAL, environ={})
+    assert "environ" not in repr(parse_definition(MINIMAL, environ={"SECRET": "x"}))
+
+
+# -- schema ------------------------------------------------------------------------
+
+
+def test_schema_is_json_and_closed(registry: Registry) -> None:
+    """The schema serialises to JSON and refuses unknown keys at the top level."""
+    schema = definition_schema(registry)
+    assert json.loads(json.dumps(schema)) == schema
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["additionalProperties"] is False
+    assert schema["required"] == ["name", "types", "version"]
+    assert set(schema["properties"]["runtime"]["properties"]) == {
+        "worker",
+        "native",
+        "script",
+        "http",
+        "grpc",
+    }
+    assert "enabled" in schema["properties"]["features"]["properties"]["audit"]["properties"]
+
+
+def test_schema_types_the_service_table_with_a_model() -> None:
+    """With a service_model, [service] in the schema is the model's closed table."""
+    service = definition_schema(service_model=ServiceModel)["properties"]["service"]
+    assert service["required"] == ["dsn"]
+    assert service["additionalProperties"] is False
+    assert service["properties"]["page_size"]["maximum"] == 500
+
+
+@pytest.fixture(name="validator")
+def fixture_validator(registry: Registry) -> Any:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = definition_schema(registry)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("path", GOOD, ids=lambda p: p.name)
+def test_good_assets_validate_against_schema(path: Path, validator: Any) -> None:
+    """Every good sample is valid under the generated JSON Schema."""
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    validator.validate(json.loads(json.dumps(data)))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "unknown_top_level_key",
+        "unknown_kind",
+        "bad_version",
+        "bad_language",
+        "lowercase_env",
+        "log_bad_level",
+        "runtime_unknown_key",
+        "client_bad_port",
+        "client_bad_name",
+        "component_bad_name",
+        "lifecycle_shutdown_30",
+        "empty_types",
+    ],
+)
+def test_schema_rejects_what_the_loader_rejects(name: str, validator: Any) -> None:
+    """Single-key mistakes are caught by the schema too, not only by the loader."""
+    data = tomllib.loads((ASSETS / "bad" / f"{name}.toml").read_text(encoding="utf-8"))
+    assert not validator.is_valid(data)
+
+
+# -- properties: nothing but a Definition or a ConfigError --------------------------
+
+TOP_KEYS = [
+    "name", "types", "version", "language", "product", "envs", "log", "features", "clients",
+    "runtime", "service", "lifecycle", "components", "tests", "services",
+]  # fmt: skip
+INNER_KEYS = [
+    "http", "grpc", "worker", "native", "script", "port", "host", "level", "format",
+    "attributes", "enabled", "depends_on", "enhanced_by", "provider", "drain_timeout",
+    "shutdown_timeout", "readiness_delay", "execute_lifecycle", "a", "b",
+]  # fmt: skip
+
+scalars = (
+    st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.sampled_from(["http", "http:8080", "worker", "native", "script", "v1.0.0", "info"])
+    | st.dates()
+    | st.datetimes()
+    | st.times()
+)
+values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(INNER_KEYS) | st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=25,
+)
+documents = st.dictionaries(st.sampled_from(TOP_KEYS) | st.text(max_size=8), values, max_size=10)
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\"}
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    chars = (
+        _TOML_ESCAPES.get(char)
+        or (f"\\u{ord(char):04x}" if ord(char) < 0x20 or ord(char) == 0x7F else char)
+        for char in text
+    )
+    return '"' + "".join(chars) + '"'
+
+
+def toml_value(value: object) -> str:
+    """A tiny TOML emitter: nested tables are written inline."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        pairs = (f"{toml_string(key)} = {toml_value(item)}" for key, item in value.items())
+        return "{" + ", ".join(pairs) + "}"
+    return value.isoformat()  # type: ignore[attr-defined]
+
+
+def toml_document(data: dict[str, Any]) -> str:
+    return "".join(f"{toml_string(key)} = {toml_value(value)}\n" for key, value in data.items())
+
+
+def loads_or_config_error(text: str) -> None:
+    result: Definition | ConfigError
+    try:
+        result = parse_definition(text, environ={"MIKROS_HTTP_PORT": "8081"})
+    except ConfigError as exc:
+        result = exc
+    if isinstance(result, ConfigError):
+        assert result.issues
+        assert all(isinstance(issue, ConfigIssue) for issue in result.issues)
+    else:
+        assert isinstance(result, Definition)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(data=documents)
+def test_random_documents_never_crash(data: dict[str, Any]) -> None:
+    """Any well-formed TOML document yields a Definition or a ConfigError, nothing else."""
+    text = toml_document(data)
+    tomllib.loads(text)  # the emitter itself must write valid TOML
+    loads_or_config_error(text)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(text=st.text() | st.text(alphabet="[]{}=\",.:\n #\\'abcdehlnpstvy0123456789_-", max_size=80))
+def test_random_text_never_crashes(text: str) -> None:
+    """Arbitrary text yields a Definition or a ConfigError, nothing else."""
+    loads_or_config_error(text)
+
+
+BASE_DOCUMENT: dict[str, Any] = {
+    "name": "svc",
+    "types": ["http:8080", "worker"],
+    "version": "v1.0.0",
+    "envs": ["TOKEN"],
+    "log": {"level": "info", "attributes": {"team": "x"}},
+    "runtime": {"http": {"host": "0.0.0.0", "port": 8080}, "worker": {"provider": "loop"}},
+    "clients": {"users": {"host": "users", "port": 50051}},
+    "lifecycle": {"drain_timeout": 5.0, "shutdown_timeout": 10.0},
+    "components": {"a": {"depends_on": ["b"]}},
+    "tests": {"execute_lifecycle": False},
+    "service": {"x": 1},
+}
+
+
+def key_paths(table: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = []
+    for key, value in table.items():
+        paths.append((*prefix, key))
+        if isinstance(value, dict):
+            paths.extend(key_paths(value, (*prefix, key)))
+    return paths
+
+
+def test_base_document_is_valid() -> None:
+    """The document the mutation test starts from loads cleanly."""
+    assert parse_definition(toml_document(BASE_DOCUMENT), environ={}).kinds == ("http", "worker")
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(path=st.sampled_from(key_paths(BASE_DOCUMENT)), value=values)
+def test_one_replaced_key_never_crashes(path: tuple[str, ...], value: object) -> None:
+    """A valid document with any one value replaced yields a Definition or a ConfigError."""
+    document = json.loads(json.dumps(BASE_DOCUMENT))
+    table = document
+    for key in path[:-1]:
+        table = table[key]
+    table[path[-1]] = value
+    loads_or_config_error(toml_document(document))

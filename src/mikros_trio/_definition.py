@@ -444,9 +444,8 @@ class _Loader:
         self.check_names(
             data.get("components"), "components", _COMPONENT_NAME, "a Python identifier"
         )
-        lifecycle = values.get("lifecycle", LifecycleSettings())
         if "lifecycle" in values:
-            self.check_lifecycle(lifecycle)
+            self.check_lifecycle(values["lifecycle"])
         service: Any = values.get("service", _empty())
         # A model is decoded from the raw table (not the frozen copy) and also
         # when the table is absent, so that its required keys are reported.
@@ -459,6 +458,8 @@ class _Loader:
         assert types is not None
         assert specs is not None
         assert runtime is not None
+        # Built only now, when every field decoded; it fills in the defaults.
+        document = _Document(**values)
         ports = {
             entry.kind: _effective_port(
                 specs[entry.kind], env_ports.get(entry.kind), entry.port, runtime[entry.kind]
@@ -467,21 +468,21 @@ class _Loader:
         }
         return Definition(
             source=self.source,
-            name=values["name"],
+            name=document.name,
             types=types,
-            version=values["version"],
-            language=values.get("language", "python"),
-            product=values.get("product", ""),
-            envs=values.get("envs", ()),
-            log=values.get("log", LogSettings()),
+            version=document.version,
+            language=document.language,
+            product=document.product,
+            envs=document.envs,
+            log=document.log,
             features=MappingProxyType(features),
-            clients=values.get("clients", _empty()),
+            clients=document.clients,
             runtime=MappingProxyType(runtime),
             service=service,
-            lifecycle=lifecycle,
-            components=values.get("components", _empty()),
-            tests=values.get("tests", TestsSettings()),
-            services=values.get("services", _empty()),
+            lifecycle=document.lifecycle,
+            components=document.components,
+            tests=document.tests,
+            services=document.services,
             environ=self.environ,
             _ports=MappingProxyType(ports),
         )

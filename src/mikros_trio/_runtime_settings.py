@@ -4,7 +4,9 @@ Plain frozen dataclasses with no imports beyond the standard library, so the
 definition layer can validate every kind's table without importing the kind
 (and its network stack). Field ``metadata`` carries the help text and bounds
 that both the validator and ``mikros-trio schema`` read:
-``help`` (str), ``ge`` / ``gt`` / ``le`` (numbers).
+``help`` (str), ``ge`` / ``gt`` / ``le`` / ``lt`` (numbers), ``pattern`` (a
+regular expression for strings) and ``expect`` (wording for the "expected
+..." part of an error).
 """
 
 from __future__ import annotations

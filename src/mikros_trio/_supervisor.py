@@ -175,6 +175,9 @@ class Supervisor(_SupervisorView):
     def force(self, signum: int | None = None) -> None:
         """Abandon graceful shutdown: cancel everything now, run no more hooks."""
         if self._forced is None:
+            # Forcing is a trigger too: readiness goes off and the trigger
+            # is recorded even when no graceful shutdown was under way.
+            self._stop_from(_signal_name(signum) if signum else "forced exit", None, signum)
             self._forced = signum if signum is not None else 0
             self._event(SERVICE, "forced", _signal_name(signum) if signum else "")
         if self._root is not None:
@@ -190,17 +193,21 @@ class Supervisor(_SupervisorView):
                 self._nursery = nursery
                 if self._handle_signals:
                     await nursery.start(self._watch_signals)
-                # Roots first, then the barrier if nothing processes work:
-                # the state check keeps a component from starting twice.
-                for i in range(self._count):
-                    if self._waiting[i] == 0 and self._state[i] == _PENDING:
-                        self._begin_start(i)
-                barrier = self.plan.barrier
-                if self._waiting[barrier] == 0 and self._state[barrier] == _PENDING:
-                    self._state[barrier] = _SERVING
-                    self._open_ready(barrier)
-                if self._count == 0:
-                    self._on_all_started()
+                if self._trigger is not None:
+                    # stop() came before run(): start nothing, only finish.
+                    nursery.start_soon(self._open_stops)
+                else:
+                    # Roots first, then the barrier if nothing processes work:
+                    # the state check keeps a component from starting twice.
+                    for i in range(self._count):
+                        if self._waiting[i] == 0 and self._state[i] == _PENDING:
+                            self._begin_start(i)
+                    barrier = self.plan.barrier
+                    if self._waiting[barrier] == 0 and self._state[barrier] == _PENDING:
+                        self._state[barrier] = _SERVING
+                        self._open_ready(barrier)
+                    if self._count == 0:
+                        self._on_all_started()
                 await self._settled.wait()
                 if self._health.phase is Phase.SERVING:
                     task_status.started(self)
@@ -225,13 +232,30 @@ class Supervisor(_SupervisorView):
     async def _run_component(self, i: int, scope: trio.CancelScope) -> None:
         component = self.components[i]
         error: BaseException | None = None
+        escaped = True  # a BaseException (Cancelled from outside) is leaving
         try:
             with scope:
                 await component.run(self._lifetimes[i], task_status=_Readiness(self, i))
+            escaped = False
         except Exception as exc:  # a component's failure is data, not a crash of the supervisor
+            escaped = False
             error = _root_exception(exc)
+        except BaseExceptionGroup as group:
+            # The root scope's cancellation (shutdown timeout, force) mixed
+            # with errors raised while unwinding: keep the errors as data,
+            # let the cancellation go on.
+            errors, rest = group.split(Exception)
+            if errors is not None:
+                error = _root_exception(errors)
+            if rest is not None:
+                raise rest from None
+            escaped = False  # pragma: no cover - split(Exception) left nothing else
         finally:
-            self._on_finished(i, error, scope.cancelled_caught)
+            # The root scope's cancellation is not caught by ``scope`` but
+            # passes through it: that cuts the component as well.
+            root = self._root
+            cut = scope.cancelled_caught or (escaped and root is not None and root.cancel_called)
+            self._on_finished(i, error, cut)
 
     def _on_started(self, i: int) -> None:
         if self._aborted[i]:
@@ -345,8 +369,8 @@ class Supervisor(_SupervisorView):
         if i == self.plan.barrier:
             self._finish(i)
             return
-        if self._state[i] != _SERVING:
-            return  # starting (aborted above) or already finished
+        if self._state[i] != _SERVING or self._forced is not None:
+            return  # starting (aborted above), already finished, or forced: no more hooks
         self._state[i] = _STOPPING
         component = self.components[i]
         self._health._set_component(component.name, ComponentState.DRAINING)
@@ -362,6 +386,7 @@ class Supervisor(_SupervisorView):
         name = component.name
         state = self._state[i]
         started = state in (_SERVING, _STOPPING)
+        failed = error is not None or (state == _STARTING and not self._aborted[i])
         if error is not None:
             what = {
                 _STARTING: "failed to start",
@@ -390,9 +415,9 @@ class Supervisor(_SupervisorView):
             # Returned on its own while serving: the service has nothing
             # left to do (a script finished, a worker ended).
             self._stop_from(f"{name} finished", None)
-        if error is None:
+        if not failed:
             self._health._set_component(name, ComponentState.STOPPED)
-        self._event(name, "stopped" if error is None else "failed")
+        self._event(name, "failed" if failed else "stopped")
         self._finish(i)
 
     def _finish(self, first: int) -> None:

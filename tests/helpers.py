@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -21,18 +21,18 @@ PATIENCE = 10.0
 
 
 class Child:
-    """A process run from the repository root, its output read by two threads.
+    """A process (run from the repository root by default), its output read by two threads.
 
     Reading in threads keeps the pipes from filling and lets a test wait for
     a line with a deadline instead of sleeping. ``stdout`` and ``stderr``
     hold everything read so far; after :meth:`wait` they are complete.
     """
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], cwd: Path = REPO) -> None:
         self.args = list(args)
         self.proc = subprocess.Popen(
             self.args,
-            cwd=REPO,
+            cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -40,6 +40,7 @@ class Child:
             text=True,
         )
         self._text = {"stdout": "", "stderr": ""}
+        self._ended: set[str] = set()  # streams read to the end
         self._changed = threading.Condition()
         self._readers = [
             threading.Thread(target=self._read, args=(name,), daemon=True)
@@ -54,6 +55,9 @@ class Child:
             with self._changed:
                 self._text[name] += line
                 self._changed.notify_all()
+        with self._changed:
+            self._ended.add(name)
+            self._changed.notify_all()
 
     @property
     def stdout(self) -> str:
@@ -68,10 +72,10 @@ class Child:
     def wait_for(self, text: str, *, stream: str = "stdout", timeout: float = PATIENCE) -> None:
         """Return once ``text`` appears in ``stream``; fail if it does not in time."""
         with self._changed:
-            found = self._changed.wait_for(
-                lambda: text in self._text[stream] or self.proc.poll() is not None, timeout
+            self._changed.wait_for(
+                lambda: text in self._text[stream] or stream in self._ended, timeout
             )
-            if found and text in self._text[stream]:
+            if text in self._text[stream]:
                 return
         self.close()
         pytest.fail(f"{text!r} never appeared on {stream} of {self.args}:\n{self.report()}")
@@ -109,7 +113,14 @@ class Child:
 
 
 class Spawn(Protocol):
-    def __call__(self, *args: str | os.PathLike[str], env: Mapping[str, str] = ...) -> Child: ...
+    """The ``spawn`` fixture: ``spawn(program, *args, env={...})`` starts a :class:`Child`."""
+
+    def __call__(
+        self,
+        *args: str | os.PathLike[str],
+        env: Mapping[str, str | None] | None = None,
+        cwd: Path = REPO,
+    ) -> Child: ...
 
 
 #: How to run the command line: the console script the package installs.

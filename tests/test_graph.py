@@ -190,7 +190,7 @@ def test_unknown_dependency_suggests_nearest() -> None:
     (issue,) = caught.value.issues
     assert issue.source == "service.toml"
     assert issue.path == "api.depends_on"
-    assert issue.message == "'api' names unknown component 'databse'; did you mean 'database'?"
+    assert issue.message == "'api' names unknown component 'databse'; did you mean \"database\"?"
 
 
 def test_duplicate_name() -> None:

@@ -117,7 +117,7 @@ async def run_to_end(supervisor: Supervisor) -> int:
 
 
 async def test_layers_start_concurrently(autojump_clock: trio.testing.MockClock) -> None:
-    """3 layers × 10 components of 1 s each are ready after the critical path (3 s), not 30."""
+    """3 layers x 10 components of 1 s each are ready after the critical path (3 s), not 30."""
     components: list[Component] = []
     for layer in range(3):
         previous = [f"l{layer - 1}n{n}" for n in range(10)] if layer else []
@@ -164,7 +164,7 @@ async def test_run_twice_is_refused(autojump_clock: trio.testing.MockClock) -> N
 
 
 async def test_stop_is_reverse_order_and_idempotent(autojump_clock: trio.testing.MockClock) -> None:
-    """stop() ×5 plus a component's own lifetime.stop(): each stops once, in reverse, exit 0."""
+    """stop() x5 plus a component's own lifetime.stop(): each stops once, in reverse, exit 0."""
 
     class AlsoStops(Probe):
         async def serve(self, lifetime: Lifetime) -> None:
@@ -188,9 +188,10 @@ async def test_stop_is_reverse_order_and_idempotent(autojump_clock: trio.testing
     assert supervisor.trigger is not None
     assert supervisor.trigger.reason == "stop 0"
     assert supervisor.trigger.signal is None
-    assert supervisor.events[-1] == LifecycleEvent(
-        supervisor.events[-1].time, SERVICE, "stopped", "exit code 0"
-    )
+    last = supervisor.events[-1]
+    assert last == LifecycleEvent(last.time, SERVICE, "stopped", "exit code 0")
+    assert str(last) == f"[{last.time:10.3f}] service: stopped (exit code 0)"
+    assert str(event(supervisor, "c1", "started")).endswith("] c1: started")
 
 
 async def test_readiness_delay_holds_stops_back(autojump_clock: trio.testing.MockClock) -> None:
@@ -408,14 +409,14 @@ async def test_returning_before_ready_is_a_failure(autojump_clock: trio.testing.
     supervisor = Supervisor([Quits("q")])
     assert await run_to_end(supervisor) == 1
     (failure,) = supervisor.failures
-    assert str(failure) == (
-        "q: returned before reporting ready (task_status.started() not called)"
-    )
+    assert str(failure) == ("q: returned before reporting ready (task_status.started() not called)")
     assert phases(supervisor, "q") == ["starting", "failed"]
     assert supervisor.health.components["q"] is ComponentState.FAILED
 
 
-async def test_first_start_failure_is_the_root_cause(autojump_clock: trio.testing.MockClock) -> None:
+async def test_first_start_failure_is_the_root_cause(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """Of concurrent start failures, the first recorded is failures[0] and owns the trigger."""
 
     class BreaksWhenCancelled(Probe):
@@ -459,12 +460,6 @@ async def test_started_twice_crashes_the_component(autojump_clock: trio.testing.
     """Calling task_status.started() twice breaks the contract: the component fails."""
 
     class Twice(Probe):
-        async def setup(self) -> None:
-            pass
-
-        async def serve(self, lifetime: Lifetime) -> None:
-            raise AssertionError("unreachable")  # pragma: no cover
-
         async def run(
             self,
             lifetime: Lifetime,
@@ -640,6 +635,28 @@ async def test_stop_while_starting(autojump_clock: trio.testing.MockClock) -> No
     assert [c.stops for c in components] == [1, 0, 0, 0]
     # c1 is asked to stop only once c2's abandoned start has unwound.
     assert event(supervisor, "c1", "stopping").time == event(supervisor, "c2", "stopped").time
+
+
+async def test_ready_after_shutdown_began_is_ignored(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """started() from a start abandoned by shutdown is ignored: no 'started', no stop hooks."""
+
+    class ShieldedSetup(Probe):
+        async def setup(self) -> None:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(2)
+
+    probe = ShieldedSetup("slow")
+    supervisor = Supervisor([probe])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_to_end, supervisor)
+        await trio.sleep(1)
+        supervisor.stop()
+    assert supervisor.exit_code == 0
+    assert phases(supervisor, "slow") == ["starting", "stopped"]
+    assert probe.stops == 0
+    assert supervisor.failures == []
 
 
 async def test_stop_before_run(autojump_clock: trio.testing.MockClock) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._component import Role
+from ._settings import join_path, suggest
 from .errors import ConfigError, ConfigIssue
 
 __all__ = ["NodeSpec", "Plan", "plan"]
@@ -89,14 +90,15 @@ def plan(nodes: Sequence[NodeSpec]) -> Plan:
                 issues.append(
                     ConfigIssue(
                         node.source,
-                        _join(node.path, key),
-                        f"{node.name!r} names unknown component {name!r}{_nearest(name, index)}",
+                        join_path(node.path, key),
+                        f"{node.name!r} names unknown component {name!r}"
+                        + suggest(name, index, noun=None),
                     )
                 )
             elif j == i:
                 node = nodes[i]
                 issues.append(
-                    ConfigIssue(node.source, _join(node.path, key), f"{name!r} names itself")
+                    ConfigIssue(node.source, join_path(node.path, key), f"{name!r} names itself")
                 )
             else:
                 found.append(j)
@@ -113,7 +115,7 @@ def plan(nodes: Sequence[NodeSpec]) -> Plan:
                 issues.append(
                     ConfigIssue(
                         node.source,
-                        _join(node.path, "enhanced_by"),
+                        join_path(node.path, "enhanced_by"),
                         f"{nodes[e].name!r} already enhances {nodes[enhances[e]].name!r}; "
                         "an enhancement belongs to one component",
                     )
@@ -148,7 +150,10 @@ def plan(nodes: Sequence[NodeSpec]) -> Plan:
         if enhances[i] != -1:
             reqs.append(enhances[i])
         for j in resolve(i, node.depends_on, "depends_on"):
-            reqs.extend(k for k in closure(j) if k != i)
+            if enhancers[j]:
+                reqs.extend(k for k in closure(j) if k != i)
+            else:
+                reqs.append(j)  # the common case, without building a closure
         if side(i) is Role.GENERATING:
             reqs.append(barrier)
         else:
@@ -167,15 +172,19 @@ def plan(nodes: Sequence[NodeSpec]) -> Plan:
             dependents[j].append(i)
 
     # Kahn's algorithm, seeded in declaration order so the result is stable.
+    # A node's level is final when it is dequeued (all it requires came
+    # first), so levels are computed in the same pass. The barrier is not
+    # a component: it must not cost a level in `waves`.
     level = [0] * (count + 1)
     queue = deque(i for i in range(count + 1) if pending[i] == 0)
     order: list[int] = []
     while queue:
         i = queue.popleft()
         order.append(i)
+        step = level[i] if i == barrier else level[i] + 1
         for d in dependents[i]:
-            if level[d] <= level[i]:
-                level[d] = level[i] + 1
+            if level[d] < step:
+                level[d] = step
             pending[d] -= 1
             if pending[d] == 0:
                 queue.append(d)
@@ -184,19 +193,13 @@ def plan(nodes: Sequence[NodeSpec]) -> Plan:
     if issues:
         raise ConfigError(issues)
 
-    # The barrier is not a component: it must not cost a level in `waves`.
-    real_level = [0] * (count + 1)
-    for i in order:
-        real_level[i] = max(
-            (real_level[j] + (0 if j == barrier else 1) for j in requires[i]), default=0
-        )
     return Plan(
         names=tuple(node.name for node in nodes),
         requires=tuple(tuple(r) for r in requires),
         dependents=tuple(tuple(d) for d in dependents),
         barrier=barrier,
         order=tuple(i for i in order if i != barrier),
-        level=tuple(real_level),
+        level=tuple(level),
     )
 
 
@@ -243,17 +246,6 @@ def _cycle_issue(nodes: Sequence[NodeSpec], cycle: list[int], barrier: int) -> C
         )
     return ConfigIssue(
         node.source,
-        _join(node.path, "depends_on"),
+        join_path(node.path, "depends_on"),
         "dependency cycle: " + " → ".join(label) + hint,
     )
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _nearest(name: str, known: dict[str, int]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""

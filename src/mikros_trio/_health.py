@@ -94,6 +94,10 @@ class Health:
 
     async def wait_changed(self, since: int) -> int:
         """Wait until the version moves past ``since``; return the new version."""
+        if self._version > since:
+            # Still a checkpoint, as Trio's own async functions are: a
+            # reader looping on a stale version must not starve the others.
+            await trio.lowlevel.checkpoint()
         while self._version <= since:
             if self._changed is None:
                 self._changed = trio.Event()

@@ -8,6 +8,7 @@ code) and never returns.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -250,5 +251,9 @@ async def run(
         report_config_error(error)
         raise SystemExit(2) from None
     configure_logging(service.definition.log.level, verbose=verbose)
+    # Everything built so far lives as long as the process: move it out of
+    # the collector's sight, which halves GC time during start and stop of
+    # large graphs (bench/graph_scale.py).
+    gc.freeze()
     code = await service.run()
     raise SystemExit(code)

@@ -183,7 +183,9 @@ class Supervisor(_SupervisorView):
         if self._root is not None:
             self._root.cancel()
 
-    async def run(self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED) -> int:
+    async def run(
+        self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED
+    ) -> int:
         """Start everything, serve until a trigger, shut down; return the exit code."""
         if self._root is not None:
             raise RuntimeError("a Supervisor runs once")
@@ -249,7 +251,7 @@ class Supervisor(_SupervisorView):
                 error = _root_exception(errors)
             if rest is not None:
                 raise rest from None
-            escaped = False  # pragma: no cover - split(Exception) left nothing else
+            escaped = False  # an odd BaseExceptionGroup subclass holding only Exceptions
         finally:
             # The root scope's cancellation is not caught by ``scope`` but
             # passes through it: that cuts the component as well.

@@ -14,13 +14,15 @@ forced the exit or cut a script short.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -28,13 +30,7 @@ from ._container import ServiceContainer, container_class
 from ._definition import Definition, definition_schema, load_definition
 from ._graph import NodeSpec, plan
 from ._registry import default_registry
-from ._service import (
-    Service,
-    configure_logging,
-    event_printer,
-    report_config_error,
-    require_envs,
-)
+from ._service import Service, report_config_error, require_envs, run
 from .errors import ConfigError
 
 __all__ = ["main"]
@@ -88,17 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> NoReturn:
     container, config = _resolve(args.target, args.config)
-    service = Service(
-        container,
-        config,
-        handle_signals=True,
-        on_event=event_printer() if args.verbose else None,
-    )
-    service.build()
-    configure_logging(service.definition.log.level, verbose=args.verbose)
-    return trio.run(service.run)
+    # run() owns the process from here: signals, logging, and the exit
+    # code, which it raises as SystemExit exactly as `python main.py` would.
+    trio.run(functools.partial(run, container, config, verbose=args.verbose))
+    raise AssertionError("mikros_trio.run() returned")  # it always raises SystemExit
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -164,10 +155,15 @@ def _resolve(target: str, config: Path | None) -> tuple[type[ServiceContainer], 
         module = _import_file(path)
         default_config = path.parent / "service.toml"
     else:
+        if not spec or spec.startswith("."):
+            raise UsageError(f"target {target!r} needs a module name or a .py file")
+        # As `python -m` does: modules resolve from the working directory,
+        # not from wherever the console script lives.
+        sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(spec)
-        except ImportError as error:
-            raise UsageError(f"cannot import {spec!r}: {error}") from None
+        except Exception as error:  # any failure in the user's import is a usage error
+            raise UsageError(f"cannot import {spec!r}: {type(error).__name__}: {error}") from None
         default_config = Path("service.toml")
     container = getattr(module, attribute, None)
     if not (isinstance(container, type) and issubclass(container, ServiceContainer)):

@@ -1,0 +1,315 @@
+"""``mikros-trio`` on the command line: exit codes, messages, and never a traceback for a mistake.
+
+Most tests run the installed console script as users do. Where many
+inputs are tried (every bad asset, random documents) they call
+:func:`mikros_trio.cli.main`, the very function the script runs, in-process,
+and confirm a sample through the real process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import MIKROS_TRIO, REPO, Spawn
+from mikros_trio import cli, definition_schema
+
+ASSETS = Path(__file__).parent / "assets"
+
+EXIT_USAGE = 2
+
+
+def _expectation(path: Path) -> str:
+    """The key path a bad asset's first line, ``# expect: <key.path>``, promises."""
+    first = path.read_text().splitlines()[0]
+    match = re.fullmatch(r"#\s*expect:\s*(.+?)\s*", first)
+    assert match, f"{path}: first line must be '# expect: <key.path>', got {first!r}"
+    return match.group(1)
+
+
+def _assets(folder: str) -> list[Any]:
+    return [
+        pytest.param(path, id=f"{folder}/{path.stem}")
+        for path in sorted((ASSETS / folder).glob("*.toml"))
+    ]
+
+
+def _no_traceback(*outputs: str) -> None:
+    for output in outputs:
+        assert "Traceback" not in output, output
+
+
+# -- check: bad files ---------------------------------------------------------
+
+
+def _real_process_sample(params: list[Any]) -> list[Any]:
+    """The first file of each folder and every syntax error: enough to cover the process path."""
+    firsts = {param.values[0].parent: param for param in reversed(params)}
+    syntax = [p for p in params if _expectation(p.values[0]) == "<syntax>"]
+    return list({param.id: param for param in [*firsts.values(), *syntax]}.values())
+
+
+_BAD_FILES = _assets("bad") + _assets("bad_graph")
+
+
+@pytest.mark.parametrize("path", _BAD_FILES)
+def test_check_bad_file_names_key_path(capsys: pytest.CaptureFixture[str], path: Path) -> None:
+    """``check --config`` on a bad file exits 2 naming the key path its first line expects."""
+    # The console script is exactly this function; the real process is
+    # covered, on a sample, just below: running ~40 interpreters would cost
+    # more than it checks.
+    code = cli.main(["check", "--config", str(path)])
+    out, err = capsys.readouterr()
+    assert code == EXIT_USAGE, (out, err)
+    expected = _expectation(path)
+    if expected != "<syntax>":
+        assert expected in err
+    assert path.name in err
+    _no_traceback(out, err)
+
+
+@pytest.mark.parametrize("path", _real_process_sample(_BAD_FILES))
+def test_check_bad_file_in_a_real_process(spawn: Spawn, path: Path) -> None:
+    """The ``mikros-trio`` console script exits 2 on a bad file, naming it, with no traceback."""
+    child = spawn(MIKROS_TRIO, "check", "--config", path)
+    assert child.wait() == EXIT_USAGE, child.report()
+    expected = _expectation(path)
+    if expected != "<syntax>":
+        assert expected in child.stderr, child.report()
+    assert path.name in child.stderr, child.report()
+    _no_traceback(child.stdout, child.stderr)
+
+
+def test_check_missing_env_names_it(spawn: Spawn, tmp_path: Path) -> None:
+    """A required environment variable that is unset is a configuration error naming it."""
+    config = tmp_path / "service.toml"
+    config.write_text(
+        'name = "needs-env"\ntypes = ["worker"]\nversion = "v1.0.0"\n'
+        'envs = ["MIKROS_TEST_SURELY_UNSET"]\n'
+    )
+    child = spawn(MIKROS_TRIO, "check", "--config", config, env={"MIKROS_TEST_SURELY_UNSET": None})
+    assert child.wait() == EXIT_USAGE, child.report()
+    assert "MIKROS_TEST_SURELY_UNSET" in child.stderr
+    _no_traceback(child.stdout, child.stderr)
+
+
+# -- check: good targets ------------------------------------------------------
+
+
+def test_check_worker_example_prints_start_order(spawn: Spawn) -> None:
+    """``check`` on the worker example exits 0 and lists the counter before the worker."""
+    child = spawn(MIKROS_TRIO, "check", "examples/worker/main.py")
+    assert child.wait() == 0, child.report()
+    waves = re.findall(r"(?m)^\s+(\d+)\. (.+)$", child.stdout)
+    wave_of = {name: int(n) for n, line in waves for name in line.split(", ")}
+    assert wave_of.get("counter", 99) < wave_of.get("worker", 0), child.report()
+    assert child.stderr == ""
+
+
+def test_check_through_python_m(spawn: Spawn) -> None:
+    """``python -m mikros_trio.cli`` is the same command as the console script."""
+    child = spawn(sys.executable, "-m", "mikros_trio.cli", "check", "examples/script/main.py")
+    assert child.wait() == 0, child.report()
+    assert "examples/script/service.toml: ok" in child.stdout
+
+
+def test_schema_is_json(spawn: Spawn) -> None:
+    """``schema`` exits 0 and prints one JSON object."""
+    child = spawn(MIKROS_TRIO, "schema")
+    assert child.wait() == 0, child.report()
+    schema = json.loads(child.stdout)
+    assert isinstance(schema, dict)
+    assert "properties" in schema
+
+
+# -- usage errors -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["check", "no_such_module_for_mikros_trio"], id="unknown-module"),
+        pytest.param(["check", "no_such_module_for_mikros_trio:App"], id="unknown-module-attr"),
+        pytest.param(["run", "examples/nope/main.py"], id="missing-file"),
+        pytest.param(["check", "--config", "examples/nope/service.toml"], id="missing-config"),
+        pytest.param(["check", "examples/worker/main.py:Nope"], id="unknown-attribute"),
+        pytest.param(["check", "examples/worker/main.py:Counter"], id="not-a-container"),
+        pytest.param(["check", "json"], id="module-without-container"),
+        pytest.param(["check"], id="check-without-target"),
+        pytest.param(["run"], id="run-without-target"),
+        pytest.param([], id="no-arguments"),
+        pytest.param(["frobnicate"], id="unknown-command"),
+    ],
+)
+def test_usage_error_exits_2(spawn: Spawn, args: list[str]) -> None:
+    """A wrong command line or target exits 2 with a message and no traceback."""
+    child = spawn(MIKROS_TRIO, *args)
+    assert child.wait() == EXIT_USAGE, child.report()
+    assert child.stderr.strip(), "a usage error must say what is wrong"
+    _no_traceback(child.stdout, child.stderr)
+
+
+def test_target_without_container_exits_2(spawn: Spawn, tmp_path: Path) -> None:
+    """A Python file with no ServiceContainer subclass is a usage error, not a crash."""
+    target = tmp_path / "plain.py"
+    target.write_text("VALUE = 1\n")
+    child = spawn(MIKROS_TRIO, "check", target)
+    assert child.wait() == EXIT_USAGE, child.report()
+    assert "Container" in child.stderr
+    _no_traceback(child.stdout, child.stderr)
+
+
+def test_target_file_that_fails_to_import_exits_2(spawn: Spawn, tmp_path: Path) -> None:
+    """A target file that raises on import is reported in one line, exit 2."""
+    target = tmp_path / "broken.py"
+    target.write_text('raise RuntimeError("broken at import")\n')
+    child = spawn(MIKROS_TRIO, "check", target)
+    assert child.wait() == EXIT_USAGE, child.report()
+    assert "broken at import" in child.stderr
+    _no_traceback(child.stdout, child.stderr)
+
+
+@pytest.mark.parametrize("target", [":Container", ".relative", "broken_module_for_mikros_trio"])
+def test_bad_module_target_exits_2(spawn: Spawn, tmp_path: Path, target: str) -> None:
+    """A module target that cannot be imported, for any reason, is a usage error (exit 2)."""
+    (tmp_path / "broken_module_for_mikros_trio.py").write_text('raise RuntimeError("boom")\n')
+    child = spawn(MIKROS_TRIO, "check", target, env={"PYTHONPATH": str(tmp_path)})
+    assert child.wait() == EXIT_USAGE, child.report()
+    _no_traceback(child.stdout, child.stderr)
+
+
+def test_module_target_resolves_from_working_directory(spawn: Spawn, tmp_path: Path) -> None:
+    """``mikros-trio check module:Container`` finds a module in the working directory."""
+    (tmp_path / "my_service_module.py").write_text(
+        (REPO / "examples" / "worker" / "main.py").read_text()
+    )
+    config = REPO / "examples" / "worker" / "service.toml"
+    child = spawn(
+        MIKROS_TRIO, "check", "my_service_module:Container", "--config", config, cwd=tmp_path
+    )
+    assert child.wait() == 0, child.report()
+
+
+# -- property: any document -----------------------------------------------------
+
+
+def _schema_keys(node: Any) -> set[str]:
+    """Every key name service.toml's JSON Schema knows, at any depth."""
+    if isinstance(node, list):
+        return set().union(*map(_schema_keys, node))
+    if not isinstance(node, dict):
+        return set()
+    names = set(node.get("properties", {})) | set().union(*map(_schema_keys, node.values()))
+    return {name for name in names if isinstance(name, str)}
+
+
+# Real key names (so documents get past the first check) mixed with noise.
+_KEYS = sorted(_schema_keys(definition_schema()))
+_WORDS = ["worker", "script", "native", "http", "http:8080", "grpc:0", "v1.0.0", "info", "python"]
+
+_key = st.one_of(st.sampled_from(_KEYS), st.text(max_size=8))
+_scalar = st.one_of(
+    st.sampled_from(_WORDS),
+    st.text(max_size=10),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.booleans(),
+    st.datetimes(),
+    st.dates(),
+    st.times(),
+)
+_value = st.recursive(
+    _scalar,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_key, inner, max_size=4),
+    max_leaves=12,
+)
+_BASE = {"name": "fuzzed", "types": ["worker"], "version": "v1.0.0"}
+_tables = st.dictionaries(_key, _value, max_size=8)
+# Three shapes: anything; a valid core plus anything (mostly errors deep
+# in the file); a valid core plus a free-form [service] table (mostly ok).
+_documents = st.one_of(
+    _tables,
+    _tables.map(lambda extra: {**_BASE, **extra}),
+    st.dictionaries(_key, _value, max_size=4).map(lambda service: {**_BASE, "service": service}),
+)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    # JSON's string escapes are TOML's, except lone surrogates, which make
+    # a syntax error: also a case worth trying.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    pairs = (f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+    return "{" + ", ".join(pairs) + "}"
+
+
+def _toml(document: dict[str, Any]) -> str:
+    """``document`` as TOML: scalars and arrays first, then one ``[table]`` per dict."""
+    lines = [
+        f"{_toml_key(k)} = {_toml_value(v)}" for k, v in document.items() if type(v) is not dict
+    ]
+    for key, table in document.items():
+        if type(table) is dict:
+            lines.append(f"[{_toml_key(key)}]")
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(document=_documents, noise=st.sampled_from(["", "[", "= 1", "\x00", "\ufeff"]))
+def test_check_any_document_exits_0_or_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], document: dict[str, Any], noise: str
+) -> None:
+    """``check --config`` on any TOML-ish document returns 0 or 2 and never prints a traceback."""
+    config = tmp_path / "service.toml"
+    config.write_text(_toml(document) + noise, encoding="utf-8", errors="surrogatepass")
+    code = cli.main(["check", "--config", str(config)])
+    out, err = capsys.readouterr()
+    assert code in (0, EXIT_USAGE), (code, out, err)
+    _no_traceback(out, err)
+    if code == EXIT_USAGE:
+        assert str(config) in err
+
+
+@settings(
+    max_examples=3,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(document=_documents)
+def test_check_any_document_in_a_real_process(
+    spawn: Spawn, tmp_path: Path, document: dict[str, Any]
+) -> None:
+    """The console script agrees with the in-process command on random documents."""
+    config = tmp_path / "service.toml"
+    config.write_text(_toml(document), encoding="utf-8", errors="surrogatepass")
+    child = spawn(MIKROS_TRIO, "check", "--config", config)
+    assert child.wait() in (0, EXIT_USAGE), child.report()
+    _no_traceback(child.stdout, child.stderr)

@@ -37,6 +37,7 @@ from .errors import ConfigError, ConfigIssue
 
 __all__ = [
     "BuildContext",
+    "EntryComponent",
     "HookComponent",
     "ServiceContainer",
     "build_components",
@@ -325,6 +326,24 @@ def plain(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [plain(item) for item in value]
     return value
+
+
+class EntryComponent(Component):
+    """Base of kinds that run one user entry point (worker, script).
+
+    The entry object comes from a container provider when the component
+    starts, so it is built after everything it depends on is running.
+    """
+
+    role = Role.GENERATING
+
+    def __init__(self, provider: Callable[[], Any], name: str) -> None:
+        self.name = name
+        self._provider = provider
+
+    def entry(self) -> Callable[[Lifetime], Awaitable[Any]]:
+        """Build the user's object and return its normalised entry point."""
+        return entry_point(self._provider(), self.name)
 
 
 def entry_point(obj: Any, what: str) -> Callable[[Lifetime], Awaitable[Any]]:

@@ -10,13 +10,13 @@ number, as shells report it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 
-from ._component import Component, Lifetime, Role
-from ._container import BuildContext, entry_point
+from ._component import Component, Lifetime
+from ._container import BuildContext, EntryComponent
 from ._runtime_settings import ScriptSettings
 
 __all__ = ["ScriptComponent", "build_script"]
@@ -24,19 +24,13 @@ __all__ = ["ScriptComponent", "build_script"]
 log = logging.getLogger("mikros_trio")
 
 
-class ScriptComponent(Component):
+class ScriptComponent(EntryComponent):
     """Runs the user's script once, then stops the service with its exit code."""
-
-    role = Role.GENERATING
-
-    def __init__(self, provider: Callable[[], Any], name: str = "script") -> None:
-        self.name = name
-        self._provider = provider
 
     async def run(
         self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        main = entry_point(self._provider(), "script")
+        main = self.entry()
         task_status.started()
         finished = False
         result: Any = None
@@ -73,4 +67,6 @@ def _exit_code(result: Any) -> int:
 def build_script(context: BuildContext) -> Sequence[Component]:
     """Kind builder: one script component from ``[runtime.script] provider``."""
     settings: ScriptSettings = context.settings
-    return [ScriptComponent(context.provider(settings.provider, "runtime.script.provider"))]
+    return [
+        ScriptComponent(context.provider(settings.provider, "runtime.script.provider"), "script")
+    ]

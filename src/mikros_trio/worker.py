@@ -16,31 +16,25 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 
-from ._component import Component, Lifetime, Role
-from ._container import BuildContext, entry_point
+from ._component import Component, Lifetime
+from ._container import BuildContext, EntryComponent
 from ._runtime_settings import WorkerSettings
 
 __all__ = ["WorkerComponent", "build_worker"]
 
 
-class WorkerComponent(Component):
+class WorkerComponent(EntryComponent):
     """Runs the user's worker loop as a work-generating component."""
-
-    role = Role.GENERATING
-
-    def __init__(self, provider: Callable[[], Any], name: str = "worker") -> None:
-        self.name = name
-        self._provider = provider
 
     async def run(
         self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        loop = entry_point(self._provider(), "worker")
+        loop = self.entry()
         task_status.started()
         await loop(lifetime)
 
@@ -48,4 +42,6 @@ class WorkerComponent(Component):
 def build_worker(context: BuildContext) -> Sequence[Component]:
     """Kind builder: one worker component from ``[runtime.worker] provider``."""
     settings: WorkerSettings = context.settings
-    return [WorkerComponent(context.provider(settings.provider, "runtime.worker.provider"))]
+    return [
+        WorkerComponent(context.provider(settings.provider, "runtime.worker.provider"), "worker")
+    ]

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import trio
 
@@ -30,9 +30,11 @@ __all__ = [
     "configure_logging",
     "event_printer",
     "report_config_error",
-    "require_envs",
     "run",
+    "validate_with_envs",
 ]
+
+T = TypeVar("T")
 
 #: Environment switch for ``--verbose`` when a service is run as ``python main.py``.
 VERBOSE_ENV = "MIKROS_TRIO_VERBOSE"
@@ -87,10 +89,14 @@ class Service:
                 registry=self._registry,
                 service_model=container_class(self.container).service_model,
             )
-        require_envs(definition)
+        self._supervisor = validate_with_envs(definition, lambda: self._supervise(definition))
+        self._definition = definition
+        return self._supervisor
+
+    def _supervise(self, definition: Definition) -> Supervisor:
         components, nodes = build_components(self.container, definition, self._registry)
         lifecycle = definition.lifecycle
-        self._supervisor = Supervisor(
+        return Supervisor(
             components,
             nodes=nodes,
             timeouts=Timeouts(
@@ -102,8 +108,6 @@ class Service:
             handle_signals=self._handle_signals,
             on_event=self._on_event,
         )
-        self._definition = definition
-        return self._supervisor
 
     @property
     def definition(self) -> Definition:
@@ -152,16 +156,23 @@ class Service:
         return code
 
 
-def require_envs(definition: Definition) -> None:
-    """Raise ``ConfigError`` naming every required variable the environment lacks."""
-    missing = definition.missing_envs()
-    if missing:
-        raise ConfigError(
-            ConfigIssue(
-                definition.source, "envs", f"required environment variable {name} is not set"
-            )
-            for name in missing
-        )
+def validate_with_envs(definition: Definition, step: Callable[[], T]) -> T:
+    """Run a validation ``step``; report its issues and missing envs in one ``ConfigError``.
+
+    Required environment variables are checked alongside the container and
+    graph, so a user sees every problem in one pass.
+    """
+    issues = [
+        ConfigIssue(definition.source, "envs", f"required environment variable {name} is not set")
+        for name in definition.missing_envs()
+    ]
+    try:
+        result = step()
+    except ConfigError as error:
+        raise ConfigError([*issues, *error.issues]) from None
+    if issues:
+        raise ConfigError(issues)
+    return result
 
 
 class _Relay:

@@ -30,7 +30,7 @@ from ._container import ServiceContainer, container_class
 from ._definition import Definition, definition_schema, load_definition
 from ._graph import NodeSpec, plan
 from ._registry import default_registry
-from ._service import Service, report_config_error, require_envs, run
+from ._service import Service, report_config_error, run, validate_with_envs
 from .errors import ConfigError
 
 __all__ = ["main"]
@@ -97,7 +97,7 @@ def _check(args: argparse.Namespace) -> int:
         raise UsageError("check needs a target, --config, or both")
     if args.target is None:
         definition = load_definition(args.config)
-        waves = plan(_file_nodes(definition)).waves()
+        waves = validate_with_envs(definition, lambda: plan(_file_nodes(definition)).waves())
         scope = "the file alone; give a target to check the container too"
     else:
         container, config = _resolve(args.target, args.config)
@@ -105,7 +105,6 @@ def _check(args: argparse.Namespace) -> int:
         definition = service.definition
         waves = service.supervisor.plan.waves()
         scope = f"with container {container_class(service.container).__name__}"
-    require_envs(definition)
     kinds = ", ".join(t.kind for t in definition.types)
     print(f"{definition.source}: ok ({scope})")
     print(f"service {definition.name} {definition.version}; kinds: {kinds}")

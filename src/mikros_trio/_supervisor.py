@@ -96,7 +96,9 @@ class Supervisor(_SupervisorView):
     on cycles or unknown names), so nothing starts on a bad graph. Run it
     with ``await supervisor.run()``, which returns the exit code; with
     ``nursery.start(supervisor.run)`` the caller resumes once the service
-    is ready (or has given up starting).
+    is ready (if it never gets ready, Trio raises ``RuntimeError`` there:
+    use :class:`~mikros_trio.Service`, whose ``run`` always resumes the
+    caller).
     """
 
     def __init__(

@@ -5,6 +5,15 @@ from __future__ import annotations
 import mikros_trio
 
 EXPECTED = {
+    "ConditionError",
+    "CustomError",
+    "ErrorKind",
+    "InternalError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RPCError",
+    "ServiceError",
+    "ValidationError",
     "BuildContext",
     "ClientSettings",
     "Component",

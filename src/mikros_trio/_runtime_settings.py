@@ -38,12 +38,48 @@ class ScriptSettings:
     )
 
 
+_SECONDS = {"gt": 0}
+
+
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
     """``[runtime.http]``: the HTTP server."""
 
     host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})
     port: int | None = field(default=None, metadata=_PORT)
+    app: str = field(
+        default="app",
+        metadata={"help": "Container provider that gives the ASGI app (a QuartTrio app)."},
+    )
+    admin_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "Serve probes (and metrics) on this port instead of the main one; "
+            "0 picks a free one.",
+            "ge": 0,
+            "le": 65535,
+        },
+    )
+    max_body_size: int = field(
+        default=1024 * 1024,
+        metadata={"help": "Largest request body accepted, in bytes; larger gets 413.", "gt": 0},
+    )
+    read_timeout: float = field(
+        default=30.0,
+        metadata={"help": "Seconds a connection may wait for the next bytes.", **_SECONDS},
+    )
+    keep_alive_timeout: float = field(
+        default=5.0,
+        metadata={"help": "Seconds an idle keep-alive connection stays open.", **_SECONDS},
+    )
+    certfile: str | None = field(
+        default=None, metadata={"help": "TLS certificate (PEM); TLS is on when set with keyfile."}
+    )
+    keyfile: str | None = field(default=None, metadata={"help": "TLS private key (PEM)."})
+
+    def __post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together: set both for TLS, or neither")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,14 +8,25 @@ the service ran (the supervisor records it, and the exit code is 1).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 __all__ = [
     "ComponentError",
+    "ConditionError",
     "ConfigError",
     "ConfigIssue",
+    "CustomError",
+    "ErrorKind",
+    "InternalError",
     "MikrosTrioError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RPCError",
+    "ServiceError",
+    "ValidationError",
 ]
 
 
@@ -73,3 +84,128 @@ class ComponentError(MikrosTrioError):
     def __init__(self, component: str, message: str) -> None:
         self.component = component
         super().__init__(f"{component}: {message}")
+
+
+class ErrorKind(enum.StrEnum):
+    """The Mikros error kinds; the values are the wire strings Mikros Go and Rust use."""
+
+    VALIDATION = "ValidationError"
+    INTERNAL = "InternalError"
+    NOT_FOUND = "NotFoundError"
+    CONDITION = "ConditionError"
+    PERMISSION = "PermissionError"
+    RPC = "RPCError"
+    CUSTOM = "CustomError"
+
+
+class ServiceError(MikrosTrioError):
+    """An error a handler raises to answer a caller with a Mikros error.
+
+    The HTTP and gRPC kinds turn it into the kind's status (see each
+    subclass) and a JSON body in the Mikros Go wire shape (``code``,
+    ``service_name``, ``message``, ``destination``, ``kind``, ``details``;
+    empty fields omitted, as Go's ``omitempty`` does), so Go and Rust
+    Mikros services decode it. Raise a subclass, not this class::
+
+        raise NotFoundError(f"item {item_id} does not exist")
+    """
+
+    kind: ClassVar[ErrorKind] = ErrorKind.INTERNAL
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int = 0,
+        details: str = "",
+        service_name: str = "",
+        destination: str = "",
+    ) -> None:
+        self.message = message
+        self.code = code
+        self.details = details
+        self.service_name = service_name
+        self.destination = destination
+        super().__init__(message)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The Mikros JSON object for this error."""
+        wire: dict[str, Any] = {"code": self.code, "kind": self.kind.value}
+        for key in ("service_name", "message", "destination", "details"):
+            value = getattr(self, key)
+            if value:
+                wire[key] = value
+        return wire
+
+    @staticmethod
+    def from_wire(wire: Mapping[str, Any]) -> ServiceError:
+        """Rebuild the typed error from a Mikros JSON object (unknown kinds → internal)."""
+        try:
+            kind = ErrorKind(str(wire.get("kind")))
+        except ValueError:
+            kind = ErrorKind.INTERNAL
+        cls = _BY_KIND.get(kind, InternalError)
+        code = wire.get("code", 0)
+        return cls(
+            str(wire.get("message", "")),
+            code=code if isinstance(code, int) else 0,
+            details=str(wire.get("details", "")),
+            service_name=str(wire.get("service_name", "")),
+            destination=str(wire.get("destination", "")),
+        )
+
+
+class ValidationError(ServiceError):
+    """The request is invalid (HTTP 400, gRPC INVALID_ARGUMENT)."""
+
+    kind = ErrorKind.VALIDATION
+
+
+class NotFoundError(ServiceError):
+    """What the request names does not exist (HTTP 404, gRPC NOT_FOUND)."""
+
+    kind = ErrorKind.NOT_FOUND
+
+
+class ConditionError(ServiceError):
+    """A precondition does not hold (HTTP 412, gRPC FAILED_PRECONDITION)."""
+
+    kind = ErrorKind.CONDITION
+
+
+class PermissionDeniedError(ServiceError):
+    """The caller may not do this (HTTP 403, gRPC PERMISSION_DENIED)."""
+
+    kind = ErrorKind.PERMISSION
+
+
+class InternalError(ServiceError):
+    """The service failed (HTTP 500, gRPC INTERNAL). Unexpected exceptions become this."""
+
+    kind = ErrorKind.INTERNAL
+
+
+class RPCError(ServiceError):
+    """A call to another service failed (HTTP 500, gRPC INTERNAL)."""
+
+    kind = ErrorKind.RPC
+
+
+class CustomError(ServiceError):
+    """A service-defined failure; set ``code`` to tell them apart (HTTP 500, gRPC INTERNAL)."""
+
+    kind = ErrorKind.CUSTOM
+
+
+_BY_KIND: dict[ErrorKind, type[ServiceError]] = {
+    cls.kind: cls
+    for cls in (
+        ValidationError,
+        NotFoundError,
+        ConditionError,
+        PermissionDeniedError,
+        InternalError,
+        RPCError,
+        CustomError,
+    )
+}

@@ -1,0 +1,365 @@
+"""The HTTP kind (``types = ["http"]``): a QuartTrio app on hypercorn's protocol stack.
+
+The container provides the app (``[runtime.http] app``, default ``app``);
+this module serves it as a supervisor component. It reuses hypercorn's
+protocol layer (``TCPServer``: HTTP/1.1, h2c upgrade, HTTP/2 over TLS) but
+owns the listener and the set of connections, because hypercorn's own
+``serve`` waits its whole ``graceful_timeout`` when a keep-alive connection
+sits idle (3 s measured). Owning them gives the shutdown the design asks for:
+
+1. readiness turns 503 (the supervisor's health, read by the probes);
+2. after the readiness delay the component is asked to stop: the listener
+   closes (new connections are refused), idle connections close at once,
+   busy ones finish their request and close (hypercorn answers it with
+   ``Connection: close``);
+3. at the drain deadline the supervisor cancels whatever is left.
+
+Probes (``/livez``, ``/readyz``, ``/healthz``) and request-size limits sit in
+a thin ASGI layer in front of the app, so they cost one dict lookup per
+request and never reach Quart routing. With ``admin_port`` set, probes move
+to a second listener that starts before the main one and stops after it.
+
+Errors: a :class:`~mikros_trio.ServiceError` raised by a handler becomes its
+HTTP status with the Mikros JSON body; any other exception becomes 500 with
+an ``InternalError`` body and its traceback logged; unknown routes and other
+HTTP errors get JSON bodies too. The service keeps serving.
+
+Requires the ``http`` extra (``pip install mikros-trio[http]``); nothing
+here is imported unless a service's types include ``http``.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
+
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config
+from hypercorn.events import Updated
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState, LifespanState
+
+from ._component import Component, Lifetime, Role
+from ._container import BuildContext
+from ._health import Health
+from ._runtime_settings import HttpSettings
+from .errors import ErrorKind, InternalError, ServiceError
+
+__all__ = ["HTTP_STATUS", "AdminServer", "HttpServer", "build_http", "install_error_handlers"]
+
+log = logging.getLogger("mikros_trio.http")
+
+#: HTTP status for each Mikros error kind.
+HTTP_STATUS: dict[ErrorKind, int] = {
+    ErrorKind.VALIDATION: 400,
+    ErrorKind.PERMISSION: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.CONDITION: 412,
+    ErrorKind.INTERNAL: 500,
+    ErrorKind.RPC: 500,
+    ErrorKind.CUSTOM: 500,
+}
+
+# Probe paths (Kubernetes conventions).
+LIVEZ, READYZ, HEALTHZ = "/livez", "/readyz", "/healthz"
+
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+_JSON = [(b"content-type", b"application/json")]
+
+
+async def _send_json(send: Any, status: int, body: Any, *, close: bool = False) -> None:
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    headers = [*_JSON, (b"content-length", str(len(payload)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class _Front:
+    """ASGI layer before the app: probes and the declared-body-size limit.
+
+    ``app`` is ``None`` on an admin listener, which serves only probes.
+    """
+
+    __slots__ = ("_app", "_health", "_max_body", "_probes")
+
+    def __init__(self, app: ASGIApp | None, health: Health, *, probes: bool, max_body: int) -> None:
+        self._app = app
+        self._health = health
+        self._probes = probes
+        self._max_body = max_body
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            if self._probes:
+                path = scope["path"]
+                if path == READYZ:
+                    ready = self._health.ready
+                    body = {"status": "ready" if ready else self._health.phase.value}
+                    return await _send_json(send, 200 if ready else 503, body)
+                if path == LIVEZ:
+                    live = self._health.live
+                    return await _send_json(send, 200 if live else 503, {"status": "live"})
+                if path == HEALTHZ:
+                    return await _send_json(send, 200, self._health.snapshot())
+            if self._app is None:
+                return await _send_json(send, 404, _wire_for_status(404, "no such probe"))
+            if _declared_length(scope) > self._max_body:
+                # Answer before the app reads anything; close, since the body
+                # the client is still sending would otherwise be parsed as
+                # the next request.
+                body = _wire_for_status(413, f"request body over {self._max_body} bytes")
+                return await _send_json(send, 413, body, close=True)
+        elif self._app is None:
+            return None  # lifespan on the admin listener: nothing to start
+        assert self._app is not None
+        await self._app(scope, receive, send)
+        return None
+
+
+def _declared_length(scope: dict[str, Any]) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def _wire_for_status(status: int, message: str) -> dict[str, Any]:
+    """The Mikros error body for a plain HTTP error status."""
+    kind = {
+        403: ErrorKind.PERMISSION,
+        404: ErrorKind.NOT_FOUND,
+        412: ErrorKind.CONDITION,
+    }.get(status, ErrorKind.VALIDATION if status < 500 else ErrorKind.INTERNAL)
+    return {"code": 0, "kind": kind.value, "message": message}
+
+
+def install_error_handlers(app: Any, service_name: str) -> None:
+    """Make ``app`` answer every error with Mikros JSON (done once per app).
+
+    Registered on the user's Quart app so its own, more specific handlers
+    still win.
+    """
+    if getattr(app, "_mikros_trio_errors", False):
+        return
+    from werkzeug.exceptions import HTTPException
+
+    async def service_error(error: ServiceError) -> tuple[dict[str, Any], int]:
+        wire = error.to_wire()
+        wire.setdefault("service_name", service_name)
+        return wire, HTTP_STATUS[error.kind]
+
+    async def http_error(error: HTTPException) -> tuple[dict[str, Any], int]:
+        status = error.code or 500
+        return _wire_for_status(status, error.description or error.name), status
+
+    async def unexpected(error: Exception) -> tuple[dict[str, Any], int]:
+        log.error("unhandled error in an HTTP handler", exc_info=error)
+        wire = InternalError(
+            "internal error", details=f"{type(error).__name__}: {error}", service_name=service_name
+        ).to_wire()
+        return wire, 500
+
+    app.register_error_handler(ServiceError, service_error)
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, unexpected)
+    app._mikros_trio_errors = True
+
+
+class _Connection(TCPServer):
+    """hypercorn's connection handler, told when it is idle so shutdown can close it."""
+
+    def __init__(self, endpoint: _Endpoint, stream: trio.abc.Stream) -> None:
+        super().__init__(endpoint.app, endpoint.config, endpoint.context, endpoint.state, stream)
+        self._endpoint = endpoint
+        self.idle = True  # no request yet
+        self.scope = trio.CancelScope()
+
+    async def protocol_send(self, event: Any) -> None:
+        if isinstance(event, Updated):
+            self.idle = event.idle
+            if event.idle and self._endpoint.draining:
+                self.scope.cancel()
+        await super().protocol_send(event)
+
+
+class _Endpoint:
+    """One listening address served by hypercorn's protocols, drainable on demand."""
+
+    def __init__(self, app: Any, config: Config, state: LifespanState) -> None:
+        self.app = ASGIWrapper(app)
+        self.config = config
+        self.context = WorkerContext(None)
+        self.state = ConnectionState(state.copy())
+        self.draining = False
+        self._connections: set[_Connection] = set()
+        self._accept = trio.CancelScope()
+        self._listeners: list[trio.abc.Listener[Any]] = []
+
+    async def bind(self, host: str, port: int) -> int:
+        """Open the listening sockets; return the bound port."""
+        sockets = await trio.open_tcp_listeners(port, host=host)
+        bound: int = sockets[0].socket.getsockname()[1]
+        ssl_context = self.config.create_ssl_context()
+        if ssl_context is None:
+            self._listeners = list(sockets)
+        else:
+            self._listeners = [
+                trio.SSLListener(sock, ssl_context, https_compatible=True) for sock in sockets
+            ]
+        return bound
+
+    async def serve(self) -> None:
+        """Accept until :meth:`drain`, then wait for every connection to end."""
+        async with trio.open_nursery() as connections:
+            with self._accept:
+                await trio.serve_listeners(
+                    self._handle, self._listeners, handler_nursery=connections
+                )
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        connection = _Connection(self, stream)
+        self._connections.add(connection)
+        try:
+            with connection.scope:
+                if self.draining:
+                    return  # accepted in the same instant draining began
+                await connection.run()
+        finally:
+            self._connections.discard(connection)
+
+    async def drain(self) -> None:
+        """Stop accepting; close idle connections now and busy ones after their request."""
+        self.draining = True
+        self._accept.cancel()  # serve_listeners closes the listeners on the way out
+        await self.context.terminated.set()  # hypercorn stops keeping connections alive
+        for connection in list(self._connections):
+            if connection.idle:
+                connection.scope.cancel()
+
+
+def _hypercorn_config(settings: HttpSettings) -> Config:
+    config = Config()
+    config.keep_alive_timeout = settings.keep_alive_timeout
+    config.read_timeout = math.ceil(settings.read_timeout)
+    config.h11_max_incomplete_size = 64 * 1024  # request line + headers
+    config.certfile = settings.certfile
+    config.keyfile = settings.keyfile
+    # The supervisor owns every deadline; hypercorn's own must not fire first.
+    config.graceful_timeout = 0
+    config.accesslog = None
+    config.errorlog = log
+    return config
+
+
+class _HttpComponent(Component):
+    """Serves one endpoint until stopped; the supervisor bounds the drain."""
+
+    def __init__(self, name: str, settings: HttpSettings, port: int, host: str) -> None:
+        self.name = name
+        self._settings = settings
+        self._port = port
+        self._host = host
+        self.port: int | None = None
+
+    @abc.abstractmethod
+    def _front(self, lifetime: Lifetime) -> tuple[_Front, Any]:
+        """What this endpoint serves, and the app whose lifespan to run (or None)."""
+
+    async def run(
+        self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        front, lifespan_app = self._front(lifetime)
+        config = _hypercorn_config(self._settings)
+        state: LifespanState = {}
+        async with trio.open_nursery() as nursery:
+            lifespan = None
+            if lifespan_app is not None:
+                # The app's own startup/shutdown (Quart's before_serving /
+                # after_serving) runs inside the component's lifetime.
+                lifespan = Lifespan(ASGIWrapper(cast(Any, front)), config, state)
+                await nursery.start(lifespan.handle_lifespan)
+                await lifespan.wait_for_startup()
+            endpoint = _Endpoint(front, config, state)
+            self.port = await endpoint.bind(self._host, self._port)
+            lifetime.publish_address(self._host, self.port)
+            log.info("%s listening on %s:%d", self.name, self._host, self.port)
+
+            async def drain_on_stop() -> None:
+                await lifetime.wait_stopping()
+                await endpoint.drain()
+
+            nursery.start_soon(drain_on_stop)
+            task_status.started()
+            await endpoint.serve()
+            if lifespan is not None:
+                await lifespan.wait_for_shutdown()
+            nursery.cancel_scope.cancel()
+
+
+class HttpServer(_HttpComponent):
+    """The service's HTTP server: the user's app behind probes and limits."""
+
+    role = Role.GENERATING
+
+    def __init__(
+        self,
+        settings: HttpSettings,
+        port: int,
+        app_provider: Callable[[], Any],
+        service_name: str,
+        *,
+        probes: bool,
+    ) -> None:
+        super().__init__("http", settings, port, settings.host)
+        self._app_provider = app_provider
+        self._service_name = service_name
+        self._probes = probes
+
+    def _front(self, lifetime: Lifetime) -> tuple[_Front, Any]:
+        app = self._app_provider()
+        install_error_handlers(app, self._service_name)
+        if hasattr(app, "config"):
+            app.config["MAX_CONTENT_LENGTH"] = self._settings.max_body_size
+        front = _Front(
+            app, lifetime.health, probes=self._probes, max_body=self._settings.max_body_size
+        )
+        return front, app
+
+
+class AdminServer(_HttpComponent):
+    """A probes-only listener on ``admin_port``: up before the main server, down after it."""
+
+    role = Role.PROCESSING
+
+    def __init__(self, settings: HttpSettings, port: int) -> None:
+        super().__init__("http-admin", settings, port, settings.host)
+
+    def _front(self, lifetime: Lifetime) -> tuple[_Front, Any]:
+        front = _Front(None, lifetime.health, probes=True, max_body=0)
+        return front, None
+
+
+def build_http(context: BuildContext) -> Sequence[Component]:
+    """Kind builder: the HTTP server, and the admin listener when configured."""
+    settings: HttpSettings = context.settings
+    provider = context.provider(settings.app, "runtime.http.app")
+    port = context.definition.port("http")
+    assert port is not None  # http always has a port (default 8080)
+    admin = settings.admin_port is not None
+    server = HttpServer(settings, port, provider, context.definition.name, probes=not admin)
+    if not admin:
+        return [server]
+    assert settings.admin_port is not None
+    return [server, AdminServer(settings, settings.admin_port)]

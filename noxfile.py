@@ -22,7 +22,7 @@ PYTHON = "3.11"
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The test suite, with branch coverage (subprocesses included)."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[all,test]")
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
     session.run("coverage", "combine", "--quiet", success_codes=[0, 1])
     session.run("coverage", "report", "--skip-covered", "--sort=cover")
@@ -39,14 +39,14 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on src/."""
-    session.install("-e", ".", "mypy>=1.11", "pytest>=8")
+    session.install("-e", ".[all]", "mypy>=1.11", "pytest>=8")
     session.run("mypy", "--strict", "src")
 
 
 @nox.session(python=PYTHON)
 def examples(session: nox.Session) -> None:
     """Run every example's test: each example service is started for real."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[all,test]")
     session.run("pytest", "tests/test_examples.py", *session.posargs)
 
 

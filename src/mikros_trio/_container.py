@@ -43,6 +43,7 @@ __all__ = [
     "build_components",
     "container_class",
     "plain",
+    "provided_type",
 ]
 
 _HOOKS = ("on_start", "on_shutdown", "warmup")
@@ -162,7 +163,7 @@ async def _call_hook(obj: Any, hook: str) -> None:
         await result
 
 
-def _provided_type(provider: providers.Provider[Any]) -> type[Any] | None:
+def provided_type(provider: providers.Provider[Any]) -> type[Any] | None:
     """The class a provider's value has, found without calling it (or None)."""
     effective = provider.last_overriding or provider
     if isinstance(effective, providers.Object):
@@ -182,7 +183,7 @@ def discover(
     for name, provider in container.providers.items():
         if name in skip:
             continue
-        cls = _provided_type(provider)
+        cls = provided_type(provider)
         if cls is not None and any(callable(getattr(cls, hook, None)) for hook in _HOOKS):
             found[name] = (provider, cls)
     by_identity = {id(provider): name for name, (provider, _) in found.items()}

@@ -88,3 +88,14 @@ class GrpcSettings:
 
     host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})
     port: int | None = field(default=None, metadata=_PORT)
+    servicers: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Container providers giving the purerpc servicers; "
+            "empty serves every purerpc.Servicer provider."
+        },
+    )
+    max_message_size: int = field(
+        default=4 * 1024 * 1024,
+        metadata={"help": "Largest message accepted, in bytes.", "gt": 0},
+    )

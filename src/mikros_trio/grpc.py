@@ -1,0 +1,572 @@
+"""The gRPC kind (``types = ["grpc"]``): purerpc servicers behind a drainable server.
+
+purerpc's own ``Server.serve_async`` cannot be stopped: cancelling it
+leaves the listening and connection sockets open (clients hang), and its
+bare ``except:`` blocks swallow ``trio.Cancelled``. This module reuses
+purerpc's protocol and codec pieces (``GRPCProtoSocket``, the call
+wrappers) and owns everything around them:
+
+- the listener and one task per connection, tracked with their in-flight
+  RPC count;
+- shutdown: health turns NOT_SERVING the moment the trigger happens; after
+  the readiness delay the listener closes, every connection gets an HTTP/2
+  GOAWAY (clients open no new streams on it), idle connections close at
+  once and busy ones when their last RPC ends; at the drain deadline the
+  supervisor cancels the rest, and every socket is closed on the way out;
+- errors: handlers are called inside ``except Exception`` only, so
+  cancellation always propagates. A :class:`~mikros_trio.ServiceError`
+  becomes its gRPC code with the Mikros error JSON as the status message;
+  any other exception becomes ``INTERNAL`` with an ``InternalError`` JSON.
+
+The server also serves ``grpc.health.v1.Health`` (Check and Watch, for
+``""`` and each registered service, read from the supervisor's health) and
+server reflection (``grpc.reflection.v1alpha`` and ``v1``).
+
+Servicers come from the container: ``[runtime.grpc] servicers`` names the
+providers; when it is empty, every Singleton/Object provider whose class is
+a ``purerpc.Servicer`` is served. Requires the ``grpc`` extra.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import anyio.abc
+import purerpc
+import trio
+from dependency_injector import providers
+from purerpc.grpc_proto import GRPCProtoSocket
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.events import RequestReceived
+from purerpc.grpclib.exceptions import GRPCError, RpcFailedError
+from purerpc.grpclib.status import Status, StatusCode
+from purerpc.rpc import Cardinality, RPCSignature
+from purerpc.wrappers import (
+    call_server_stream_stream,
+    call_server_stream_unary,
+    call_server_unary_stream,
+    call_server_unary_unary,
+)
+
+from ._component import Component, Lifetime, Role
+from ._container import BuildContext, ServiceContainer, container_class, provided_type
+from ._definition import Definition
+from ._grpc_proto import HEALTH, REFLECTION
+from ._health import Health
+from ._runtime_settings import GrpcSettings
+from .errors import ConfigError, ConfigIssue, ErrorKind, InternalError, RPCError, ServiceError
+
+__all__ = ["GRPC_STATUS", "ClientChannel", "GrpcServer", "build_grpc", "client", "status_for"]
+
+log = logging.getLogger("mikros_trio.grpc")
+
+#: gRPC status code for each Mikros error kind.
+GRPC_STATUS: dict[ErrorKind, StatusCode] = {
+    ErrorKind.VALIDATION: StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: StatusCode.NOT_FOUND,
+    ErrorKind.PERMISSION: StatusCode.PERMISSION_DENIED,
+    ErrorKind.CONDITION: StatusCode.FAILED_PRECONDITION,
+    ErrorKind.INTERNAL: StatusCode.INTERNAL,
+    ErrorKind.RPC: StatusCode.INTERNAL,
+    ErrorKind.CUSTOM: StatusCode.INTERNAL,
+}
+
+_CALLERS = {
+    Cardinality.UNARY_UNARY: call_server_unary_unary,
+    Cardinality.UNARY_STREAM: call_server_unary_stream,
+    Cardinality.STREAM_UNARY: call_server_stream_unary,
+    Cardinality.STREAM_STREAM: call_server_stream_stream,
+}
+
+# Errors that mean "this peer or this stream is gone", never a bug of ours.
+_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, GRPCError)
+
+
+def status_for(error: ServiceError, service_name: str) -> Status:
+    """The gRPC status carrying ``error``: its code, and the Mikros JSON as message."""
+    wire = error.to_wire()
+    wire.setdefault("service_name", service_name)
+    return Status(GRPC_STATUS[error.kind], json.dumps(wire, separators=(",", ":")))
+
+
+class _Connection:
+    """One client connection: its socket, its in-flight RPCs, and a way to end it."""
+
+    __slots__ = ("active", "scope", "socket")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.scope = trio.CancelScope()
+        self.socket: GRPCProtoSocket | None = None
+
+    async def goaway(self) -> None:
+        """Tell the client to open no new streams here (HTTP/2 GOAWAY)."""
+        if self.socket is None:
+            return
+        h2 = self.socket._grpc_connection.h2_connection
+        try:
+            h2.close_connection()
+        except Exception:  # already closed or never initiated: nothing to tell
+            return
+        await self.socket._socket.flush()
+
+
+class _Dispatcher:
+    """Routes each stream to its method; errors become statuses, cancellation propagates."""
+
+    def __init__(self, services: dict[str, purerpc.Service], service_name: str) -> None:
+        self.services = services
+        self.service_name = service_name
+
+    async def __call__(self, stream: Any) -> None:
+        await stream.start_response()
+        event = await stream.receive_event()
+        if not isinstance(event, RequestReceived):
+            await stream.close(Status(StatusCode.INTERNAL, "expected request headers"))
+            return
+        service = self.services.get(event.service_name)
+        method = service.methods.get(event.method_name) if service is not None else None
+        if method is None:
+            await stream.close(
+                Status(
+                    StatusCode.UNIMPLEMENTED,
+                    f"method {event.service_name}/{event.method_name} is not implemented",
+                )
+            )
+            return
+        call = functools.partial(method.method_fn, request=event)
+        stream.expect_message_type(method.signature.request_type)
+        try:
+            await _CALLERS[method.signature.cardinality](call, stream)
+        except _GONE:
+            raise
+        except RpcFailedError as error:
+            await stream.close(error.status)
+        except ServiceError as error:
+            await stream.close(status_for(error, self.service_name))
+        except Exception as error:
+            log.error(
+                "unhandled error in %s/%s", event.service_name, event.method_name, exc_info=error
+            )
+            internal = InternalError(
+                "internal error",
+                details=f"{type(error).__name__}: {error}",
+            )
+            await stream.close(status_for(internal, self.service_name))
+
+
+class _Health:
+    """``grpc.health.v1.Health`` over the supervisor's health state."""
+
+    def __init__(self, health: Health, lifetime: Lifetime, names: Iterable[str]) -> None:
+        self._health = health
+        self._lifetime = lifetime
+        self._names = {"", *names}
+        self._response = HEALTH["HealthCheckResponse"]
+
+    def _status(self, service: str) -> int:
+        statuses = self._response.ServingStatus
+        if service not in self._names:
+            return int(statuses.Value("SERVICE_UNKNOWN"))
+        return int(statuses.Value("SERVING" if self._health.ready else "NOT_SERVING"))
+
+    async def check(self, request: Any) -> Any:
+        status = self._status(request.service)
+        if status == self._response.ServingStatus.Value("SERVICE_UNKNOWN"):
+            raise RpcFailedError(
+                Status(StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            )
+        return self._response(status=status)
+
+    async def watch(self, request: Any) -> AsyncIterator[Any]:
+        # Ends when this server starts draining: a watch is not work to
+        # wait for, and the last status it sent was NOT_SERVING.
+        version = self._health.version
+        last = self._status(request.service)
+        yield self._response(status=last)
+        while not self._lifetime.stopping:
+            version = await self._health.wait_changed(version)
+            status = self._status(request.service)
+            if status != last:
+                last = status
+                yield self._response(status=status)
+
+    def service(self) -> purerpc.Service:
+        service = purerpc.Service(HEALTH.service_name)
+        request, response = HEALTH["HealthCheckRequest"], HEALTH["HealthCheckResponse"]
+        service.add_method(
+            "Check", self.check, RPCSignature(Cardinality.UNARY_UNARY, request, response)
+        )
+        service.add_method(
+            "Watch", self.watch, RPCSignature(Cardinality.UNARY_STREAM, request, response)
+        )
+        return service
+
+
+class _Reflection:
+    """Server reflection: lists services and serves their file descriptors."""
+
+    def __init__(self, services: dict[str, purerpc.Service]) -> None:
+        self._services = services
+        self._files: dict[str, Any] = {}  # file name → FileDescriptor
+        self._symbols: dict[str, Any] = {}
+        for service in services.values():
+            for method in service.methods.values():
+                for message in (method.signature.request_type, method.signature.response_type):
+                    descriptor = getattr(message, "DESCRIPTOR", None)
+                    if descriptor is not None:
+                        self._add_file(descriptor.file)
+                        self._symbols.setdefault(service.name, descriptor.file)
+        for proto in (HEALTH, *REFLECTION.values()):
+            self._add_file(proto.file)
+            self._symbols[proto.service_name] = proto.file
+
+    def _add_file(self, file: Any) -> None:
+        if file.name in self._files:
+            return
+        self._files[file.name] = file
+        for message in file.message_types_by_name.values():
+            self._symbols[message.full_name] = file
+        for enum in file.enum_types_by_name.values():
+            self._symbols[enum.full_name] = file
+        for service in file.services_by_name.values():
+            self._symbols[service.full_name] = file
+            for method in service.methods:
+                self._symbols[method.full_name] = file
+        for dependency in file.dependencies:
+            self._add_file(dependency)
+
+    def _with_dependencies(self, file: Any) -> list[bytes]:
+        out: list[bytes] = []
+        seen: set[str] = set()
+        stack = [file]
+        while stack:
+            current = stack.pop()
+            if current.name in seen:
+                continue
+            seen.add(current.name)
+            out.append(current.serialized_pb)
+            stack.extend(current.dependencies)
+        return out
+
+    def _answer(self, messages: Any, request: Any) -> Any:
+        response = messages["ServerReflectionResponse"](
+            valid_host=request.host, original_request=request
+        )
+        which = request.WhichOneof("message_request")
+        file = None
+        if which == "list_services":
+            names = sorted(self._services)
+            response.list_services_response.service.extend(
+                messages["ServiceResponse"](name=name) for name in names
+            )
+            return response
+        if which == "file_by_filename":
+            file = self._files.get(request.file_by_filename)
+        elif which == "file_containing_symbol":
+            file = self._symbols.get(request.file_containing_symbol)
+        if file is None:
+            response.error_response.error_code = StatusCode.NOT_FOUND.value
+            response.error_response.error_message = f"not found: {which}"
+            return response
+        response.file_descriptor_response.file_descriptor_proto.extend(
+            self._with_dependencies(file)
+        )
+        return response
+
+    def service(self, version: str) -> purerpc.Service:
+        proto = REFLECTION[version]
+        messages = proto.messages
+
+        async def info(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
+                yield self._answer(messages, request)
+
+        service = purerpc.Service(proto.service_name)
+        service.add_method(
+            "ServerReflectionInfo",
+            info,
+            RPCSignature(
+                Cardinality.STREAM_STREAM,
+                messages["ServerReflectionRequest"],
+                messages["ServerReflectionResponse"],
+            ),
+        )
+        return service
+
+
+class GrpcServer(Component):
+    """The service's gRPC server: user servicers plus health and reflection."""
+
+    role = Role.GENERATING
+
+    def __init__(
+        self,
+        settings: GrpcSettings,
+        port: int,
+        servicers: Sequence[Callable[[], Any]],
+        service_name: str,
+    ) -> None:
+        self.name = "grpc"
+        self._settings = settings
+        self._port = port
+        self._servicers = servicers
+        self._service_name = service_name
+        self._connections: set[_Connection] = set()
+        self._draining = False
+        self._accept = trio.CancelScope()
+        self.port: int | None = None
+
+    def _services(self, lifetime: Lifetime) -> dict[str, purerpc.Service]:
+        services: dict[str, purerpc.Service] = {}
+        for provider in self._servicers:
+            service = provider().service
+            services[service.name] = service
+        user = list(services)
+        services[HEALTH.service_name] = _Health(lifetime.health, lifetime, user).service()
+        reflection = _Reflection(services)
+        for version in REFLECTION:
+            service = reflection.service(version)
+            services[service.name] = service
+        return services
+
+    async def run(
+        self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        dispatcher = _Dispatcher(self._services(lifetime), self._service_name)
+        listener = await anyio.create_tcp_listener(
+            local_host=self._settings.host, local_port=self._port
+        )
+        self.port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
+        lifetime.publish_address(self._settings.host, self.port)
+        log.info("grpc listening on %s:%d", self._settings.host, self.port)
+        async with trio.open_nursery() as nursery:
+
+            async def drain_on_stop() -> None:
+                await lifetime.wait_stopping()
+                await self._drain()
+
+            nursery.start_soon(drain_on_stop)
+            task_status.started()
+            async with trio.open_nursery() as connections:
+
+                async def accept(
+                    one: Any,
+                ) -> None:  # anyio types it Listener; each is a SocketListener
+                    while True:
+                        stream = await one.accept()
+                        connections.start_soon(self._serve_connection, dispatcher, stream)
+
+                with self._accept:
+                    async with listener, trio.open_nursery() as accepting:
+                        for one in listener.listeners:
+                            accepting.start_soon(accept, one)
+            nursery.cancel_scope.cancel()
+
+    async def _drain(self) -> None:
+        self._draining = True
+        self._accept.cancel()
+        for connection in list(self._connections):
+            await connection.goaway()
+            if connection.active == 0:
+                connection.scope.cancel()
+
+    async def _serve_connection(self, dispatcher: _Dispatcher, stream: Any) -> None:
+        connection = _Connection()
+        self._connections.add(connection)
+        config = GRPCConfiguration(
+            client_side=False, max_message_length=self._settings.max_message_size
+        )
+        try:
+            with connection.scope:
+                async with AsyncExitStack() as stack:
+                    socket = await stack.enter_async_context(GRPCProtoSocket(config, stream))
+                    connection.socket = socket
+                    if self._draining:
+                        await connection.goaway()
+                        return
+                    async with trio.open_nursery() as rpcs:
+                        async for grpc_stream in socket.listen():
+                            connection.active += 1
+                            rpcs.start_soon(self._serve_rpc, dispatcher, connection, grpc_stream)
+        except* _GONE:
+            pass  # the client went away or broke the protocol: only its connection ends
+        except* Exception as group:
+            log.warning("gRPC connection failed", exc_info=group)
+        finally:
+            self._connections.discard(connection)
+            await anyio.aclose_forcefully(stream)
+
+    async def _serve_rpc(
+        self, dispatcher: _Dispatcher, connection: _Connection, stream: Any
+    ) -> None:
+        try:
+            await dispatcher(stream)
+        except _GONE:
+            pass  # the stream or the connection ended under the handler
+        finally:
+            connection.active -= 1
+            if self._draining and connection.active == 0:
+                connection.scope.cancel()
+
+
+def _servicer_providers(context: BuildContext, settings: GrpcSettings) -> list[Any]:
+    container = context.container
+    if settings.servicers:
+        return [
+            context.provider(name, f"runtime.grpc.servicers[{index}]")
+            for index, name in enumerate(settings.servicers)
+        ]
+    found = []
+    for provider in container.providers.values():
+        cls = provided_type(provider)
+        if cls is not None and issubclass(cls, purerpc.Servicer):
+            found.append(provider)
+    if not found:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    context.definition.source,
+                    "runtime.grpc.servicers",
+                    f"no purerpc.Servicer provider in {container_class(container).__name__}; "
+                    "add one or name them here",
+                )
+            ]
+        )
+    return found
+
+
+def build_grpc(context: BuildContext) -> Sequence[Component]:
+    """Kind builder: one gRPC server for the container's servicers."""
+    settings: GrpcSettings = context.settings
+    port = context.definition.port("grpc")
+    assert port is not None  # grpc always has a port (default 50051)
+    return [
+        GrpcServer(settings, port, _servicer_providers(context, settings), context.definition.name)
+    ]
+
+
+class _ClientSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's client socket, made to fail its streams when the connection ends.
+
+    purerpc's reader just returns when the server closes the connection,
+    leaving every stream waiting for a response that cannot come; here
+    their queues are closed, so each caller gets an error instead of a hang.
+    """
+
+    def __init__(self, config: GRPCConfiguration, stream: Any) -> None:
+        super().__init__(config, stream)
+        self.ended = trio.Event()
+
+    async def _reader_thread(self) -> None:
+        try:
+            await super()._reader_thread()
+        except _GONE:
+            pass
+        finally:
+            self.ended.set()
+            for stream in list(self._streams.values()):
+                await stream._incoming_events[0].aclose()
+
+
+class ClientChannel:
+    """A purerpc channel to ``[clients.<name>]``, as a lifecycle component.
+
+    Pass it to a generated stub (``GreeterStub(channel)``). It connects on
+    the first call, and again after the connection ends (the server drained
+    or restarted), so a service starts even while its peers are down. A call
+    while the target is unreachable fails within ``connect_timeout`` with an
+    :class:`~mikros_trio.RPCError` naming the client, never hangs. Declare
+    it with :func:`client`.
+    """
+
+    #: Seconds a call waits for the connection before failing.
+    connect_timeout = 5.0
+
+    def __init__(self, name: str, definition: Definition) -> None:
+        settings = definition.clients[name]
+        self.name = name
+        self._host = settings.host
+        self._port = settings.port
+        self._socket: _ClientSocket | None = None
+        self._lock = trio.Lock()
+        self._stack = AsyncExitStack()
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def _grpc_socket(self) -> ClientChannel:
+        # purerpc's Client calls ``channel._grpc_socket.start_request``.
+        return self
+
+    async def on_start(self) -> None:
+        """Open the nursery connections live in (no network yet)."""
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+
+    async def on_shutdown(self) -> None:
+        """Close the connection; calls after this fail."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        self._nursery = None
+        await self._stack.aclose()
+
+    async def start_request(self, *args: Any, **kwargs: Any) -> Any:
+        """Start a stream on the live connection, connecting first if needed."""
+        socket = await self._connected()
+        try:
+            return await socket.start_request(*args, **kwargs)
+        except Exception:
+            # The connection died between calls (or the server sent GOAWAY):
+            # nothing of this request left; reconnect once and start it again.
+            socket.ended.set()
+            socket = await self._connected()
+            return await socket.start_request(*args, **kwargs)
+
+    async def _connected(self) -> _ClientSocket:
+        async with self._lock:
+            if self._socket is None or self._socket.ended.is_set():
+                if self._nursery is None:
+                    raise RPCError(f"client {self.name!r} is closed", destination=self.name)
+                self._socket = await self._nursery.start(self._hold)
+            return self._socket
+
+    async def _hold(self, *, task_status: trio.TaskStatus[_ClientSocket]) -> None:
+        """Connect, hand the socket over, and keep it open until it ends."""
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream = await anyio.connect_tcp(self._host, self._port)
+        except (OSError, trio.TooSlowError) as error:
+            reason = "timed out" if isinstance(error, trio.TooSlowError) else str(error)
+            raise RPCError(
+                f"client {self.name!r}: {self._host}:{self._port} is unavailable ({reason})",
+                destination=self.name,
+            ) from None
+        socket = _ClientSocket(GRPCConfiguration(client_side=True), stream)
+        try:
+            async with socket:
+                task_status.started(socket)
+                await socket.ended.wait()
+        except* _GONE:
+            socket.ended.set()  # the peer went away; the next call reconnects
+        finally:
+            await anyio.aclose_forcefully(stream)
+
+
+def client(name: str) -> providers.Singleton[ClientChannel]:
+    """A provider of the channel to ``[clients.<name>]``.
+
+    Example::
+
+        class Container(ServiceContainer):
+            greeter_channel = mikros_trio.grpc.client("greeter")
+            greeter = providers.Singleton(GreeterStub, greeter_channel)
+
+    The channel is a work-processing component: it opens before the
+    service's servers start and closes after they drain.
+    """
+    return providers.Singleton(ClientChannel, name, ServiceContainer.definition)

@@ -37,12 +37,13 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
+import h11
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
-from hypercorn.events import Updated
+from hypercorn.events import Closed, RawData, Updated
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 
@@ -178,20 +179,94 @@ def install_error_handlers(app: Any, service_name: str) -> None:
 
 
 class _Connection(TCPServer):
-    """hypercorn's connection handler, told when it is idle so shutdown can close it."""
+    """hypercorn's connection handler, told when it is idle so shutdown can close it.
+
+    hypercorn runs connection steps (sending bytes, closing the socket,
+    re-arming the keep-alive timer) in the app's task, which QuartTrio
+    cancels as soon as its response is out: unshielded, those steps were
+    lost, so the keep-alive timer never re-armed after a response and a
+    connection the protocol closed stayed open. They are shielded here;
+    none waits on anything but the socket, and :meth:`abort` (at the drain
+    deadline) ends such a wait. Reading is owned here too: see
+    :meth:`_read_data`.
+    """
 
     def __init__(self, endpoint: _Endpoint, stream: trio.abc.Stream) -> None:
         super().__init__(endpoint.app, endpoint.config, endpoint.context, endpoint.state, stream)
         self._endpoint = endpoint
         self.idle = True  # no request yet
         self.scope = trio.CancelScope()
+        self._reading = trio.CancelScope()
 
     async def protocol_send(self, event: Any) -> None:
         if isinstance(event, Updated):
             self.idle = event.idle
             if event.idle and self._endpoint.draining:
                 self.scope.cancel()
-        await super().protocol_send(event)
+            with trio.CancelScope(shield=True):
+                await super().protocol_send(event)  # (re)arms or stops the keep-alive timer
+        elif isinstance(event, Closed):
+            with trio.CancelScope(shield=True):
+                await self._close()
+            # The reader may be parked inside the protocol on a pipelined
+            # request (h11 pauses until this response is done): with the
+            # socket closed, nothing would ever wake it.
+            self._reading.cancel()
+            await self.protocol.handle(Closed())
+        elif isinstance(event, RawData):
+            # hypercorn shields the send but not the wait for the send lock:
+            # what followed a cancelled wait (HTTP/2's GOAWAY, then Updated)
+            # was lost and the connection lived on to the drain deadline.
+            try:
+                with trio.CancelScope(shield=True):
+                    async with self.send_lock:
+                        await self.stream.send_all(event.data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+        else:
+            await super().protocol_send(event)
+
+    def _client_owes_bytes(self) -> bool:
+        """True while waiting for a request's headers or, on HTTP/1.1, the rest of its body."""
+        if self.idle:
+            return True
+        inner = getattr(self.protocol, "protocol", None)  # hypercorn's H11Protocol or H2Protocol
+        connection = getattr(inner, "connection", None)
+        return isinstance(connection, h11.Connection) and connection.their_state is h11.SEND_BODY
+
+    async def _read_data(self) -> None:
+        """Feed the protocol until end-of-file, close or read timeout.
+
+        ``read_timeout`` bounds each wait for bytes the client owes (see
+        :meth:`_client_owes_bytes`). hypercorn bounded every read, so a
+        handler slower than ``read_timeout`` lost its response; and after a
+        timeout it kept the connection open until the keep-alive timer ran
+        out. Idle keep-alive connections are closed by that timer.
+        """
+        read_timeout = self.config.read_timeout or math.inf
+        with self._reading:
+            while True:
+                limit = read_timeout if self._client_owes_bytes() else math.inf
+                with trio.move_on_after(limit) as waiting:
+                    try:
+                        data = await self.stream.receive_some(MAX_RECV)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        break
+                if waiting.cancelled_caught:
+                    break
+                await self.protocol.handle(RawData(bytes(data)))
+                if not data:
+                    break
+        await self.idle_task.stop()  # nothing left to time: end the connection now
+        await self.protocol.handle(Closed())
+
+    def abort(self) -> None:
+        """Close the socket now, waking any send blocked on it (hypercorn shields sends)."""
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if isinstance(stream, trio.SocketStream):
+            stream.socket.close()
 
 
 class _Endpoint:
@@ -238,15 +313,26 @@ class _Endpoint:
                 await connection.run()
         finally:
             self._connections.discard(connection)
+            # A cancelled run skips hypercorn's own close; never leak the socket.
+            await trio.aclose_forcefully(stream)
 
     async def drain(self) -> None:
         """Stop accepting; close idle connections now and busy ones after their request."""
         self.draining = True
+        # hypercorn adds ``Connection: close`` to an HTTP/1.1 response only
+        # past keep_alive_max_requests; zero makes every response still to
+        # come say so, so clients do not reuse a connection about to close.
+        self.config.keep_alive_max_requests = 0
         self._accept.cancel()  # serve_listeners closes the listeners on the way out
         await self.context.terminated.set()  # hypercorn stops keeping connections alive
         for connection in list(self._connections):
             if connection.idle:
                 connection.scope.cancel()
+
+    def abort(self) -> None:
+        """Close every remaining connection's socket at once (the component is cancelled)."""
+        for connection in list(self._connections):
+            connection.abort()
 
 
 def _hypercorn_config(settings: HttpSettings) -> Config:
@@ -297,8 +383,16 @@ class _HttpComponent(Component):
             log.info("%s listening on %s:%d", self.name, self._host, self.port)
 
             async def drain_on_stop() -> None:
-                await lifetime.wait_stopping()
-                await endpoint.drain()
+                try:
+                    await lifetime.wait_stopping()
+                    await endpoint.drain()
+                    await trio.sleep_forever()
+                finally:
+                    # Cancelled once everything has ended, or at the drain
+                    # deadline: then sends hypercorn shields from
+                    # cancellation could still block on a client that stopped
+                    # reading, and only closing their sockets ends them.
+                    endpoint.abort()
 
             nursery.start_soon(drain_on_stop)
             task_status.started()

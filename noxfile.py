@@ -7,6 +7,7 @@ else than ``pip install nox``.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nox
@@ -47,13 +48,27 @@ def typecheck(session: nox.Session) -> None:
 def examples(session: nox.Session) -> None:
     """Run every example's test: each example service is started for real."""
     session.install("-e", ".[all,test]")
-    session.run("pytest", "tests/test_examples.py", *session.posargs)
+    session.run("pytest", "tests/test_examples.py", "tests/test_example_http.py", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks in bench/: each prints one JSON object as its last line."""
-    session.install("-e", ".")
+    """Benchmarks in bench/: each prints one JSON object as its last line.
+
+    The HTTP benchmarks load servers with wrk, installed here from Debian's
+    packages when missing (best effort: without it they fall back to a
+    bounded Python client and say so), and run uvicorn + Starlette as a
+    reference point.
+    """
+    if shutil.which("wrk") is None:
+        session.run_install(
+            "sh",
+            "-c",
+            "apt-get update -qq && apt-get install -y -qq wrk >/dev/null",
+            external=True,
+            success_codes=list(range(256)),  # best effort: the benchmarks fall back without wrk
+        )
+    session.install("-e", ".[http]", "uvicorn", "starlette")
     scripts = sorted((ROOT / "bench").glob("*.py"))
     for script in scripts:
         if not script.name.startswith("_"):

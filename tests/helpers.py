@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -125,3 +127,35 @@ class Spawn(Protocol):
 
 #: How to run the command line: the console script the package installs.
 MIKROS_TRIO = str(Path(sys.executable).with_name("mikros-trio"))
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago (bound to port 0, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_until_ok(
+    child: Child, port: int, path: str = "/readyz", timeout: float = PATIENCE
+) -> None:
+    """Poll ``GET path`` on 127.0.0.1:``port`` until it answers 200 (never a blind sleep).
+
+    Fails the test, with the child's output, if that takes longer than
+    ``timeout`` or the child exits first.
+    """
+    deadline = time.monotonic() + timeout
+    while child.proc.poll() is None and time.monotonic() < deadline:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+        try:
+            connection.request("GET", path)
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass  # not listening yet
+        finally:
+            connection.close()
+        time.sleep(0.02)
+    child.close()
+    pytest.fail(f"GET {path} on port {port} never answered 200:\n{child.report()}")

@@ -73,3 +73,40 @@ def bench(session: nox.Session) -> None:
     for script in scripts:
         if not script.name.startswith("_"):
             session.run("python", str(script), *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def codegen(session: nox.Session) -> None:
+    """Compile every .proto under examples/ and tests/ with grpcio-tools and purerpc's plugin.
+
+    Writes ``<name>_pb2.py`` (messages), ``<name>_pb2.pyi``, ``<name>_grpc.py``
+    (purerpc servicer and stub) and ``<name>_pb2_grpc.py`` (grpcio stubs, for
+    interop tests) next to each proto's folder. The output is committed, so
+    run this after changing a .proto. Pass folders to limit it:
+    ``nox -s codegen -- examples/grpc/proto``.
+    """
+    session.install("-e", ".[grpc]", "grpcio-tools>=1.60")
+    plugin = Path(session.bin) / "protoc-gen-purerpc"
+    folders = [Path(arg) for arg in session.posargs] or sorted(
+        {
+            path.parent
+            for pattern in ("examples/*/proto/*.proto", "tests/protos/*.proto")
+            for path in ROOT.glob(pattern)
+        }
+    )
+    for folder in folders:
+        protos = sorted(str(path.name) for path in folder.glob("*.proto"))
+        # examples/<name>/proto/x.proto → examples/<name>/; tests/protos stays put.
+        out = folder.parent if folder.name == "proto" else folder
+        session.run(
+            "python",
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{folder}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            f"--purerpc_out={out}",
+            f"--plugin=protoc-gen-purerpc={plugin}",
+            *protos,
+        )

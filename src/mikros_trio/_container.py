@@ -10,8 +10,10 @@ What this module does:
   importing their modules only now;
 - finds the user's lifecycle components: every ``Singleton`` or ``Object``
   provider whose value has ``on_start`` / ``on_shutdown`` / ``warmup``
-  hooks. Discovery looks at classes, not instances, so nothing is
-  constructed before its turn in the start order; the edges between them
+  hooks or is an async context manager (entered at start, exited at stop,
+  even on a forced exit, when hooks no longer run). Discovery looks at
+  classes, not instances, so nothing is constructed before its turn in the
+  start order; the edges between them
   come from the container's own wiring (a provider injected into another
   must be started first), from ``depends_on`` / ``enhanced_by`` attributes,
   and from ``[components.<name>]`` in service.toml.
@@ -23,6 +25,7 @@ import dataclasses
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -114,7 +117,9 @@ class HookComponent(Component):
 
     The object is obtained from its provider when the component starts, so
     it is built in start order and any override in place is honoured.
-    ``on_shutdown`` runs only if ``on_start`` completed, and at most once.
+    ``on_shutdown`` runs only if ``on_start`` completed, and at most once;
+    a forced exit skips it. An object that is an async context manager is
+    entered before ``on_start`` and always exited.
     """
 
     def __init__(
@@ -136,11 +141,16 @@ class HookComponent(Component):
     async def run(
         self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        self.instance = self._provider()
-        await _call_hook(self.instance, "on_start")
-        task_status.started()
-        await lifetime.wait_stopping()
-        await _call_hook(self.instance, "on_shutdown")
+        self.instance = instance = self._provider()
+        async with AsyncExitStack() as stack:
+            if _is_async_context_manager(type(instance)):
+                # Exited whatever happens, forced exit included: what it
+                # opened (a nursery, a pool) must be closed by this task.
+                await stack.enter_async_context(instance)
+            await _call_hook(instance, "on_start")
+            task_status.started()
+            await lifetime.wait_stopping()
+            await _call_hook(instance, "on_shutdown")
 
 
 class _WarmHookComponent(HookComponent):
@@ -152,6 +162,10 @@ class _WarmHookComponent(HookComponent):
 
     async def warmup(self) -> None:
         await _call_hook(self.instance, "warmup")
+
+
+def _is_async_context_manager(cls: type[Any]) -> bool:
+    return callable(getattr(cls, "__aenter__", None)) and callable(getattr(cls, "__aexit__", None))
 
 
 async def _call_hook(obj: Any, hook: str) -> None:
@@ -184,7 +198,9 @@ def discover(
         if name in skip:
             continue
         cls = provided_type(provider)
-        if cls is not None and any(callable(getattr(cls, hook, None)) for hook in _HOOKS):
+        if cls is not None and (
+            _is_async_context_manager(cls) or any(callable(getattr(cls, h, None)) for h in _HOOKS)
+        ):
             found[name] = (provider, cls)
     by_identity = {id(provider): name for name, (provider, _) in found.items()}
     container_name = container_class(container).__name__

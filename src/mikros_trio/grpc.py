@@ -7,7 +7,9 @@ purerpc's protocol and codec pieces (``GRPCProtoSocket``, the call
 wrappers) and owns everything around them:
 
 - the listener and one task per connection, tracked with their in-flight
-  RPC count;
+  RPC count; each connection's reader loop, so that a bad request (bad
+  headers, a message over ``max_message_size``) fails only its own call,
+  and a call the client cancels (RST_STREAM) cancels its handler;
 - shutdown: health turns NOT_SERVING the moment the trigger happens; after
   the readiness delay the listener closes, every connection gets an HTTP/2
   GOAWAY (clients open no new streams on it), idle connections close at
@@ -29,6 +31,7 @@ a ``purerpc.Servicer`` is served. Requires the ``grpc`` extra.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -38,20 +41,38 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import h2.errors
+import h2.events
+import h2.exceptions
 import purerpc
 import trio
 from dependency_injector import providers
-from purerpc.grpc_proto import GRPCProtoSocket
+from hyperframe.frame import GoAwayFrame
+from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
+from purerpc.grpc_socket import GRPCStreamState
 from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.events import RequestReceived
-from purerpc.grpclib.exceptions import GRPCError, RpcFailedError
+from purerpc.grpclib.connection import GRPCConnection
+from purerpc.grpclib.events import (
+    MessageReceived,
+    RequestEnded,
+    RequestReceived,
+    ResponseEnded,
+    WindowUpdated,
+)
+from purerpc.grpclib.exceptions import (
+    GRPCError,
+    MessageTooLargeError,
+    ProtocolError,
+    RpcFailedError,
+)
 from purerpc.grpclib.status import Status, StatusCode
 from purerpc.rpc import Cardinality, RPCSignature
 from purerpc.wrappers import (
-    call_server_stream_stream,
-    call_server_stream_unary,
     call_server_unary_stream,
     call_server_unary_unary,
+    send_multiple_messages_server,
+    send_single_message_server,
+    stream_to_async_iterator,
 )
 
 from ._component import Component, Lifetime, Role
@@ -77,12 +98,6 @@ GRPC_STATUS: dict[ErrorKind, StatusCode] = {
     ErrorKind.CUSTOM: StatusCode.INTERNAL,
 }
 
-_CALLERS = {
-    Cardinality.UNARY_UNARY: call_server_unary_unary,
-    Cardinality.UNARY_STREAM: call_server_unary_stream,
-    Cardinality.STREAM_UNARY: call_server_stream_unary,
-    Cardinality.STREAM_STREAM: call_server_stream_stream,
-}
 
 # Errors that mean "this peer or this stream is gone", never a bug of ours.
 _GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, GRPCError)
@@ -95,25 +110,239 @@ def status_for(error: ServiceError, service_name: str) -> Status:
     return Status(GRPC_STATUS[error.kind], json.dumps(wire, separators=(",", ":")))
 
 
+class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's stream, whose event queue is closed once nothing uses it any more.
+
+    purerpc never closes the anyio memory stream that carries a stream's
+    events, and anyio warns (``ResourceWarning``) for each one collected
+    unclosed: two per RPC. The connection's reader is done with the queue
+    when the stream is closed both ways or the connection ends
+    (:meth:`abandon`); the consumer (handler or caller) when it has read
+    the end of the stream or, on a server, when its handler returned
+    (:meth:`release`). The sending half closes when the reader is done (a
+    consumer still gets what was queued, then end-of-stream); the
+    receiving half once both are.
+    """
+
+    _consumed = False
+    #: Server side: the handler's cancel scope, and whether the client reset the stream.
+    _handler: trio.CancelScope | None = None
+    _reset = False
+
+    async def receive_event(self) -> Any:
+        # purerpc's GRPCProtoStream.receive_event over GRPCStream._receive,
+        # plus the queue's end and the _TooLarge event.
+        try:
+            event = await self._incoming_events[1].receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self.release()
+            if self.client_side:  # the connection ended before the response did
+                raise self._grpc_socket.lost() from None
+            raise
+        if isinstance(event, MessageReceived):
+            self._grpc_connection.acknowledge_received_data(
+                self._stream_id, event.flow_controlled_length
+            )
+            await self._socket.flush()
+            message_type = getattr(self, "_incoming_message_type", None)
+            if message_type is not None:
+                event.data = message_type.FromString(event.data)
+        elif isinstance(event, RequestEnded | ResponseEnded):
+            self._end_stream_event = event
+            self.release()
+        elif isinstance(event, _TooLarge):
+            raise RpcFailedError(Status(StatusCode.RESOURCE_EXHAUSTED, event.message))
+        else:
+            self._start_stream_event = event
+        return event
+
+    def _close_remote(self) -> None:
+        super()._close_remote()
+        if self._state is GRPCStreamState.CLOSED:
+            self.abandon()
+
+    def _close_local(self) -> None:
+        super()._close_local()
+        if self._state is GRPCStreamState.CLOSED:
+            self.abandon()
+
+    def release(self) -> None:
+        """The consumer reads no more events."""
+        self._consumed = True
+        if self._incoming_events[0]._closed:
+            self._incoming_events[1].close()
+
+    def abandon(self) -> None:
+        """No more events will be queued (the stream or its connection ended)."""
+        self._incoming_events[0].close()
+        if self._consumed:
+            self._incoming_events[1].close()
+
+    def reset(self) -> None:
+        """The client reset the stream (it cancelled the call): its handler is cancelled."""
+        self._reset = True
+        self._grpc_socket._streams.pop(self._stream_id, None)
+        self.abandon()
+        if self._handler is not None:
+            self._handler.cancel()
+
+
+class _TooLarge:
+    """Stream event: the request's next message is over ``max_message_size``."""
+
+    __slots__ = ("message", "stream_id")
+
+    def __init__(self, stream_id: int, message: str) -> None:
+        self.stream_id = stream_id
+        self.message = message
+
+
+class _Reset:
+    """Stream event: the client reset the stream (RST_STREAM)."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class _Dropped:
+    """Read buffer of a stream whose requests are no longer read: data is acknowledged, dropped."""
+
+    def __init__(self, h2_connection: Any, stream_id: int) -> None:
+        self._h2 = h2_connection
+        self._stream_id = stream_id
+
+    def data_received(self, data: bytes, flow_controlled_length: int | None = None) -> None:
+        self._h2.acknowledge_received_data(flow_controlled_length or len(data), self._stream_id)
+
+    def read_all_complete_messages_flowcontrol(self) -> list[Any]:
+        return []
+
+
+class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's server protocol state, with a bad request confined to its own stream.
+
+    purerpc raises out of the connection's reader, ending every call on it,
+    when one request has unusable headers or a message over the size limit;
+    here the first resets that stream, the second answers it
+    RESOURCE_EXHAUSTED. A request with no body at all (HEADERS carrying
+    END_STREAM: zero messages) is a request, not an error. purerpc ignores
+    a client's RST_STREAM, leaving the handler waiting for requests that
+    cannot come; here it cancels the handler.
+    """
+
+    def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
+        event.stream_ended = None  # h2 also reports the StreamEnded on its own
+        try:
+            return list(super()._request_received(event))
+        except (ProtocolError, KeyError, ValueError):  # what purerpc's header parsing raises
+            self.h2_connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self.message_read_buffers[event.stream_id] = _Dropped(
+                self.h2_connection, event.stream_id
+            )
+            return []
+
+    def _data_received(self, event: h2.events.DataReceived) -> list[Any]:
+        if event.stream_id not in self.message_read_buffers:  # reset, or ended already
+            _Dropped(self.h2_connection, event.stream_id).data_received(
+                event.data, event.flow_controlled_length
+            )
+            return []
+        try:
+            return list(super()._data_received(event))
+        except MessageTooLargeError as error:
+            dropped = _Dropped(self.h2_connection, event.stream_id)
+            dropped.data_received(event.data, event.flow_controlled_length)
+            self.message_read_buffers[event.stream_id] = dropped
+            return [_TooLarge(event.stream_id, str(error))]
+
+    def _stream_ended(self, event: h2.events.StreamEnded) -> list[Any]:
+        if isinstance(self.message_read_buffers.get(event.stream_id), _Dropped):
+            del self.message_read_buffers[event.stream_id]
+            return [RequestEnded(event.stream_id)]  # (dropped if it never had a stream)
+        return list(super()._stream_ended(event))
+
+    def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
+        self.message_read_buffers.pop(event.stream_id, None)
+        return [_Reset(event.stream_id)]
+
+
+class _ServerSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's server socket with :class:`_Stream` streams and :class:`_ServerConnection`."""
+
+    StreamClass = _Stream
+
+    def __init__(self, config: GRPCConfiguration, stream: Any) -> None:
+        super().__init__(config, stream)
+        self._grpc_connection = self._socket._grpc_connection = _ServerConnection(config)
+
+    async def _listen(self) -> AsyncIterator[_Stream]:
+        """purerpc's reader loop, yielding each new stream; events reach their stream in order.
+
+        Unlike purerpc's, it skips events for a stream that is gone (reset,
+        or closed both ways earlier in the same read) instead of failing
+        the whole connection on them, and acts on :class:`_Reset`.
+        """
+        while True:
+            try:
+                data = await self._socket.recv(self._receive_buffer_size)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return
+            events = self._grpc_connection.receive_data(data)
+            await self._socket.flush()
+            for event in events:
+                if isinstance(event, WindowUpdated) and event.stream_id == 0:
+                    for each in list(self._streams.values()):
+                        await each._set_flow_control_update()
+                    continue
+                if isinstance(event, RequestReceived):
+                    self._allocate_stream(event.stream_id)
+                stream = self._streams.get(event.stream_id)
+                if stream is None:
+                    continue
+                if isinstance(event, WindowUpdated):
+                    await stream._set_flow_control_update()
+                elif isinstance(event, _Reset):
+                    stream.reset()
+                else:
+                    await stream._incoming_events[0].send(event)
+                    if isinstance(event, RequestReceived):
+                        yield stream
+                    elif isinstance(event, RequestEnded):
+                        stream._close_remote()
+
+
 class _Connection:
     """One client connection: its socket, its in-flight RPCs, and a way to end it."""
 
-    __slots__ = ("active", "scope", "socket")
+    __slots__ = ("active", "goaway_sent", "reading", "socket")
 
     def __init__(self) -> None:
         self.active = 0
-        self.scope = trio.CancelScope()
+        self.goaway_sent = False
+        # Cancelled to stop reading new requests once drained; what was
+        # written (last responses, the GOAWAY) is still flushed before the
+        # socket closes.
+        self.reading = trio.CancelScope()
         self.socket: GRPCProtoSocket | None = None
 
     async def goaway(self) -> None:
-        """Tell the client to open no new streams here (HTTP/2 GOAWAY)."""
-        if self.socket is None:
+        """Tell the client to open no new streams here (HTTP/2 GOAWAY, no error).
+
+        Sent as a bare frame: h2's ``close_connection()`` also moves its
+        state machine to CLOSED, after which the streams still in flight
+        could neither send their responses nor receive the rest of their
+        requests.
+        """
+        if self.socket is None or self.goaway_sent:
             return
-        h2 = self.socket._grpc_connection.h2_connection
-        try:
-            h2.close_connection()
-        except Exception:  # already closed or never initiated: nothing to tell
-            return
+        self.goaway_sent = True
+        connection = self.socket._grpc_connection.h2_connection
+        frame = GoAwayFrame(
+            stream_id=0, last_stream_id=connection.highest_inbound_stream_id, error_code=0
+        )
+        connection._data_to_send += frame.serialize()
         await self.socket._socket.flush()
 
 
@@ -144,13 +373,19 @@ class _Dispatcher:
         stream.expect_message_type(method.signature.request_type)
         try:
             await _CALLERS[method.signature.cardinality](call, stream)
-        except _GONE:
-            raise
+            return
+        # RpcFailedError and ProtocolError are GRPCErrors too: they come first.
         except RpcFailedError as error:
-            await stream.close(error.status)
+            status = error.status  # the handler's own status, or a peer's it let through
+        except MessageTooLargeError as error:  # a response over max_message_size
+            status = Status(StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except ProtocolError as error:  # the request broke gRPC's framing rules
+            status = Status(StatusCode.INTERNAL, f"malformed request: {error}")
         except ServiceError as error:
-            await stream.close(status_for(error, self.service_name))
+            status = status_for(error, self.service_name)
         except Exception as error:
+            if isinstance(error, h2.exceptions.StreamClosedError) or _stream_gone(stream):
+                return  # the client reset the stream or went away: nobody to answer
             log.error(
                 "unhandled error in %s/%s", event.service_name, event.method_name, exc_info=error
             )
@@ -158,7 +393,44 @@ class _Dispatcher:
                 "internal error",
                 details=f"{type(error).__name__}: {error}",
             )
-            await stream.close(status_for(internal, self.service_name))
+            status = status_for(internal, self.service_name)
+        if _stream_gone(stream):
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # the client reset the stream
+            await stream.close(status)
+
+
+def _stream_gone(stream: Any) -> bool:
+    """True when nothing more can be sent on ``stream``: answered, or its connection ended."""
+    return bool(
+        stream.state in (GRPCStreamState.HALF_CLOSED_LOCAL, GRPCStreamState.CLOSED)
+        or stream._incoming_events[0]._closed
+    )
+
+
+async def _call_stream_unary(func: Callable[[Any], Any], stream: Any) -> None:
+    """purerpc's ``call_server_stream_unary``, closing the request iterator when done.
+
+    A handler may stop reading requests early (or fail); unclosed, the
+    iterator is finalized by the garbage collector, which Trio reports
+    with a ``ResourceWarning``.
+    """
+    async with contextlib.aclosing(stream_to_async_iterator(stream)) as requests:
+        await send_single_message_server(stream, await func(requests))
+
+
+async def _call_stream_stream(func: Callable[[Any], Any], stream: Any) -> None:
+    """purerpc's ``call_server_stream_stream``, closing the request iterator when done."""
+    async with contextlib.aclosing(stream_to_async_iterator(stream)) as requests:
+        await send_multiple_messages_server(stream, func(requests))
+
+
+_CALLERS = {
+    Cardinality.UNARY_UNARY: call_server_unary_unary,
+    Cardinality.UNARY_STREAM: call_server_unary_stream,
+    Cardinality.STREAM_UNARY: _call_stream_unary,
+    Cardinality.STREAM_STREAM: _call_stream_stream,
+}
 
 
 class _Health:
@@ -375,7 +647,7 @@ class GrpcServer(Component):
         for connection in list(self._connections):
             await connection.goaway()
             if connection.active == 0:
-                connection.scope.cancel()
+                connection.reading.cancel()
 
     async def _serve_connection(self, dispatcher: _Dispatcher, stream: Any) -> None:
         connection = _Connection()
@@ -384,19 +656,26 @@ class GrpcServer(Component):
             client_side=False, max_message_length=self._settings.max_message_size
         )
         try:
-            with connection.scope:
-                async with AsyncExitStack() as stack:
-                    socket = await stack.enter_async_context(GRPCProtoSocket(config, stream))
-                    connection.socket = socket
-                    if self._draining:
-                        await connection.goaway()
-                        return
-                    async with trio.open_nursery() as rpcs:
+            async with AsyncExitStack() as stack:
+                socket = await stack.enter_async_context(_ServerSocket(config, stream))
+                stack.callback(_abandon_streams, socket)
+                connection.socket = socket
+                if self._draining:
+                    await connection.goaway()
+                    return
+                async with trio.open_nursery() as rpcs:
+                    with connection.reading:
                         async for grpc_stream in socket.listen():
                             connection.active += 1
                             rpcs.start_soon(self._serve_rpc, dispatcher, connection, grpc_stream)
+                    # The client closed the connection, or it drained: no stream
+                    # gets more requests (handlers waiting for one get end-of-stream).
+                    _abandon_streams(socket)
         except* _GONE:
             pass  # the client went away or broke the protocol: only its connection ends
+        except* h2.exceptions.ProtocolError as group:
+            # Not HTTP/2, or HTTP/2 broken: the client's fault, not worth a warning.
+            log.debug("gRPC connection dropped: %s", group.exceptions[0])
         except* Exception as group:
             log.warning("gRPC connection failed", exc_info=group)
         finally:
@@ -407,13 +686,30 @@ class GrpcServer(Component):
         self, dispatcher: _Dispatcher, connection: _Connection, stream: Any
     ) -> None:
         try:
-            await dispatcher(stream)
+            with trio.CancelScope() as stream._handler:
+                if stream._reset:  # the client cancelled the call before it began
+                    stream._handler.cancel()
+                await dispatcher(stream)
         except _GONE:
             pass  # the stream or the connection ended under the handler
         finally:
+            stream.release()
             connection.active -= 1
             if self._draining and connection.active == 0:
-                connection.scope.cancel()
+                connection.reading.cancel()
+
+
+def _only(error: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """True if ``error`` (or every leaf of an exception group) is one of ``kinds``."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(kinds)[1] is None
+    return isinstance(error, kinds)
+
+
+def _abandon_streams(socket: GRPCProtoSocket) -> None:
+    """The connection ended: no stream still open on it gets more events."""
+    for stream in list(socket._streams.values()):
+        stream.abandon()
 
 
 def _servicer_providers(context: BuildContext, settings: GrpcSettings) -> list[Any]:
@@ -457,12 +753,40 @@ class _ClientSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untype
 
     purerpc's reader just returns when the server closes the connection,
     leaving every stream waiting for a response that cannot come; here
-    their queues are closed, so each caller gets an error instead of a hang.
+    their queues are closed, so each caller gets an :class:`RPCError`
+    instead of a hang.
+
+    A GOAWAY from the server (it is draining) only retires the connection:
+    h2 would move it to CLOSED and refuse the rest of the responses still
+    in flight, which the server is finishing. Streams the server says it
+    will not process fail at once; new calls go to a new connection.
     """
 
-    def __init__(self, config: GRPCConfiguration, stream: Any) -> None:
+    StreamClass = _Stream
+
+    def __init__(self, config: GRPCConfiguration, stream: Any, name: str, target: str) -> None:
         super().__init__(config, stream)
         self.ended = trio.Event()
+        #: Set when the server sent GOAWAY: it takes no new streams here.
+        self.retired = False
+        self._name = name
+        self._target = target
+        h2_connection = self._grpc_connection.h2_connection
+        h2_connection._frame_dispatch_table[GoAwayFrame] = self._receive_goaway
+
+    def _receive_goaway(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
+        self.retired = True
+        for stream_id, stream in list(self._streams.items()):
+            if stream_id > frame.last_stream_id:
+                stream.abandon()
+        return [], []
+
+    def lost(self) -> RPCError:
+        """The error of a call whose connection ended before its response did."""
+        return RPCError(
+            f"client {self._name!r}: the connection to {self._target} ended mid-call",
+            destination=self._name,
+        )
 
     async def _reader_thread(self) -> None:
         try:
@@ -471,8 +795,7 @@ class _ClientSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untype
             pass
         finally:
             self.ended.set()
-            for stream in list(self._streams.values()):
-                await stream._incoming_events[0].aclose()
+            _abandon_streams(self)
 
 
 class ClientChannel:
@@ -504,11 +827,17 @@ class ClientChannel:
         # purerpc's Client calls ``channel._grpc_socket.start_request``.
         return self
 
-    async def on_start(self) -> None:
-        """Open the nursery connections live in (no network yet)."""
-        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+    async def __aenter__(self) -> ClientChannel:
+        """Open the nursery connections live in (no network yet).
 
-    async def on_shutdown(self) -> None:
+        An async context manager rather than start/shutdown hooks: the
+        supervisor always exits it, even on a forced exit, which a nursery
+        needs.
+        """
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
         """Close the connection; calls after this fail."""
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
@@ -529,7 +858,7 @@ class ClientChannel:
 
     async def _connected(self) -> _ClientSocket:
         async with self._lock:
-            if self._socket is None or self._socket.ended.is_set():
+            if self._socket is None or self._socket.ended.is_set() or self._socket.retired:
                 if self._nursery is None:
                     raise RPCError(f"client {self.name!r} is closed", destination=self.name)
                 self._socket = await self._nursery.start(self._hold)
@@ -546,14 +875,26 @@ class ClientChannel:
                 f"client {self.name!r}: {self._host}:{self._port} is unavailable ({reason})",
                 destination=self.name,
             ) from None
-        socket = _ClientSocket(GRPCConfiguration(client_side=True), stream)
+        target = f"{self._host}:{self._port}"
+        socket = _ClientSocket(GRPCConfiguration(client_side=True), stream, self.name, target)
+        started = False
         try:
             async with socket:
                 task_status.started(socket)
+                started = True
                 await socket.ended.wait()
-        except* _GONE:
-            socket.ended.set()  # the peer went away; the next call reconnects
+        except Exception as error:
+            # Never let a connection's failure out: it would cancel the
+            # channel's nursery, which every connection shares.
+            if not started:
+                raise RPCError(
+                    f"client {self.name!r}: {target} is unavailable ({error!r})",
+                    destination=self.name,
+                ) from error
+            if not _only(error, _GONE):  # the peer went away: the next call reconnects
+                log.warning("client %r: connection to %s failed", self.name, target, exc_info=error)
         finally:
+            socket.ended.set()
             await anyio.aclose_forcefully(stream)
 
 

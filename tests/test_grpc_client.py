@@ -1,0 +1,298 @@
+"""``mikros_trio.grpc.client``: a ClientChannel that fails fast, reconnects, and never hangs.
+
+The channel lives in a real service (``[clients.peer]`` in its
+service.toml) and calls, through a generated purerpc stub, either a grpcio
+server in this process or another mikros_trio service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trio
+from dependency_injector import providers
+
+import mikros_trio.grpc
+from helpers import free_port
+from mikros_trio import RPCError, Service, ServiceContainer
+from mikros_trio.grpc import ClientChannel
+from mikros_trio.testing import RunningService, ServiceStarter
+from protos import testsvc_grpc
+from test_grpc_server import (
+    BOUND,
+    ClientContainer,
+    EchoRequest,
+    EchoServicer,
+    grpcio_peer,
+    grpcio_server,
+    in_thread,
+    port,
+    rpc_error,
+    start,
+    unary,
+    write_toml,
+)
+
+
+async def start_client(
+    mikros_service: ServiceStarter,
+    tmp_path: Path,
+    peer_port: int,
+    host: str = "127.0.0.1",
+    **options: Any,
+) -> RunningService:
+    """Start the echo service with ``[clients.peer]`` on ``host``:``peer_port``."""
+    directory = tmp_path / f"client-{peer_port}"
+    directory.mkdir()
+    clients = {"peer": (host, peer_port)}
+    return await start(
+        mikros_service, directory, container=ClientContainer, clients=clients, **options
+    )
+
+
+def peer(running: RunningService, connect_timeout: float = 0.5) -> tuple[ClientChannel, Any]:
+    """The service's channel to ``peer`` (with a short connect timeout) and a stub over it."""
+    channel: ClientChannel = running.container.peer()
+    channel.connect_timeout = connect_timeout
+    return channel, testsvc_grpc.EchoStub(channel)
+
+
+async def test_call_while_the_target_is_down_fails_fast_then_reconnects(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """Target down: RPCError naming the client within connect_timeout; once it is up, calls work."""
+    peer_port = free_port()
+    running = await start_client(mikros_service, tmp_path, peer_port)
+    assert running.health.ready, "a service starts while its peers are down"
+    _, stub = peer(running)
+    for _ in range(2):
+        started = trio.current_time()
+        with trio.fail_after(BOUND), pytest.raises(RPCError) as caught:
+            await stub.Unary(EchoRequest(text="hi"))
+        assert trio.current_time() - started < 0.5 + 0.2
+        assert caught.value.destination == "peer"
+        assert f"client 'peer': 127.0.0.1:{peer_port} is unavailable" in str(caught.value)
+    async with grpcio_server(peer_port):
+        with trio.fail_after(BOUND):
+            assert (await stub.Unary(EchoRequest(text="up"))).text == "up"
+
+
+async def test_call_to_an_unroutable_address_is_bounded_by_connect_timeout(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A peer that never answers the TCP handshake fails with RPCError at connect_timeout."""
+    # TEST-NET-1 (RFC 5737): either unreachable at once, or silently dropped until the timeout.
+    running = await start_client(mikros_service, tmp_path, 9, host="192.0.2.1")
+    _, stub = peer(running, connect_timeout=0.3)
+    started = trio.current_time()
+    with trio.fail_after(BOUND), pytest.raises(RPCError) as caught:
+        await stub.Unary(EchoRequest())
+    assert trio.current_time() - started < 0.3 + 0.2
+    assert "client 'peer': 192.0.2.1:9 is unavailable" in str(caught.value)
+
+
+async def test_reconnects_after_the_server_restarts_while_idle(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """The grpcio peer stops (GOAWAY, close) while the channel is idle: the next call reconnects."""
+    peer_port = free_port()
+    async with grpcio_server(peer_port):
+        running = await start_client(mikros_service, tmp_path, peer_port)
+        _, stub = peer(running)
+        with trio.fail_after(BOUND):
+            assert (await stub.Unary(EchoRequest(text="one"))).text == "one"
+    await trio.sleep(0.1)  # the channel notices the closed connection
+    async with grpcio_server(peer_port):
+        with trio.fail_after(BOUND):
+            assert (await stub.Unary(EchoRequest(text="two"))).text == "two"
+    assert running.health.ready
+    with trio.fail_after(BOUND):
+        assert await running.stop() == 0
+    assert running.service.supervisor.failures == []
+
+
+async def test_reconnects_after_a_mikros_peer_drains(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A mikros_trio peer drains (GOAWAY) while idle, another starts on its port: calls go on."""
+    (tmp_path / "a").mkdir()
+    target = await start(mikros_service, tmp_path / "a")
+    peer_port = port(target)
+    running = await start_client(mikros_service, tmp_path, peer_port)
+    _, stub = peer(running)
+    with trio.fail_after(BOUND):
+        assert (await stub.Unary(EchoRequest(text="one"))).text == "one"
+        assert await target.stop() == 0
+    with trio.fail_after(BOUND), pytest.raises(RPCError):
+        await stub.Unary(EchoRequest(text="nobody"))
+    async with grpcio_server(peer_port):
+        with trio.fail_after(BOUND):
+            assert (await stub.Unary(EchoRequest(text="two"))).text == "two"
+    with trio.fail_after(BOUND):
+        assert await running.stop() == 0
+    assert running.service.supervisor.failures == []
+
+
+async def test_call_in_flight_when_the_peer_drains_gets_its_answer(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """The peer begins draining during a 0.5 s call: the call still gets its reply."""
+    (tmp_path / "a").mkdir()
+    target = await start(mikros_service, tmp_path / "a")
+    running = await start_client(mikros_service, tmp_path, port(target))
+    _, stub = peer(running)
+    servicer = target.container.echo()
+    replies: list[Any] = []
+    async with trio.open_nursery() as nursery:
+
+        async def in_flight() -> None:
+            with trio.fail_after(BOUND):
+                replies.append(await stub.Unary(EchoRequest(text="slow", delay=0.5)))
+
+        nursery.start_soon(in_flight)
+        with trio.fail_after(BOUND):
+            await servicer.entered.wait()
+        target.service.stop("test")
+    assert replies[0].text == "slow"
+    with trio.fail_after(BOUND):
+        assert await target.wait() == 0
+    assert running.health.ready
+    assert running.service.supervisor.failures == []
+
+
+async def test_peer_dying_mid_stream_is_an_error_not_a_hang(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """The peer is cut mid server-stream: the caller gets an error after the items it got."""
+    (tmp_path / "a").mkdir()
+    target = await start(mikros_service, tmp_path / "a", lifecycle={"drain_timeout": 0.3})
+    running = await start_client(mikros_service, tmp_path, port(target))
+    _, stub = peer(running)
+    items: list[int] = []
+    errors: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+
+        async def in_flight() -> None:
+            request = EchoRequest(count=1000, delay=0.02)
+            with trio.fail_after(BOUND):
+                try:
+                    async for reply in stub.ServerStream(request):
+                        items.append(reply.index)  # noqa: PERF401 - kept as they arrive
+                except Exception as error:
+                    errors.append(error)
+
+        nursery.start_soon(in_flight)
+        with trio.fail_after(BOUND):
+            await target.container.echo().entered.wait()
+        target.service.stop("test")
+    [error] = errors
+    assert isinstance(error, RPCError)
+    assert error.destination == "peer"
+    assert f"the connection to 127.0.0.1:{port(target)} ended mid-call" in str(error)
+    assert 0 < len(items) < 1000
+    with trio.fail_after(BOUND):
+        assert await target.wait() == 0
+    # The channel reconnects for the next call (to nobody: a clean RPCError).
+    with trio.fail_after(BOUND), pytest.raises(RPCError):
+        await stub.Unary(EchoRequest())
+    assert running.health.ready
+    assert running.service.supervisor.failures == []
+
+
+async def test_call_in_flight_when_a_grpcio_peer_stops_gracefully(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """grpcio's graceful stop (GOAWAY, PING, GOAWAY) during a call: the call gets its reply."""
+    async with grpcio_peer() as target:
+        running = await start_client(mikros_service, tmp_path, target.port)
+        _, stub = peer(running)
+        replies: list[Any] = []
+        async with trio.open_nursery() as nursery:
+
+            async def in_flight() -> None:
+                with trio.fail_after(BOUND):
+                    replies.append(await stub.Unary(EchoRequest(text="slow", delay=0.5)))
+
+            nursery.start_soon(in_flight)
+            await in_thread(target.servicer.entered.wait, BOUND)
+            await in_thread(lambda: target.server.stop(grace=BOUND).wait(BOUND))
+        assert replies[0].text == "slow"
+        with trio.fail_after(BOUND), pytest.raises(RPCError):
+            await stub.Unary(EchoRequest(text="nobody"))
+    assert running.health.ready
+    assert running.service.supervisor.failures == []
+
+
+class RelayServicer(EchoServicer):
+    """Echo, but Unary relays the request to ``peer`` and returns its answer."""
+
+    def __init__(self, channel: ClientChannel) -> None:
+        super().__init__()
+        channel.connect_timeout = 0.3
+        self.stub = testsvc_grpc.EchoStub(channel)
+
+    async def Unary(self, request: Any) -> Any:
+        return await self.stub.Unary(request)
+
+
+class RelayContainer(ServiceContainer):
+    peer = mikros_trio.grpc.client("peer")
+    echo = providers.Singleton(RelayServicer, peer)
+
+
+async def test_handler_relaying_to_a_dead_peer_answers_its_caller(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A handler whose peer call fails answers its own caller RPCError (INTERNAL), never hangs."""
+    running = await start(
+        mikros_service, tmp_path, container=RelayContainer, clients={"peer": free_port()}
+    )
+    error = await in_thread(
+        lambda: rpc_error(lambda: unary(port(running), EchoRequest(text="relay")))
+    )
+    assert error.code() == grpc.StatusCode.INTERNAL
+    wire = json.loads(error.details())
+    assert (wire["kind"], wire["destination"]) == ("RPCError", "peer")
+
+
+async def test_handler_relaying_to_a_peer_that_dies_mid_call_answers_its_caller(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """The relayed call's peer is cut mid-call: the relaying handler still answers its caller."""
+    (tmp_path / "a").mkdir()
+    target = await start(mikros_service, tmp_path / "a", lifecycle={"drain_timeout": 0.3})
+    running = await start(
+        mikros_service, tmp_path, container=RelayContainer, clients={"peer": port(target)}
+    )
+    codes: list[tuple[grpc.StatusCode, dict[str, Any]]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def in_flight() -> None:
+            request = EchoRequest(fail="forever")
+            error = await in_thread(lambda: rpc_error(lambda: unary(port(running), request)))
+            codes.append((error.code(), json.loads(error.details())))
+
+        nursery.start_soon(in_flight)
+        with trio.fail_after(BOUND):
+            await target.container.echo().entered.wait()
+        target.service.stop("test")
+    assert [code for code, _ in codes] == [grpc.StatusCode.INTERNAL]
+    assert [details["kind"] for _, details in codes] == ["RPCError"]
+    assert running.health.ready
+
+
+async def test_forced_exit_with_a_channel_is_clean(tmp_path: Path) -> None:
+    """A forced exit of a service holding a client channel ends with an exit code, not a crash."""
+    path = write_toml(tmp_path, clients={"peer": free_port()})
+    service = Service(ClientContainer, path, environ={**os.environ, "MIKROS_GRPC_PORT": "0"})
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            service.supervisor.force()
+    assert service.exit_code == 1
+    assert service.supervisor.failures == []

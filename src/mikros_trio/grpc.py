@@ -35,7 +35,7 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -83,7 +83,16 @@ from ._health import Health
 from ._runtime_settings import GrpcSettings
 from .errors import ConfigError, ConfigIssue, ErrorKind, InternalError, RPCError, ServiceError
 
-__all__ = ["GRPC_STATUS", "ClientChannel", "GrpcServer", "build_grpc", "client", "status_for"]
+__all__ = [
+    "GRPC_STATUS",
+    "ClientChannel",
+    "GrpcServer",
+    "build_grpc",
+    "call",
+    "client",
+    "status_for",
+    "typed_error",
+]
 
 log = logging.getLogger("mikros_trio.grpc")
 
@@ -911,3 +920,44 @@ def client(name: str) -> providers.Singleton[ClientChannel]:
     service's servers start and closes after they drain.
     """
     return providers.Singleton(ClientChannel, name, ServiceContainer.definition)
+
+
+def typed_error(error: RpcFailedError, destination: str = "") -> ServiceError:
+    """The Mikros error a failed call carries, typed again (``NotFoundError``…).
+
+    A status whose message is Mikros error JSON — what this server, and
+    Mikros Go and Rust services, send — becomes that kind; any other status
+    becomes an :class:`~mikros_trio.RPCError` naming the code.
+    """
+    status = error.status
+    try:
+        wire = json.loads(status.status_message or "")
+    except ValueError:
+        wire = None
+    if isinstance(wire, dict) and "kind" in wire:
+        typed = ServiceError.from_wire(wire)
+        typed.destination = typed.destination or destination
+        return typed
+    return RPCError(
+        f"{destination or 'peer'} answered {status.status_code.name}: {status.status_message}",
+        destination=destination,
+    )
+
+
+async def call(
+    method: Callable[..., Awaitable[Any]],
+    request: Any,
+    *,
+    destination: str = "",
+    metadata: Any = None,
+) -> Any:
+    """Make a unary call through a stub; a failure raises the typed Mikros error.
+
+    Example (an HTTP handler relaying a greeter's error as the same kind)::
+
+        reply = await mikros_trio.grpc.call(greeter.SayHello, request, destination="greeter")
+    """
+    try:
+        return await method(request, metadata=metadata)
+    except RpcFailedError as error:
+        raise typed_error(error, destination) from error

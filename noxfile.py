@@ -48,7 +48,14 @@ def typecheck(session: nox.Session) -> None:
 def examples(session: nox.Session) -> None:
     """Run every example's test: each example service is started for real."""
     session.install("-e", ".[all,test]")
-    session.run("pytest", "tests/test_examples.py", "tests/test_example_http.py", *session.posargs)
+    session.run(
+        "pytest",
+        "tests/test_examples.py",
+        "tests/test_example_http.py",
+        "tests/test_example_grpc.py",
+        "tests/test_example_gateway.py",
+        *session.posargs,
+    )
 
 
 @nox.session(python=PYTHON)
@@ -68,7 +75,7 @@ def bench(session: nox.Session) -> None:
             external=True,
             success_codes=list(range(256)),  # best effort: the benchmarks fall back without wrk
         )
-    session.install("-e", ".[http]", "uvicorn", "starlette")
+    session.install("-e", ".[http,grpc]", "uvicorn", "starlette", "grpcio>=1.60")
     scripts = sorted((ROOT / "bench").glob("*.py"))
     for script in scripts:
         if not script.name.startswith("_"):

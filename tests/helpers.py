@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import os
 import signal
 import socket
@@ -10,11 +11,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
 
 import pytest
+
+if TYPE_CHECKING:  # grpcio is imported by the gRPC helpers only, when used
+    import grpc
 
 REPO = Path(__file__).parents[1]
 
@@ -159,3 +165,77 @@ def wait_until_ok(
         time.sleep(0.02)
     child.close()
     pytest.fail(f"GET {path} on port {port} never answered 200:\n{child.report()}")
+
+
+# -- gRPC: grpcio channels, health polling, importing an example's modules -----------
+
+#: grpcio channel options: never route 127.0.0.1 through a proxy from the environment.
+GRPC_OPTIONS = (("grpc.enable_http_proxy", 0),)
+
+#: Options for a channel with a connection of its own: by default grpcio shares
+#: one connection among all channels with the same target and options.
+OWN_CONNECTION = (*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1))
+
+
+@contextmanager
+def grpc_channel(port: int) -> Iterator[grpc.Channel]:
+    """A grpcio channel to 127.0.0.1:``port``, closed on exit (an unclosed one warns)."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
+        yield channel
+
+
+def grpc_health(port: int, service: str = "", timeout: float = 1.0) -> int | None:
+    """One ``grpc.health.v1`` Check on a fresh channel: the status, or None if it failed."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc_channel(port) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return None
+    return int(reply.status)
+
+
+def wait_until_serving(child: Child, port: int, timeout: float = PATIENCE) -> None:
+    """Poll health Check("") on 127.0.0.1:``port`` until SERVING (never a blind sleep).
+
+    Fails the test, with the child's output, if that takes longer than
+    ``timeout`` or the child exits first.
+    """
+    from grpc_health.v1 import health_pb2
+
+    deadline = time.monotonic() + timeout
+    while child.proc.poll() is None and time.monotonic() < deadline:
+        if grpc_health(port) == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.02)
+    child.close()
+    pytest.fail(f"health Check on port {port} never answered SERVING:\n{child.report()}")
+
+
+def import_example(path: Path, name: str) -> ModuleType:
+    """Import ``path`` (an example's module) as ``name``, its folder on ``sys.path``.
+
+    The folder stays on ``sys.path`` (as the gateway example itself does),
+    so the example's own imports (``greeter_pb2``…) resolve. A ``main.py``
+    needs a ``name`` no other example's module takes; the module is in
+    ``sys.modules`` while it runs (dataclasses look it up).
+    """
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 import trio
-from hyperframe.frame import DataFrame, GoAwayFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame
 
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_pb2_grpc
@@ -263,6 +263,31 @@ async def test_wire_order_goaway_then_response_then_eof(
     with trio.fail_after(BOUND):
         assert await running.wait() == 0
     assert stop_took(running) < delay + 0.5
+
+
+async def test_streams_opened_after_goaway_are_refused_not_run(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A stream opened above the GOAWAY's last stream id is reset REFUSED_STREAM and never run."""
+    delay = 0.3
+    running = await start(mikros_service, tmp_path)
+    servicer = running.container.echo()
+    body = grpc_message(EchoRequest(text="first", delay=delay).SerializeToString())
+    late = grpc_message(EchoRequest(text="late").SerializeToString())
+    async with await trio.open_tcp_stream("127.0.0.1", port(running)) as stream:
+        client = RawClient(stream)
+        await stream.send_all(client.PREFACE + client.request(1, UNARY, body))
+        with trio.fail_after(BOUND):
+            await servicer.entered.wait()
+        running.service.stop("test")
+        while not any(isinstance(f, GoAwayFrame) for f in client.frames):
+            await client.receive()
+        await stream.send_all(client.request(3, UNARY, late))
+        await client.until_eof()
+    resets = [f for f in client.frames if isinstance(f, RstStreamFrame) and f.stream_id == 3]
+    assert [f.error_code for f in resets] == [7]  # REFUSED_STREAM
+    assert not any(isinstance(f, DataFrame) and f.stream_id == 3 for f in client.frames)
+    assert client.headers[1][-1]["grpc-status"] == "0"
 
 
 async def test_client_cancelled_streams_cancel_their_handlers(

@@ -88,7 +88,8 @@ def _run(args: argparse.Namespace) -> NoReturn:
     container, config = _resolve(args.target, args.config)
     # run() owns the process from here: signals, logging, and the exit
     # code, which it raises as SystemExit exactly as `python main.py` would.
-    trio.run(functools.partial(run, container, config, verbose=args.verbose))
+    # --verbose turns the event log on; without it MIKROS_TRIO_VERBOSE still decides.
+    trio.run(functools.partial(run, container, config, verbose=args.verbose or None))
     raise AssertionError("mikros_trio.run() returned")  # it always raises SystemExit
 
 

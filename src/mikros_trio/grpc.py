@@ -241,16 +241,26 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
     cannot come; here it cancels the handler.
     """
 
+    #: Set when this server sent GOAWAY: streams the client opens above it
+    #: are refused (REFUSED_STREAM, so the client may safely retry them
+    #: elsewhere), never run.
+    last_stream_id: int | None = None
+
     def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
         event.stream_ended = None  # h2 also reports the StreamEnded on its own
+        if self.last_stream_id is not None and event.stream_id > self.last_stream_id:
+            self._drop(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return []
         try:
             return list(super()._request_received(event))
         except (ProtocolError, KeyError, ValueError):  # what purerpc's header parsing raises
-            self.h2_connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            self.message_read_buffers[event.stream_id] = _Dropped(
-                self.h2_connection, event.stream_id
-            )
+            self._drop(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return []
+
+    def _drop(self, stream_id: int, error_code: Any) -> None:
+        """Reset a stream that will not run; its data is acknowledged and dropped."""
+        self.h2_connection.reset_stream(stream_id, error_code)
+        self.message_read_buffers[stream_id] = _Dropped(self.h2_connection, stream_id)
 
     def _data_received(self, event: h2.events.DataReceived) -> list[Any]:
         if event.stream_id not in self.message_read_buffers:  # reset, or ended already
@@ -348,9 +358,9 @@ class _Connection:
             return
         self.goaway_sent = True
         connection = self.socket._grpc_connection.h2_connection
-        frame = GoAwayFrame(
-            stream_id=0, last_stream_id=connection.highest_inbound_stream_id, error_code=0
-        )
+        last = connection.highest_inbound_stream_id
+        self.socket._grpc_connection.last_stream_id = last
+        frame = GoAwayFrame(stream_id=0, last_stream_id=last, error_code=0)
         connection._data_to_send += frame.serialize()
         await self.socket._socket.flush()
 

@@ -227,6 +227,11 @@ class _Connection(TCPServer):
             self._reading.cancel()
             await self.protocol.handle(Closed())
         elif isinstance(event, RawData):
+            if not event.data:
+                # h11 emits empty chunks (a body's end under Content-Length):
+                # half of all sends; nothing to write, so skip the lock and
+                # the shielded scope.
+                return
             # hypercorn shields the send but not the wait for the send lock:
             # what followed a cancelled wait (HTTP/2's GOAWAY, then Updated)
             # was lost and the connection lived on to the drain deadline.

@@ -44,6 +44,7 @@ EXPECTED = {
     "default_registry",
     "definition_schema",
     "load_definition",
+    "load_registry",
     "parse_definition",
     "run",
 }

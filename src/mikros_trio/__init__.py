@@ -27,7 +27,7 @@ from ._definition import (
     parse_definition,
 )
 from ._health import ComponentState, Health, Phase
-from ._registry import FeatureSpec, KindSpec, Registry, default_registry
+from ._registry import FeatureSpec, KindSpec, Registry, default_registry, load_registry
 from ._service import Service, run
 from ._supervisor import LifecycleEvent, Supervisor, Timeouts
 from .errors import (
@@ -86,6 +86,7 @@ __all__ = [
     "default_registry",
     "definition_schema",
     "load_definition",
+    "load_registry",
     "parse_definition",
     "run",
 ]

@@ -5,18 +5,41 @@ The definition layer validates ``types``, ``[runtime.<kind>]`` and
 imports a kind's or feature's ``factory`` only when a service uses it, which
 keeps unused network stacks out of the process. Built-ins and third-party
 entries are the same kind of object, so they behave the same.
+
+Third-party packages add kinds and features through entry points: group
+``mikros_trio.kinds`` (each entry point loads a :class:`KindSpec`) and
+``mikros_trio.features`` (each loads a :class:`FeatureSpec`). The entry
+point's name must be the spec's name; a name that is already taken, by a
+built-in or by another entry point, is an error, never a silent override.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import functools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from ._runtime_settings import GrpcSettings, HttpSettings, ScriptSettings, WorkerSettings
+from .errors import ConfigError, ConfigIssue
 
-__all__ = ["FeatureSpec", "KindSpec", "Registry", "default_registry"]
+__all__ = [
+    "FEATURES_GROUP",
+    "KINDS_GROUP",
+    "FeatureSpec",
+    "KindSpec",
+    "Registry",
+    "default_registry",
+    "load_registry",
+]
+
+#: Entry-point group of third-party kinds; each entry point loads a KindSpec.
+KINDS_GROUP = "mikros_trio.kinds"
+#: Entry-point group of third-party features; each entry point loads a FeatureSpec.
+FEATURES_GROUP = "mikros_trio.features"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +139,127 @@ _BUILTIN_KINDS = (
 )
 
 
+_BUILTIN_FEATURES: tuple[FeatureSpec, ...] = ()
+
+
+def load_registry() -> Registry:
+    """The built-in kinds and features plus those installed packages declare, freshly loaded.
+
+    Reads the ``mikros_trio.kinds`` and ``mikros_trio.features`` entry
+    points every time it is called (tests use it after changing
+    ``sys.path``); :func:`default_registry` is the cached version. Raises
+    :class:`~mikros_trio.ConfigError` with one issue per faulty entry point
+    (does not import, is not a spec, or takes a name already in use).
+    """
+    issues: list[ConfigIssue] = []
+    kinds: dict[str, KindSpec] = {spec.name: spec for spec in _BUILTIN_KINDS}
+    # Every name a kind answers to (name or alias) -> who claimed it.
+    kind_names: dict[str, str] = {
+        name: "the built-in kind " + repr(spec.name)
+        for spec in _BUILTIN_KINDS
+        for name in (spec.name, *spec.aliases)
+    }
+    for entry in _entry_points(KINDS_GROUP):
+        kind = _load_spec(entry, KINDS_GROUP, KindSpec, issues)
+        if kind is None:
+            continue
+        claimed = [name for name in (kind.name, *kind.aliases) if name in kind_names]
+        if claimed:
+            issues.extend(
+                _issue(
+                    entry, KINDS_GROUP, f"kind name {name!r} is already taken by {kind_names[name]}"
+                )
+                for name in claimed
+            )
+            continue
+        kinds[kind.name] = kind
+        for name in (kind.name, *kind.aliases):
+            kind_names[name] = _describe(entry, KINDS_GROUP)
+    features: dict[str, FeatureSpec] = {spec.name: spec for spec in _BUILTIN_FEATURES}
+    feature_owner = {spec.name: f"the built-in feature {spec.name!r}" for spec in _BUILTIN_FEATURES}
+    for entry in _entry_points(FEATURES_GROUP):
+        feature = _load_spec(entry, FEATURES_GROUP, FeatureSpec, issues)
+        if feature is None:
+            continue
+        if feature.name in feature_owner:
+            issues.append(
+                _issue(
+                    entry,
+                    FEATURES_GROUP,
+                    f"feature name {feature.name!r} is already taken by "
+                    f"{feature_owner[feature.name]}",
+                )
+            )
+            continue
+        features[feature.name] = feature
+        feature_owner[feature.name] = _describe(entry, FEATURES_GROUP)
+    if issues:
+        raise ConfigError(issues)
+    return Registry(kinds=MappingProxyType(kinds), features=MappingProxyType(features))
+
+
+@functools.cache
 def default_registry() -> Registry:
-    """The built-in kinds and features."""
-    return Registry(
-        kinds=MappingProxyType({spec.name: spec for spec in _BUILTIN_KINDS}),
-        features=MappingProxyType({}),
+    """The built-in kinds and features plus installed third-party ones (cached).
+
+    Loaded once per process; call ``default_registry.cache_clear()`` to
+    reload, or :func:`load_registry` for an uncached copy.
+    """
+    return load_registry()
+
+
+def _entry_points(group: str) -> Iterable[EntryPoint]:
+    return entry_points(group=group)
+
+
+def _distribution(entry: EntryPoint) -> str:
+    dist = getattr(entry, "dist", None)
+    if dist is None:
+        return "an unknown distribution"
+    return f"distribution {dist.name} {dist.version}"
+
+
+def _describe(entry: EntryPoint, group: str) -> str:
+    return f"entry point {entry.name!r} ({entry.value}) of {_distribution(entry)} in {group}"
+
+
+def _issue(entry: EntryPoint, group: str, message: str) -> ConfigIssue:
+    return ConfigIssue(
+        f"<entry point {entry.name}>",
+        "",
+        f"{message} ({entry.value} from {_distribution(entry)}, group {group})",
     )
+
+
+_Spec = TypeVar("_Spec", KindSpec, FeatureSpec)
+
+
+def _load_spec(
+    entry: EntryPoint, group: str, expected: type[_Spec], issues: list[ConfigIssue]
+) -> _Spec | None:
+    """The spec ``entry`` loads, or ``None`` after recording why it is unusable."""
+    try:
+        spec = entry.load()
+    except Exception as error:  # any failure in a plugin's import is its fault, reported
+        issues.append(_issue(entry, group, f"cannot be loaded: {type(error).__name__}: {error}"))
+        return None
+    what = "kind" if expected is KindSpec else "feature"
+    if not isinstance(spec, expected):
+        issues.append(
+            _issue(
+                entry,
+                group,
+                f"must load a {expected.__name__} for a {what}, got {type(spec).__name__}",
+            )
+        )
+        return None
+    problems: list[str] = []
+    if spec.name != entry.name:
+        problems.append(f"is named {entry.name!r} but its {expected.__name__} is {spec.name!r}")
+    if not (isinstance(spec.settings, type) and dataclasses.is_dataclass(spec.settings)):
+        problems.append(f"the {what}'s settings must be a dataclass, got {spec.settings!r}")
+    module, colon, attribute = spec.factory.partition(":")
+    if not (module and colon and attribute):
+        problems.append(f"the {what}'s factory must be 'module:attribute', got {spec.factory!r}")
+    issues.extend(_issue(entry, group, problem) for problem in problems)
+    return None if problems else spec

@@ -29,12 +29,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 # Run as a script, bench/ is on sys.path: the shared HTTP module imports directly.
-from _http_apps import PATIENCE_S, Server, ServerSpec, cpu_seconds, free_port, nearest_rank
+from _http_apps import (
+    PATIENCE_S,
+    LoadResult,
+    Server,
+    ServerSpec,
+    cpu_seconds,
+    free_port,
+    nearest_rank,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "grpc"
@@ -133,13 +140,6 @@ def idle_channels(port: int, count: int) -> list[Any]:
 
 
 # -- load ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    calls_per_s: float
-    calls: int
-    errors: int  # calls that failed, or answered something else than the greeting
 
 
 def grpc_load(port: int, *, concurrency: int, seconds: float) -> LoadResult:

@@ -212,9 +212,11 @@ def _response_size(buffer: bytearray) -> int | None:
 
 @dataclass(frozen=True)
 class LoadResult:
-    requests_per_s: float
-    requests: int
-    errors: int  # socket errors and non-2xx answers
+    """One load run: ``count`` units of work (requests, calls) at ``rate`` per second."""
+
+    rate: float
+    count: int
+    errors: int  # failed units: socket errors, non-2xx answers, failed calls
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)

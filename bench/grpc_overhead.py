@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from typing import Any
+
+from _compare import compare
 
 # Run as a script, bench/ is on sys.path: the shared modules import directly.
 from _grpc_apps import (
     GrpcServer,
     LoadResult,
     bare,
-    cpu_seconds,
     framework,
     free_port,
     grpc_load,
@@ -65,70 +65,32 @@ def main() -> None:
     if not args.no_reference:
         specs.append(grpcio_aio(free_port()))
     servers = {spec.name: GrpcServer(spec) for spec in specs}
-    results: dict[str, list[LoadResult]] = {name: [] for name in servers}
-    cpu_per_call: dict[str, list[float]] = {name: [] for name in servers}
-    try:
-        for server in servers.values():
-            server.wait_ready()
-            grpc_load(server.port, concurrency=CONCURRENCY, seconds=1.0)  # warm-up, not counted
-        for number in range(1, args.rounds + 1):
-            order = ["framework", "bare"] if number % 2 else ["bare", "framework"]
-            order += [name for name in servers if name not in order]
-            for name in order:
-                pid = servers[name].proc.pid
-                before = cpu_seconds(pid)
-                result = grpc_load(
-                    servers[name].port, concurrency=CONCURRENCY, seconds=args.seconds
-                )
-                after = cpu_seconds(pid)
-                results[name].append(result)
-                cpu = ""
-                if before is not None and after is not None and result.calls:
-                    cpu_per_call[name].append((after - before) / result.calls * 1e6)
-                    cpu = f", server CPU {cpu_per_call[name][-1]:4.0f} µs/call"
-                print(
-                    f"round {number}: {name:9s} {result.calls_per_s:8.1f} calls/s "
-                    f"({result.calls} calls, {result.errors} errors{cpu})"
-                )
-    finally:
-        # purerpc and grpc.aio servers install no SIGTERM handler: -15 is their end.
-        codes = {name: server.close() for name, server in servers.items()}
 
-    medians = {
-        name: statistics.median(r.calls_per_s for r in runs) for name, runs in results.items()
-    }
-    ratio = medians["framework"] / medians["bare"]
-    per_round = [
-        f.calls_per_s / b.calls_per_s
-        for f, b in zip(results["framework"], results["bare"], strict=True)
-    ]
-    errors = {name: sum(r.errors for r in runs) for name, runs in results.items()}
+    def load(port: int, seconds: float) -> LoadResult:
+        return grpc_load(port, concurrency=CONCURRENCY, seconds=seconds)
+
+    figures = compare(
+        servers,
+        rounds=args.rounds,
+        load=load,
+        seconds=args.seconds,
+        unit="call",
+        target=TARGET_RATIO,
+    )
+    medians = figures["medians"]
     summary: dict[str, Any] = {
         "benchmark": "grpc_overhead",
         "rpc": "greeter.Greeter/SayHello (unary)",
         "load_generator": generator,
         "rounds": args.rounds,
-        "framework_calls_per_s": [round(r.calls_per_s, 1) for r in results["framework"]],
-        "bare_calls_per_s": [round(r.calls_per_s, 1) for r in results["bare"]],
-        "framework_median": round(medians["framework"], 1),
-        "bare_median": round(medians["bare"], 1),
-        "ratio": round(ratio, 3),
-        "per_round_ratios": [round(r, 3) for r in per_round],
-        # Server CPU per call (median over rounds): steadier than calls/s
-        # when other work shares the machine.
-        "cpu_us_per_call": {
-            name: round(statistics.median(values)) if values else None
-            for name, values in cpu_per_call.items()
-        },
-        "target_ratio": TARGET_RATIO,
-        "meets_target": ratio >= TARGET_RATIO and not any(errors.values()),
-        "errors": errors,
-        "exit_codes": codes,
+        # purerpc and grpc.aio servers install no SIGTERM handler: -15 in
+        # exit_codes is their end.
+        **figures,
         "reference": None,
         "python": sys.version.split()[0],
     }
     print(
-        f"framework / bare purerpc: {ratio:.3f} "
+        f"framework / bare purerpc: {figures['ratio']:.3f} "
         f"(median {medians['framework']:.0f} / {medians['bare']:.0f} calls/s); "
         f"target ≥ {TARGET_RATIO}: " + ("met" if summary["meets_target"] else "NOT met")
     )
@@ -136,8 +98,6 @@ def main() -> None:
         versus = medians["framework"] / medians["grpcio"]
         summary["reference"] = {
             "server": "grpc.aio.server (grpcio " + _grpcio_version() + ")",
-            "grpcio_calls_per_s": [round(r.calls_per_s, 1) for r in results["grpcio"]],
-            "grpcio_median": round(medians["grpcio"], 1),
             "framework_vs_grpcio": round(versus, 3),
             "bare_vs_grpcio": round(medians["bare"] / medians["grpcio"], 3),
         }

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from typing import Any
+
+from _compare import compare
 
 # Run as a script, bench/ is on sys.path: the shared module imports directly.
 from _http_apps import (
@@ -37,7 +38,6 @@ from _http_apps import (
     Server,
     ServerSpec,
     bare,
-    cpu_seconds,
     framework,
     free_port,
     python_load,
@@ -80,69 +80,28 @@ def main() -> None:
     else:
         print("uvicorn or starlette is not installed: no reference run")
     servers = {spec.name: Server(spec) for spec in specs}
-    results: dict[str, list[LoadResult]] = {name: [] for name in servers}
-    cpu_per_request: dict[str, list[float]] = {name: [] for name in servers}
-    try:
-        for server in servers.values():
-            server.wait_ready()
-            load(server.port, 1.0)  # warm-up, not counted
-        for number in range(1, args.rounds + 1):
-            order = ["framework", "bare"] if number % 2 else ["bare", "framework"]
-            order += [name for name in servers if name not in order]
-            for name in order:
-                pid = servers[name].proc.pid
-                before = cpu_seconds(pid)
-                result = load(servers[name].port, args.seconds)
-                after = cpu_seconds(pid)
-                results[name].append(result)
-                cpu = ""
-                if before is not None and after is not None and result.requests:
-                    cpu_per_request[name].append((after - before) / result.requests * 1e6)
-                    cpu = f", server CPU {cpu_per_request[name][-1]:4.0f} µs/request"
-                print(
-                    f"round {number}: {name:9s} {result.requests_per_s:9.1f} req/s "
-                    f"({result.requests} requests, {result.errors} errors{cpu})"
-                )
-    finally:
-        codes = {name: server.close() for name, server in servers.items()}
-
-    medians = {
-        name: statistics.median(r.requests_per_s for r in runs) for name, runs in results.items()
-    }
-    ratio = medians["framework"] / medians["bare"]
-    per_round = [
-        f.requests_per_s / b.requests_per_s
-        for f, b in zip(results["framework"], results["bare"], strict=True)
-    ]
-    errors = {name: sum(r.errors for r in runs) for name, runs in results.items()}
+    figures = compare(
+        servers,
+        rounds=args.rounds,
+        load=load,
+        seconds=args.seconds,
+        unit="request",
+        target=TARGET_RATIO,
+    )
+    medians = figures["medians"]
     summary: dict[str, Any] = {
         "benchmark": "http_overhead",
         "route": "GET /items (empty store)",
         "load_generator": generator,
         "rounds": args.rounds,
-        "framework_rps": [round(r.requests_per_s, 1) for r in results["framework"]],
-        "bare_rps": [round(r.requests_per_s, 1) for r in results["bare"]],
-        "framework_rps_median": round(medians["framework"], 1),
-        "bare_rps_median": round(medians["bare"], 1),
-        "ratio": round(ratio, 3),
-        "per_round_ratios": [round(r, 3) for r in per_round],
-        # Server CPU per request (median over rounds): steadier than req/s
-        # when other work shares the machine.
-        "cpu_us_per_request": {
-            name: round(statistics.median(values)) if values else None
-            for name, values in cpu_per_request.items()
-        },
-        "target_ratio": TARGET_RATIO,
-        "meets_target": ratio >= TARGET_RATIO and not any(errors.values()),
-        "errors": errors,
+        **figures,
         # uvicorn re-raises the SIGTERM it handled once it has shut down:
-        # -15 is its clean exit.
-        "exit_codes": codes,
+        # -15 in exit_codes is its clean exit.
         "reference": None,
         "python": sys.version.split()[0],
     }
     print(
-        f"framework / bare hypercorn+QuartTrio: {ratio:.3f} "
+        f"framework / bare hypercorn+QuartTrio: {figures['ratio']:.3f} "
         f"(median {medians['framework']:.0f} / {medians['bare']:.0f} req/s); "
         f"target ≥ {TARGET_RATIO}: " + ("met" if summary["meets_target"] else "NOT met")
     )
@@ -150,8 +109,6 @@ def main() -> None:
         versus = medians["framework"] / medians["uvicorn"]
         summary["reference"] = {
             "server": reference,
-            "uvicorn_rps": [round(r.requests_per_s, 1) for r in results["uvicorn"]],
-            "uvicorn_rps_median": round(medians["uvicorn"], 1),
             "framework_vs_uvicorn": round(versus, 3),
             "bare_vs_uvicorn": round(medians["bare"] / medians["uvicorn"], 3),
         }

@@ -5,6 +5,12 @@ from __future__ import annotations
 import mikros_trio
 
 EXPECTED = {
+    "Call",
+    "Endpoint",
+    "Observer",
+    "Telemetry",
+    "current_call",
+    "current_telemetry",
     "ConditionError",
     "CustomError",
     "ErrorKind",

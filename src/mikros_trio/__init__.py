@@ -8,7 +8,9 @@ Layers, data flowing one way (each module's name says where it sits):
                                      sync wiring)   two-phase shutdown)
 
 Kinds (``worker``, ``script``, and the HTTP and gRPC kinds) and features
-plug in as components through ``_registry``. This module only re-exports
+(``features/``: logger, errors, env, metrics, tracing) plug in as components
+through ``_registry``; kinds report each request, call, iteration and run
+to features through ``_telemetry``, the one seam between the two. This module only re-exports
 the public API; everything is importable from here.
 """
 
@@ -30,6 +32,7 @@ from ._health import ComponentState, Health, Phase
 from ._registry import FeatureSpec, KindSpec, Registry, default_registry, load_registry
 from ._service import Service, run
 from ._supervisor import LifecycleEvent, Supervisor, Timeouts
+from ._telemetry import Call, Endpoint, Observer, Telemetry, current_call, current_telemetry
 from .errors import (
     ComponentError,
     ConditionError,
@@ -48,6 +51,7 @@ from .errors import (
 
 __all__ = [
     "BuildContext",
+    "Call",
     "ClientSettings",
     "Component",
     "ComponentError",
@@ -58,6 +62,7 @@ __all__ = [
     "ConfigIssue",
     "CustomError",
     "Definition",
+    "Endpoint",
     "ErrorKind",
     "FeatureConfig",
     "FeatureSpec",
@@ -70,6 +75,7 @@ __all__ = [
     "LogSettings",
     "MikrosTrioError",
     "NotFoundError",
+    "Observer",
     "PermissionDeniedError",
     "Phase",
     "RPCError",
@@ -81,8 +87,11 @@ __all__ = [
     "ServiceType",
     "ShutdownTrigger",
     "Supervisor",
+    "Telemetry",
     "Timeouts",
     "ValidationError",
+    "current_call",
+    "current_telemetry",
     "default_registry",
     "definition_schema",
     "load_definition",

@@ -36,6 +36,7 @@ from ._component import Component, Lifetime, Role
 from ._definition import Definition
 from ._graph import NodeSpec
 from ._registry import Registry
+from ._telemetry import Telemetry
 from .errors import ConfigError, ConfigIssue
 
 __all__ = [
@@ -73,13 +74,17 @@ class ServiceContainer(containers.DeclarativeContainer):
 
     definition: providers.Object[Any] = providers.Object(None)
     config = providers.Configuration(strict=True)
+    #: The service's :class:`~mikros_trio.Telemetry` (features' objects, secrets).
+    telemetry: providers.Object[Any] = providers.Object(None)
+    #: Typed access to the environment (:class:`~mikros_trio.Env`); secrets masked.
+    env: providers.Object[Any] = providers.Object(None)
 
     #: Optional dataclass that ``[service]`` is decoded into.
     service_model: ClassVar[type[Any] | None] = None
 
 
 #: Providers of the base container itself: never lifecycle components.
-_RESERVED = frozenset({"definition", "config"})
+_RESERVED = frozenset({"definition", "config", "telemetry", "env"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +92,15 @@ class BuildContext:
     """What a kind's or feature's builder receives.
 
     ``name`` is the kind or feature, ``settings`` its decoded
-    ``[runtime.<kind>]`` or ``[features.<name>]`` table.
+    ``[runtime.<kind>]`` or ``[features.<name>]`` table, ``telemetry`` the
+    service's hub (features register observers there, kinds report calls).
     """
 
     name: str
     settings: Any
     definition: Definition
     container: ServiceContainer
+    telemetry: Telemetry
 
     def provider(self, attribute: str, key_path: str) -> providers.Provider[Any]:
         """The container provider called ``attribute``, or a ``ConfigError`` at ``key_path``."""
@@ -267,28 +274,41 @@ def _load_factory(spec_factory: str) -> Callable[[BuildContext], Sequence[Compon
 
 
 def build_components(
-    container: ServiceContainer, definition: Definition, registry: Registry
+    container: ServiceContainer,
+    definition: Definition,
+    registry: Registry,
+    telemetry: Telemetry | None = None,
 ) -> tuple[list[Component], list[NodeSpec]]:
     """Every component of the service and its graph node, in declaration order.
 
     Kinds' and features' components first (features, then kinds, as
-    declared), then the user's. Raises ``ConfigError`` with every problem
-    found across all of them.
+    declared), then the user's. Features start one after another in
+    :meth:`~mikros_trio.Definition.enabled_features` order (each depends
+    on the one before), so their order never varies between runs. Raises
+    ``ConfigError`` with every problem found across all of them.
     """
-    wire(container, definition)
+    telemetry = telemetry or Telemetry(definition.name, definition.version)
+    wire(container, definition, telemetry)
     issues: list[ConfigIssue] = []
     components: list[Component] = []
     nodes: list[NodeSpec] = []
     reserved: list[str] = []
 
-    def add(built: Iterable[Component], source: str, path: str) -> None:
+    # The last feature component built: the next feature's starts after it.
+    previous: list[str] = []
+
+    def add(built: Iterable[Component], source: str, path: str, *, chain: bool) -> None:
         for component in built:
             components.append(component)
+            depends_on = component.depends_on
+            if chain:
+                depends_on = (*previous[-1:], *depends_on)
+                previous.append(component.name)
             nodes.append(
                 NodeSpec(
                     component.name,
                     component.role,
-                    component.depends_on,
+                    depends_on,
                     component.enhanced_by,
                     source,
                     path,
@@ -308,9 +328,10 @@ def build_components(
             reserved.append(provider_name)
         builders.append((entry.kind, settings, kspec.factory, "runtime"))
     for name, settings, factory, table in builders:
-        context = BuildContext(name, settings, definition, container)
+        context = BuildContext(name, settings, definition, container, telemetry)
         try:
-            add(_load_factory(factory)(context), definition.source, f"{table}.{name}")
+            built = _load_factory(factory)(context)
+            add(built, definition.source, f"{table}.{name}", chain=table == "features")
         except ConfigError as exc:
             issues.extend(exc.issues)
     try:
@@ -324,9 +345,10 @@ def build_components(
     return components, nodes
 
 
-def wire(container: ServiceContainer, definition: Definition) -> None:
-    """Give ``container`` the definition and its values as ``config``."""
+def wire(container: ServiceContainer, definition: Definition, telemetry: Telemetry) -> None:
+    """Give ``container`` the definition, its values as ``config``, and the telemetry hub."""
     container.definition.set_provides(definition)
+    container.telemetry.set_provides(telemetry)
     container.config.from_dict(plain(definition))
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "ServiceType",
     "TestsSettings",
     "definition_schema",
+    "env_forms",
     "load_definition",
     "parse_definition",
 ]
@@ -251,20 +252,89 @@ class Definition:
         return self._ports[kind]
 
     def enabled_features(self, registry: Registry) -> tuple[str, ...]:
-        """Features to run: enabled or always-on ones in file order, then other always-on ones."""
-        names = [
+        """Features to run, in start order (stop is the reverse).
+
+        Enabled or always-on features in file order, then the always-on
+        ones the file does not mention; each feature's declared
+        dependencies (``FeatureSpec.depends_on``) are moved before it.
+        """
+        wanted = [
             name
             for name, config in self.features.items()
             if config.enabled or _always_on(registry, name)
         ]
-        names.extend(
-            name for name, spec in registry.features.items() if spec.always_on and name not in names
+        wanted.extend(
+            name
+            for name, spec in registry.features.items()
+            if spec.always_on and name not in wanted
         )
-        return tuple(names)
+        order: list[str] = []
+
+        def place(name: str, seen: tuple[str, ...]) -> None:
+            if name in order or name in seen or name not in wanted:
+                return  # placed, a cycle (the registry reports those), or not running
+            spec = registry.features.get(name)
+            for dependency in spec.depends_on if spec is not None else ():
+                place(dependency, (*seen, name))
+            order.append(name)
+
+        for name in wanted:
+            place(name, ())
+        return tuple(order)
 
     def missing_envs(self) -> tuple[str, ...]:
-        """The names in ``envs`` that the environment does not define."""
-        return tuple(name for name in self.envs if name not in self.environ)
+        """The names in ``envs`` that the environment defines in none of their forms.
+
+        A name is present when the variable itself or one of its per-service
+        overrides is set (see :func:`env_forms`), even to an empty string.
+        """
+        environ = self.environ
+        return tuple(
+            name
+            for name in self.envs
+            if not any(form in environ for form in env_forms(self.name, name))
+        )
+
+
+def env_forms(service: str, name: str) -> tuple[str, ...]:
+    """The variables that may hold ``name`` for ``service``, the one read first first.
+
+    The per-service override ``<SERVICE>__<NAME>`` comes before ``NAME``, so
+    one environment can hold a value shared by several services and another
+    for one of them. ``<SERVICE>`` is the name upper-cased with every other
+    character than a letter or digit turned into ``_`` (a name a shell can
+    export); Mikros Go's own spelling, the name in kebab case
+    (``items-api__DB_DSN``, what its ``env.Load`` reads), is accepted next.
+
+    >>> env_forms("items-api", "DB_DSN")
+    ('ITEMS_API__DB_DSN', 'items-api__DB_DSN', 'DB_DSN')
+    """
+    shell = re.sub(r"[^A-Z0-9]", "_", service.upper()) + "__" + name
+    go = _kebab(service) + "__" + name
+    return (shell, name) if go == shell else (shell, go, name)
+
+
+def _kebab(name: str) -> str:
+    """``name`` in kebab case as Mikros Go spells service names (go-strcase's KebabCase).
+
+    Words split at ``_``, ``-`` and spaces, before an upper-case letter that
+    follows a lower-case one, and before the last letter of an upper-case run
+    followed by a lower-case one (``HTTPServer`` → ``http-server``).
+    """
+    out: list[str] = []
+    text = name.strip()
+    for index, char in enumerate(text):
+        if char in "_- \t":
+            if out and out[-1] != "-":
+                out.append("-")
+            continue
+        if char.isupper() and out and out[-1] != "-":
+            before = text[index - 1]
+            after = text[index + 1] if index + 1 < len(text) else ""
+            if before.islower() or (before.isupper() and after.islower()):
+                out.append("-")
+        out.append(char.lower())
+    return "".join(out)
 
 
 def _always_on(registry: Registry, name: str) -> bool:
@@ -633,6 +703,17 @@ class _Loader:
             if spec.always_on and name not in tables:
                 settings = self.decode(spec.settings, {}, join_path("features", name))
                 features[name] = FeatureConfig(False, settings)
+        running = {
+            name for name, config in features.items() if config.enabled or known[name].always_on
+        }
+        for name in sorted(running, key=list(features).index):
+            for dependency in known[name].depends_on:
+                if dependency not in running:
+                    self.add(
+                        join_path(join_path("features", dependency), "enabled"),
+                        f"feature {quote(name)} needs feature {quote(dependency)}; "
+                        f"enable it with [features.{dependency}] enabled = true",
+                    )
         return features
 
     def check_names(self, table: object, path: str, pattern: re.Pattern[str], what: str) -> None:

@@ -83,6 +83,13 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
     #: Server side: the handler's cancel scope, and whether the client reset the stream.
     _handler: trio.CancelScope | None = None
     _reset = False
+    #: Client side: told the call's final status code name, once (telemetry).
+    on_end: Callable[[str], None] | None = None
+
+    def _ended(self, code: str) -> None:
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end(code)
 
     async def receive_event(self) -> Any:
         # purerpc's GRPCProtoStream.receive_event over GRPCStream._receive,
@@ -92,7 +99,11 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             self.release()
             if self.client_side:  # the connection ended before the response did
+                self._ended("UNAVAILABLE")
                 raise self._grpc_socket.lost() from None
+            raise
+        except trio.Cancelled:
+            self._ended("CANCELLED")  # the caller gave up waiting
             raise
         if isinstance(event, MessageReceived):
             self._grpc_connection.acknowledge_received_data(
@@ -105,6 +116,8 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         elif isinstance(event, RequestEnded | ResponseEnded):
             self._end_stream_event = event
             self.release()
+            if isinstance(event, ResponseEnded):
+                self._ended(StatusCode(event.status.status_code).name)
         elif isinstance(event, _TooLarge):
             raise RpcFailedError(Status(StatusCode.RESOURCE_EXHAUSTED, event.message))
         else:

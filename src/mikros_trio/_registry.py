@@ -25,6 +25,13 @@ from typing import Any, TypeVar
 
 from ._runtime_settings import GrpcSettings, HttpSettings, ScriptSettings, WorkerSettings
 from .errors import ConfigError, ConfigIssue
+from .features.settings import (
+    EnvSettings,
+    ErrorsSettings,
+    LoggerSettings,
+    MetricsSettings,
+    TracingSettings,
+)
 
 __all__ = [
     "FEATURES_GROUP",
@@ -70,6 +77,8 @@ class FeatureSpec:
     ``settings`` is the frozen dataclass the table decodes into (the
     ``enabled`` key is handled for every feature and is not part of it).
     ``always_on`` features run whether or not they are enabled in the file.
+    ``depends_on`` names features that start first; features start one at
+    a time, dependencies first, then in the order service.toml lists them.
     """
 
     name: str
@@ -77,6 +86,8 @@ class FeatureSpec:
     factory: str
     always_on: bool = False
     summary: str = ""
+    #: Features that must start before this one (and stop after it).
+    depends_on: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +150,43 @@ _BUILTIN_KINDS = (
 )
 
 
-_BUILTIN_FEATURES: tuple[FeatureSpec, ...] = ()
+_BUILTIN_FEATURES: tuple[FeatureSpec, ...] = (
+    FeatureSpec(
+        name="logger",
+        settings=LoggerSettings,
+        factory="mikros_trio.features.logger:build_logger",
+        always_on=True,
+        summary="structured logs (structlog), standard logging routed through them, access logs",
+    ),
+    FeatureSpec(
+        name="errors",
+        settings=ErrorsSettings,
+        factory="mikros_trio.features.errors:build_errors",
+        always_on=True,
+        summary="Mikros error kinds on the wire for HTTP and gRPC",
+    ),
+    FeatureSpec(
+        name="env",
+        settings=EnvSettings,
+        factory="mikros_trio.features.env:build_env",
+        always_on=True,
+        summary="required environment variables, typed access, secrets masked",
+    ),
+    FeatureSpec(
+        name="metrics",
+        settings=MetricsSettings,
+        factory="mikros_trio.features.metrics:build_metrics",
+        depends_on=("logger",),
+        summary="Prometheus metrics at /metrics",
+    ),
+    FeatureSpec(
+        name="tracing",
+        settings=TracingSettings,
+        factory="mikros_trio.features.tracing:build_tracing",
+        depends_on=("logger",),
+        summary="OpenTelemetry spans with W3C trace context",
+    ),
+)
 
 
 def load_registry() -> Registry:
@@ -193,6 +240,17 @@ def load_registry() -> Registry:
             continue
         features[feature.name] = feature
         feature_owner[feature.name] = _describe(entry, FEATURES_GROUP)
+    for feature in features.values():
+        issues.extend(
+            ConfigIssue(
+                f"<feature {feature.name}>",
+                "depends_on",
+                f"depends on {dependency!r}, which is not an installed feature "
+                f"({feature_owner[feature.name]})",
+            )
+            for dependency in feature.depends_on
+            if dependency not in features
+        )
     if issues:
         raise ConfigError(issues)
     return Registry(kinds=MappingProxyType(kinds), features=MappingProxyType(features))

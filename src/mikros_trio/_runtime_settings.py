@@ -26,6 +26,14 @@ class WorkerSettings:
         default="worker",
         metadata={"help": "Container provider that gives the worker (an async callable)."},
     )
+    interval: float | None = field(
+        default=None,
+        metadata={
+            "help": "Run the worker's run_once (or the worker itself) every this many seconds "
+            "instead of calling run once; each iteration is logged, timed and traced.",
+            "gt": 0,
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from ._definition import Definition, load_definition
 from ._health import Health
 from ._registry import Registry, default_registry
 from ._supervisor import LifecycleEvent, Supervisor, Timeouts
+from ._telemetry import Telemetry
 from .errors import ConfigError, ConfigIssue
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger("mikros_trio")
 
 #: Environment switch for ``--verbose`` when a service is run as ``python main.py``.
 VERBOSE_ENV = "MIKROS_TRIO_VERBOSE"
@@ -76,6 +79,7 @@ class Service:
         self._on_event = on_event
         self._definition: Definition | None = None
         self._supervisor: Supervisor | None = None
+        self._telemetry: Telemetry | None = None
 
     def build(self) -> Supervisor:
         """Validate and wire everything; idempotent. Raises ``ConfigError``."""
@@ -94,8 +98,18 @@ class Service:
         return self._supervisor
 
     def _supervise(self, definition: Definition) -> Supervisor:
-        components, nodes = build_components(self.container, definition, self._registry)
+        telemetry = Telemetry(definition.name, definition.version)
+        components, nodes = build_components(self.container, definition, self._registry, telemetry)
+        self._telemetry = telemetry
         lifecycle = definition.lifecycle
+        on_event = telemetry.event
+        if self._on_event is not None:
+            user_sink, hub_sink = self._on_event, telemetry.event
+
+            def on_event(event: LifecycleEvent) -> None:
+                hub_sink(event)
+                user_sink(event)
+
         return Supervisor(
             components,
             nodes=nodes,
@@ -106,7 +120,7 @@ class Service:
                 readiness_delay=lifecycle.readiness_delay,
             ),
             handle_signals=self._handle_signals,
-            on_event=self._on_event,
+            on_event=on_event,
         )
 
     @property
@@ -120,6 +134,13 @@ class Service:
     def supervisor(self) -> Supervisor:
         """The supervisor running the components (after :meth:`build`)."""
         return self.build()
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """The service's telemetry hub: features' observers and objects (after :meth:`build`)."""
+        self.build()
+        assert self._telemetry is not None
+        return self._telemetry
 
     @property
     def health(self) -> Health:
@@ -143,6 +164,10 @@ class Service:
     async def run(self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED) -> int:
         """Run the whole lifecycle; return the exit code."""
         supervisor = self.build()
+        # Every task of the service inherits the hub: log lines find their
+        # service (name, version, sink) through it, even with several
+        # services in one process.
+        token = self.telemetry.activate()
         ready = False
 
         def on_ready(value: Any) -> None:
@@ -150,7 +175,17 @@ class Service:
             ready = True
             task_status.started(self)
 
-        code = await supervisor.run(task_status=_Relay(on_ready))
+        try:
+            code = await supervisor.run(task_status=_Relay(on_ready))
+            # Features flush last (logs, spans), bounded like the rest of
+            # the shutdown; a cut here is a lost flush, not a hang.
+            limit = supervisor.timeouts.shutdown_timeout
+            with trio.move_on_after(limit) as flush:
+                await self.telemetry.close()
+            if flush.cancelled_caught:
+                log.warning("flushing features was cut after %.1f s", limit)
+        finally:
+            self.telemetry.deactivate(token)
         if not ready:
             task_status.started(self)  # never got ready: the caller still resumes
         return code

@@ -75,7 +75,9 @@ from ._grpc_wire import (
     stream_gone,
 )
 from ._runtime_settings import GrpcSettings
-from .errors import ConfigError, ConfigIssue, ErrorKind, InternalError, RPCError, ServiceError
+from ._telemetry import Telemetry, current_call
+from ._wire import unexpected_error, wire_error
+from .errors import ConfigError, ConfigIssue, ErrorKind, RPCError, ServiceError
 
 __all__ = [
     "GRPC_STATUS",
@@ -100,6 +102,23 @@ GRPC_STATUS: dict[ErrorKind, StatusCode] = {
     ErrorKind.RPC: StatusCode.INTERNAL,
     ErrorKind.CUSTOM: StatusCode.INTERNAL,
 }
+
+
+#: ``Call.name`` of a call to a method this server does not have (a bounded label).
+UNKNOWN = "(unknown)"
+
+#: Codes that mean the server failed, not the caller (``Call.failed``).
+SERVER_FAULTS = frozenset(
+    {
+        StatusCode.UNKNOWN,
+        StatusCode.INTERNAL,
+        StatusCode.UNAVAILABLE,
+        StatusCode.DATA_LOSS,
+        StatusCode.DEADLINE_EXCEEDED,
+        StatusCode.UNIMPLEMENTED,
+        StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 
 
 def status_for(error: ServiceError, service_name: str) -> Status:
@@ -143,11 +162,18 @@ class _Connection:
 
 
 class _Dispatcher:
-    """Routes each stream to its method; errors become statuses, cancellation propagates."""
+    """Routes each stream to its method; errors become statuses, cancellation propagates.
 
-    def __init__(self, services: dict[str, purerpc.Service], service_name: str) -> None:
+    Every call is reported to the service's telemetry (current for the
+    handler's task, so its log lines carry the call's ids).
+    """
+
+    def __init__(
+        self, services: dict[str, purerpc.Service], service_name: str, telemetry: Telemetry
+    ) -> None:
         self.services = services
         self.service_name = service_name
+        self.telemetry = telemetry
 
     async def __call__(self, stream: Any) -> None:
         await stream.start_response()
@@ -157,6 +183,22 @@ class _Dispatcher:
             return
         service = self.services.get(event.service_name)
         method = service.methods.get(event.method_name) if service is not None else None
+        telemetry = self.telemetry
+        if not telemetry.observers:
+            await self._dispatch(event, method, stream)
+            return
+        name = f"/{event.service_name}/{event.method_name}" if method is not None else UNKNOWN
+        call = telemetry.begin("grpc", "server", name, target=name, headers=event.custom_metadata)
+        token = telemetry.enter(call)
+        code = StatusCode.CANCELLED  # unless the handler gets to an answer
+        try:
+            code = await self._dispatch(event, method, stream)
+        finally:
+            telemetry.leave(token)
+            telemetry.end(call, code.name, failed=code in SERVER_FAULTS)
+
+    async def _dispatch(self, event: Any, method: Any, stream: Any) -> StatusCode:
+        """Run the call; return the status code the client was sent."""
         if method is None:
             await stream.close(
                 Status(
@@ -164,12 +206,12 @@ class _Dispatcher:
                     f"method {event.service_name}/{event.method_name} is not implemented",
                 )
             )
-            return
+            return StatusCode.UNIMPLEMENTED
         call = functools.partial(method.method_fn, request=event)
         stream.expect_message_type(method.signature.request_type)
         try:
             await CALLERS[method.signature.cardinality](call, stream)
-            return
+            return StatusCode.OK
         # RpcFailedError and ProtocolError are GRPCErrors too: they come first.
         except RpcFailedError as error:
             status = error.status  # the handler's own status, or a peer's it let through
@@ -178,22 +220,32 @@ class _Dispatcher:
         except ProtocolError as error:  # the request broke gRPC's framing rules
             status = Status(StatusCode.INTERNAL, f"malformed request: {error}")
         except ServiceError as error:
-            status = status_for(error, self.service_name)
+            _note_error(error, error.kind)
+            status = self._status(error)
         except Exception as error:
             if isinstance(error, h2.exceptions.StreamClosedError) or stream_gone(stream):
-                return  # the client reset the stream or went away: nobody to answer
+                return StatusCode.CANCELLED  # the client reset the stream or went away
             log.error(
                 "unhandled error in %s/%s", event.service_name, event.method_name, exc_info=error
             )
-            internal = InternalError(
-                "internal error",
-                details=f"{type(error).__name__}: {error}",
-            )
-            status = status_for(internal, self.service_name)
+            _note_error(error, ErrorKind.INTERNAL)
+            status = self._status(unexpected_error(error, self.telemetry))
         if stream_gone(stream):
-            return
+            return StatusCode.CANCELLED
         with contextlib.suppress(h2.exceptions.ProtocolError):  # the client reset the stream
             await stream.close(status)
+        return StatusCode(status.status_code)
+
+    def _status(self, error: ServiceError) -> Status:
+        wire = wire_error(error, self.service_name, self.telemetry)
+        return Status(GRPC_STATUS[error.kind], json.dumps(wire, separators=(",", ":")))
+
+
+def _note_error(error: Exception, kind: ErrorKind) -> None:
+    call = current_call()
+    if call is not None:
+        call.error = error
+        call.error_kind = kind
 
 
 class GrpcServer(Component):
@@ -207,8 +259,10 @@ class GrpcServer(Component):
         port: int,
         servicers: Sequence[Callable[[], Any]],
         service_name: str,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.name = "grpc"
+        self._telemetry = telemetry or Telemetry(service_name)
         self._settings = settings
         self._port = port
         self._servicers = servicers
@@ -234,7 +288,7 @@ class GrpcServer(Component):
     async def run(
         self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        dispatcher = _Dispatcher(self._services(lifetime), self._service_name)
+        dispatcher = _Dispatcher(self._services(lifetime), self._service_name, self._telemetry)
         listener = await anyio.create_tcp_listener(
             local_host=self._settings.host, local_port=self._port
         )
@@ -354,7 +408,13 @@ def build_grpc(context: BuildContext) -> Sequence[Component]:
     port = context.definition.port("grpc")
     assert port is not None  # grpc always has a port (default 50051)
     return [
-        GrpcServer(settings, port, _servicer_providers(context, settings), context.definition.name)
+        GrpcServer(
+            settings,
+            port,
+            _servicer_providers(context, settings),
+            context.definition.name,
+            context.telemetry,
+        )
     ]
 
 
@@ -372,9 +432,12 @@ class ClientChannel:
     #: Seconds a call waits for the connection before failing.
     connect_timeout = 5.0
 
-    def __init__(self, name: str, definition: Definition) -> None:
+    def __init__(
+        self, name: str, definition: Definition, telemetry: Telemetry | None = None
+    ) -> None:
         settings = definition.clients[name]
         self.name = name
+        self._telemetry = telemetry or Telemetry(definition.name)
         self._host = settings.host
         self._port = settings.port
         self._socket: ClientSocket | None = None
@@ -404,17 +467,66 @@ class ClientChannel:
         self._nursery = None
         await self._stack.aclose()
 
-    async def start_request(self, *args: Any, **kwargs: Any) -> Any:
-        """Start a stream on the live connection, connecting first if needed."""
+    async def start_request(
+        self,
+        scheme: str,
+        service_name: str,
+        method_name: str,
+        *args: Any,
+        custom_metadata: Sequence[tuple[str, Any]] = (),
+        **kwargs: Any,
+    ) -> Any:
+        """Start a stream on the live connection, connecting first if needed.
+
+        The call is reported to the service's telemetry (a client call: what
+        observers add to ``call.outgoing``, such as a ``traceparent``, goes
+        out as request metadata) and ends when its response does.
+        """
+        telemetry = self._telemetry
+        if not telemetry.observers:
+            return await self._start(
+                scheme, service_name, method_name, args, kwargs, custom_metadata
+            )
+        call = telemetry.begin("grpc", "client", f"/{service_name}/{method_name}", target=self.name)
+        if call.outgoing:
+            custom_metadata = (*custom_metadata, *call.outgoing.items())
+        try:
+            stream = await self._start(
+                scheme, service_name, method_name, args, kwargs, custom_metadata
+            )
+        except BaseException as error:
+            telemetry.end(call, StatusCode.UNAVAILABLE.name, failed=True, error=error)
+            raise
+
+        def on_end(code: str) -> None:
+            telemetry.end(call, code, failed=StatusCode[code] in SERVER_FAULTS)
+
+        stream.on_end = on_end
+        return stream
+
+    async def _start(
+        self,
+        scheme: str,
+        service_name: str,
+        method_name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        custom_metadata: Sequence[tuple[str, Any]],
+    ) -> Any:
+        metadata = tuple(custom_metadata)
         socket = await self._connected()
         try:
-            return await socket.start_request(*args, **kwargs)
+            return await socket.start_request(
+                scheme, service_name, method_name, *args, custom_metadata=metadata, **kwargs
+            )
         except Exception:
             # The connection died between calls (or the server sent GOAWAY):
             # nothing of this request left; reconnect once and start it again.
             socket.ended.set()
             socket = await self._connected()
-            return await socket.start_request(*args, **kwargs)
+            return await socket.start_request(
+                scheme, service_name, method_name, *args, custom_metadata=metadata, **kwargs
+            )
 
     async def _connected(self) -> ClientSocket:
         async with self._lock:
@@ -470,7 +582,9 @@ def client(name: str) -> providers.Singleton[ClientChannel]:
     The channel is a work-processing component: it opens before the
     service's servers start and closes after they drain.
     """
-    return providers.Singleton(ClientChannel, name, ServiceContainer.definition)
+    return providers.Singleton(
+        ClientChannel, name, ServiceContainer.definition, ServiceContainer.telemetry
+    )
 
 
 def typed_error(error: RpcFailedError, destination: str = "") -> ServiceError:

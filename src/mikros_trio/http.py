@@ -51,7 +51,9 @@ from ._component import Component, Lifetime, Role
 from ._container import BuildContext
 from ._health import Health
 from ._runtime_settings import HttpSettings
-from .errors import ErrorKind, InternalError, ServiceError
+from ._telemetry import Endpoint, Telemetry, current_call
+from ._wire import unexpected_error, wire_error
+from .errors import ErrorKind, ServiceError
 
 __all__ = ["HTTP_STATUS", "AdminServer", "HttpServer", "build_http", "install_error_handlers"]
 
@@ -67,6 +69,9 @@ HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.RPC: 500,
     ErrorKind.CUSTOM: 500,
 }
+
+#: ``Call.name`` of a request no route matched (a bounded label, never the raw path).
+UNMATCHED = "(unmatched)"
 
 # Probe paths (Kubernetes conventions).
 LIVEZ, READYZ, HEALTHZ = "/livez", "/readyz", "/healthz"
@@ -85,18 +90,32 @@ async def _send_json(send: Any, status: int, body: Any, *, close: bool = False) 
 
 
 class _Front:
-    """ASGI layer before the app: probes and the declared-body-size limit.
+    """ASGI layer before the app: probes, features' endpoints, the body-size limit, and calls.
 
-    ``app`` is ``None`` on an admin listener, which serves only probes.
+    ``app`` is ``None`` on an admin listener, which serves only probes and
+    endpoints. Every request that reaches the app is reported to the
+    service's telemetry as a :class:`~mikros_trio.Call` (current for the
+    request's task, so handlers' log lines carry its ids).
     """
 
-    __slots__ = ("_app", "_health", "_max_body", "_probes")
+    __slots__ = ("_app", "_endpoints", "_health", "_max_body", "_probes", "_telemetry")
 
-    def __init__(self, app: ASGIApp | None, health: Health, *, probes: bool, max_body: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp | None,
+        health: Health,
+        telemetry: Telemetry,
+        *,
+        probes: bool,
+        max_body: int,
+    ) -> None:
         self._app = app
         self._health = health
+        self._telemetry = telemetry
         self._probes = probes
         self._max_body = max_body
+        # Features' paths (/metrics) live where the probes do.
+        self._endpoints = telemetry.endpoints if probes else {}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -111,6 +130,9 @@ class _Front:
                     return await _send_json(send, 200 if live else 503, {"status": "live"})
                 if path == HEALTHZ:
                     return await _send_json(send, 200, self._health.snapshot())
+                endpoint = self._endpoints.get(path)
+                if endpoint is not None:
+                    return await _send_endpoint(send, endpoint)
             if self._app is None:
                 return await _send_json(send, 404, _wire_for_status(404, "no such probe"))
             if _declared_length(scope) > self._max_body:
@@ -119,11 +141,58 @@ class _Front:
                 # the next request.
                 body = _wire_for_status(413, f"request body over {self._max_body} bytes")
                 return await _send_json(send, 413, body, close=True)
+            if self._telemetry.observers:
+                return await self._observed(scope, receive, send)
         elif self._app is None:
             return None  # lifespan on the admin listener: nothing to start
         assert self._app is not None
         await self._app(scope, receive, send)
         return None
+
+    async def _observed(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Run the app for one request, reported to the telemetry as a call."""
+        assert self._app is not None
+        telemetry = self._telemetry
+        call = telemetry.begin(
+            "http",
+            "server",
+            "",
+            method=scope["method"],
+            target=scope["path"],
+            headers=scope["headers"],
+        )
+        extra = [(name.encode(), value.encode()) for name, value in call.outgoing.items()]
+        status = 500  # what the client gets if the app dies before answering
+
+        async def observed_send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if extra:
+                    message["headers"] = [*message["headers"], *extra]
+            await send(message)
+
+        token = telemetry.enter(call)
+        try:
+            await self._app(scope, receive, observed_send)
+        except Exception as error:
+            call.error = error
+            raise
+        finally:
+            telemetry.leave(token)
+            if not call.name:
+                call.name = UNMATCHED
+            telemetry.end(call, str(status), failed=status >= 500)
+
+
+async def _send_endpoint(send: Any, endpoint: Endpoint) -> None:
+    status, content_type, body = endpoint()
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _declared_length(scope: dict[str, Any]) -> int:
@@ -146,20 +215,27 @@ def _wire_for_status(status: int, message: str) -> dict[str, Any]:
     return {"code": 0, "kind": kind.value, "message": message}
 
 
-def install_error_handlers(app: Any, service_name: str) -> None:
-    """Make ``app`` answer every error with Mikros JSON (done once per app).
+def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | None = None) -> None:
+    """Make ``app`` answer every error with Mikros JSON, and name calls by route (once per app).
 
     Registered on the user's Quart app so its own, more specific handlers
-    still win.
+    still win. ``telemetry`` (the service's hub) decides whether an
+    unexpected error's text is sent (``[features.errors] expose_details``)
+    and masks secrets in what is.
     """
     if getattr(app, "_mikros_trio_errors", False):
         return
+    from quart import request
     from werkzeug.exceptions import HTTPException
 
+    hub = telemetry or Telemetry(service_name)
+
     async def service_error(error: ServiceError) -> tuple[dict[str, Any], int]:
-        wire = error.to_wire()
-        wire.setdefault("service_name", service_name)
-        return wire, HTTP_STATUS[error.kind]
+        call = current_call()
+        if call is not None:
+            call.error_kind = error.kind
+            call.error = error
+        return wire_error(error, service_name, hub), HTTP_STATUS[error.kind]
 
     async def http_error(error: HTTPException) -> tuple[dict[str, Any], int]:
         status = error.code or 500
@@ -167,14 +243,24 @@ def install_error_handlers(app: Any, service_name: str) -> None:
 
     async def unexpected(error: Exception) -> tuple[dict[str, Any], int]:
         log.error("unhandled error in an HTTP handler", exc_info=error)
-        wire = InternalError(
-            "internal error", details=f"{type(error).__name__}: {error}", service_name=service_name
-        ).to_wire()
-        return wire, 500
+        call = current_call()
+        if call is not None:
+            call.error_kind = ErrorKind.INTERNAL
+            call.error = error
+        return wire_error(unexpected_error(error, hub), service_name, hub), 500
+
+    async def name_call() -> None:
+        # The route rule, not the path: a bounded label for metrics and
+        # span names. Runs before any other hook, even when nothing matched.
+        call = current_call()
+        if call is not None:
+            rule = request.url_rule
+            call.name = rule.rule if rule is not None else UNMATCHED
 
     app.register_error_handler(ServiceError, service_error)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected)
+    app.before_request_funcs.setdefault(None, []).insert(0, name_call)
     app._mikros_trio_errors = True
 
 
@@ -459,19 +545,25 @@ class HttpServer(_HttpComponent):
         service_name: str,
         *,
         probes: bool,
+        telemetry: Telemetry,
     ) -> None:
         super().__init__("http", settings, port, settings.host)
+        self._telemetry = telemetry
         self._app_provider = app_provider
         self._service_name = service_name
         self._probes = probes
 
     def _front(self, lifetime: Lifetime) -> tuple[_Front, Any]:
         app = self._app_provider()
-        install_error_handlers(app, self._service_name)
+        install_error_handlers(app, self._service_name, self._telemetry)
         if hasattr(app, "config"):
             app.config["MAX_CONTENT_LENGTH"] = self._settings.max_body_size
         front = _Front(
-            app, lifetime.health, probes=self._probes, max_body=self._settings.max_body_size
+            app,
+            lifetime.health,
+            self._telemetry,
+            probes=self._probes,
+            max_body=self._settings.max_body_size,
         )
         return front, app
 
@@ -481,11 +573,12 @@ class AdminServer(_HttpComponent):
 
     role = Role.PROCESSING
 
-    def __init__(self, settings: HttpSettings, port: int) -> None:
+    def __init__(self, settings: HttpSettings, port: int, telemetry: Telemetry) -> None:
         super().__init__("http-admin", settings, port, settings.host)
+        self._telemetry = telemetry
 
     def _front(self, lifetime: Lifetime) -> tuple[_Front, Any]:
-        front = _Front(None, lifetime.health, probes=True, max_body=0)
+        front = _Front(None, lifetime.health, self._telemetry, probes=True, max_body=0)
         return front, None
 
 
@@ -496,8 +589,15 @@ def build_http(context: BuildContext) -> Sequence[Component]:
     port = context.definition.port("http")
     assert port is not None  # http always has a port (default 8080)
     admin = settings.admin_port is not None
-    server = HttpServer(settings, port, provider, context.definition.name, probes=not admin)
+    server = HttpServer(
+        settings,
+        port,
+        provider,
+        context.definition.name,
+        probes=not admin,
+        telemetry=context.telemetry,
+    )
     if not admin:
         return [server]
     assert settings.admin_port is not None
-    return [server, AdminServer(settings, settings.admin_port)]
+    return [server, AdminServer(settings, settings.admin_port, context.telemetry)]

@@ -412,6 +412,39 @@ def test_environ_defaults_to_a_copy_of_os_environ(monkeypatch: pytest.MonkeyPatc
     assert definition.missing_envs() == ()
 
 
+def test_feature_dependencies_start_first_then_file_order() -> None:
+    """Unlisted always-on features lead; a feature's declared dependencies move before it."""
+    registry = Registry(
+        kinds=default_registry().kinds,
+        features={
+            "base": FeatureSpec("base", AuditSettings, "tests:base", always_on=True),
+            "store": FeatureSpec("store", AuditSettings, "tests:store"),
+            "cache": FeatureSpec("cache", AuditSettings, "tests:cache", depends_on=("store",)),
+            "audit": FeatureSpec("audit", AuditSettings, "tests:audit"),
+        },
+    )
+    text = MINIMAL + "".join(
+        f"[features.{name}]\nenabled = true\n" for name in ("audit", "cache", "store")
+    )
+    definition = parse_definition(text, environ={}, registry=registry)
+    assert definition.enabled_features(registry) == ("base", "audit", "store", "cache")
+
+
+def test_a_disabled_dependency_is_an_error() -> None:
+    """Enabling a feature whose dependency is off names the dependency's enabled key."""
+    registry = Registry(
+        kinds=default_registry().kinds,
+        features={
+            "store": FeatureSpec("store", AuditSettings, "tests:store"),
+            "cache": FeatureSpec("cache", AuditSettings, "tests:cache", depends_on=("store",)),
+        },
+    )
+    text = MINIMAL + "[features.cache]\nenabled = true\n"
+    (issue,) = issues_of(text, registry=registry)
+    assert issue.path == "features.store.enabled"
+    assert "feature 'cache' needs feature 'store'" in issue.message
+
+
 def test_enabled_features(registry: Registry) -> None:
     """Enabled features come in file order, then always-on ones."""
     text = MINIMAL + "[features.heartbeat]\nevery = 1\n[features.audit]\nenabled = true\n"

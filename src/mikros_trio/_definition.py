@@ -254,19 +254,14 @@ class Definition:
     def enabled_features(self, registry: Registry) -> tuple[str, ...]:
         """Features to run, in start order (stop is the reverse).
 
-        Enabled or always-on features in file order, then the always-on
-        ones the file does not mention; each feature's declared
-        dependencies (``FeatureSpec.depends_on``) are moved before it.
+        Always-on features come first, in registry order (the logger is up
+        before anything else and down after everything), then the enabled
+        ones in file order; each feature's declared dependencies
+        (``FeatureSpec.depends_on``) move before it.
         """
-        wanted = [
-            name
-            for name, config in self.features.items()
-            if config.enabled or _always_on(registry, name)
-        ]
+        wanted = [name for name, spec in registry.features.items() if spec.always_on]
         wanted.extend(
-            name
-            for name, spec in registry.features.items()
-            if spec.always_on and name not in wanted
+            name for name, config in self.features.items() if config.enabled and name not in wanted
         )
         order: list[str] = []
 
@@ -335,11 +330,6 @@ def _kebab(name: str) -> str:
                 out.append("-")
         out.append(char.lower())
     return "".join(out)
-
-
-def _always_on(registry: Registry, name: str) -> bool:
-    spec = registry.features.get(name)
-    return spec is not None and spec.always_on
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from _http_apps import (
     Server,
     ServerSpec,
     cpu_seconds,
+    example_command,
     free_port,
     nearest_rank,
 )
@@ -78,9 +79,13 @@ def _greeter_modules() -> tuple[Any, Any]:
 # -- servers -------------------------------------------------------------------
 
 
-def framework(port: int, *, verbose: bool = False) -> ServerSpec:
-    env = {"MIKROS_GRPC_PORT": str(port), "MIKROS_TRIO_VERBOSE": "1" if verbose else "0"}
-    return ServerSpec("framework", port, (sys.executable, str(EXAMPLE / "main.py")), env, "")
+def framework(port: int, *, verbose: bool = False, config: Path | None = None) -> ServerSpec:
+    env = {
+        "MIKROS_GRPC_PORT": str(port),
+        "MIKROS_METRICS_PORT": "0",  # the example's metrics listener: any free port
+        "MIKROS_TRIO_VERBOSE": "1" if verbose else "0",
+    }
+    return ServerSpec("framework", port, example_command(EXAMPLE, config), env, "")
 
 
 def bare(port: int) -> ServerSpec:

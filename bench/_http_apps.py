@@ -22,6 +22,7 @@ with it, 0.86 with wrk). Prefer wrk.
 from __future__ import annotations
 
 import http.client
+import json
 import math
 import os
 import re
@@ -66,10 +67,37 @@ class ServerSpec:
     ready_path: str
 
 
-def framework(port: int, *, verbose: bool = False) -> ServerSpec:
+def framework(port: int, *, verbose: bool = False, config: Path | None = None) -> ServerSpec:
     env = {"MIKROS_HTTP_PORT": str(port), "MIKROS_TRIO_VERBOSE": "1" if verbose else "0"}
-    args = (sys.executable, str(EXAMPLE / "main.py"))
-    return ServerSpec("framework", port, args, env, "/readyz")
+    return ServerSpec("framework", port, example_command(EXAMPLE, config), env, "/readyz")
+
+
+def example_command(example: Path, config: Path | None) -> tuple[str, ...]:
+    """How users start the example: its main.py, or the CLI with another service.toml."""
+    main = str(example / "main.py")
+    if config is None:
+        return (sys.executable, main)
+    return (sys.executable, "-m", "mikros_trio.cli", "run", main, "--config", str(config))
+
+
+def all_features_config(example: Path, directory: Path) -> Path:
+    """The example's service.toml with every feature on, as the benchmarks measure it.
+
+    The examples already enable every built-in feature; here their JSON
+    log lines go to a file (a terminal or a pipe nobody reads would measure
+    something else) and spans to the no-op exporter (spans are still made,
+    sampled and ended; only the export is skipped).
+    """
+    text = (example / "service.toml").read_text()
+    log = directory / f"{example.name}.log"
+    for needed in ('output = "stdout"', 'exporter = "console"', "[features.metrics]"):
+        if needed not in text:
+            raise SystemExit(f"{example}/service.toml no longer has {needed}: update the bench")
+    text = text.replace('output = "stdout"', f"output = {json.dumps(str(log))}")
+    text = text.replace('exporter = "console"', 'exporter = "none"')
+    path = directory / f"{example.name}.toml"
+    path.write_text(text)
+    return path
 
 
 def bare(port: int) -> ServerSpec:

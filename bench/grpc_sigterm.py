@@ -24,11 +24,14 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Run as a script, bench/ is on sys.path: the shared modules import directly.
-from _grpc_apps import GrpcServer, framework, free_port, idle_channels, nearest_rank
+from _grpc_apps import EXAMPLE, GrpcServer, framework, free_port, idle_channels, nearest_rank
+from _http_apps import all_features_config
 
 TARGET_MEDIAN_MS = 100.0
 IDLE_CHANNELS = 10
@@ -41,9 +44,9 @@ class Run:
     code: int
 
 
-def measure_once() -> Run:
+def measure_once(config: Path) -> Run:
     """Start, connect idle channels, SIGTERM; the time to exit."""
-    server = GrpcServer(framework(free_port(), verbose=True))
+    server = GrpcServer(framework(free_port(), verbose=True, config=config))
     try:
         server.wait_ready()
         channels = idle_channels(server.port, IDLE_CHANNELS)
@@ -66,9 +69,12 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=15, help="runs (default 15)")
     args = parser.parse_args()
 
+    # The example with every feature on, logs to a file (as the overhead bench).
+    scratch = tempfile.TemporaryDirectory(prefix="bench-grpc-sigterm-")
+    config = all_features_config(EXAMPLE, Path(scratch.name))
     runs: list[Run] = []
     for number in range(1, args.n + 1):
-        run = measure_once()
+        run = measure_once(config)
         runs.append(run)
         detail = ""
         if not math.isnan(run.stopped_ms):

@@ -25,14 +25,18 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Run as a script, bench/ is on sys.path: the shared module imports directly.
 from _http_apps import (
+    EXAMPLE,
     Server,
     ServerSpec,
+    all_features_config,
     bare,
     framework,
     free_port,
@@ -105,8 +109,11 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=15, help="runs of each server (default 15)")
     args = parser.parse_args()
 
+    # The example with every feature on, logs to a file (as the overhead bench).
+    scratch = tempfile.TemporaryDirectory(prefix="bench-http-sigterm-")
+    config = all_features_config(EXAMPLE, Path(scratch.name))
     servers: dict[str, Callable[[], ServerSpec]] = {
-        "framework": lambda: framework(free_port(), verbose=True),
+        "framework": lambda: framework(free_port(), verbose=True, config=config),
         "bare": lambda: bare(free_port()),
     }
     results: dict[str, list[Run]] = {}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import mikros_trio
 
 EXPECTED = {
+    "Env",
+    "Secret",
     "Call",
-    "Endpoint",
     "Observer",
     "Telemetry",
     "current_call",

@@ -32,7 +32,7 @@ from ._health import ComponentState, Health, Phase
 from ._registry import FeatureSpec, KindSpec, Registry, default_registry, load_registry
 from ._service import Service, run
 from ._supervisor import LifecycleEvent, Supervisor, Timeouts
-from ._telemetry import Call, Endpoint, Observer, Telemetry, current_call, current_telemetry
+from ._telemetry import Call, Observer, Telemetry, current_call, current_telemetry
 from .errors import (
     ComponentError,
     ConditionError,
@@ -48,6 +48,7 @@ from .errors import (
     ServiceError,
     ValidationError,
 )
+from .features.env import Env, Secret
 
 __all__ = [
     "BuildContext",
@@ -62,7 +63,7 @@ __all__ = [
     "ConfigIssue",
     "CustomError",
     "Definition",
-    "Endpoint",
+    "Env",
     "ErrorKind",
     "FeatureConfig",
     "FeatureSpec",
@@ -81,6 +82,7 @@ __all__ = [
     "RPCError",
     "Registry",
     "Role",
+    "Secret",
     "Service",
     "ServiceContainer",
     "ServiceError",

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 import trio
 
 from ._container import ServiceContainer, build_components, container_class
-from ._definition import Definition, load_definition
+from ._definition import Definition, env_forms, load_definition
 from ._health import Health
 from ._registry import Registry, default_registry
 from ._supervisor import LifecycleEvent, Supervisor, Timeouts
@@ -198,7 +198,12 @@ def validate_with_envs(definition: Definition, step: Callable[[], T]) -> T:
     graph, so a user sees every problem in one pass.
     """
     issues = [
-        ConfigIssue(definition.source, "envs", f"required environment variable {name} is not set")
+        ConfigIssue(
+            definition.source,
+            "envs",
+            f"required environment variable {name} is not set (nor its per-service override "
+            f"{' or '.join(env_forms(definition.name, name)[:-1])})",
+        )
         for name in definition.missing_envs()
     ]
     try:
@@ -222,28 +227,18 @@ class _Relay:
         self._callback(value)
 
 
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "internal": logging.DEBUG,
-    "info": logging.INFO,
-    "warn": logging.WARNING,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
+def configure_logging(service: Service, *, verbose: bool = False) -> None:
+    """Set up the process's logging for ``service``; ``verbose`` adds the framework's debug lines.
 
-
-def configure_logging(level: str = "info", *, verbose: bool = False) -> None:
-    """Send the framework's log lines to stderr unless the application set logging up.
-
-    A stand-in until the logger feature owns the pipeline; it never
-    replaces handlers the user installed.
+    The logger feature owns the pipeline (structlog and the root handler,
+    configured when the service starts); what is left for the process is
+    the ``--verbose`` switch.
     """
-    logger = logging.getLogger("mikros_trio")
-    logger.setLevel(logging.DEBUG if verbose else _LEVELS.get(level, logging.INFO))
-    if not logging.getLogger().handlers and not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
+    if not verbose:
+        return
+    from .features.logger import show_debug
+
+    show_debug(service.telemetry)
 
 
 def report_config_error(error: ConfigError) -> None:
@@ -296,7 +291,7 @@ async def run(
     except ConfigError as error:
         report_config_error(error)
         raise SystemExit(2) from None
-    configure_logging(service.definition.log.level, verbose=verbose)
+    configure_logging(service, verbose=verbose)
     # Everything built so far lives as long as the process: move it out of
     # the collector's sight, which halves GC time during start and stop of
     # large graphs (bench/graph_scale.py).

@@ -168,6 +168,9 @@ class Telemetry:
         #: Whether an unexpected exception's text goes into the error's ``details``
         #: (``[features.errors] expose_details``); secrets are masked either way.
         self.expose_details = True
+        #: Whether Mikros errors go out as gRPC UNKNOWN, as Go and Rust servers send
+        #: them (``[features.errors] grpc_status = "unknown"``), instead of their codes.
+        self.grpc_status_unknown = False
         self._secrets: list[str] = []
         self._objects: dict[type[Any], Any] = {}
         self._closers: list[Callable[[], Awaitable[None] | None]] = []

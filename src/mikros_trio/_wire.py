@@ -20,10 +20,19 @@ def wire_error(error: ServiceError, service_name: str, telemetry: Telemetry) -> 
     wire = error.to_wire()
     wire.setdefault("service_name", service_name)
     if telemetry.has_secrets:
-        for key, value in wire.items():
-            if isinstance(value, str):
-                wire[key] = telemetry.redact(value)
+        wire = _masked(wire, telemetry)
     return wire
+
+
+def _masked(value: Any, telemetry: Telemetry) -> Any:
+    # Rust's ``attributes`` nest: mask every string, at any depth.
+    if isinstance(value, str):
+        return telemetry.redact(value)
+    if isinstance(value, dict):
+        return {key: _masked(item, telemetry) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(item, telemetry) for item in value]
+    return value
 
 
 def unexpected_error(error: Exception, telemetry: Telemetry) -> InternalError:

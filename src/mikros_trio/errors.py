@@ -9,6 +9,7 @@ the service ran (the supervisor records it, and the exit code is 1).
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -102,12 +103,17 @@ class ServiceError(MikrosTrioError):
     """An error a handler raises to answer a caller with a Mikros error.
 
     The HTTP and gRPC kinds turn it into the kind's status (see each
-    subclass) and a JSON body in the Mikros Go wire shape (``code``,
-    ``service_name``, ``message``, ``destination``, ``kind``, ``details``;
-    empty fields omitted, as Go's ``omitempty`` does), so Go and Rust
+    subclass) and a JSON body in the Mikros wire shape, so Go and Rust
     Mikros services decode it. Raise a subclass, not this class::
 
         raise NotFoundError(f"item {item_id} does not exist")
+
+    The wire shape is what Mikros Go's ``errors.Error`` marshals: ``code``
+    and ``kind`` always, then ``service_name``, ``message``, ``destination``
+    and ``details`` (Go's ``SubLevelError``, the underlying cause) when not
+    empty, as Go's ``omitempty`` does. Mikros Rust sends ``attributes`` (any
+    JSON) instead of ``details``; both are kept when decoding, and
+    ``cause`` is read as another name of ``details``.
     """
 
     kind: ClassVar[ErrorKind] = ErrorKind.INTERNAL
@@ -120,39 +126,85 @@ class ServiceError(MikrosTrioError):
         details: str = "",
         service_name: str = "",
         destination: str = "",
+        attributes: Any = None,
     ) -> None:
+        if isinstance(code, bool) or not _INT32_MIN <= code <= _INT32_MAX:
+            # Go and Rust decode the code as a 32-bit integer; a wider one
+            # would make them drop the whole error, so refuse it here.
+            raise ValueError(f"code must be a 32-bit integer, got {code!r}")
         self.message = message
         self.code = code
         self.details = details
         self.service_name = service_name
         self.destination = destination
+        self.attributes = attributes
         super().__init__(message)
 
     def to_wire(self) -> dict[str, Any]:
-        """The Mikros JSON object for this error."""
-        wire: dict[str, Any] = {"code": self.code, "kind": self.kind.value}
-        for key in ("service_name", "message", "destination", "details"):
-            value = getattr(self, key)
-            if value:
-                wire[key] = value
+        """The Mikros JSON object for this error, keys in Mikros Go's order.
+
+        >>> NotFoundError("no item 7", service_name="items").to_wire()
+        {'code': 0, 'service_name': 'items', 'message': 'no item 7', 'kind': 'NotFoundError'}
+        """
+        wire: dict[str, Any] = {"code": self.code}
+        if self.service_name:
+            wire["service_name"] = self.service_name
+        if self.message:
+            wire["message"] = self.message
+        if self.destination:
+            wire["destination"] = self.destination
+        wire["kind"] = self.kind.value
+        if self.details:
+            wire["details"] = self.details
+        if self.attributes is not None:
+            wire["attributes"] = self.attributes
         return wire
 
     @staticmethod
     def from_wire(wire: Mapping[str, Any]) -> ServiceError:
-        """Rebuild the typed error from a Mikros JSON object (unknown kinds → internal)."""
+        """Rebuild the typed error from a Mikros JSON object sent by Python, Go or Rust.
+
+        Unknown or missing kinds become :class:`InternalError`, as Mikros
+        Go's client does with a payload it cannot place; a ``code`` that is
+        not a 32-bit integer (Go's ``int32``) reads as 0.
+
+        >>> ServiceError.from_wire({"code": 0, "kind": "NotFoundError", "message": "gone"})
+        NotFoundError('gone')
+        """
         try:
             kind = ErrorKind(str(wire.get("kind")))
         except ValueError:
             kind = ErrorKind.INTERNAL
-        cls = _BY_KIND.get(kind, InternalError)
-        code = wire.get("code", 0)
-        return cls(
-            str(wire.get("message", "")),
-            code=code if isinstance(code, int) else 0,
-            details=str(wire.get("details", "")),
-            service_name=str(wire.get("service_name", "")),
-            destination=str(wire.get("destination", "")),
+        details = wire.get("details")
+        if details is None:
+            details = wire.get("cause")
+        return _BY_KIND[kind](
+            _text(wire.get("message")),
+            code=_code(wire.get("code")),
+            details=_text(details),
+            service_name=_text(wire.get("service_name")),
+            destination=_text(wire.get("destination")),
+            attributes=wire.get("attributes"),
         )
+
+
+# Mikros Go's error code is an int32, Rust's an i32: a wider code would not decode there.
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _code(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return value if _INT32_MIN <= value <= _INT32_MAX else 0
+
+
+def _text(value: object) -> str:
+    """A wire field as text: absent or null is empty; a non-string is its JSON text."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))
 
 
 class ValidationError(ServiceError):

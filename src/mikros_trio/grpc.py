@@ -121,6 +121,10 @@ SERVER_FAULTS = frozenset(
 )
 
 
+#: Error kinds that are the server's fault (the others are the caller's).
+INTERNAL_KINDS = frozenset({ErrorKind.INTERNAL, ErrorKind.RPC, ErrorKind.CUSTOM})
+
+
 def status_for(error: ServiceError, service_name: str) -> Status:
     """The gRPC status carrying ``error``: its code, and the Mikros JSON as message."""
     wire = error.to_wire()
@@ -195,7 +199,11 @@ class _Dispatcher:
             code = await self._dispatch(event, method, stream)
         finally:
             telemetry.leave(token)
-            telemetry.end(call, code.name, failed=code in SERVER_FAULTS)
+            # A Mikros error is the server's fault only for the internal
+            # kinds, whatever code carried it (UNKNOWN in Go's convention).
+            kind = call.error_kind
+            failed = kind in INTERNAL_KINDS if kind is not None else code in SERVER_FAULTS
+            telemetry.end(call, code.name, failed=failed)
 
     async def _dispatch(self, event: Any, method: Any, stream: Any) -> StatusCode:
         """Run the call; return the status code the client was sent."""
@@ -238,7 +246,8 @@ class _Dispatcher:
 
     def _status(self, error: ServiceError) -> Status:
         wire = wire_error(error, self.service_name, self.telemetry)
-        return Status(GRPC_STATUS[error.kind], json.dumps(wire, separators=(",", ":")))
+        code = StatusCode.UNKNOWN if self.telemetry.grpc_status_unknown else GRPC_STATUS[error.kind]
+        return Status(code, json.dumps(wire, separators=(",", ":")))
 
 
 def _note_error(error: Exception, kind: ErrorKind) -> None:

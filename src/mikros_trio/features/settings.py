@@ -33,6 +33,14 @@ class ErrorsSettings:
             "Mikros Go does; false sends only 'internal error'."
         },
     )
+    grpc_status: Literal["mapped", "unknown"] = field(
+        default="mapped",
+        metadata={
+            "help": "gRPC status of a Mikros error: mapped (NOT_FOUND, INVALID_ARGUMENT…, what "
+            "grpcio clients expect) or unknown (UNKNOWN for every kind, what Mikros Go and Rust "
+            "servers send and Go clients decode the kind from)."
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +94,7 @@ class MetricsSettings:
             raise ValueError("buckets must list at least one upper bound")
         if any(not 0 < bound < float("inf") for bound in bounds):
             raise ValueError(f"buckets must be positive, finite numbers of seconds, got {bounds}")
-        if any(low >= high for low, high in zip(bounds, bounds[1:], strict=False)):
+        if tuple(sorted(set(bounds))) != tuple(bounds):
             raise ValueError(f"buckets must be in increasing order, got {bounds}")
 
 

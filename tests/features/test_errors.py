@@ -1,0 +1,506 @@
+"""The Mikros error API on the wire: every kind, Go's and Rust's payloads, HTTP and gRPC.
+
+The payloads "from Go" and "from Rust" below are written exactly as Mikros
+Go's ``errors.Error`` (``json.Marshal``, ``omitempty`` tags, its factory's
+messages) and Mikros Rust's ``ServiceError`` (serde, fields in declaration
+order, ``skip_serializing_if = "Option::is_none"``) serialize them. Over
+the network, services run in-process with real sockets: httpx for HTTP,
+grpcio's C-core client and our ``mikros_trio.grpc.call`` for gRPC, and a
+grpcio server standing in for a Mikros Go or Rust peer (they answer every
+error with status UNKNOWN and the JSON as its message).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from concurrent import futures
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import trio
+from dependency_injector import providers
+from quart_trio import QuartTrio
+
+import mikros_trio.grpc
+from mikros_trio import (
+    BuildContext,
+    ConditionError,
+    CustomError,
+    ErrorKind,
+    InternalError,
+    Lifetime,
+    NotFoundError,
+    PermissionDeniedError,
+    RPCError,
+    ServiceContainer,
+    ServiceError,
+    ValidationError,
+    parse_definition,
+)
+from mikros_trio._telemetry import Telemetry
+from mikros_trio.features.errors import build_errors
+from mikros_trio.features.settings import ErrorsSettings
+from mikros_trio.testing import RunningService, ServiceStarter
+from protos import testsvc_grpc, testsvc_pb2, testsvc_pb2_grpc
+
+#: No single wait in these tests may take longer than this (seconds).
+BOUND = 5.0
+
+GRPC_OPTIONS = [("grpc.enable_http_proxy", 0)]
+
+EchoRequest = testsvc_pb2.EchoRequest
+
+#: Text an unexpected exception carries; must not reach callers with expose_details = false.
+INTERNALS = "the database said: password authentication failed for user app"
+
+KINDS: list[type[ServiceError]] = [
+    ValidationError,
+    InternalError,
+    NotFoundError,
+    ConditionError,
+    PermissionDeniedError,
+    RPCError,
+    CustomError,
+]
+
+
+def compact(wire: dict[str, Any]) -> str:
+    """JSON as Go's json.Marshal and serde_json write it: no spaces, keys in the given order."""
+    return json.dumps(wire, separators=(",", ":"))
+
+
+# -- the wire shape ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", KINDS, ids=lambda cls: cls.__name__)
+def test_every_kind_round_trips(cls: type[ServiceError]) -> None:
+    """to_wire → JSON → from_wire gives back the same kind and every field."""
+    error = cls(
+        "it failed",
+        code=42,
+        details="root cause",
+        service_name="users",
+        destination="billing",
+        attributes={"user": 7},
+    )
+    back = ServiceError.from_wire(json.loads(compact(error.to_wire())))
+    assert type(back) is cls
+    assert back.kind == cls.kind
+    assert (back.message, back.code, back.details) == ("it failed", 42, "root cause")
+    assert (back.service_name, back.destination, back.attributes) == (
+        "users",
+        "billing",
+        {"user": 7},
+    )
+
+
+def test_wire_is_byte_identical_to_mikros_go() -> None:
+    """Our JSON is exactly what Go's json.Marshal writes for the same errors.Error."""
+    minimal = NotFoundError("not found", service_name="users")
+    assert compact(minimal.to_wire()) == (
+        '{"code":0,"service_name":"users","message":"not found","kind":"NotFoundError"}'
+    )
+    full = InternalError(
+        "got an internal error",
+        code=3,
+        details="sql: no rows in result set",
+        service_name="users",
+        destination="billing",
+    )
+    assert compact(full.to_wire()) == (
+        '{"code":3,"service_name":"users","message":"got an internal error",'
+        '"destination":"billing","kind":"InternalError","details":"sql: no rows in result set"}'
+    )
+
+
+@pytest.mark.parametrize("cls", KINDS, ids=lambda cls: cls.__name__)
+def test_every_kind_carries_what_go_and_rust_require(cls: type[ServiceError]) -> None:
+    """Even empty, an error sends code (an int32) and one of the kind strings Go and Rust know."""
+    wire = cls("").to_wire()
+    assert wire == {"code": 0, "kind": cls.kind.value}
+    assert cls.kind.value in {
+        "ValidationError",
+        "InternalError",
+        "NotFoundError",
+        "ConditionError",
+        "PermissionError",
+        "RPCError",
+        "CustomError",
+    }
+
+
+def test_code_must_fit_in_32_bits() -> None:
+    """A code Go's int32 could not hold is refused when the error is made, not lost on the wire."""
+    assert NotFoundError("x", code=-(2**31)).code == -(2**31)
+    with pytest.raises(ValueError, match="32-bit"):
+        NotFoundError("x", code=2**31)
+
+
+# Mikros Go's errors.Factory messages, marshalled by its errors.Error.
+GO_PAYLOADS = [
+    ('{"code":0,"service_name":"users","message":"not found","kind":"NotFoundError"}',
+     NotFoundError, "not found", ""),
+    ('{"code":0,"service_name":"users","message":"request validation failed",'
+     '"kind":"ValidationError","details":"name: cannot be blank"}',
+     ValidationError, "request validation failed", "name: cannot be blank"),
+    ('{"code":0,"service_name":"users","message":"account is locked","kind":"ConditionError"}',
+     ConditionError, "account is locked", ""),
+    ('{"code":0,"service_name":"users","message":"no permission to access users",'
+     '"kind":"PermissionError"}',
+     PermissionDeniedError, "no permission to access users", ""),
+    ('{"code":0,"service_name":"users","message":"got an internal error",'
+     '"kind":"InternalError","details":"dial tcp: connection refused"}',
+     InternalError, "got an internal error", "dial tcp: connection refused"),
+    ('{"code":0,"service_name":"users","message":"service RPC error","destination":"billing",'
+     '"kind":"RPCError","details":"rpc error: code = Unavailable"}',
+     RPCError, "service RPC error", "rpc error: code = Unavailable"),
+    ('{"code":1042,"service_name":"users","message":"quota exceeded","kind":"CustomError"}',
+     CustomError, "quota exceeded", ""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("payload", "cls", "message", "details"), GO_PAYLOADS, ids=[p[1].__name__ for p in GO_PAYLOADS]
+)
+def test_decodes_mikros_go_payloads(
+    payload: str, cls: type[ServiceError], message: str, details: str
+) -> None:
+    """Each payload a Mikros Go service sends decodes to the matching kind and fields."""
+    error = ServiceError.from_wire(json.loads(payload))
+    assert type(error) is cls
+    assert (error.message, error.details, error.service_name) == (message, details, "users")
+    assert compact(error.to_wire()) == payload  # and we would send back the very same bytes
+
+
+# Mikros Rust's ServiceError, serialized by serde in field order (code, kind, message,
+# service_name, attributes, destination), with the messages of its constructors.
+RUST_PAYLOADS = [
+    ('{"code":0,"kind":"NotFoundError","message":"not found","service_name":"my-service"}',
+     NotFoundError, "not found"),
+    ('{"code":0,"kind":"ValidationError","message":"invalid arguments",'
+     '"service_name":"my-service"}',
+     ValidationError, "invalid arguments"),
+    ('{"code":0,"kind":"PermissionError","message":"no permission to access the service",'
+     '"service_name":"my-service"}',
+     PermissionDeniedError, "no permission to access the service"),
+    ('{"code":0,"kind":"ConditionError","message":"stock is empty","service_name":"my-service"}',
+     ConditionError, "stock is empty"),
+    ('{"code":0,"kind":"InternalError","message":"some internal error",'
+     '"service_name":"my-service"}',
+     InternalError, "some internal error"),
+    ('{"code":42,"kind":"RPCError","message":"connection failed","service_name":"my-service",'
+     '"attributes":{"key":"value"},"destination":"http"}',
+     RPCError, "connection failed"),
+    ('{"code":0,"kind":"CustomError","message":"custom","service_name":"my-service"}',
+     CustomError, "custom"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("payload", "cls", "message"), RUST_PAYLOADS, ids=[p[1].__name__ for p in RUST_PAYLOADS]
+)
+def test_decodes_mikros_rust_payloads(payload: str, cls: type[ServiceError], message: str) -> None:
+    """Each payload a Mikros Rust service sends decodes to the matching kind, attributes kept."""
+    error = ServiceError.from_wire(json.loads(payload))
+    assert type(error) is cls
+    assert (error.message, error.service_name) == (message, "my-service")
+    if cls is RPCError:
+        assert (error.code, error.destination, error.attributes) == (42, "http", {"key": "value"})
+        assert error.to_wire()["attributes"] == {"key": "value"}
+
+
+def test_rust_error_with_hidden_fields() -> None:
+    """Rust's MIKROS_HIDE_RESPONSE_FIELDS leaves only code and kind: still the right kind."""
+    error = ServiceError.from_wire({"code": 42, "kind": "RPCError"})
+    assert type(error) is RPCError
+    assert (error.code, error.message, error.service_name, error.destination) == (42, "", "", "")
+
+
+def test_cause_is_another_name_for_details() -> None:
+    """A payload spelling the cause ``cause`` decodes it into details; ``details`` wins if both."""
+    cause = ServiceError.from_wire({"code": 0, "kind": "InternalError", "cause": "disk full"})
+    assert cause.details == "disk full"
+    assert cause.to_wire()["details"] == "disk full"
+    both = ServiceError.from_wire({"kind": "InternalError", "details": "a", "cause": "b"})
+    assert both.details == "a"
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        ({"code": 0, "kind": "TeapotError", "message": "m"}, (InternalError, 0, "m")),
+        ({"message": "no kind"}, (InternalError, 0, "no kind")),
+        ({"code": "7", "kind": "NotFoundError"}, (NotFoundError, 0, "")),
+        ({"code": 2**40, "kind": "NotFoundError"}, (NotFoundError, 0, "")),
+        ({"code": True, "kind": "NotFoundError"}, (NotFoundError, 0, "")),
+        ({"code": 5, "kind": "NotFoundError", "message": None}, (NotFoundError, 5, "")),
+        ({"code": 5, "kind": "NotFoundError", "message": 12}, (NotFoundError, 5, "12")),
+    ],
+)
+def test_odd_payloads_decode_without_raising(
+    wire: dict[str, Any], expected: tuple[type[ServiceError], int, str]
+) -> None:
+    """Unknown kinds are internal errors; a code Go could not decode reads 0; nothing raises."""
+    error = ServiceError.from_wire(wire)
+    assert (type(error), error.code, error.message) == expected
+
+
+# -- the feature -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expose", [True, False])
+def test_build_sets_the_hub_policy(expose: bool) -> None:
+    """build_errors copies expose_details onto the service's telemetry and returns no component."""
+    definition = parse_definition(
+        'name = "s"\ntypes = ["worker"]\nversion = "v1.0.0"\n'
+        f"[features.errors]\nexpose_details = {str(expose).lower()}\n",
+        environ={},
+    )
+    settings = definition.features["errors"].settings
+    assert settings == ErrorsSettings(expose_details=expose)
+    telemetry = Telemetry("s")
+    telemetry.expose_details = not expose
+    context = BuildContext("errors", settings, definition, ServiceContainer(), telemetry)
+    assert list(build_errors(context)) == []
+    assert telemetry.expose_details is expose
+
+
+# -- over HTTP ---------------------------------------------------------------------------------
+
+
+def create_app() -> QuartTrio:
+    app = QuartTrio(__name__)
+
+    @app.get("/users/<user_id>")
+    async def user(user_id: str) -> dict[str, Any]:
+        raise NotFoundError(f"no user {user_id}", code=404)
+
+    @app.get("/boom")
+    async def boom() -> dict[str, Any]:
+        raise RuntimeError(INTERNALS)
+
+    return app
+
+
+class HttpContainer(ServiceContainer):
+    app = providers.Singleton(create_app)
+
+
+def write_toml(tmp_path: Path, kind: str, *, expose: bool = True, extra: str = "") -> Path:
+    """A service.toml named ``users`` of ``kind`` on 127.0.0.1, with expose_details = ``expose``."""
+    path = tmp_path / f"{kind}-{expose}.toml"
+    path.write_text(
+        f'name = "users"\ntypes = ["{kind}"]\nversion = "v1.0.0"\n'
+        f'[runtime.{kind}]\nhost = "127.0.0.1"\n'
+        f"[features.errors]\nexpose_details = {str(expose).lower()}\n"
+        "[lifecycle]\nstart_timeout = 5.0\ndrain_timeout = 2.0\nshutdown_timeout = 5.0\n" + extra
+    )
+    return path
+
+
+async def http_get(running: RunningService, path: str) -> httpx.Response:
+    port = running.ports["http"]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+        with trio.fail_after(BOUND):
+            return await client.get(path)
+
+
+async def test_not_found_over_http_arrives_as_the_same_kind(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A NotFoundError raised in a handler is a 404 whose body decodes to the same error."""
+    running = await mikros_service.start(HttpContainer, write_toml(tmp_path, "http"))
+    response = await http_get(running, "/users/7")
+    assert response.status_code == 404
+    error = ServiceError.from_wire(response.json())
+    assert type(error) is NotFoundError
+    assert (error.message, error.code, error.service_name) == ("no user 7", 404, "users")
+
+
+@pytest.mark.parametrize("expose", [True, False])
+async def test_expose_details_over_http(
+    mikros_service: ServiceStarter, tmp_path: Path, expose: bool
+) -> None:
+    """An unexpected exception's text is in the 500's details only with expose_details = true."""
+    running = await mikros_service.start(HttpContainer, write_toml(tmp_path, "http", expose=expose))
+    response = await http_get(running, "/boom")
+    assert response.status_code == 500
+    error = ServiceError.from_wire(response.json())
+    assert type(error) is InternalError
+    assert (INTERNALS in response.text) is expose
+    if expose:
+        assert error.details == f"RuntimeError: {INTERNALS}"
+    else:
+        assert error.details == ""
+        assert "RuntimeError" not in response.text
+
+
+# -- over gRPC -----------------------------------------------------------------------------------
+
+
+class Users(testsvc_grpc.EchoServicer):  # type: ignore[misc]  # generated, untyped
+    """Unary raises NotFoundError for ``text``, or an unexpected error when ``fail`` says so."""
+
+    async def Unary(self, request: Any) -> Any:
+        if request.fail == "runtime":
+            raise RuntimeError(INTERNALS)
+        raise NotFoundError(f"no user {request.text}", code=404)
+
+
+class GrpcContainer(ServiceContainer):
+    users = providers.Singleton(Users)
+
+
+async def idle(lifetime: Lifetime) -> None:
+    """A worker with nothing to do until shutdown."""
+    await lifetime.wait_stopping()
+
+
+class CallerContainer(ServiceContainer):
+    """A service with a channel to ``[clients.users]`` and nothing else to serve but a worker."""
+
+    users = mikros_trio.grpc.client("users")
+    worker = providers.Object(idle)
+
+
+async def start_caller(
+    mikros_service: ServiceStarter, tmp_path: Path, peer_port: int
+) -> RunningService:
+    """A worker service whose ``users`` channel points at 127.0.0.1:``peer_port``."""
+    path = tmp_path / "caller.toml"
+    path.write_text(
+        'name = "caller"\ntypes = ["worker"]\nversion = "v1.0.0"\n'
+        f'[clients.users]\nhost = "127.0.0.1"\nport = {peer_port}\n'
+        "[lifecycle]\nstart_timeout = 5.0\ndrain_timeout = 2.0\nshutdown_timeout = 5.0\n"
+    )
+    return await mikros_service.start(CallerContainer, path)
+
+
+def grpcio_unary(port: int, request: Any) -> grpc.RpcError:
+    """The error grpcio's client gets for one Unary call (blocking; run it in a thread)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
+        try:
+            testsvc_pb2_grpc.EchoStub(channel).Unary(request, timeout=BOUND)
+        except grpc.RpcError as error:
+            return error
+    raise AssertionError("the call succeeded")
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    with trio.fail_after(2 * BOUND):
+        return await trio.to_thread.run_sync(fn, *args)
+
+
+async def test_not_found_over_grpc_with_grpcio(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """grpcio's client sees NOT_FOUND, and the status message decodes to the same NotFoundError."""
+    running = await mikros_service.start(GrpcContainer, write_toml(tmp_path, "grpc"))
+    error = await in_thread(grpcio_unary, running.ports["grpc"], EchoRequest(text="7"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    typed = ServiceError.from_wire(json.loads(error.details()))
+    assert type(typed) is NotFoundError
+    assert (typed.message, typed.code, typed.service_name) == ("no user 7", 404, "users")
+
+
+async def test_not_found_over_grpc_with_our_client(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """mikros_trio.grpc.call raises the server's NotFoundError again, naming the destination."""
+    server = await mikros_service.start(GrpcContainer, write_toml(tmp_path, "grpc"))
+    caller = await start_caller(mikros_service, tmp_path, server.ports["grpc"])
+    stub = testsvc_grpc.EchoStub(caller.container.users())
+    with trio.fail_after(BOUND), pytest.raises(NotFoundError) as caught:
+        await mikros_trio.grpc.call(stub.Unary, EchoRequest(text="7"), destination="users")
+    error = caught.value
+    assert (error.message, error.code, error.service_name) == ("no user 7", 404, "users")
+    assert error.destination == "users"
+
+
+@pytest.mark.parametrize("expose", [True, False])
+async def test_expose_details_over_grpc(
+    mikros_service: ServiceStarter, tmp_path: Path, expose: bool
+) -> None:
+    """An unexpected exception's text is in INTERNAL's details only with expose_details = true."""
+    running = await mikros_service.start(GrpcContainer, write_toml(tmp_path, "grpc", expose=expose))
+    error = await in_thread(grpcio_unary, running.ports["grpc"], EchoRequest(fail="runtime"))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    typed = ServiceError.from_wire(json.loads(error.details()))
+    assert type(typed) is InternalError
+    assert (INTERNALS in error.details()) is expose
+    assert typed.details == (f"RuntimeError: {INTERNALS}" if expose else "")
+
+
+async def test_grpc_status_unknown_answers_as_mikros_go_does(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """grpc_status = "unknown": UNKNOWN with the JSON (Go's convention); our client decodes it."""
+    path = write_toml(tmp_path, "grpc", extra="")
+    path.write_text(
+        path.read_text().replace(
+            "[features.errors]\n", '[features.errors]\ngrpc_status = "unknown"\n'
+        )
+    )
+    server = await mikros_service.start(GrpcContainer, path)
+    error = await in_thread(grpcio_unary, server.ports["grpc"], EchoRequest(text="7"))
+    assert error.code() == grpc.StatusCode.UNKNOWN
+    assert type(ServiceError.from_wire(json.loads(error.details()))) is NotFoundError
+    caller = await start_caller(mikros_service, tmp_path, server.ports["grpc"])
+    stub = testsvc_grpc.EchoStub(caller.container.users())
+    with trio.fail_after(BOUND), pytest.raises(NotFoundError):
+        await mikros_trio.grpc.call(stub.Unary, EchoRequest(text="7"), destination="users")
+
+
+class MikrosPeer(testsvc_pb2_grpc.EchoServicer):  # type: ignore[misc]  # generated, untyped
+    """Answers as a Mikros Go or Rust server does: status UNKNOWN, the error JSON as message.
+
+    The payload to answer with is the request's ``text``.
+    """
+
+    def Unary(self, request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNKNOWN, request.text)
+
+
+@asynccontextmanager
+async def mikros_peer() -> AsyncIterator[int]:
+    """A grpcio server standing in for a Mikros Go or Rust peer; yields its port."""
+    executor = futures.ThreadPoolExecutor(max_workers=2)
+    server = grpc.server(executor)
+    testsvc_pb2_grpc.add_EchoServicer_to_server(MikrosPeer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        await in_thread(lambda: server.stop(None).wait(BOUND))
+        await in_thread(executor.shutdown)
+
+
+PEER_PAYLOADS = [
+    pytest.param(GO_PAYLOADS[0][0], NotFoundError, id="go-not-found"),
+    pytest.param(GO_PAYLOADS[5][0], RPCError, id="go-rpc"),
+    pytest.param(RUST_PAYLOADS[2][0], PermissionDeniedError, id="rust-permission"),
+    pytest.param(RUST_PAYLOADS[5][0], RPCError, id="rust-rpc"),
+]
+
+
+@pytest.mark.parametrize(("payload", "cls"), PEER_PAYLOADS)
+async def test_our_client_decodes_go_and_rust_servers(
+    mikros_service: ServiceStarter, tmp_path: Path, payload: str, cls: type[ServiceError]
+) -> None:
+    """A Go or Rust Mikros error (UNKNOWN status, JSON message) is raised as its own kind."""
+    async with mikros_peer() as port:
+        caller = await start_caller(mikros_service, tmp_path, port)
+        stub = testsvc_grpc.EchoStub(caller.container.users())
+        with trio.fail_after(BOUND), pytest.raises(ServiceError) as caught:
+            await mikros_trio.grpc.call(stub.Unary, EchoRequest(text=payload), destination="users")
+        assert type(caught.value) is cls
+        sent = json.loads(payload)
+        assert caught.value.message == sent["message"]
+        assert caught.value.kind == ErrorKind(sent["kind"])
+        assert await caller.stop() == 0

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 from dependency_injector import providers
 
-from mikros_trio import ConfigError, Lifetime, Service, ServiceContainer
+from mikros_trio import (
+    ConfigError,
+    FeatureSpec,
+    Lifetime,
+    Registry,
+    Service,
+    ServiceContainer,
+    default_registry,
+)
 from mikros_trio.testing import ServiceStarter
 
 WORKER_TOML = """
@@ -135,7 +144,7 @@ def test_factories_are_not_lifecycle_components(config: Path) -> None:
 
     service = Service(WithFactory, config)
     names = [c.name for c in service.supervisor.components]
-    assert names == ["worker", "repo", "cache"]
+    assert names == ["logger", "worker", "repo", "cache"]
 
 
 def test_components_table_adds_edges(tmp_path: Path) -> None:
@@ -150,7 +159,7 @@ def test_components_table_adds_edges(tmp_path: Path) -> None:
     path = tmp_path / "service.toml"
     path.write_text(WORKER_TOML + '[components.repo]\ndepends_on = ["audit"]\n')
     waves = Service(WithAudit, path).supervisor.plan.waves()
-    assert waves == [["audit"], ["repo"], ["cache"], ["worker"]]
+    assert waves == [["logger"], ["audit"], ["repo"], ["cache"], ["worker"]]
 
 
 def test_components_table_naming_nothing_is_an_error(tmp_path: Path) -> None:
@@ -198,3 +207,26 @@ def test_config_exposes_the_file(config: Path) -> None:
     assert service.container.config.name() == "svc"
     assert service.container.config.lifecycle.drain_timeout() == 1.0
     assert service.container.definition() is service.definition
+
+
+def test_a_missing_optional_dependency_is_a_config_error_naming_the_extra(config: Path) -> None:
+    """A feature whose package is not installed fails the build, naming the extra to install."""
+
+    @dataclass(frozen=True)
+    class Nothing:
+        pass
+
+    registry = Registry(
+        kinds=default_registry().kinds,
+        features={
+            "fancy": FeatureSpec(
+                "fancy", Nothing, "no_such_package_here:build", always_on=True, extra="fancy"
+            )
+        },
+    )
+    with pytest.raises(ConfigError) as caught:
+        Service(Container, config, registry=registry).build()
+    (issue,) = caught.value.issues
+    assert issue.path == "features.fancy"
+    assert "'no_such_package_here' package, which is not installed" in issue.message
+    assert "pip install 'mikros-trio[fancy]'" in issue.message

@@ -192,7 +192,8 @@ def test_defaults_for_optional_tables() -> None:
     assert definition.log == LogSettings()
     assert definition.lifecycle == LifecycleSettings()
     assert definition.runtime == {"http": HttpSettings()}
-    assert definition.features == {}
+    assert list(definition.features) == ["logger", "errors", "env"], "always-on, defaults"
+    assert not any(config.enabled for config in definition.features.values())
     assert definition.service == {}
 
 
@@ -442,7 +443,7 @@ def test_a_disabled_dependency_is_an_error() -> None:
     text = MINIMAL + "[features.cache]\nenabled = true\n"
     (issue,) = issues_of(text, registry=registry)
     assert issue.path == "features.store.enabled"
-    assert "feature 'cache' needs feature 'store'" in issue.message
+    assert 'feature "cache" needs feature "store"' in issue.message
 
 
 def test_enabled_features(registry: Registry) -> None:

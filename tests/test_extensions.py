@@ -25,6 +25,8 @@ EXTENSIONS = Path(__file__).parent / "extensions"
 
 Install = Callable[[str, Mapping[str, Mapping[str, str]]], None]
 
+BUILT_IN_FEATURES = ["logger", "errors", "env", "metrics", "tracing"]
+
 SERVICE_TOML = """
 name = "ticker"
 types = ["cron"]
@@ -103,7 +105,7 @@ def test_entry_points_add_the_kind_and_feature(registry: Registry) -> None:
     assert list(registry.kinds)[:4] == ["worker", "script", "http", "grpc"]
     assert registry.kind("cron") is not None
     assert registry.kinds["cron"].factory == "mikros_trio_testext:build_cron"
-    assert list(registry.features) == ["audit"]
+    assert list(registry.features) == [*BUILT_IN_FEATURES, "audit"]
 
 
 def test_service_toml_using_them_loads(registry: Registry, tmp_path: Path) -> None:
@@ -112,7 +114,7 @@ def test_service_toml_using_them_loads(registry: Registry, tmp_path: Path) -> No
     assert [t.kind for t in definition.types] == ["cron"]
     assert definition.runtime["cron"].every == 1.0
     assert definition.features["audit"].settings.level == "high"
-    assert definition.enabled_features(registry) == ("audit",)
+    assert definition.enabled_features(registry) == ("logger", "errors", "env", "audit")
 
 
 def test_feature_settings_are_validated(registry: Registry, tmp_path: Path) -> None:
@@ -136,15 +138,19 @@ def test_kind_settings_reject_unknown_keys(registry: Registry, tmp_path: Path) -
 async def test_runs_under_the_supervisor(
     registry: Registry, tmp_path: Path, journal: list[str], autojump_clock: trio.abc.Clock
 ) -> None:
-    """audit starts before cron and stops after it; health lists both; exit 0."""
+    """audit starts after the logger and before cron, stops in reverse; health lists all; exit 0."""
     async with start_service(ServiceContainer, config_file(tmp_path), registry=registry) as running:
         assert running.health.ready
-        assert list(running.health.components) == ["audit", "cron"]
+        assert list(running.health.components) == ["logger", "audit", "cron"]
+        started = [e.component for e in running.events if e.phase == "started"]
+        assert started == ["logger", "audit", "cron"]
         await trio.sleep(3.5)
         code = await running.stop()
     assert code == 0
     assert journal == ["audit start high", "cron start", "cron stop after 4 ticks", "audit stop"]
     assert running.phases("cron")[-1] == running.phases("audit")[-1] == "stopped"
+    stopped = [e.component for e in running.events if e.phase == "stopped"]
+    assert stopped[:3] == ["cron", "audit", "logger"]
 
 
 def test_check_and_schema_see_them(
@@ -155,7 +161,7 @@ def test_check_and_schema_see_them(
     assert main(["check", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "kinds: cron" in out
-    assert "1. audit" in out
+    assert "4. audit" in out
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert "cron" in schema["properties"]["runtime"]["properties"]

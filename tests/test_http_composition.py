@@ -191,7 +191,7 @@ def test_app_provider_name_comes_from_runtime_http(tmp_path: Path) -> None:
         web = providers.Singleton(create_app, store=store)
 
     path = write_toml(tmp_path, http={"app": "web"})
-    assert [c.name for c in Service(Named, path).supervisor.components] == ["http"]
+    assert [c.name for c in Service(Named, path).supervisor.components] == ["logger", "http"]
     with pytest.raises(ConfigError) as caught:
         Service(NoApp, path).build()
     [issue] = caught.value.issues

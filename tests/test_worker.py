@@ -150,6 +150,6 @@ def test_worker_provider_name_comes_from_runtime(tmp_path: Path) -> None:
     class Named(ServiceContainer):
         poller = providers.Singleton(Polite)
 
-    assert [c.name for c in Service(Named, path).supervisor.components] == ["worker"]
+    assert [c.name for c in Service(Named, path).supervisor.components] == ["logger", "worker"]
     with pytest.raises(ConfigError):
         Service(PoliteContainer, path).build()

@@ -294,15 +294,16 @@ def build_components(
     nodes: list[NodeSpec] = []
     reserved: list[str] = []
 
-    # The last feature component built: the next feature's starts after it.
+    # Feature components, in start order: each starts after the one before,
+    # and every other component after the last (logs, metrics and traces
+    # are up before any user code runs, and down after it).
     previous: list[str] = []
 
     def add(built: Iterable[Component], source: str, path: str, *, chain: bool) -> None:
         for component in built:
             components.append(component)
-            depends_on = component.depends_on
+            depends_on = (*previous[-1:], *component.depends_on)
             if chain:
-                depends_on = (*previous[-1:], *depends_on)
                 previous.append(component.name)
             nodes.append(
                 NodeSpec(
@@ -315,10 +316,11 @@ def build_components(
                 )
             )
 
-    builders: list[tuple[str, Any, str, str]] = []
+    builders: list[tuple[str, Any, str, str, str]] = []
     for feature in definition.enabled_features(registry):
         fspec = registry.features[feature]
-        builders.append((feature, definition.features[feature].settings, fspec.factory, "features"))
+        settings = definition.features[feature].settings
+        builders.append((feature, settings, fspec.factory, "features", fspec.extra))
     for entry in definition.types:
         kspec = registry.kind(entry.kind)
         assert kspec is not None  # the definition layer validated the kinds
@@ -326,18 +328,28 @@ def build_components(
         provider_name = getattr(settings, "provider", None)
         if isinstance(provider_name, str):
             reserved.append(provider_name)
-        builders.append((entry.kind, settings, kspec.factory, "runtime"))
-    for name, settings, factory, table in builders:
+        builders.append((entry.kind, settings, kspec.factory, "runtime", kspec.extra))
+    for name, settings, factory, table, extra in builders:
         context = BuildContext(name, settings, definition, container, telemetry)
         try:
             built = _load_factory(factory)(context)
             add(built, definition.source, f"{table}.{name}", chain=table == "features")
         except ConfigError as exc:
             issues.extend(exc.issues)
+        except ModuleNotFoundError as exc:
+            # A missing optional dependency is an installation mistake, not a crash.
+            install = f"pip install 'mikros-trio[{extra}]'" if extra else "install it"
+            issues.append(
+                ConfigIssue(
+                    definition.source,
+                    "types" if table == "runtime" else f"features.{name}",
+                    f"{name} needs the {exc.name!r} package, which is not installed ({install})",
+                )
+            )
     try:
         for component, node in discover(container, definition, reserved):
             components.append(component)
-            nodes.append(node)
+            nodes.append(dataclasses.replace(node, depends_on=(*previous[-1:], *node.depends_on)))
     except ConfigError as exc:
         issues.extend(exc.issues)
     if issues:

@@ -68,6 +68,8 @@ class KindSpec:
     aliases: tuple[str, ...] = ()
     alone: bool = False
     summary: str = ""
+    #: The package extra its factory's imports need (named when they are missing).
+    extra: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,10 @@ class FeatureSpec:
     summary: str = ""
     #: Features that must start before this one (and stop after it).
     depends_on: tuple[str, ...] = ()
+    #: Environment variable overriding the port of a listener the feature runs.
+    port_env: str | None = None
+    #: The package extra its factory's imports need (named when they are missing).
+    extra: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +143,7 @@ _BUILTIN_KINDS = (
         factory="mikros_trio.http:build_http",
         default_port=8080,
         port_env="MIKROS_HTTP_PORT",
+        extra="http",
         summary="a QuartTrio app served by hypercorn",
     ),
     KindSpec(
@@ -145,6 +152,7 @@ _BUILTIN_KINDS = (
         factory="mikros_trio.grpc:build_grpc",
         default_port=50051,
         port_env="MIKROS_GRPC_PORT",
+        extra="grpc",
         summary="purerpc servicers",
     ),
 )
@@ -177,6 +185,8 @@ _BUILTIN_FEATURES: tuple[FeatureSpec, ...] = (
         settings=MetricsSettings,
         factory="mikros_trio.features.metrics:build_metrics",
         depends_on=("logger",),
+        port_env="MIKROS_METRICS_PORT",
+        extra="metrics",
         summary="Prometheus metrics at /metrics",
     ),
     FeatureSpec(
@@ -184,6 +194,7 @@ _BUILTIN_FEATURES: tuple[FeatureSpec, ...] = (
         settings=TracingSettings,
         factory="mikros_trio.features.tracing:build_tracing",
         depends_on=("logger",),
+        extra="tracing",
         summary="OpenTelemetry spans with W3C trace context",
     ),
 )

@@ -120,9 +120,11 @@ def _file_nodes(definition: Definition) -> list[NodeSpec]:
     from ._component import Role
 
     registry = default_registry()
+    features = definition.enabled_features(registry)
+    # Features start one at a time, in this order (as build_components chains them).
     nodes = [
-        NodeSpec(name, Role.PROCESSING, path=f"features.{name}")
-        for name in definition.enabled_features(registry)
+        NodeSpec(name, Role.PROCESSING, features[index - 1 : index], path=f"features.{name}")
+        for index, name in enumerate(features)
     ]
     nodes += [NodeSpec(t.kind, Role.GENERATING, path="types") for t in definition.types]
     nodes += [

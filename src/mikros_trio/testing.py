@@ -135,9 +135,9 @@ def _prepare(
     registry = registry or default_registry()
     env = dict(os.environ if environ is None else environ)
     if ephemeral_ports:
-        for spec in registry.kinds.values():
-            if spec.port_env is not None:
-                env[spec.port_env] = "0"
+        port_envs = [spec.port_env for spec in registry.kinds.values()]
+        port_envs += [spec.port_env for spec in registry.features.values()]
+        env.update((name, "0") for name in port_envs if name is not None)
     applied = _apply_overrides(instance, overrides or {})
     try:
         config_arg = config if isinstance(config, Definition) else Path(config)

@@ -89,6 +89,7 @@ audit = FeatureSpec(
     settings=AuditSettings,
     factory="mikros_trio_testext:build_audit",
     summary="records start and stop",
+    depends_on=("logger",),  # a built-in, to show third-party features order among them
 )
 
 cron = KindSpec(

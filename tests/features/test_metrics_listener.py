@@ -363,7 +363,9 @@ async def test_bad_port_environment_variable_is_a_config_error(
     """A MIKROS_METRICS_PORT that is not a port is a ConfigError at features.metrics.port."""
     path = write_service(tmp_path, types="worker")
     with pytest.raises(ConfigError) as caught:
-        await mikros_service.start(IdleContainer, path, environ={**os.environ, PORT_ENV: text})
+        # ephemeral_ports would replace the variable with 0: keep the bad value.
+        environ = {**os.environ, PORT_ENV: text}
+        await mikros_service.start(IdleContainer, path, environ=environ, ephemeral_ports=False)
     [issue] = caught.value.issues
     assert issue.path == "features.metrics.port"
     assert PORT_ENV in issue.message

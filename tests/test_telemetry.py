@@ -177,8 +177,8 @@ def test_get_names_the_missing_feature_object() -> None:
 
 
 def test_call_header_reads_bytes_and_text_pairs() -> None:
-    """Call.header finds a header case-insensitively in ASGI bytes pairs and gRPC str pairs."""
-    http_call = Call("http", "server", "", headers=[(b"Traceparent", b"00-1")])
+    """Call.header finds a lower-case header in ASGI bytes pairs and gRPC str pairs, by any case."""
+    http_call = Call("http", "server", "", headers=[(b"traceparent", b"00-1")])
     grpc_call = Call("grpc", "server", "", headers=[("traceparent", "00-2"), ("k-bin", b"\x01")])
     assert http_call.header("traceparent") == "00-1"
     assert grpc_call.header("TRACEPARENT") == "00-2"

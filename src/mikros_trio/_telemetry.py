@@ -118,14 +118,17 @@ class Call:
         self.duration = 0.0
 
     def header(self, name: str) -> str | None:
-        """The incoming header or metadata value called ``name`` (lower case), or ``None``."""
-        wanted = name.lower()
+        """The incoming header or metadata value called ``name``, or ``None``.
+
+        Names are compared in lower case, which is how both ASGI (HTTP/1.1
+        and HTTP/2) and gRPC metadata deliver them, so no header is decoded
+        just to be compared.
+        """
+        text = name.lower()
+        raw = text.encode("latin-1")
         for key, value in self._headers:
-            if isinstance(key, bytes):
-                if key.decode("latin-1").lower() == wanted:
-                    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
-            elif key.lower() == wanted:
-                return value if isinstance(value, str) else bytes(value).decode("latin-1")
+            if key == raw or key == text:
+                return value.decode("latin-1") if isinstance(value, bytes) else str(value)
         return None
 
     def __repr__(self) -> str:

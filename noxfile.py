@@ -75,7 +75,8 @@ def bench(session: nox.Session) -> None:
             external=True,
             success_codes=list(range(256)),  # best effort: the benchmarks fall back without wrk
         )
-    session.install("-e", ".[http,grpc]", "uvicorn", "starlette", "grpcio>=1.60")
+    # Every feature the examples enable (the overhead targets are with all of them on).
+    session.install("-e", ".[http,grpc,metrics,tracing]", "uvicorn", "starlette", "grpcio>=1.60")
     scripts = sorted((ROOT / "bench").glob("*.py"))
     for script in scripts:
         if not script.name.startswith("_"):

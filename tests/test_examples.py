@@ -102,7 +102,7 @@ def test_worker_hanging_stop_hook_is_cut(spawn: Spawn, tmp_path: Path) -> None:
     # Timeouts are warnings, not failures: only an exception earns exit 1.
     assert code == 0, child.report()
     assert re.search(r"^\[.*\] counter: cut \(", child.stderr, re.MULTILINE), child.report()
-    assert "counter did not finish" in child.stderr, child.report()
+    assert "counter did not finish" in child.stdout, child.report()  # a JSON log line
 
 
 def test_worker_second_sigint_forces_exit(spawn: Spawn, tmp_path: Path) -> None:
@@ -201,9 +201,10 @@ def test_failed_start_stops_what_started(spawn: Spawn, tmp_path: Path) -> None:
     )
     child = spawn(sys.executable, tmp_path / "main.py")
     assert child.wait() == 1, child.report()
-    assert child.stdout.splitlines() == ["cache: on_start", "cache: on_shutdown"], child.report()
+    printed = [line for line in child.stdout.splitlines() if not line.startswith("{")]
+    assert printed == ["cache: on_start", "cache: on_shutdown"], child.report()
     first_error = next(
-        (line for line in child.stderr.splitlines() if "error" in line.lower()), None
+        (line for line in child.stdout.splitlines() if '"level":"error"' in line), None
     )
     assert first_error is not None, child.report()
     assert "database" in first_error, child.report()
@@ -229,12 +230,15 @@ def test_script_over_limit_exits_3(spawn: Spawn, tmp_path: Path) -> None:
 
 
 def test_script_error_exits_1_and_logs_it(spawn: Spawn, tmp_path: Path) -> None:
-    """A script that raises exits 1 with the error on stderr and nothing but output on stdout."""
+    """A script that raises exits 1 with the error in a JSON log line and no bare traceback."""
     config = _edited(SCRIPT / "service.toml", tmp_path / "service.toml", expenses="[]")
     child = spawn(MIKROS_TRIO, "run", "examples/script/main.py", "--config", config)
     assert child.wait() == 1, child.report()
-    assert "ValueError: no expenses to check" in child.stderr, child.report()
-    assert "Traceback" not in child.stdout
+    logged = [line for line in child.stdout.splitlines() if line.startswith("{")]
+    assert any("ValueError: no expenses to check" in line for line in logged), child.report()
+    printed = [line for line in child.stdout.splitlines() if not line.startswith("{")]
+    assert not any("Traceback" in line for line in printed), child.report()
+    assert "Traceback" not in child.stderr, child.report()
 
 
 def test_script_cut_by_sigterm_exits_143(spawn: Spawn, tmp_path: Path) -> None:

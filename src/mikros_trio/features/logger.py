@@ -1,0 +1,729 @@
+"""The logger feature: one structured line per event, from every source, per service.
+
+What it does: structlog is set up so that ``structlog.get_logger()`` and
+``logging.getLogger()`` lines take the same road, a single handler on the
+standard library's root logger, and come out with the same shape:
+``timestamp`` (ISO 8601, UTC), ``level``, ``logger``, ``event``, then the
+service's ``service`` and ``version``, the static ``[log] attributes``, the
+current call's ids (``request_id``, ``trace_id``…) and the line's own
+fields. JSON lines when the output is not a terminal, structlog's coloured
+console renderer when it is (``[log] format`` forces either). On top of
+that an observer gives each served call a request id and writes one access
+line per HTTP request, gRPC call, worker iteration and script run, and a
+line per lifecycle step of the service.
+
+Design decisions:
+
+- **Process-wide plumbing, per-service pipelines.** structlog and the
+  logging root handler are configured once per process (both are global),
+  but every service has its own :class:`LogPipeline` (level, renderer,
+  output, identity). The handler picks the pipeline of the service whose
+  task emitted the line through :func:`~mikros_trio.current_telemetry`, so
+  two services in one test process keep their own outputs and names; lines
+  from outside any service go to the most recently started pipeline.
+- **Everything through the standard library.** structlog hands its event
+  dicts to stdlib loggers (``structlog.stdlib.LoggerFactory``), so levels,
+  ``caplog`` and third-party handlers see structlog lines too, and one
+  handler renders both kinds. The root logger's level follows ``[log]
+  level`` (the lowest among running services) so libraries' debug calls
+  stay a cheap level check; the handler adds itself and never removes the
+  handlers others installed.
+- **Ids read at write time.** A line takes the ids of
+  :func:`~mikros_trio.current_call` when it is written, so the order in
+  which observers fill them in does not matter, and a handler's lines and
+  its access line share the request id without anything being passed.
+- **Request ids cross services.** A served call keeps an incoming
+  ``x-request-id`` when it is short and plain (at most 128 characters of
+  ``A-Z a-z 0-9 _ . : / + = @ -``, so it cannot forge a header or a log
+  field), else gets 32 random hex digits; HTTP responses echo it and the
+  client calls made while serving send it on.
+- **Levels of the access line.** ``info`` for a served call, ``error``
+  when it failed (a 5xx, a server-side gRPC code, a failed iteration or
+  script); a client's refusal (4xx, NOT_FOUND…) is the caller's business,
+  not a problem of this service, so it stays ``info``. Client calls are
+  ``debug`` (``warning`` when they fail): the served call's line and the
+  handler's own handling already say what happened.
+- **The access line skips the stdlib road.** It is on every request's hot
+  path, so the observer builds its event dict and hands it to the
+  pipeline's renderer directly: no ``LogRecord``, no handler lock.
+- **Secrets never leave.** With secrets registered, every string in the
+  event is masked before rendering (so JSON escaping cannot hide a secret
+  from the mask) and the rendered line is masked again (tracebacks the
+  console renderer formats itself).
+- **Nothing lost at shutdown.** Outputs are flushed per line; a file is
+  opened when the feature starts (or at the supervisor's first line, just
+  before) and closed by a telemetry closer, after the supervisor's last
+  line ("service stopped"). The feature's component does nothing when it
+  stops: closers run later than any component.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, MutableMapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Final, TypeAlias
+
+import structlog
+import trio
+
+from mikros_trio._component import Component, Lifetime, Role
+from mikros_trio._telemetry import Call, Observer, Telemetry, current_call, current_telemetry
+from mikros_trio.errors import ConfigError, ConfigIssue
+from mikros_trio.features.settings import LoggerSettings
+
+if TYPE_CHECKING:
+    from mikros_trio._container import BuildContext
+    from mikros_trio._supervisor import LifecycleEvent
+
+__all__ = [
+    "ACCESS_LOGGER",
+    "LEVELS",
+    "LIFECYCLE_LOGGER",
+    "LogPipeline",
+    "build_logger",
+    "show_debug",
+]
+
+#: ``[log] level`` names and the stdlib levels they mean (Mikros' ``internal`` is debug).
+LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "internal": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+_LEVEL_NAMES: Final = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "critical",
+}
+
+_ExcInfo: TypeAlias = tuple[type[BaseException], BaseException, TracebackType | None]
+
+#: The logger name of access lines (one per call) and of lifecycle lines.
+ACCESS_LOGGER: Final = "mikros_trio.access"
+LIFECYCLE_LOGGER: Final = "mikros_trio.lifecycle"
+
+#: Keys a caller's line cannot take over: the ones every line starts with.
+_HEAD = ("timestamp", "level", "logger", "event")
+
+# A ``LogRecord``'s own attributes (plus what formatters add to it); any other
+# attribute came from ``extra=`` and becomes a field of the line.
+_RECORD_ATTRIBUTES: Final = frozenset(
+    {*logging.makeLogRecord({}).__dict__, "message", "asctime", "taskName"}
+)
+
+# Marks the records structlog hands to the standard library (their msg is the event dict).
+_FROM_STRUCTLOG: Final = "_mikros_trio_structlog"
+
+# An incoming request id is kept only if it is short and made of characters
+# that cannot break a header or a log line; anything else gets a new id.
+_SANE_ID = re.compile(r"[\w.:/+=@-]{1,128}", re.ASCII)
+
+
+# -- the line ---------------------------------------------------------------
+
+
+class _Clock:
+    """ISO 8601 UTC timestamps with microseconds; the date-time part is cached per second."""
+
+    __slots__ = ("_cached",)
+
+    def __init__(self) -> None:
+        # One tuple, swapped whole: threads never see a second with another's prefix.
+        self._cached = (-1, "")
+
+    def format(self, now: float) -> str:
+        second = int(now)
+        cached = self._cached
+        if cached[0] != second:
+            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+            self._cached = cached
+        return f"{cached[1]}.{int((now - second) * 1e6):06d}Z"
+
+
+_CLOCK = _Clock()
+
+
+def _json_default(value: object) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return object.__repr__(value)
+
+
+_encode_json = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), default=_json_default
+).encode
+
+
+_PLAIN: Final = frozenset({int, float, bool})
+
+
+def _scrub(value: Any, redact: Callable[[str], str]) -> Any:
+    """``value`` with every string in it masked; other objects become masked strings."""
+    if isinstance(value, str):
+        return redact(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, dict):
+        return {key: _scrub(item, redact) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(item, redact) for item in value]
+    return redact(_json_default(value))
+
+
+def _exc_info(value: Any) -> _ExcInfo | None:
+    """Normalise an ``exc_info`` field (True, an exception, a tuple) as logging does."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, BaseException):
+        return (type(value), value, value.__traceback__)
+    if isinstance(value, tuple) and len(value) == 3 and value[0] is not None:
+        return value
+    found = sys.exc_info()
+    return found if found[0] is not None else None
+
+
+class LogPipeline:
+    """One service's log output: its level, identity fields, renderer and stream.
+
+    The logger feature builds one per service and publishes it on the
+    service's telemetry hub (``telemetry.get(LogPipeline)``). Lines reach
+    it through logging/structlog (routed by the service their task runs
+    in) or directly through :meth:`log`, which features use for lines on a
+    hot path. Example::
+
+        pipeline = running.service.telemetry.get(LogPipeline)
+        pipeline.log(logging.INFO, "cache warmed", logger="my_app", entries=120)
+    """
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        *,
+        level: str = "info",
+        format: str = "auto",
+        output: str = "stdout",
+        attributes: dict[str, Any] | None = None,
+        error_stack_trace: str = "default",
+        access_log: bool = True,
+    ) -> None:
+        self.telemetry = telemetry
+        #: The ``[log] level`` as a stdlib level; the root logger goes no lower.
+        self.config_levelno = LEVELS[level]
+        #: Lines below this level are dropped (``verbose`` lowers it to debug).
+        self.levelno = self.config_levelno
+        self.output = output
+        self.access_log = access_log
+        self.error_stack_trace = error_stack_trace
+        self._file: IO[str] | None = None
+        self._is_file = output not in ("stdout", "stderr")
+        self._stream_name = "stderr" if self._is_file else output
+        self._lock = threading.Lock()
+        self.live = False
+        self.closed = False
+        tty = self._is_terminal()
+        #: ``"json"`` or ``"console"``, decided once: never an ``isatty`` per line.
+        self.format = ("console" if tty else "json") if format == "auto" else format
+        self._console: Callable[[Any, str, dict[str, Any]], Any] | None = None
+        if self.format == "console":
+            colors = tty and "NO_COLOR" not in os.environ
+            self._console = structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False)
+        # Identity fields of every line, in order: service, version, attributes.
+        static: dict[str, Any] = {}
+        if telemetry.service:
+            static["service"] = telemetry.service
+        if telemetry.version:
+            static["version"] = telemetry.version
+        static.update(attributes or {})
+        self._static = static
+
+    def _is_terminal(self) -> bool:
+        if self.output not in ("stdout", "stderr"):
+            return False
+        stream = getattr(sys, self.output)
+        try:
+            return stream is not None and bool(stream.isatty())
+        except (AttributeError, ValueError):
+            return False
+
+    # -- life ----------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the output (a file is opened for appending) and start taking lines.
+
+        From now on lines of this service's tasks come here, and so do
+        lines from outside any service (it is the latest pipeline).
+        """
+        if self.live or self.closed:
+            return
+        if self._is_file:
+            with self._lock:
+                self._open_file()
+        self.live = True
+        _ROUTER.add(self)
+
+    def _open_file(self) -> IO[str]:
+        if self._file is None:
+            self._file = open(  # noqa: SIM115 - closed by close(), after the last line
+                self.output, "a", encoding="utf-8", errors="backslashreplace"
+            )
+        return self._file
+
+    def close(self) -> None:
+        """Flush and close the output; later lines go to the next live pipeline. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.live = False
+        _ROUTER.remove(self)
+        with self._lock:
+            file, self._file = self._file, None
+            if file is not None:
+                file.close()
+            else:
+                self._flush_stream()
+
+    def _flush_stream(self) -> None:
+        stream = getattr(sys, self._stream_name, None)
+        if stream is not None:
+            # stdout closed under us: nothing left to flush.
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+
+    # -- lines ---------------------------------------------------------
+
+    def enabled(self, levelno: int) -> bool:
+        """Whether a line at ``levelno`` would be written."""
+        return levelno >= self.levelno
+
+    def log(
+        self,
+        levelno: int,
+        event: str,
+        /,
+        *,
+        logger: str = "mikros_trio",
+        exc_info: Any = None,
+        **fields: Any,
+    ) -> None:
+        """Write one line at ``levelno`` straight through this pipeline (no stdlib logging).
+
+        Carries the same fields as every other line: identity, attributes
+        and the current call's ids.
+        """
+        if levelno < self.levelno:
+            return
+        line = self.head(levelno, logger, event, time.time())
+        line.update(fields)
+        self.emit(line, _exc_info(exc_info))
+
+    def head(self, levelno: int, logger: str, event: Any, now: float) -> dict[str, Any]:
+        """The first fields of a line: time, level, logger, event, identity, call ids."""
+        line: dict[str, Any] = {
+            "timestamp": _CLOCK.format(now),
+            "level": _LEVEL_NAMES.get(levelno) or logging.getLevelName(levelno).lower(),
+            "logger": logger,
+            "event": event,
+        }
+        line.update(self._static)
+        call = current_call()
+        if call is not None and call.ids:
+            line.update(call.ids)
+        return line
+
+    def emit(self, line: dict[str, Any], exc_info: _ExcInfo | None = None) -> None:
+        """Render ``line`` (and the exception, per ``[log] error_stack_trace``) and write it."""
+        if exc_info is not None:
+            self._add_exception(line, exc_info)
+        telemetry = self.telemetry
+        secrets = telemetry.has_secrets
+        if secrets:
+            redact = telemetry.redact
+            # Values are replaced in place (no key is added or removed); the
+            # common case, a plain string without a secret, costs one scan.
+            for key, value in line.items():
+                if type(value) is str:
+                    line[key] = redact(value)
+                elif not (value is None or type(value) in _PLAIN or key == "exc_info"):
+                    line[key] = _scrub(value, redact)
+        console = self._console
+        text = _encode_json(line) if console is None else str(console(None, "", line))
+        if secrets:
+            text = telemetry.redact(text)
+        self._write(text)
+
+    def _add_exception(self, line: dict[str, Any], exc_info: _ExcInfo) -> None:
+        mode = self.error_stack_trace
+        if mode == "disabled":
+            line["exception"] = "".join(traceback.format_exception_only(exc_info[1])).strip()
+        elif self._console is not None:
+            line["exc_info"] = exc_info  # the console renderer lays the traceback out
+        elif mode == "structured":
+            transform = structlog.tracebacks.ExceptionDictTransformer(
+                show_locals=False, use_rich=False
+            )
+            line["exception"] = transform(exc_info)
+        else:
+            line["exception"] = "".join(traceback.format_exception(*exc_info)).rstrip()
+
+    def _write(self, text: str) -> None:
+        with self._lock:
+            stream = self._file
+            if stream is None:
+                if self._is_file and not self.closed:
+                    # A line before the feature started (the supervisor's
+                    # first lifecycle step): open now, the closer will close.
+                    stream = self._open_file()
+                else:
+                    # Looked up per line, as print() does: pytest's capture
+                    # and a user's redirection of sys.stdout are honoured. A
+                    # closed file falls back to stderr.
+                    stream = getattr(sys, self._stream_name, None)
+                    if stream is None:
+                        return
+            try:
+                stream.write(text + "\n")
+            except UnicodeEncodeError:
+                stream.write(text.encode("ascii", "backslashreplace").decode("ascii") + "\n")
+            stream.flush()
+
+    def write_record(self, record: logging.LogRecord) -> None:
+        """Write a standard-library record (one structlog made, or any other)."""
+        message = record.msg
+        exc_info: _ExcInfo | None = None
+        if getattr(record, _FROM_STRUCTLOG, False) and isinstance(message, dict):
+            line = self.head(record.levelno, record.name, message.get("event"), record.created)
+            for key, value in message.items():
+                if key == "exc_info":
+                    exc_info = _exc_info(value)
+                elif key not in _HEAD:
+                    line[key] = value
+        else:
+            line = self.head(record.levelno, record.name, record.getMessage(), record.created)
+            structlog.contextvars.merge_contextvars(None, "", line)
+            for key, value in record.__dict__.items():
+                if key not in _RECORD_ATTRIBUTES and not key.startswith("_"):
+                    line[key] = value
+            if record.stack_info:
+                line["stack"] = record.stack_info
+        if exc_info is None and record.exc_info and record.exc_info[0] is not None:
+            exc_info = record.exc_info
+        self.emit(line, exc_info)
+
+    def __repr__(self) -> str:
+        state = "live" if self.live else "closed" if self.closed else "built"
+        return f"<LogPipeline {self.telemetry.service!r} {self.format} -> {self.output} {state}>"
+
+
+# -- process-wide routing ---------------------------------------------------
+
+
+class _Router:
+    """The pipelines taking lines in this process, and the process-wide set-up."""
+
+    def __init__(self) -> None:
+        self.live: list[LogPipeline] = []
+        self._handler = _Handler()
+        self._default: LogPipeline | None = None
+        # The root level before the first service started; None until then.
+        self._initial_level: int | None = None
+
+    def add(self, pipeline: LogPipeline) -> None:
+        self.install()
+        self.live.append(pipeline)
+        self._set_root_level()
+
+    def remove(self, pipeline: LogPipeline) -> None:
+        if pipeline in self.live:
+            self.live.remove(pipeline)
+            self._set_root_level()
+
+    def route(self) -> LogPipeline:
+        """The pipeline of the service this code runs in, else the latest live one."""
+        telemetry = current_telemetry()
+        if telemetry is not None:
+            try:
+                pipeline = telemetry.get(LogPipeline)
+            except LookupError:
+                pass
+            else:
+                if pipeline.live:
+                    return pipeline
+        if self.live:
+            return self.live[-1]
+        if self._default is None:
+            # Lines after every service has closed (a test process goes
+            # on): plain, to stderr, as Python's last-resort handler would.
+            self._default = LogPipeline(Telemetry(), output="stderr")
+        return self._default
+
+    def _set_root_level(self) -> None:
+        root = logging.getLogger()
+        if self.live:
+            root.setLevel(min(p.config_levelno for p in self.live))
+        elif self._initial_level is not None:
+            root.setLevel(self._initial_level)  # every service is gone: as we found it
+
+    def install(self) -> None:
+        """Configure structlog once per process; make sure the root handler is in place.
+
+        The handler is checked at every service start: ``basicConfig(force=True)``
+        or a test harness may have removed it since.
+        """
+        root = logging.getLogger()
+        if self._handler not in root.handlers:
+            root.addHandler(self._handler)
+        if self._initial_level is not None:
+            return
+        self._initial_level = root.level
+        structlog.configure(
+            processors=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.PositionalArgumentsFormatter(),
+                _to_stdlib,
+            ],
+            logger_factory=structlog.stdlib.LoggerFactory(),
+            wrapper_class=_BoundLogger,
+            cache_logger_on_first_use=True,
+        )
+
+
+class _BoundLogger(structlog.stdlib.BoundLogger):
+    """structlog's stdlib logger, with the level check before any event dict is built.
+
+    Filtered calls (a ``debug`` in production) then cost one level lookup,
+    as they do with stdlib loggers, instead of a pass through the processors.
+    """
+
+    def _proxy_to_logger(
+        self, method_name: str, event: str | None = None, *event_args: str, **event_kw: Any
+    ) -> Any:
+        logger = self._logger
+        level = _STRUCTLOG_LEVELS.get(method_name, logging.CRITICAL)
+        if logger.disabled or level < logger.getEffectiveLevel():
+            return None
+        return super()._proxy_to_logger(method_name, event, *event_args, **event_kw)
+
+
+_STRUCTLOG_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+
+
+def _to_stdlib(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> tuple[Any, ...]:
+    """Last structlog processor: hand the event dict to the stdlib logger as the record's msg."""
+    return (event_dict,), {"extra": {_FROM_STRUCTLOG: True}}
+
+
+class _Handler(logging.Handler):
+    """The root handler: every record goes to the pipeline of the service that emitted it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            pipeline = _ROUTER.route()
+            if record.levelno >= pipeline.levelno:
+                pipeline.write_record(record)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+_ROUTER = _Router()
+
+
+# -- the observer: request ids, access lines, lifecycle lines ---------------
+
+
+def _new_request_id() -> str:
+    """A fresh random request id: 32 lower-case hex digits."""
+    return os.urandom(16).hex()
+
+
+class _LogObserver(Observer):
+    """Gives server calls a request id and writes the access and lifecycle lines."""
+
+    def __init__(self, pipeline: LogPipeline) -> None:
+        self._pipeline = pipeline
+        self._access = pipeline.access_log
+
+    def started(self, call: Call) -> None:
+        side = call.side
+        if side == "server":
+            incoming = call.header("x-request-id")
+            request_id = (
+                incoming
+                if incoming is not None and _SANE_ID.fullmatch(incoming)
+                else _new_request_id()
+            )
+            call.ids["request_id"] = request_id
+            if call.kind == "http":
+                call.outgoing["x-request-id"] = request_id
+        elif side == "client":
+            # The request id goes on to the services this call reaches, so
+            # their lines and ours share it.
+            served = current_call()
+            if served is not None:
+                forwarded = served.ids.get("request_id")
+                if forwarded is not None:
+                    call.outgoing["x-request-id"] = forwarded
+
+    def finished(self, call: Call) -> None:
+        if not self._access:
+            return
+        pipeline = self._pipeline
+        kind, side, status = call.kind, call.side, call.status
+        if call.failed:
+            levelno = logging.ERROR if side != "client" else logging.WARNING
+        else:
+            levelno = logging.INFO if side != "client" else logging.DEBUG
+        if levelno < pipeline.levelno:
+            return
+        name, target, method = call.name, call.target, call.method
+        if method:
+            event = f"{method} {target or name} {status}"
+        elif kind == "grpc":
+            event = f"{name} {status}"
+        else:  # a worker iteration, a script run: its component's name, when not the kind's
+            event = f"{kind} {status}" if name == kind else f"{kind} {name} {status}"
+        line = pipeline.head(levelno, ACCESS_LOGGER, event, time.time())
+        # The call's ids, even though it is no longer current (a client call never is).
+        if call.ids:
+            line.update(call.ids)
+        line["kind"] = kind
+        if side == "client":
+            line["side"] = side
+        line["name"] = name
+        if method:
+            line["method"] = method
+        if target and target != name:
+            line["target" if side == "client" else "path"] = target
+        line["status"] = status
+        line["duration_ms"] = round(call.duration * 1000.0, 3)
+        if call.error_kind is not None:
+            line["error_kind"] = str(call.error_kind)
+        error = call.error
+        if error is not None:
+            line["error"] = f"{type(error).__name__}: {error}"
+        pipeline.emit(line)
+
+    def event(self, event: LifecycleEvent) -> None:
+        pipeline = self._pipeline
+        phase = event.phase
+        if event.component == "service":
+            levelno = logging.WARNING if phase == "forced" else logging.INFO
+            if levelno < pipeline.levelno:
+                return
+            text = f"service {phase} ({event.detail})" if event.detail else f"service {phase}"
+        elif phase in ("failed", "cut"):
+            return  # the supervisor logs these itself, with the cause
+        else:
+            # Each component's steps only at [log] level debug: --verbose
+            # prints them already, as the event log.
+            if pipeline.config_levelno > logging.DEBUG:
+                return
+            levelno = logging.DEBUG
+            text = f"{event.component} {phase}"
+        line = pipeline.head(levelno, LIFECYCLE_LOGGER, text, time.time())
+        line["component"] = event.component
+        line["phase"] = phase
+        if event.detail:
+            line["detail"] = event.detail
+        pipeline.emit(line)
+
+
+# -- the feature --------------------------------------------------------------
+
+
+class _LoggerComponent(Component):
+    """Opens the service's log output first thing; the file is closed by a telemetry closer.
+
+    Stopping does nothing: the lines of the rest of the shutdown still
+    need the output, which the closer shuts after the supervisor's last
+    line. Only a cancellation (nobody will run the closers) closes it here.
+    """
+
+    role = Role.PROCESSING
+
+    def __init__(self, name: str, pipeline: LogPipeline) -> None:
+        self.name = name
+        self.pipeline = pipeline
+
+    async def run(
+        self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.pipeline.open()
+        task_status.started()
+        try:
+            await lifetime.wait_stopping()
+        except BaseException:
+            self.pipeline.close()
+            raise
+
+
+def build_logger(context: BuildContext) -> Sequence[Component]:
+    """The logger feature: a :class:`LogPipeline` for the service, its observer and component.
+
+    ``[log]`` gives the level, format, attributes and ``error_stack_trace``;
+    ``[features.logger]`` the output and whether to write access lines.
+    """
+    settings: LoggerSettings = context.settings
+    log = context.definition.log
+    output = settings.output
+    if output not in ("stdout", "stderr"):
+        folder = Path(output).parent
+        if not folder.is_dir():
+            raise ConfigError(
+                [
+                    ConfigIssue(
+                        context.definition.source,
+                        f"features.{context.name}.output",
+                        f'the folder of the log file {output!r} does not exist ("stdout", '
+                        '"stderr" or a file path in an existing folder)',
+                    )
+                ]
+            )
+    pipeline = LogPipeline(
+        context.telemetry,
+        level=log.level,
+        format=log.format,
+        output=output,
+        attributes=dict(log.attributes),
+        error_stack_trace=log.error_stack_trace,
+        access_log=settings.access_log,
+    )
+    context.telemetry.publish(pipeline)
+    context.telemetry.add_observer(_LogObserver(pipeline))
+    context.telemetry.add_closer(pipeline.close)
+    return [_LoggerComponent(context.name, pipeline)]
+
+
+def show_debug(telemetry: Telemetry) -> None:
+    """``--verbose``: the framework's debug lines (and lifecycle steps) reach the output."""
+    logging.getLogger("mikros_trio").setLevel(logging.DEBUG)
+    # A registry without the logger feature has no pipeline to open up.
+    with contextlib.suppress(LookupError):
+        telemetry.get(LogPipeline).levelno = logging.DEBUG

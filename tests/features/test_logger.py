@@ -1,0 +1,746 @@
+"""The logger feature: structured lines from every source, per service, secrets masked.
+
+The first part drives the feature through a real
+:class:`~mikros_trio._telemetry.Telemetry` and its pipeline, as the kinds
+do (``begin`` / ``end``, lifecycle events). The rest starts real services
+with ``mikros_service`` (an HTTP app whose handlers log through structlog
+and the standard library, the gRPC echo servicer of ``test_grpc_server``,
+a periodic worker), calls them with httpx and grpcio, and reads back the
+lines each wrote to its own log file. One test runs the worker example as
+a real process and parses its stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+import trio
+from dependency_injector import providers
+from quart import request
+from quart_trio import QuartTrio
+
+from helpers import REPO, Spawn
+from mikros_trio import ConfigError, ServiceContainer, parse_definition
+from mikros_trio._container import BuildContext
+from mikros_trio._service import configure_logging
+from mikros_trio._telemetry import Telemetry
+from mikros_trio.features.logger import LogPipeline, build_logger
+from mikros_trio.features.settings import LoggerSettings
+from mikros_trio.testing import RunningService, ServiceStarter
+from test_example_gateway import Examples, _start_both
+from test_example_gateway import fixture_examples as fixture_examples
+
+#: No single wait in these tests may take longer than this (seconds).
+BOUND = 5.0
+
+#: What every line starts with, in this order.
+HEAD = ["timestamp", "level", "logger", "event"]
+
+#: ISO 8601, UTC, with microseconds.
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+#: A secret with characters JSON escapes (a quote, a backslash): masking must not miss it.
+SECRET = 'hunter2-"quoted"-\\path'
+
+#: An id the service makes when the client sends none (or a bad one).
+NEW_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{key} = {_value(item)}" for key, item in value.items()) + "}"
+    return json.dumps(str(value) if isinstance(value, Path) else value)
+
+
+def service_toml(
+    tmp_path: Path,
+    *,
+    name: str = "web",
+    types: str = "http",
+    log: Mapping[str, Any] | None = None,
+    tables: Mapping[str, Mapping[str, Any]] | None = None,
+    envs: tuple[str, ...] = (),
+) -> Path:
+    """A service.toml on 127.0.0.1 with short timeouts, its log lines in ``<tmp>/<name>.log``."""
+    sections: dict[str, Mapping[str, Any]] = {
+        "log": log or {},
+        "features.logger": {"output": tmp_path / f"{name}.log"},
+        f"runtime.{types}": {"host": "127.0.0.1"} if types in ("http", "grpc") else {},
+        "lifecycle": {"start_timeout": 5.0, "drain_timeout": 2.0, "shutdown_timeout": 6.0},
+        **(tables or {}),
+    }
+    lines = [f'name = "{name}"', f'types = ["{types}"]', 'version = "1.2.3"']
+    lines += [f"envs = {json.dumps(list(envs))}"]
+    for section, values in sections.items():
+        lines += ["", f"[{section}]", *(f"{key} = {_value(v)}" for key, v in values.items())]
+    path = tmp_path / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of a log file, parsed (each one must be a JSON object)."""
+    parsed = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(isinstance(line, dict) for line in parsed)
+    return parsed
+
+
+def by_event(lines: list[dict[str, Any]], event: str) -> dict[str, Any]:
+    """The one line whose event is ``event``."""
+    found = [line for line in lines if line["event"] == event]
+    assert len(found) == 1, (event, lines)
+    return found[0]
+
+
+def create_app() -> QuartTrio:
+    """Handlers that log the ways an application does, then answer."""
+    app = QuartTrio(__name__)
+
+    @app.get("/work")
+    async def work() -> str:
+        structlog.get_logger("tests.handler").info("structlog line", item=7)
+        logging.getLogger("tests.handler").info("stdlib line %d", 7, extra={"order": "o-1"})
+
+        async def library_call() -> None:  # a child task: it sees the request's ids too
+            logging.getLogger("some_library.core").warning("library line")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(library_call)
+        return "done"
+
+    @app.get("/levels")
+    async def levels() -> str:
+        log = logging.getLogger("tests.handler")
+        log.debug("debug line")
+        log.info("info line")
+        log.warning("warning line")
+        structlog.get_logger("tests.handler").debug("structlog debug line")
+        return "ok"
+
+    @app.get("/leak")
+    async def leak() -> str:
+        token = request.args["token"]
+        logging.getLogger("tests.handler").warning("calling upstream with %s", token)
+        structlog.get_logger("tests.handler").info("bound", credentials=token)
+        try:
+            raise PermissionError(f"upstream rejected {token}")
+        except PermissionError:
+            logging.getLogger("tests.handler").exception("upstream failed")
+        raise RuntimeError(f"giving up with {token}")
+
+    return app
+
+
+class Container(ServiceContainer):
+    app = providers.Singleton(create_app)
+
+
+class Ticker:
+    """A periodic worker job that logs and fails every other iteration."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def run_once(self) -> None:
+        self.runs += 1
+        structlog.get_logger("tests.ticker").info("tick", run=self.runs)
+        if self.runs % 2 == 0:
+            raise ValueError(f"run {self.runs} failed")
+
+
+class WorkerContainer(ServiceContainer):
+    worker = providers.Singleton(Ticker)
+
+
+async def start(
+    mikros_service: ServiceStarter,
+    tmp_path: Path,
+    container: type[ServiceContainer] = Container,
+    **options: Any,
+) -> RunningService:
+    """Start ``container`` with a :func:`service_toml` from ``options``."""
+    environ = options.pop("environ", None)
+    path = service_toml(tmp_path, **options)
+    with trio.fail_after(BOUND):
+        return await mikros_service.start(container, path, environ=environ)
+
+
+async def get(running: RunningService, path: str, **options: Any) -> httpx.Response:
+    """One GET on the service's HTTP port, bounded, deaf to proxy settings."""
+    base = f"http://127.0.0.1:{running.ports['http']}"
+    with trio.fail_after(BOUND):
+        async with httpx.AsyncClient(base_url=base, trust_env=False) as client:
+            return await client.get(path, **options)
+
+
+def log_path(tmp_path: Path, name: str = "web") -> Path:
+    return tmp_path / f"{name}.log"
+
+
+# -- the pipeline and the observer, against a Telemetry --------------------------------------
+
+
+#: The service.toml of the unit tests' service (a worker; nothing of it runs).
+UNIT = 'name = "unit"\ntypes = ["worker"]\nversion = "0.1.0"\n'
+
+
+def built(tmp_path: Path, toml: str = "") -> tuple[LogPipeline, Telemetry]:
+    """The logger feature of a worker service built from ``toml`` (more tables), to a file."""
+    definition = parse_definition(UNIT + toml, environ={})
+    telemetry = Telemetry(definition.name, definition.version)
+    settings = LoggerSettings(output=str(tmp_path / "unit.log"))
+    context = BuildContext("logger", settings, definition, ServiceContainer(), telemetry)
+    [component] = build_logger(context)
+    assert component.name == "logger"
+    return telemetry.get(LogPipeline), telemetry
+
+
+def test_access_line_of_a_server_call(tmp_path: Path) -> None:
+    """A server call gets a request id, and its end writes one access line carrying it."""
+    pipeline, telemetry = built(tmp_path)
+    call = telemetry.begin("http", "server", "", method="GET", target="/items/9", headers=[])
+    request_id = call.ids["request_id"]
+    assert NEW_ID.match(request_id)
+    assert call.outgoing == {"x-request-id": request_id}
+    call.name = "/items/<item_id>"
+    telemetry.end(call, "404")
+    pipeline.close()
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert list(line)[:4] == HEAD
+    assert TIMESTAMP.match(line["timestamp"])
+    assert line["level"] == "info"
+    assert line["logger"] == "mikros_trio.access"
+    assert line["event"] == "GET /items/9 404"
+    assert (line["service"], line["version"]) == ("unit", "0.1.0")
+    assert line["request_id"] == request_id
+    assert line["kind"] == "http"
+    assert (line["name"], line["method"], line["path"]) == ("/items/<item_id>", "GET", "/items/9")
+    assert line["status"] == "404"
+    assert isinstance(line["duration_ms"], float)
+    assert line["duration_ms"] >= 0
+
+
+def test_failed_call_is_an_error_line_with_its_exception(tmp_path: Path) -> None:
+    """A failed call's access line is at error level and names the exception."""
+    pipeline, telemetry = built(tmp_path)
+    call = telemetry.begin("grpc", "server", "/pkg.Svc/Do", target="/pkg.Svc/Do")
+    telemetry.end(call, "INTERNAL", failed=True, error=KeyError("missing"))
+    pipeline.close()
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert (line["level"], line["event"]) == ("error", "/pkg.Svc/Do INTERNAL")
+    assert line["error"] == "KeyError: 'missing'"
+    assert "path" not in line  # the target is the method itself
+
+
+def test_request_id_goes_on_to_client_calls(tmp_path: Path) -> None:
+    """A client call made while serving sends the served call's request id, and logs at debug."""
+    pipeline, telemetry = built(tmp_path, '[log]\nlevel = "debug"\n')
+    served = telemetry.begin("grpc", "server", "/a.A/Get", headers=[("x-request-id", "req-42")])
+    token = telemetry.enter(served)
+    try:
+        client = telemetry.begin("grpc", "client", "/b.B/Fetch", target="b")
+        assert client.outgoing == {"x-request-id": "req-42"}
+        telemetry.end(client, "OK")
+    finally:
+        telemetry.leave(token)
+    telemetry.end(served, "OK")
+    pipeline.close()
+    client_line, served_line = read_lines(log_path(tmp_path, "unit"))
+    assert (client_line["level"], client_line["side"], client_line["target"]) == (
+        "debug",
+        "client",
+        "b",
+    )
+    assert client_line["request_id"] == served_line["request_id"] == "req-42"
+
+
+@pytest.mark.parametrize(
+    "incoming",
+    ["", "x" * 129, "two words", "new\u2028line", "<script>"],
+    ids=["empty", "too-long", "space", "unicode", "markup"],
+)
+def test_unsafe_incoming_request_id_is_replaced(tmp_path: Path, incoming: str) -> None:
+    """An incoming x-request-id that is empty, too long or has odd characters gets a new id."""
+    pipeline, telemetry = built(tmp_path)
+    call = telemetry.begin("http", "server", "", headers=[(b"x-request-id", incoming.encode())])
+    pipeline.close()
+    assert NEW_ID.match(call.ids["request_id"])
+
+
+def test_access_log_off_writes_no_access_line(tmp_path: Path) -> None:
+    """``access_log = false`` keeps request ids but writes no access line."""
+    definition = parse_definition(
+        'name = "unit"\ntypes = ["worker"]\nversion = "0.1.0"\n', environ={}
+    )
+    telemetry = Telemetry("unit", "0.1.0")
+    settings = LoggerSettings(output=str(tmp_path / "unit.log"), access_log=False)
+    build_logger(BuildContext("logger", settings, definition, ServiceContainer(), telemetry))
+    pipeline = telemetry.get(LogPipeline)
+    pipeline.open()
+    call = telemetry.begin("http", "server", "/x", headers=[])
+    telemetry.end(call, "200")
+    pipeline.log(logging.WARNING, "still logging")
+    pipeline.close()
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert line["event"] == "still logging"
+    assert "request_id" in call.ids
+
+
+@pytest.mark.parametrize(
+    ("mode", "check"),
+    [
+        ("default", lambda e: isinstance(e, str) and e.startswith("Traceback")),
+        ("structured", lambda e: e[0]["exc_type"] == "ValueError" and e[0]["frames"]),
+        ("disabled", lambda e: e == "ValueError: bad input"),
+    ],
+)
+def test_error_stack_trace_modes(tmp_path: Path, mode: str, check: Any) -> None:
+    """``[log] error_stack_trace``: a traceback text, a structured list, or the message alone."""
+    pipeline, _ = built(tmp_path, f'[log]\nerror_stack_trace = "{mode}"\n')
+    try:
+        raise ValueError("bad input")
+    except ValueError as error:
+        pipeline.log(logging.ERROR, "it broke", exc_info=error)
+    pipeline.close()
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert check(line["exception"]), line["exception"]
+
+
+def test_console_on_a_terminal_with_colours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With format auto, a terminal on stdout gets the coloured console renderer."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    controller, terminal = os.openpty()
+    try:
+        with open(terminal, "w", encoding="utf-8", closefd=False) as tty:
+            monkeypatch.setattr(sys, "stdout", tty)
+            pipeline = LogPipeline(Telemetry("tty", "1.0"), output="stdout")
+            assert pipeline.format == "console"
+            pipeline.log(logging.WARNING, "on a terminal", logger="tests.tty", user="ada")
+            pipeline.close()
+        written = os.read(controller, 65536).decode()
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert "\x1b[" in written  # colours
+    assert "on a terminal" in written
+    assert "ada" in written
+    assert not written.lstrip().startswith("{")
+
+
+def test_console_masks_secrets_in_tracebacks(tmp_path: Path) -> None:
+    """The console renderer's own traceback text is masked too."""
+    telemetry = Telemetry("unit", "0.1.0")
+    telemetry.add_secrets([SECRET])
+    pipeline = LogPipeline(telemetry, format="console", output=str(tmp_path / "unit.log"))
+    try:
+        raise RuntimeError(f"token {SECRET} refused")
+    except RuntimeError as error:
+        pipeline.log(logging.ERROR, "refused", exc_info=error, sent=SECRET)
+    pipeline.close()
+    text = (tmp_path / "unit.log").read_text()
+    assert "Traceback" in text
+    assert "RuntimeError: token *** refused" in text
+    assert SECRET not in text
+
+
+def test_output_in_a_missing_folder_is_a_config_error(tmp_path: Path) -> None:
+    """A log file in a folder that does not exist fails the build, naming the key."""
+    definition = parse_definition(
+        'name = "unit"\ntypes = ["worker"]\nversion = "0.1.0"\n', environ={}
+    )
+    settings = LoggerSettings(output=str(tmp_path / "nowhere" / "unit.log"))
+    context = BuildContext("logger", settings, definition, ServiceContainer(), Telemetry())
+    with pytest.raises(ConfigError, match=r"features\.logger\.output"):
+        build_logger(context)
+
+
+# -- HTTP services ----------------------------------------------------------------------------
+
+
+async def test_lines_are_json_with_service_and_version(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """Every line is a JSON object with the head fields, the service's name and version."""
+    running = await start(mikros_service, tmp_path)
+    assert (await get(running, "/work")).text == "done"
+    await running.stop()
+    lines = read_lines(log_path(tmp_path))
+    assert len(lines) >= 6  # listening, ready, 3 handler lines, access, shutdown, stopped
+    for line in lines:
+        assert list(line)[:4] == HEAD, line
+        assert TIMESTAMP.match(line["timestamp"]), line
+        assert (line["service"], line["version"]) == ("web", "1.2.3"), line
+
+
+async def test_handler_lines_share_the_access_lines_request_id(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A request's structlog, stdlib and library lines, access line and response share one id."""
+    running = await start(mikros_service, tmp_path)
+    response = await get(running, "/work")
+    request_id = response.headers["x-request-id"]
+    assert NEW_ID.match(request_id)
+    await running.stop()  # the access line is written once the response is sent
+    lines = read_lines(log_path(tmp_path))
+    structlog_line = by_event(lines, "structlog line")
+    stdlib_line = by_event(lines, "stdlib line 7")
+    library_line = by_event(lines, "library line")
+    access = by_event(lines, "GET /work 200")
+    for line in (structlog_line, stdlib_line, library_line, access):
+        assert line["request_id"] == request_id, line
+    assert (structlog_line["logger"], structlog_line["item"]) == ("tests.handler", 7)
+    assert (stdlib_line["logger"], stdlib_line["order"]) == ("tests.handler", "o-1")
+    assert (library_line["logger"], library_line["level"]) == ("some_library.core", "warning")
+    assert (access["logger"], access["kind"], access["status"]) == (
+        "mikros_trio.access",
+        "http",
+        "200",
+    )
+    # Lines outside any request carry no request id.
+    assert "request_id" not in by_event(lines, "service ready")
+
+
+async def test_structlog_and_stdlib_lines_have_one_shape(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A structlog line and a stdlib line differ only in their own fields."""
+    running = await start(mikros_service, tmp_path, log={"attributes": {"team": "core"}})
+    await get(running, "/work")
+    lines = read_lines(log_path(tmp_path))
+    structlog_line = by_event(lines, "structlog line")
+    stdlib_line = by_event(lines, "stdlib line 7")
+    assert list(structlog_line)[:-1] == list(stdlib_line)[:-1]  # item=7 vs order="o-1"
+    assert list(structlog_line)[-1:] == ["item"]
+    assert list(stdlib_line)[-1:] == ["order"]
+
+
+async def test_incoming_request_id_is_honoured_and_echoed(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A sane incoming x-request-id is used for the request's lines and sent back."""
+    running = await start(mikros_service, tmp_path)
+    response = await get(running, "/work", headers={"X-Request-ID": "client-req-0001"})
+    assert response.headers["x-request-id"] == "client-req-0001"
+    await running.stop()
+    lines = read_lines(log_path(tmp_path))
+    assert by_event(lines, "structlog line")["request_id"] == "client-req-0001"
+    assert by_event(lines, "GET /work 200")["request_id"] == "client-req-0001"
+
+
+async def test_level_filters_every_source(mikros_service: ServiceStarter, tmp_path: Path) -> None:
+    """``[log] level = "warning"`` drops info and debug lines of every source, access lines too."""
+    running = await start(mikros_service, tmp_path, log={"level": "warning"})
+    assert logging.getLogger().level == logging.WARNING  # libraries' info calls stay cheap
+    assert (await get(running, "/levels")).status_code == 200
+    await running.stop()
+    events = [line["event"] for line in read_lines(log_path(tmp_path))]
+    assert events == ["warning line"]
+
+
+async def test_debug_level_shows_debug_lines_and_lifecycle_steps(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """``[log] level = "debug"`` lets debug lines through and logs each component's steps."""
+    running = await start(mikros_service, tmp_path, log={"level": "debug"})
+    await get(running, "/levels")
+    lines = read_lines(log_path(tmp_path))
+    events = {line["event"] for line in lines}
+    assert {"debug line", "structlog debug line", "info line", "warning line"} <= events
+    assert {"http starting", "http started", "service ready"} <= events
+
+
+async def test_static_attributes_on_every_line(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """``[log] attributes`` appear on every line, after the service's identity."""
+    attributes = {"team": "core", "shard": 3, "canary": True}
+    running = await start(mikros_service, tmp_path, log={"attributes": attributes})
+    await get(running, "/work")
+    await running.stop()
+    lines = read_lines(log_path(tmp_path))
+    for line in lines:
+        assert list(line)[4:9] == ["service", "version", "team", "shard", "canary"], line
+        assert (line["team"], line["shard"], line["canary"]) == ("core", 3, True)
+
+
+async def test_file_output_gets_every_line_to_the_last(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """The log file holds the supervisor's last line ("service stopped") and is closed after it."""
+    running = await start(mikros_service, tmp_path)
+    await get(running, "/work")
+    pipeline = running.service.telemetry.get(LogPipeline)
+    assert pipeline.live
+    assert await running.stop() == 0
+    assert pipeline.closed
+    lines = read_lines(log_path(tmp_path))
+    shutdown = by_event(lines, "service shutdown (stopped by the test harness)")
+    assert lines.index(shutdown) < len(lines) - 1
+    assert lines[-1]["event"] == "service stopped (exit code 0)"
+    assert lines[-1]["logger"] == "mikros_trio.lifecycle"
+
+
+async def test_two_services_in_one_process_keep_their_own_output(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """Two services in one process write their lines to their own files, with their own names."""
+    first = await start(mikros_service, tmp_path, name="first")
+    second = await start(mikros_service, tmp_path, name="second")
+    await get(first, "/work")
+    await get(second, "/levels")
+    await second.stop()
+    await first.stop()
+    first_lines = read_lines(log_path(tmp_path, "first"))
+    second_lines = read_lines(log_path(tmp_path, "second"))
+    assert {line["service"] for line in first_lines} == {"first"}
+    assert {line["service"] for line in second_lines} == {"second"}
+    first_events = {line["event"] for line in first_lines}
+    second_events = {line["event"] for line in second_lines}
+    assert {"structlog line", "library line", "GET /work 200"} <= first_events
+    assert {"warning line", "GET /levels 200"} <= second_events
+    assert not first_events & {"warning line", "GET /levels 200"}
+    assert not second_events & {"structlog line", "library line", "GET /work 200"}
+
+
+async def test_lines_from_outside_any_service_go_to_the_latest(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A line logged by code outside every service goes to the most recently started one."""
+    await start(mikros_service, tmp_path, name="older")
+    await start(mikros_service, tmp_path, name="newer")
+    logging.getLogger("tests.outside").warning("from the test itself")
+    assert "from the test itself" in log_path(tmp_path, "newer").read_text()
+    assert "from the test itself" not in log_path(tmp_path, "older").read_text()
+
+
+async def test_secrets_never_reach_the_output(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A secret in a message, a field, an exception and its traceback is masked everywhere."""
+    running = await start(
+        mikros_service,
+        tmp_path,
+        environ={"API_TOKEN": SECRET},
+        envs=("API_TOKEN",),
+        tables={"features.env": {"secrets": ["API_TOKEN"]}},
+    )
+    telemetry = running.service.telemetry
+    assert telemetry.has_secrets
+    response = await get(running, "/leak", params={"token": SECRET})
+    assert response.status_code == 500
+    await running.stop()
+    text = log_path(tmp_path).read_text()
+    assert SECRET not in text
+    assert json.dumps(SECRET)[1:-1] not in text  # nor its JSON-escaped form
+    lines = read_lines(log_path(tmp_path))
+    assert by_event(lines, "calling upstream with ***")["level"] == "warning"
+    assert by_event(lines, "bound")["credentials"] == "***"
+    failed = by_event(lines, "upstream failed")
+    assert "PermissionError: upstream rejected ***" in failed["exception"]
+    assert "Traceback" in failed["exception"]
+    assert by_event(lines, "GET /leak 500")["error"] == "RuntimeError: giving up with ***"
+
+
+async def test_console_format_when_forced(mikros_service: ServiceStarter, tmp_path: Path) -> None:
+    """``[log] format = "console"`` writes readable key=value lines, no colours into a file."""
+    running = await start(mikros_service, tmp_path, log={"format": "console"})
+    await get(running, "/work")
+    await running.stop()
+    text = log_path(tmp_path).read_text()
+    assert "\x1b[" not in text
+    structlog_line = next(line for line in text.splitlines() if "structlog line" in line)
+    assert "[info" in structlog_line
+    assert "[tests.handler]" in structlog_line
+    assert "service=web" in structlog_line
+    assert "item=7" in structlog_line
+    assert re.search(r"request_id=[0-9a-f]{32}", structlog_line)
+    assert not text.lstrip().startswith("{")
+
+
+async def test_stdout_output_is_json_when_not_a_terminal(
+    mikros_service: ServiceStarter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the default output (stdout, not a terminal here) lines are JSON on stdout."""
+    path = service_toml(tmp_path)
+    text = path.read_text().replace(f'output = "{log_path(tmp_path)}"', 'output = "stdout"')
+    path.write_text(text)
+    with trio.fail_after(BOUND):
+        running = await mikros_service.start(Container, path)
+    assert running.service.telemetry.get(LogPipeline).format == "json"
+    await get(running, "/work")
+    await running.stop()
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {"structlog line", "GET /work 200", "service stopped (exit code 0)"} <= {
+        line["event"] for line in lines
+    }
+
+
+async def test_caplog_still_sees_records(
+    mikros_service: ServiceStarter, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pytest's caplog keeps working next to the feature's handler, for both APIs."""
+    running = await start(mikros_service, tmp_path)
+    with caplog.at_level(logging.INFO, logger="tests.handler"):
+        await get(running, "/work")
+    messages = [r.getMessage() for r in caplog.records if r.name == "tests.handler"]
+    assert "stdlib line 7" in messages
+    assert any("structlog line" in message for message in messages)
+
+
+# -- gRPC and worker services -----------------------------------------------------------------
+
+
+async def test_grpc_calls_get_access_lines_with_the_incoming_request_id(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """Each RPC gets one access line with its method, status code name and request id."""
+    import grpc
+
+    from protos import testsvc_pb2_grpc
+    from test_grpc_server import Container as EchoContainer
+    from test_grpc_server import EchoRequest, grpc_channel, in_thread
+
+    running = await start(mikros_service, tmp_path, EchoContainer, name="echo", types="grpc")
+
+    def calls(port: int) -> tuple[str, grpc.StatusCode]:
+        with grpc_channel(port) as channel:
+            stub = testsvc_pb2_grpc.EchoStub(channel)
+            reply = stub.Unary(
+                EchoRequest(text="hi"), metadata=[("x-request-id", "rpc-7")], timeout=BOUND
+            )
+            try:
+                stub.Unary(EchoRequest(fail="not-found"), timeout=BOUND)
+            except grpc.RpcError as error:
+                return reply.text, error.code()
+        raise AssertionError("the failing call succeeded")
+
+    text, code = await in_thread(calls, running.ports["grpc"])
+    assert (text, code) == ("hi", grpc.StatusCode.NOT_FOUND)
+    lines = read_lines(log_path(tmp_path, "echo"))
+    ok = by_event(lines, "/mikros.testsvc.v1.Echo/Unary OK")
+    assert (ok["kind"], ok["level"], ok["request_id"]) == ("grpc", "info", "rpc-7")
+    assert ok["service"] == "echo"
+    missing = by_event(lines, "/mikros.testsvc.v1.Echo/Unary NOT_FOUND")
+    assert NEW_ID.match(missing["request_id"])
+    assert missing["error_kind"] == "NotFoundError"
+
+
+async def test_worker_iterations_get_a_line(
+    mikros_service: ServiceStarter, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A periodic worker's iterations each get a line; a failed one is an error line."""
+    running = await start(
+        mikros_service,
+        tmp_path,
+        WorkerContainer,
+        name="ticker",
+        types="worker",
+        tables={"runtime.worker": {"interval": 1.0}},
+    )
+    await trio.sleep(2.5)  # three iterations: ok, error, ok
+    await running.stop()
+    lines = read_lines(log_path(tmp_path, "ticker"))
+    iterations = [line for line in lines if line["logger"] == "mikros_trio.access"]
+    assert [(line["status"], line["level"]) for line in iterations][:3] == [
+        ("ok", "info"),
+        ("error", "error"),
+        ("ok", "info"),
+    ]
+    assert iterations[1]["error"] == "ValueError: run 2 failed"
+    assert iterations[0]["event"] == "worker ok"
+    ticks = [line for line in lines if line["event"] == "tick"]
+    assert [tick["run"] for tick in ticks][:3] == [1, 2, 3]
+
+
+# -- a real process ------------------------------------------------------------------------
+
+
+def test_worker_example_writes_json_lines_to_stdout(spawn: Spawn) -> None:
+    """The worker example, run as a process, writes parseable JSON lines with its identity."""
+    child = spawn(sys.executable, REPO / "examples" / "worker" / "main.py")
+    child.wait_for('"event":"service ready"')
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0, child.report()
+    lines = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+    assert [line["event"] for line in lines] == [
+        "service ready",
+        "service shutdown (SIGTERM)",
+        "service stopped (exit code 0)",
+    ], child.report()
+    assert {(line["service"], line["version"]) for line in lines} == {("ticker", "v0.1.0")}
+    assert child.stderr == "", child.report()
+
+
+def test_verbose_keeps_the_event_log_on_stderr(spawn: Spawn) -> None:
+    """MIKROS_TRIO_VERBOSE=1 prints the event log on stderr; log lines stay JSON on stdout."""
+    child = spawn(
+        sys.executable, REPO / "examples" / "worker" / "main.py", env={"MIKROS_TRIO_VERBOSE": "1"}
+    )
+    child.wait_for("service: ready", stream="stderr")
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0, child.report()
+    assert re.search(r"^\[.*\] service: stopped \(exit code 0\)$", child.stderr, re.MULTILINE)
+    assert "{" not in child.stderr, child.report()
+    lines = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+    assert lines[-1]["event"] == "service stopped (exit code 0)", child.report()
+
+
+async def test_verbose_lets_framework_debug_lines_out(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """``--verbose`` shows the framework's debug lines, not other libraries' ones."""
+    running = await start(mikros_service, tmp_path)
+    framework = logging.getLogger("mikros_trio")
+    try:
+        configure_logging(running.service, verbose=True)
+        logging.getLogger("mikros_trio.tests").debug("framework detail")
+        logging.getLogger("some_library").debug("library detail")
+    finally:
+        framework.setLevel(logging.NOTSET)
+    events = {line["event"] for line in read_lines(log_path(tmp_path))}
+    assert "framework detail" in events
+    assert "library detail" not in events
+
+
+async def test_request_id_follows_a_call_across_services(
+    mikros_service: ServiceStarter,
+    examples: Examples,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The gateway example's request id reaches the greeter's access line through gRPC."""
+    greeter, gateway = await _start_both(mikros_service, examples, tmp_path)
+    base = f"http://127.0.0.1:{gateway.ports['http']}"
+    with trio.fail_after(BOUND):
+        async with httpx.AsyncClient(base_url=base, trust_env=False) as client:
+            response = await client.get(
+                "/hello", params={"name": "Ada"}, headers={"x-request-id": "edge-1"}
+            )
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "edge-1"
+    await gateway.stop()
+    await greeter.stop()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
+    access = {
+        line["service"]: line
+        for line in lines
+        if line.get("logger") == "mikros_trio.access" and line.get("side") is None
+    }
+    assert access["gateway"]["event"] == "GET /hello 200"
+    assert access["greeter"]["event"] == "/greeter.Greeter/SayHello OK"
+    assert access["gateway"]["request_id"] == access["greeter"]["request_id"] == "edge-1"

@@ -172,7 +172,7 @@ def _spawn_greeter(spawn: Spawn, port: int, config: Path | None = None) -> Child
     Without ``config`` it runs as users start it (``python examples/grpc/main.py``);
     with one, through ``mikros-trio run ... --config``.
     """
-    env = {"MIKROS_GRPC_PORT": str(port), "MIKROS_TRIO_VERBOSE": "1"}
+    env = {"MIKROS_GRPC_PORT": str(port), "MIKROS_METRICS_PORT": "0", "MIKROS_TRIO_VERBOSE": "1"}
     if config is None:
         child = spawn(sys.executable, GRPC / "main.py", env=env)
     else:
@@ -209,10 +209,19 @@ def test_process_serves_and_stops_on_sigterm(spawn: Spawn, greeter: Greeter) -> 
     assert reply.message == "Hello, Ada!"
     child.send(signal.SIGTERM)
     assert child.wait() == 0, child.report()
-    assert _events(child)[-4:] == [
+    events = _events(child)
+    shutdown = events.index("service: shutdown (SIGTERM)")
+    # The server drains first, then the features (tracing, metrics, logger: reverse of start).
+    assert events[shutdown:] == [
         "service: shutdown (SIGTERM)",
         "grpc: stopping",
         "grpc: stopped",
+        "tracing: stopping",
+        "tracing: stopped",
+        "metrics: stopping",
+        "metrics: stopped",
+        "logger: stopping",
+        "logger: stopped",
         "service: stopped (exit code 0)",
     ], child.report()
     assert "Traceback" not in child.stderr

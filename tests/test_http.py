@@ -244,7 +244,10 @@ async def test_probes_while_serving(mikros_service: ServiceStarter, tmp_path: Pa
     assert (live.status_code, live.json()) == (200, {"status": "live"})
     assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
     assert health.status_code == 200
-    assert health.json() == {"status": "serving", "components": {"http": "serving"}}
+    assert health.json() == {
+        "status": "serving",
+        "components": {"logger": "serving", "http": "serving"},
+    }
 
 
 class Gate:
@@ -353,7 +356,12 @@ async def test_admin_probes_answer_while_components_start(tmp_path: Path) -> Non
                 health = (await client.get("/healthz")).json()
                 assert health == {
                     "status": "starting",
-                    "components": {"http": "pending", "http-admin": "serving", "gate": "starting"},
+                    "components": {
+                        "logger": "serving",
+                        "http": "pending",
+                        "http-admin": "serving",
+                        "gate": "starting",
+                    },
                 }
                 gate.opened.set()
                 await wait_until(service, lambda: service.health.ready)
@@ -378,7 +386,10 @@ async def test_readiness_off_during_readiness_delay(
         assert running.phases("http") == ["starting", "started"]
     assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
     assert (live.status_code, live.json()) == (200, {"status": "live"})
-    assert health.json() == {"status": "draining", "components": {"http": "serving"}}
+    assert health.json() == {
+        "status": "draining",
+        "components": {"logger": "serving", "http": "serving"},
+    }
     assert hello.status_code == 200
     with trio.fail_after(BOUND):
         assert await running.wait() == 0
@@ -397,7 +408,7 @@ async def test_admin_port_takes_the_probes(mikros_service: ServiceStarter, tmp_p
     health = (await get(running, "/healthz", "http-admin")).json()
     assert health == {
         "status": "serving",
-        "components": {"http": "serving", "http-admin": "serving"},
+        "components": {"logger": "serving", "http": "serving", "http-admin": "serving"},
     }
     # The admin listener serves probes only.
     other = await get(running, "/hello", "http-admin")
@@ -427,7 +438,11 @@ async def test_admin_port_stays_live_while_main_drains(
         health = await get(running, "/healthz", "http-admin")
         assert running.phases("http")[-1] == "stopping", "the main server is still draining"
     assert (live.status_code, ready.status_code) == (200, 503)
-    assert health.json()["components"] == {"http": "draining", "http-admin": "serving"}
+    assert health.json()["components"] == {
+        "logger": "serving",
+        "http": "draining",
+        "http-admin": "serving",
+    }
     assert slow[0].status_code == 200
     with trio.fail_after(BOUND):
         assert await running.wait() == 0

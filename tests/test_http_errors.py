@@ -119,4 +119,7 @@ async def test_a_thousand_faults_leave_the_service_serving(
     assert len(ports) <= 4, "the faults did not cost the connections"
     assert after.status_code == 200
     assert ready.status_code == 200
-    assert running.health.snapshot() == {"status": "serving", "components": {"http": "serving"}}
+    assert running.health.snapshot() == {
+        "status": "serving",
+        "components": {"logger": "serving", "http": "serving"},
+    }

@@ -127,7 +127,7 @@ class Call:
         text = name.lower()
         raw = text.encode("latin-1")
         for key, value in self._headers:
-            if key == raw or key == text:
+            if key in (raw, text):
                 return value.decode("latin-1") if isinstance(value, bytes) else str(value)
         return None
 

@@ -362,9 +362,9 @@ async def test_bad_port_environment_variable_is_a_config_error(
 ) -> None:
     """A MIKROS_METRICS_PORT that is not a port is a ConfigError at features.metrics.port."""
     path = write_service(tmp_path, types="worker")
+    # ephemeral_ports would replace the variable with 0: keep the bad value.
+    environ = {**os.environ, PORT_ENV: text}
     with pytest.raises(ConfigError) as caught:
-        # ephemeral_ports would replace the variable with 0: keep the bad value.
-        environ = {**os.environ, PORT_ENV: text}
         await mikros_service.start(IdleContainer, path, environ=environ, ephemeral_ports=False)
     [issue] = caught.value.issues
     assert issue.path == "features.metrics.port"

@@ -88,7 +88,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
@@ -549,7 +549,10 @@ def build_tracing(context: BuildContext) -> Sequence[Component]:
     batched = name == "otlp"
 
     provider = TracerProvider(
-        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+        # Recording everything needs no ratio arithmetic per trace.
+        sampler=ParentBased(
+            ALWAYS_ON if settings.sample_ratio >= 1 else TraceIdRatioBased(settings.sample_ratio)
+        ),
         resource=Resource.create(
             {SERVICE_NAME: definition.name, SERVICE_VERSION: definition.version}
         ),

@@ -11,43 +11,17 @@ from __future__ import annotations
 
 import os
 import re
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import httpx
-import pytest
 import trio
 from opentelemetry.trace import SpanKind, StatusCode
 from test_tracing import BOUND, TRACE, TRACEPARENT, hex_ids, parent_ids, spans_of
 
-from helpers import REPO, import_example
 from mikros_trio.testing import RunningService, ServiceStarter
 
-GRPC = REPO / "examples" / "grpc"
-GATEWAY = REPO / "examples" / "gateway"
-
-
-@dataclass(frozen=True)
-class Examples:
-    greeter: ModuleType
-    gateway: ModuleType
-
-
-@pytest.fixture(name="examples", scope="module")
-def fixture_examples() -> Iterator[Examples]:
-    """Both examples' main.py, under names no other test module's import takes."""
-    greeter = import_example(GRPC / "main.py", "grpc_example_main_for_tracing")
-    try:
-        gateway = import_example(GATEWAY / "main.py", "gateway_example_main_for_tracing")
-        try:
-            yield Examples(greeter, gateway)
-        finally:
-            del sys.modules[gateway.__name__]
-    finally:
-        del sys.modules[greeter.__name__]
+# The examples, imported once per module by the gateway example's own fixture.
+from test_example_gateway import GATEWAY, GRPC, Examples, fixture_examples  # noqa: F401
 
 
 def traced_copy(source: Path, target: Path, greeter_port: int | None = None) -> Path:

@@ -163,6 +163,15 @@ def create_app() -> QuartTrio:
     async def boom() -> str:
         raise RuntimeError(f"the handler broke holding {SECRET}")
 
+    @app.get("/enrich")
+    async def enrich() -> str:
+        span = trace.get_current_span()
+        span.set_attribute("app.user", "ada")
+        span.set_attribute("app.bad", {"not": "a primitive"})  # type: ignore[arg-type]
+        span.add_event("cache.miss", {"key": "ada"})
+        span.update_name("overridden")  # the route name set at the end wins
+        return "done"
+
     @app.get("/work")
     async def work() -> str:
         telemetry = current_telemetry()
@@ -262,6 +271,22 @@ async def test_spans_started_in_a_handler_are_children_of_the_request_span(
     request, child = spans["GET /work"], spans["load-profile"]
     assert child.kind is SpanKind.INTERNAL
     assert parent_ids(child) == hex_ids(request)
+
+
+async def test_a_handler_enriches_the_request_span(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """Attributes and events a handler puts on the current span are exported; bad values are not."""
+    running = await start_http(mikros_service, tmp_path)
+    assert (await get(running, "/enrich")).status_code == 200
+    [span] = await spans_of(running, 1)
+    assert span.name == "GET /enrich"
+    assert span.attributes["app.user"] == "ada"
+    assert "app.bad" not in span.attributes
+    assert span.attributes["http.route"] == "/enrich"
+    assert [(event.name, dict(event.attributes or {})) for event in span.events] == [
+        ("cache.miss", {"key": "ada"})
+    ]
 
 
 async def test_not_found_leaves_the_status_unset_and_records_the_kind(

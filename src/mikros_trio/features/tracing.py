@@ -70,7 +70,9 @@ with ``rpc.system``, ``rpc.service``, ``rpc.method`` and
 from __future__ import annotations
 
 import logging
+import random
 import sys
+import time
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -80,7 +82,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import (
+    Event,
+    ReadableSpan,
+    SynchronousMultiSpanProcessor,
+    TracerProvider,
+)
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -89,7 +96,8 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -243,12 +251,170 @@ def _current_task() -> object:
         return None
 
 
-class _SpanObserver(Observer):
-    """Opens a span when a call starts and closes it when the call ends."""
+#: Attribute value types OpenTelemetry accepts (and sequences of one of them).
+_PRIMITIVES = (str, bool, int, float)
 
-    def __init__(self, tracer: trace.Tracer, telemetry: Telemetry) -> None:
-        self._tracer = tracer
+
+def _valid(value: object) -> bool:
+    if isinstance(value, _PRIMITIVES):
+        return True
+    return isinstance(value, list | tuple) and all(isinstance(v, _PRIMITIVES) for v in value)
+
+
+class _CallSpan(Span):
+    """The span of one call: OpenTelemetry's ``Span`` API over plain fields.
+
+    The SDK's own span takes a lock, re-validates attributes and runs the
+    sampler and processor machinery on every call, most of the tracing
+    feature's cost per request. This span records into slots instead, and
+    becomes the SDK's ``ReadableSpan`` only when a processor will see it
+    (not at all with the ``none`` exporter). It is the current span while
+    its call runs, so handlers enrich it as any span: ``set_attribute``,
+    ``add_event``, ``set_status``, ``update_name``, ``record_exception``;
+    spans they start are its children. The observer ends it when the call
+    ends (``end()`` from user code only stops further recording).
+    """
+
+    __slots__ = (
+        "_context",
+        "attributes",
+        "end_time",
+        "events",
+        "kind",
+        "links",
+        "name",
+        "parent",
+        "start_time",
+        "status",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, AttributeValue],
+    ) -> None:
+        self._context = context
+        self.name = name
+        self.parent = parent
+        self.kind = kind
+        self.attributes = attributes
+        self.events: list[Event] = []
+        self.links: list[trace.Link] = []
+        self.status = _UNSET
+        self.start_time = time.time_ns()
+        self.end_time: int | None = None
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return self.end_time is None
+
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        if self.end_time is None and key and _valid(value):
+            self.attributes[key] = value
+
+    def add_event(
+        self,
+        name: str,
+        attributes: Mapping[str, AttributeValue] | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        if self.end_time is None:
+            self.events.append(Event(name, attributes, timestamp))
+
+    def add_link(
+        self, context: SpanContext, attributes: Mapping[str, AttributeValue] | None = None
+    ) -> None:
+        if self.end_time is None and context.is_valid:
+            self.links.append(trace.Link(context, attributes))
+
+    def update_name(self, name: str) -> None:
+        if self.end_time is None:
+            self.name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        # As the SDK: OK is final, and UNSET never overrides what was set.
+        if self.end_time is not None or self.status.status_code is StatusCode.OK:
+            return
+        if not isinstance(status, Status):
+            status = Status(status, description)
+        if status.status_code is not StatusCode.UNSET:
+            self.status = status
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Mapping[str, AttributeValue] | None = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        event: dict[str, AttributeValue] = {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        event.update(attributes or {})
+        self.add_event("exception", event, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self.end_time is None:
+            self.end_time = end_time if end_time is not None else time.time_ns()
+
+    def readable(self, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
+        """The finished span as exporters take it."""
+        return ReadableSpan(
+            self.name,
+            context=self._context,
+            parent=self.parent,
+            resource=resource,
+            attributes=self.attributes,
+            events=self.events,
+            links=self.links,
+            kind=self.kind,
+            status=self.status,
+            start_time=self.start_time,
+            end_time=self.end_time,
+            instrumentation_scope=scope,
+        )
+
+
+_UNSET = Status(StatusCode.UNSET)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+
+
+class _SpanObserver(Observer):
+    """Opens a span when a call starts and closes it when the call ends.
+
+    Sampling is the SDK's ``ParentBased(TraceIdRatioBased(ratio))``, decided
+    here: a call with a parent follows the parent's flag, a new trace is
+    recorded when its trace id falls under the ratio's bound. An unsampled
+    call still gets ids (for logs and the downstream ``traceparent``), as a
+    non-recording span.
+    """
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        processor: SynchronousMultiSpanProcessor,
+        resource: Resource,
+        ratio: float,
+    ) -> None:
         self._telemetry = telemetry
+        self._processor = processor
+        self._resource = resource
+        self._scope = InstrumentationScope("mikros_trio")
+        self._bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+        self._all = ratio >= 1
         # full gRPC method -> (span name, start attributes); see _rpc().
         self._rpc_cache: dict[str, tuple[str, dict[str, AttributeValue]]] = {}
         # (kind, name, client name) -> the same, with peer.service.
@@ -258,38 +424,54 @@ class _SpanObserver(Observer):
 
     def started(self, call: Call) -> None:
         side = call.side
+        parent: SpanContext | None = None
         if side == "server":
             traceparent = call.header("traceparent")
-            parent = (
-                _ROOT
-                if traceparent is None
-                else _PROPAGATOR.extract((traceparent, call), _ROOT, _GETTER)
-            )
+            if traceparent is not None:
+                extracted = _PROPAGATOR.extract((traceparent, call), _ROOT, _GETTER)
+                parent = trace.get_current_span(extracted).get_span_context()
             name, attributes = self._start_naming(call)
-            span = self._tracer.start_span(name, parent, SpanKind.SERVER, attributes)
-            token: object = otel_context.attach(trace.set_span_in_context(span))
-        elif side == "client":
-            name, attributes = self._client_naming(call)
-            span = self._tracer.start_span(name, None, SpanKind.CLIENT, attributes)
-            token = None
+            kind = SpanKind.SERVER
         else:
-            span = self._tracer.start_span(call.name or call.kind, None, SpanKind.INTERNAL)
-            token = otel_context.attach(trace.set_span_in_context(span))
-        context = span.get_span_context()
-        trace_id = format(context.trace_id, "032x")
-        span_id = format(context.span_id, "016x")
+            parent = trace.get_current_span().get_span_context()
+            if side == "client":
+                name, attributes = self._client_naming(call)
+                kind = SpanKind.CLIENT
+            else:
+                name, attributes = call.name or call.kind, {}
+                kind = SpanKind.INTERNAL
+        if parent is not None and parent.is_valid:
+            trace_id = parent.trace_id
+            sampled = parent.trace_flags.sampled
+            trace_state = parent.trace_state
+        else:
+            parent = None
+            trace_id = _random_id(128)
+            sampled = self._all or (trace_id & TraceIdRatioBased.TRACE_ID_LIMIT) < self._bound
+            trace_state = None
+        span_id = _random_id(64)
+        flags = _SAMPLED if sampled else _NOT_SAMPLED
+        context = SpanContext(trace_id, span_id, False, flags, trace_state)
+        span: Span = (
+            _CallSpan(name, context, parent, kind, dict(attributes))
+            if sampled
+            else trace.NonRecordingSpan(context)
+        )
+        trace_hex = format(trace_id, "032x")
+        span_hex = format(span_id, "016x")
         ids = call.ids
-        ids["trace_id"] = trace_id
-        ids["span_id"] = span_id
-        if token is None:
+        ids["trace_id"] = trace_hex
+        ids["span_id"] = span_hex
+        if kind is SpanKind.CLIENT:
             # What TraceContextTextMapPropagator.inject writes, without
             # building a Context or formatting the ids a second time.
             outgoing = call.outgoing
-            outgoing["traceparent"] = f"00-{trace_id}-{span_id}-{context.trace_flags:02x}"
-            if context.trace_state:
-                outgoing["tracestate"] = context.trace_state.to_header()
+            outgoing["traceparent"] = f"00-{trace_hex}-{span_hex}-{flags:02x}"
+            if trace_state:
+                outgoing["tracestate"] = trace_state.to_header()
             call.state[self] = (span, None, None)
         else:
+            token = otel_context.attach(trace.set_span_in_context(span))
             call.state[self] = (span, token, _current_task())
 
     def _start_naming(self, call: Call) -> tuple[str, dict[str, AttributeValue]]:
@@ -352,14 +534,18 @@ class _SpanObserver(Observer):
         span, token, task = entry
         if token is not None and task is _current_task():
             otel_context.detach(token)
-        if span.is_recording():
-            self._finish(span, call)
+        if not isinstance(span, _CallSpan):
+            return  # not sampled: ids only
+        recording = span.end_time is None
         span.end()
+        if recording:
+            self._finish(span, call)
+        self._processor.on_end(span.readable(self._resource, self._scope))
 
-    def _finish(self, span: Span, call: Call) -> None:
+    def _finish(self, span: _CallSpan, call: Call) -> None:
         kind = call.kind
         status = call.status
-        attributes: dict[str, AttributeValue] = {}
+        attributes = span.attributes
         if kind == "http":
             if status.isdigit():
                 attributes["http.response.status_code"] = int(status)
@@ -367,7 +553,7 @@ class _SpanObserver(Observer):
             if route and route != _UNMATCHED:
                 attributes["http.route"] = route
                 method = call.method
-                span.update_name(f"{method if method in _HTTP_METHODS else 'HTTP'} {route}")
+                span.name = f"{method if method in _HTTP_METHODS else 'HTTP'} {route}"
         elif kind == "grpc":
             code = _GRPC_CODES.get(status)
             if code is not None:
@@ -380,18 +566,17 @@ class _SpanObserver(Observer):
         else:
             faulty = call.failed or call.error is not None
         if faulty:
-            self._fail(span, call, attributes)
-        if attributes:
-            span.set_attributes(attributes)
+            self._fail(span, call)
 
-    def _fail(self, span: Span, call: Call, attributes: dict[str, AttributeValue]) -> None:
+    def _fail(self, span: _CallSpan, call: Call) -> None:
         """ERROR status, ``error.type``, and the exception event for an unexpected error."""
+        attributes = span.attributes
         error = call.error
         error_kind = call.error_kind
         if error is None:
             description = error_kind.value if error_kind is not None else call.status
             attributes["error.type"] = description or "error"
-            span.set_status(Status(StatusCode.ERROR, description))
+            span.status = Status(StatusCode.ERROR, description)
             return
         telemetry = self._telemetry
         message = str(error)
@@ -400,7 +585,7 @@ class _SpanObserver(Observer):
         if isinstance(error, ServiceError):
             # Raised on purpose: the kind says it all, no stack trace to record.
             attributes["error.type"] = error.kind.value
-            span.set_status(Status(StatusCode.ERROR, f"{error.kind.value}: {message}"))
+            span.status = Status(StatusCode.ERROR, f"{error.kind.value}: {message}")
             return
         error_type = type(error)
         qualified = f"{error_type.__module__}.{error_type.__qualname__}"
@@ -408,16 +593,26 @@ class _SpanObserver(Observer):
         if telemetry.has_secrets:
             stack = telemetry.redact(stack)
         attributes["error.type"] = qualified
-        span.set_status(Status(StatusCode.ERROR, f"{error_type.__name__}: {message}"))
+        span.status = Status(StatusCode.ERROR, f"{error_type.__name__}: {message}")
         # record_exception() would send the raw text; this is the same event, masked.
-        span.add_event(
-            "exception",
-            {
-                "exception.type": qualified,
-                "exception.message": message,
-                "exception.stacktrace": stack,
-            },
+        span.events.append(
+            Event(
+                "exception",
+                {
+                    "exception.type": qualified,
+                    "exception.message": message,
+                    "exception.stacktrace": stack,
+                },
+            )
         )
+
+
+def _random_id(bits: int) -> int:
+    """A random non-zero id of ``bits`` bits (W3C: all-zero ids are invalid)."""
+    while True:
+        value = random.getrandbits(bits)
+        if value:
+            return value
 
 
 class _TracingComponent(Component):
@@ -548,17 +743,20 @@ def build_tracing(context: BuildContext) -> Sequence[Component]:
         exporter = InMemorySpanExporter()
     batched = name == "otlp"
 
+    resource = Resource.create({SERVICE_NAME: definition.name, SERVICE_VERSION: definition.version})
+    # Ours, so the observer hands its spans to the same processors as the
+    # provider's own spans (add_span_processor adds to it).
+    processor = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]  # untyped in the SDK
     provider = TracerProvider(
         # Recording everything needs no ratio arithmetic per trace.
         sampler=ParentBased(
             ALWAYS_ON if settings.sample_ratio >= 1 else TraceIdRatioBased(settings.sample_ratio)
         ),
-        resource=Resource.create(
-            {SERVICE_NAME: definition.name, SERVICE_VERSION: definition.version}
-        ),
+        resource=resource,
         # The hub closer shuts it down; an atexit hook would keep every
         # provider a test process ever built alive until exit.
         shutdown_on_exit=False,
+        active_span_processor=processor,
     )
     if exporter is not None and not batched:
         # In-process exporters: each span is handed over as it ends, in order.
@@ -566,7 +764,7 @@ def build_tracing(context: BuildContext) -> Sequence[Component]:
     tracing = Tracing(provider, exporter, name)
     component = _TracingComponent(provider, exporter if batched else None)
     telemetry.publish(tracing)
-    telemetry.add_observer(_SpanObserver(tracing.tracer, telemetry))
+    telemetry.add_observer(_SpanObserver(telemetry, processor, resource, settings.sample_ratio))
     telemetry.add_closer(
         _Flusher(provider, exporter, component, batched=batched, timeout=settings.flush_timeout)
     )

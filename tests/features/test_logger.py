@@ -246,59 +246,6 @@ def test_failed_call_is_an_error_line_with_its_exception(tmp_path: Path) -> None
     assert "path" not in line  # the target is the method itself
 
 
-def test_access_lines_are_queued_and_written_in_order(tmp_path: Path) -> None:
-    """Access lines wait for the next write; another line writes them first; a failure at once."""
-    pipeline, telemetry = built(tmp_path)
-    path = log_path(tmp_path, "unit")
-    pipeline.open()
-    for number in range(3):
-        call = telemetry.begin(
-            "http", "server", "/items", method="GET", target=f"/items?n={number}"
-        )
-        telemetry.end(call, "200")
-    assert not path.read_text(), "queued, not written yet"
-    pipeline.log(logging.INFO, "after the requests")
-    events = [line["event"] for line in read_lines(path)]
-    assert events == [f"GET /items?n={n} 200" for n in range(3)] + ["after the requests"]
-    failed = telemetry.begin("http", "server", "/boom", method="GET", target="/boom")
-    telemetry.end(failed, "500", failed=True)
-    assert read_lines(path)[-1]["event"] == "GET /boom 500", "a failure is written at once"
-    pipeline.close()
-
-
-class Quiet:
-    """A periodic job that logs nothing itself: only its access lines reach the output."""
-
-    async def run_once(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-
-class QuietContainer(ServiceContainer):
-    worker = providers.Singleton(Quiet)
-
-
-async def test_access_lines_reach_the_output_while_the_service_runs(
-    mikros_service: ServiceStarter, tmp_path: Path, autojump_clock: trio.abc.Clock
-) -> None:
-    """The logger component writes queued access lines within its interval, not only at exit."""
-    running = await start(
-        mikros_service,
-        tmp_path,
-        QuietContainer,
-        name="quiet",
-        types="worker",
-        tables={"runtime.worker": {"interval": 1.0}},
-    )
-    await trio.sleep(1.5)  # two iterations, then the logger's next write
-    access = [
-        line
-        for line in read_lines(log_path(tmp_path, "quiet"))
-        if line["logger"] == "mikros_trio.access"
-    ]
-    assert [line["event"] for line in access] == ["worker ok", "worker ok"]
-    assert running.health.ready
-
-
 def test_request_id_goes_on_to_client_calls(tmp_path: Path) -> None:
     """A client call made while serving sends the served call's request id, and logs at debug."""
     pipeline, telemetry = built(tmp_path, '[log]\nlevel = "debug"\n')
@@ -684,7 +631,6 @@ async def test_grpc_calls_get_access_lines_with_the_incoming_request_id(
 
     text, code = await in_thread(calls, running.ports["grpc"])
     assert (text, code) == ("hi", grpc.StatusCode.NOT_FOUND)
-    assert await running.stop() == 0  # access lines are written in batches, all by the exit
     lines = read_lines(log_path(tmp_path, "echo"))
     ok = by_event(lines, "/mikros.testsvc.v1.Echo/Unary OK")
     assert (ok["kind"], ok["level"], ok["request_id"]) == ("grpc", "info", "rpc-7")

@@ -50,15 +50,7 @@ Design decisions:
   event is masked before rendering (so JSON escaping cannot hide a secret
   from the mask) and the rendered line is masked again (tracebacks the
   console renderer formats itself).
-- **Access lines in batches.** Written on the request's own path, an
-  access line cost a gRPC service ≈ 15 % of its throughput (measured with
-  bench/grpc_overhead.py; ≈ 3 % of its instructions, counted with
-  callgrind: most likely it evicts the server's own code and data from the
-  CPU caches between two requests). So a finished call is
-  only queued; the logger's component writes the queue every 50 ms in one
-  write, and any other line, a failed call's line, a full queue and the
-  closing of the output write it first, so the output keeps its order.
-- **Nothing lost at shutdown.** Other lines are flushed one by one; a file is
+- **Nothing lost at shutdown.** Outputs are flushed per line; a file is
   opened when the feature starts (or at the supervisor's first line, just
   before) and closed by a telemetry closer, after the supervisor's last
   line ("service stopped"). The feature's component does nothing when it
@@ -244,8 +236,6 @@ class LogPipeline:
         self._is_file = output not in ("stdout", "stderr")
         self._stream_name = "stderr" if self._is_file else output
         self._lock = threading.Lock()
-        # Access lines not written yet: (time, level, call). See defer().
-        self._deferred: list[tuple[float, int, Call]] = []
         self.live = False
         self.closed = False
         tty = self._is_terminal()
@@ -300,7 +290,6 @@ class LogPipeline:
         """Flush and close the output; later lines go to the next live pipeline. Idempotent."""
         if self.closed:
             return
-        self.drain()
         self.closed = True
         self.live = False
         _ROUTER.remove(self)
@@ -345,13 +334,8 @@ class LogPipeline:
         line.update(fields)
         self.emit(line, _exc_info(exc_info))
 
-    def head(
-        self, levelno: int, logger: str, event: Any, now: float, call: Call | None = None
-    ) -> dict[str, Any]:
-        """The first fields of a line: time, level, logger, event, identity, call ids.
-
-        The ids are ``call``'s, or the current call's when none is given.
-        """
+    def head(self, levelno: int, logger: str, event: Any, now: float) -> dict[str, Any]:
+        """The first fields of a line: time, level, logger, event, identity, call ids."""
         line: dict[str, Any] = {
             "timestamp": _CLOCK.format(now),
             "level": _LEVEL_NAMES.get(levelno) or logging.getLevelName(levelno).lower(),
@@ -359,46 +343,13 @@ class LogPipeline:
             "event": event,
         }
         line.update(self._static)
-        if call is None:
-            call = current_call()
+        call = current_call()
         if call is not None and call.ids:
             line.update(call.ids)
         return line
 
-    def defer(self, now: float, levelno: int, call: Call) -> None:
-        """Queue the access line of a finished ``call``, written by :meth:`drain`.
-
-        Rendering and writing an access line on the request's own path
-        costs far more than its instruction count suggests (it evicts the
-        server's working set from the caches between two requests), so the
-        line is queued and written with others: every 50 ms by the logger's
-        component, before any other line (order is kept), when
-        ``_DEFER_LIMIT`` are waiting, and when the output closes.
-        """
-        with self._lock:
-            deferred = self._deferred
-            deferred.append((now, levelno, call))
-            full = len(deferred) >= _DEFER_LIMIT
-        if full:
-            self.drain()
-
-    def drain(self) -> None:
-        """Write the queued access lines, oldest first, with one write and one flush."""
-        with self._lock:
-            deferred, self._deferred = self._deferred, []
-        if deferred:
-            self._write("\n".join(self._render(_access_line(self, *item)) for item in deferred))
-
     def emit(self, line: dict[str, Any], exc_info: _ExcInfo | None = None) -> None:
-        """Render ``line`` (and the exception, per ``[log] error_stack_trace``) and write it.
-
-        Queued access lines are written first, so the output stays in order.
-        """
-        if self._deferred:
-            self.drain()
-        self._write(self._render(line, exc_info))
-
-    def _render(self, line: dict[str, Any], exc_info: _ExcInfo | None = None) -> str:
+        """Render ``line`` (and the exception, per ``[log] error_stack_trace``) and write it."""
         if exc_info is not None:
             self._add_exception(line, exc_info)
         telemetry = self.telemetry
@@ -416,7 +367,7 @@ class LogPipeline:
         text = _encode_json(line) if console is None else str(console(None, "", line))
         if secrets:
             text = telemetry.redact(text)
-        return text
+        self._write(text)
 
     def _add_exception(self, line: dict[str, Any], exc_info: _ExcInfo) -> None:
         mode = self.error_stack_trace
@@ -617,43 +568,6 @@ def _new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-#: Queued access lines that make the next one write them all at once.
-_DEFER_LIMIT = 256
-
-#: Seconds between two writes of the queued access lines.
-_DEFER_SECONDS = 0.05
-
-
-def _access_line(pipeline: LogPipeline, now: float, levelno: int, call: Call) -> dict[str, Any]:
-    """The access line of a finished call: what it was, how it ended, how long it took."""
-    kind, side, status = call.kind, call.side, call.status
-    name, target, method = call.name, call.target, call.method
-    if method:
-        event = f"{method} {target or name} {status}"
-    elif kind == "grpc":
-        event = f"{name} {status}"
-    else:  # a worker iteration, a script run: its component's name, when not the kind's
-        event = f"{kind} {status}" if name == kind else f"{kind} {name} {status}"
-    # The call's own ids: it is no longer current (and a client call never was).
-    line = pipeline.head(levelno, ACCESS_LOGGER, event, now, call)
-    line["kind"] = kind
-    if side == "client":
-        line["side"] = side
-    line["name"] = name
-    if method:
-        line["method"] = method
-    if target and target != name:
-        line["target" if side == "client" else "path"] = target
-    line["status"] = status
-    line["duration_ms"] = round(call.duration * 1000.0, 3)
-    if call.error_kind is not None:
-        line["error_kind"] = str(call.error_kind)
-    error = call.error
-    if error is not None:
-        line["error"] = f"{type(error).__name__}: {error}"
-    return line
-
-
 class _LogObserver(Observer):
     """Gives server calls a request id and writes the access and lifecycle lines."""
 
@@ -681,24 +595,45 @@ class _LogObserver(Observer):
                 forwarded = served.ids.get("request_id")
                 if forwarded is not None:
                     call.outgoing["x-request-id"] = forwarded
-                    call.ids["request_id"] = forwarded  # its own line shares it too
 
     def finished(self, call: Call) -> None:
         if not self._access:
             return
         pipeline = self._pipeline
-        side = call.side
+        kind, side, status = call.kind, call.side, call.status
         if call.failed:
             levelno = logging.ERROR if side != "client" else logging.WARNING
         else:
             levelno = logging.INFO if side != "client" else logging.DEBUG
         if levelno < pipeline.levelno:
             return
-        if call.failed:
-            # A failure is worth its cost: written at once, after what is queued.
-            pipeline.emit(_access_line(pipeline, time.time(), levelno, call))
-        else:
-            pipeline.defer(time.time(), levelno, call)
+        name, target, method = call.name, call.target, call.method
+        if method:
+            event = f"{method} {target or name} {status}"
+        elif kind == "grpc":
+            event = f"{name} {status}"
+        else:  # a worker iteration, a script run: its component's name, when not the kind's
+            event = f"{kind} {status}" if name == kind else f"{kind} {name} {status}"
+        line = pipeline.head(levelno, ACCESS_LOGGER, event, time.time())
+        # The call's ids, even though it is no longer current (a client call never is).
+        if call.ids:
+            line.update(call.ids)
+        line["kind"] = kind
+        if side == "client":
+            line["side"] = side
+        line["name"] = name
+        if method:
+            line["method"] = method
+        if target and target != name:
+            line["target" if side == "client" else "path"] = target
+        line["status"] = status
+        line["duration_ms"] = round(call.duration * 1000.0, 3)
+        if call.error_kind is not None:
+            line["error_kind"] = str(call.error_kind)
+        error = call.error
+        if error is not None:
+            line["error"] = f"{type(error).__name__}: {error}"
+        pipeline.emit(line)
 
     def event(self, event: LifecycleEvent) -> None:
         pipeline = self._pipeline
@@ -729,13 +664,11 @@ class _LogObserver(Observer):
 
 
 class _LoggerComponent(Component):
-    """Opens the service's log output first thing, then writes queued access lines.
+    """Opens the service's log output first thing; the file is closed by a telemetry closer.
 
-    Every 50 ms it writes the access lines queued since (see
-    :meth:`LogPipeline.defer`). Stopping closes nothing: the lines of the
-    rest of the shutdown still need the output, which the closer shuts
-    after the supervisor's last line. Only a cancellation (nobody will run
-    the closers) closes it here.
+    Stopping does nothing: the lines of the rest of the shutdown still
+    need the output, which the closer shuts after the supervisor's last
+    line. Only a cancellation (nobody will run the closers) closes it here.
     """
 
     role = Role.PROCESSING
@@ -747,16 +680,12 @@ class _LoggerComponent(Component):
     async def run(
         self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        pipeline = self.pipeline
-        pipeline.open()
+        self.pipeline.open()
         task_status.started()
         try:
-            while not lifetime.stopping:
-                with trio.move_on_after(_DEFER_SECONDS):
-                    await lifetime.wait_stopping()
-                pipeline.drain()
+            await lifetime.wait_stopping()
         except BaseException:
-            pipeline.close()
+            self.pipeline.close()
             raise
 
 

@@ -86,7 +86,6 @@ __all__ = [
     "build_grpc",
     "call",
     "client",
-    "status_for",
     "typed_error",
 ]
 
@@ -123,13 +122,6 @@ SERVER_FAULTS = frozenset(
 
 #: Error kinds that are the server's fault (the others are the caller's).
 INTERNAL_KINDS = frozenset({ErrorKind.INTERNAL, ErrorKind.RPC, ErrorKind.CUSTOM})
-
-
-def status_for(error: ServiceError, service_name: str) -> Status:
-    """The gRPC status carrying ``error``: its code, and the Mikros JSON as message."""
-    wire = error.to_wire()
-    wire.setdefault("service_name", service_name)
-    return Status(GRPC_STATUS[error.kind], json.dumps(wire, separators=(",", ":")))
 
 
 class _Connection:

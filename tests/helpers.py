@@ -22,6 +22,8 @@ import pytest
 if TYPE_CHECKING:  # grpcio is imported by the gRPC helpers only, when used
     import grpc
 
+    from mikros_trio import Component, Telemetry
+
 REPO = Path(__file__).parents[1]
 
 #: Nothing a test waits for may take longer than this; a hung child fails the test.
@@ -239,3 +241,23 @@ def import_example(path: Path, name: str) -> ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+def build_feature(
+    name: str, toml: str, environ: Mapping[str, str] | None = None
+) -> tuple[Telemetry, list[Component]]:
+    """Build feature ``name`` of the service ``toml`` describes, as the container layer does.
+
+    Returns the service's fresh telemetry hub (where the feature registered
+    its observers and objects) and the feature's components, not started.
+    """
+    from mikros_trio import BuildContext, ServiceContainer, Telemetry, default_registry
+    from mikros_trio._container import _load_factory
+    from mikros_trio._definition import parse_definition
+
+    definition = parse_definition(toml, environ=dict(environ or {}))
+    telemetry = Telemetry(definition.name, definition.version)
+    settings = definition.features[name].settings
+    context = BuildContext(name, settings, definition, ServiceContainer(), telemetry)
+    factory = _load_factory(default_registry().features[name].factory)
+    return telemetry, list(factory(context))

@@ -23,8 +23,8 @@ from dependency_injector import providers
 from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import build_feature
 from mikros_trio import (
-    BuildContext,
     ConfigError,
     LifecycleEvent,
     ServiceContainer,
@@ -32,7 +32,7 @@ from mikros_trio import (
 )
 from mikros_trio._telemetry import Call, Telemetry
 from mikros_trio.errors import ErrorKind
-from mikros_trio.features.metrics import Metrics, MetricsListener, build_metrics
+from mikros_trio.features.metrics import Metrics, MetricsListener
 from mikros_trio.testing import RunningService, ServiceStarter
 from test_http import Container as HttpContainer
 
@@ -137,16 +137,7 @@ async def settled(running: RunningService, gauge: str) -> None:
 
 def built(toml: str) -> tuple[Telemetry, Metrics, list[Any]]:
     """Build the feature for ``toml`` on a fresh hub, as the container layer does."""
-    definition = parse_definition(toml, environ={})
-    telemetry = Telemetry(definition.name, definition.version)
-    context = BuildContext(
-        "metrics",
-        definition.features["metrics"].settings,
-        definition,
-        ServiceContainer(),
-        telemetry,
-    )
-    components = list(build_metrics(context))
+    telemetry, components = build_feature("metrics", toml)
     return telemetry, telemetry.get(Metrics), components
 
 

@@ -27,10 +27,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from quart_trio import QuartTrio
 
-from mikros_trio import BuildContext, Lifetime, NotFoundError, ServiceContainer, parse_definition
+from helpers import build_feature
+from mikros_trio import Lifetime, NotFoundError, ServiceContainer
 from mikros_trio._telemetry import Telemetry, current_call, current_telemetry
 from mikros_trio.errors import ErrorKind
-from mikros_trio.features.tracing import Tracing, build_tracing
+from mikros_trio.features.tracing import Tracing
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_pb2_grpc
 from test_grpc_server import Container as EchoContainer
@@ -128,16 +129,7 @@ def built(
     toml: str, environ: Mapping[str, str] | None = None
 ) -> tuple[Telemetry, Tracing, list[Any]]:
     """Build the feature for ``toml`` on a fresh hub, as the container layer does."""
-    definition = parse_definition(toml, environ={"API_TOKEN": SECRET, **(environ or {})})
-    telemetry = Telemetry(definition.name, definition.version)
-    context = BuildContext(
-        "tracing",
-        definition.features["tracing"].settings,
-        definition,
-        ServiceContainer(),
-        telemetry,
-    )
-    components = list(build_tracing(context))
+    telemetry, components = build_feature("tracing", toml, {"API_TOKEN": SECRET, **(environ or {})})
     return telemetry, telemetry.get(Tracing), components
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "env_forms",
     "load_definition",
     "parse_definition",
+    "parse_port",
 ]
 
 
@@ -573,7 +574,7 @@ class _Loader:
                 if spec.default_port is None:
                     self.add(path, f"kind {quote(spec.name)} takes no port, got {quote(entry)}")
                     continue
-                port = _parse_port(port_text)
+                port = parse_port(port_text)
                 if port is None:
                     self.add(path, f'expected {_PORT_EXPECTED} after ":", got {show(port_text)}')
                     continue
@@ -662,7 +663,7 @@ class _Loader:
             text = self.environ.get(spec.port_env)
             if text is None:
                 continue
-            port = _parse_port(text)
+            port = parse_port(text)
             if port is None:
                 self.add(
                     "types",
@@ -727,7 +728,8 @@ class _Loader:
             )
 
 
-def _parse_port(text: str) -> int | None:
+def parse_port(text: str) -> int | None:
+    """``text`` as a TCP port (0-65535), or ``None`` if it is not one."""
     # Digits only: int() would also take " 80", "+80", "8_0" and non-ASCII digits.
     if not (text.isascii() and text.isdigit()):
         return None

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from ._runtime_settings import GrpcSettings, HttpSettings, ScriptSettings, WorkerSettings
 from .errors import ConfigError, ConfigIssue
 from .features.settings import (
+    METRICS_PORT_ENV,
     EnvSettings,
     ErrorsSettings,
     LoggerSettings,
@@ -185,7 +186,7 @@ _BUILTIN_FEATURES: tuple[FeatureSpec, ...] = (
         settings=MetricsSettings,
         factory="mikros_trio.features.metrics:build_metrics",
         depends_on=("logger",),
-        port_env="MIKROS_METRICS_PORT",
+        port_env=METRICS_PORT_ENV,
         extra="metrics",
         summary="Prometheus metrics at /metrics",
     ),

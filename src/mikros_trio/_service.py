@@ -28,7 +28,6 @@ from .errors import ConfigError, ConfigIssue
 
 __all__ = [
     "Service",
-    "configure_logging",
     "event_printer",
     "report_config_error",
     "run",
@@ -227,20 +226,6 @@ class _Relay:
         self._callback(value)
 
 
-def configure_logging(service: Service, *, verbose: bool = False) -> None:
-    """Set up the process's logging for ``service``; ``verbose`` adds the framework's debug lines.
-
-    The logger feature owns the pipeline (structlog and the root handler,
-    configured when the service starts); what is left for the process is
-    the ``--verbose`` switch.
-    """
-    if not verbose:
-        return
-    from .features.logger import show_debug
-
-    show_debug(service.telemetry)
-
-
 def report_config_error(error: ConfigError) -> None:
     """Print a configuration error the way users should see it: no traceback."""
     print(f"mikros-trio: {error.render()}", file=sys.stderr)
@@ -291,7 +276,11 @@ async def run(
     except ConfigError as error:
         report_config_error(error)
         raise SystemExit(2) from None
-    configure_logging(service, verbose=verbose)
+    if verbose:
+        # The logger feature owns logging; --verbose only opens it to debug lines.
+        from .features.logger import show_debug
+
+        show_debug(service.telemetry)
     # Everything built so far lives as long as the process: move it out of
     # the collector's sight, which halves GC time during start and stop of
     # large graphs (bench/graph_scale.py).

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .errors import ErrorKind
 
 __all__ = [
+    "HTTP_METHODS",
+    "UNMATCHED",
     "Call",
     "Endpoint",
     "Observer",
@@ -43,6 +45,16 @@ T = TypeVar("T")
 #: An extra HTTP path a feature serves next to the probes (``/metrics``):
 #: a callable returning ``(status, content type, body)``.
 Endpoint = Callable[[], tuple[int, str, bytes]]
+
+#: ``Call.name`` of an HTTP request no route matched: a bounded label for
+#: metrics and span names, never the raw path.
+UNMATCHED = "(unmatched)"
+
+#: The standard HTTP methods. Features label or name calls by one of these
+#: and lump any other token a client sends together, so labels stay bounded.
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
 
 _CALL: ContextVar[Call | None] = ContextVar("mikros_trio_call", default=None)
 _TELEMETRY: ContextVar[Telemetry | None] = ContextVar("mikros_trio_telemetry", default=None)
@@ -307,11 +319,3 @@ class Telemetry:
                 observer.event(event)
             except Exception:
                 log.exception("observer %r failed on a lifecycle event", observer)
-
-
-def merged(*pairs: Mapping[str, str] | Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """Header pairs from several mappings or pair sequences, in order."""
-    out: list[tuple[str, str]] = []
-    for item in pairs:
-        out.extend(item.items() if isinstance(item, Mapping) else item)
-    return tuple(out)

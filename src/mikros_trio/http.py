@@ -51,7 +51,7 @@ from ._component import Component, Lifetime, Role
 from ._container import BuildContext
 from ._health import Health
 from ._runtime_settings import HttpSettings
-from ._telemetry import Endpoint, Telemetry, current_call
+from ._telemetry import UNMATCHED, Endpoint, Telemetry, current_call
 from ._wire import unexpected_error, wire_error
 from .errors import ErrorKind, ServiceError
 
@@ -69,9 +69,6 @@ HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.RPC: 500,
     ErrorKind.CUSTOM: 500,
 }
-
-#: ``Call.name`` of a request no route matched (a bounded label, never the raw path).
-UNMATCHED = "(unmatched)"
 
 # Probe paths (Kubernetes conventions).
 LIVEZ, READYZ, HEALTHZ = "/livez", "/readyz", "/healthz"

@@ -33,9 +33,8 @@ from quart_trio import QuartTrio
 from helpers import REPO, Spawn
 from mikros_trio import ConfigError, ServiceContainer, parse_definition
 from mikros_trio._container import BuildContext
-from mikros_trio._service import configure_logging
 from mikros_trio._telemetry import Telemetry
-from mikros_trio.features.logger import LogPipeline, build_logger
+from mikros_trio.features.logger import LogPipeline, build_logger, show_debug
 from mikros_trio.features.settings import LoggerSettings
 from mikros_trio.testing import RunningService, ServiceStarter
 from test_example_gateway import Examples, _start_both
@@ -707,7 +706,7 @@ async def test_verbose_lets_framework_debug_lines_out(
     running = await start(mikros_service, tmp_path)
     framework = logging.getLogger("mikros_trio")
     try:
-        configure_logging(running.service, verbose=True)
+        show_debug(running.service.telemetry)
         logging.getLogger("mikros_trio.tests").debug("framework detail")
         logging.getLogger("some_library").debug("library detail")
     finally:

@@ -87,9 +87,11 @@ from prometheus_client import (
 
 from mikros_trio._component import Component, Lifetime, Role
 from mikros_trio._container import BuildContext
+from mikros_trio._definition import parse_port
 from mikros_trio._supervisor import SERVICE, LifecycleEvent
-from mikros_trio._telemetry import Call, Observer
+from mikros_trio._telemetry import HTTP_METHODS, UNMATCHED, Call, Observer
 from mikros_trio.errors import ConfigError, ConfigIssue
+from mikros_trio.features.settings import METRICS_PORT_ENV as PORT_ENV
 from mikros_trio.features.settings import MetricsSettings
 
 __all__ = ["PORT_ENV", "Metrics", "MetricsListener", "build_metrics"]
@@ -142,13 +144,6 @@ class Metrics:
             log.exception("collecting metrics failed")
             return 500, "text/plain; charset=utf-8", b"collecting metrics failed\n"
 
-
-# HTTP methods get their own label value; anything else (a client may send
-# any token) is counted as OTHER, which keeps the label set bounded.
-_HTTP_METHODS = frozenset(
-    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
-)
-_UNMATCHED = "(unmatched)"
 
 # Labelled children of one (counter, histogram) pair, by label values.
 _Pair = tuple[Any, Any]
@@ -285,8 +280,8 @@ class _Recorder(Observer):
 
     def _http_finished(self, call: Call) -> None:
         self._http_flight.dec()
-        method = call.method if call.method in _HTTP_METHODS else "OTHER"
-        key = (method, call.name or _UNMATCHED, call.status)
+        method = call.method if call.method in HTTP_METHODS else "OTHER"
+        key = (method, call.name or UNMATCHED, call.status)
         pair = self._http.get(key)
         if pair is None:
             pair = self._http[key] = (
@@ -401,17 +396,12 @@ def build_metrics(context: BuildContext) -> Sequence[Component]:
     return (MetricsListener(metrics, settings.host, port, settings.path),)
 
 
-#: Environment variable that overrides ``[features.metrics] port``, as
-#: ``MIKROS_HTTP_PORT`` does the HTTP port (the test harness sets it to 0).
-PORT_ENV = "MIKROS_METRICS_PORT"
-
-
 def _listener_port(text: str | None, configured: int, source: str) -> int:
     if text is None:
         return configured
-    digits = text.strip()
-    if digits.isascii() and digits.isdigit() and int(digits) <= 65535:
-        return int(digits)
+    port = parse_port(text.strip())
+    if port is not None:
+        return port
     message = f"environment variable {PORT_ENV} overrides it: expected a port 0-65535, got {text!r}"
     raise ConfigError([ConfigIssue(source, "features.metrics.port", message)])
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["EnvSettings", "ErrorsSettings", "LoggerSettings", "MetricsSettings", "TracingSettings"]
+__all__ = [
+    "METRICS_PORT_ENV",
+    "EnvSettings",
+    "ErrorsSettings",
+    "LoggerSettings",
+    "MetricsSettings",
+    "TracingSettings",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +64,10 @@ class EnvSettings:
         },
     )
 
+
+#: Environment variable that overrides ``[features.metrics] port``, as
+#: ``MIKROS_HTTP_PORT`` does the HTTP port (the test harness sets it to 0).
+METRICS_PORT_ENV = "MIKROS_METRICS_PORT"
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

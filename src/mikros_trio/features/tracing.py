@@ -108,7 +108,7 @@ from opentelemetry.util.types import AttributeValue
 
 from mikros_trio._component import Component, Lifetime
 from mikros_trio._container import BuildContext
-from mikros_trio._telemetry import Call, Observer, Telemetry
+from mikros_trio._telemetry import HTTP_METHODS, UNMATCHED, Call, Observer, Telemetry
 from mikros_trio.errors import ConfigError, ConfigIssue, ErrorKind, ServiceError
 from mikros_trio.features.settings import TracingSettings
 
@@ -153,13 +153,6 @@ _GRPC_CODES: dict[str, int] = {
     )
 }
 
-#: The methods semantic conventions name spans by; any other is ``_OTHER``.
-_HTTP_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
-)
-
-#: What the HTTP kind names a request no route matched.
-_UNMATCHED = "(unmatched)"
 
 #: Bound on the per-method cache: method names come from declared services,
 #: but nothing unbounded may grow from what callers send.
@@ -486,7 +479,7 @@ class _SpanObserver(Observer):
             if "?" in target:
                 target = target.partition("?")[0]
             method = call.method
-            if method in _HTTP_METHODS:
+            if method in HTTP_METHODS:
                 return method, {"http.request.method": method, "url.path": target}
             # Span names stay low-cardinality whatever method a client invents.
             return "HTTP", {
@@ -555,10 +548,10 @@ class _SpanObserver(Observer):
             if status.isdigit():
                 attributes["http.response.status_code"] = int(status)
             route = call.name
-            if route and route != _UNMATCHED:
+            if route and route != UNMATCHED:
                 attributes["http.route"] = route
                 method = call.method
-                span.name = f"{method if method in _HTTP_METHODS else 'HTTP'} {route}"
+                span.name = f"{method if method in HTTP_METHODS else 'HTTP'} {route}"
         elif kind == "grpc":
             code = _GRPC_CODES.get(status)
             if code is not None:

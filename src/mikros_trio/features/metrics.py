@@ -13,7 +13,7 @@ Numbers come from the telemetry seam, not from the kinds: an
 lifecycle event into samples. The hot path is one dict lookup for the
 call's kind, one for its label tuple (``.labels()`` is slow, so each
 labelled child is made once and cached), then a counter increment and a
-histogram observation: about 3 µs per call.
+histogram observation.
 
 Metrics (durations in seconds, histograms use ``[features.metrics] buckets``):
 

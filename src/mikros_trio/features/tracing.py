@@ -50,15 +50,13 @@ Design decisions:
   abandoned rather than holding the exit.
 - **Calls record into a lean span; the SDK gets a ``ReadableSpan``.** The
   SDK's own span (a lock, attribute re-validation, the sampler and
-  processor machinery per call) was ≈ 190 000 instructions per HTTP request
-  (callgrind, counted through the ASGI layer), most of tracing's cost. A call's
+  processor machinery per call) was most of tracing's cost per request,
+  and tracing the largest feature cost in bench/http_overhead.py. A call's
   span is a :class:`_CallSpan` instead: OpenTelemetry's ``Span`` API over
   plain fields, current while the call runs (handlers set attributes, add
   events, start children as with any span), handed to the provider's
   processors as the SDK's ``ReadableSpan`` when it ends, and not built at
-  all when nothing would see it (``none``). ≈ 55 000 instructions per
-  request now; bench/http_overhead.py throughput +17 % against the SDK
-  span (A/B, same run). Sampling is decided here, exactly as
+  all when nothing would see it (``none``). Sampling is decided here, exactly as
   ``ParentBased(TraceIdRatioBased(ratio))``; spans started with
   :attr:`Tracing.tracer` are ordinary SDK spans.
 

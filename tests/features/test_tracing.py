@@ -164,6 +164,14 @@ def create_app() -> QuartTrio:
         span.update_name("overridden")  # the route name set at the end wins
         return "done"
 
+    @app.get("/degrade")
+    async def degrade() -> str:
+        span = trace.get_current_span()
+        span.record_exception(ValueError("cache down"))
+        span.set_status(StatusCode.ERROR, "served stale data")
+        span.set_status(StatusCode.UNSET)  # as the SDK: UNSET never overrides
+        return "stale"
+
     @app.get("/work")
     async def work() -> str:
         telemetry = current_telemetry()
@@ -279,6 +287,22 @@ async def test_a_handler_enriches_the_request_span(
     assert [(event.name, dict(event.attributes or {})) for event in span.events] == [
         ("cache.miss", {"key": "ada"})
     ]
+
+
+async def test_a_handler_sets_the_status_and_records_an_exception(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A handler's set_status(ERROR) and record_exception reach the exported span."""
+    running = await start_http(mikros_service, tmp_path)
+    assert (await get(running, "/degrade")).status_code == 200
+    [span] = await spans_of(running, 1)
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "served stale data"
+    [event] = span.events
+    assert event.name == "exception"
+    assert event.attributes is not None
+    assert event.attributes["exception.type"] == "ValueError"
+    assert event.attributes["exception.message"] == "cache down"
 
 
 async def test_not_found_leaves_the_status_unset_and_records_the_kind(

@@ -1,24 +1,39 @@
-"""The overhead benchmarks' shared method: alternate servers under the same load.
+"""The overhead benchmarks' shared method: replicas of each server, loaded in shuffled rounds.
 
-``compare`` warms every server up, then runs ``rounds`` rounds; each round
-loads every server once, framework and bare in an order that flips each
-round so drift on the machine hits both alike, and any reference server
-after them. It records the rate, the errors and the server's CPU time per
-unit of work (steadier than the rate when other work shares the machine),
-and returns the figures both ``*_overhead.py`` scripts print as JSON.
+Two measurements of one server a few seconds apart differ by 10-30 % on a
+shared machine, and two processes of the *same* server can differ by
+5-10 % over a whole run (each has its own memory layout and hash seed).
+So each compared server runs as several processes (replicas), and
+``compare`` warms every one up, then runs ``rounds`` rounds; each round
+loads every replica once, in an order shuffled per round (seeded, so a run
+is repeatable in its order) so neither drift on the machine nor position
+favours a side. It records each load's rate, errors and the server's CPU
+time per unit of work, and returns the figures both ``*_overhead.py``
+scripts print as JSON:
+
+- ``ratio``: median framework rate over median bare rate, all replicas
+  pooled;
+- ``noise``: for each server with two replicas or more, its slowest
+  replica's median over its fastest's. This is an A/A comparison run
+  alongside the A/B: a ``ratio`` within ``1 - noise`` of the target is
+  closer than this run can tell apart.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from _http_apps import LoadResult, cpu_seconds
 
+#: Processes per compared server (framework and bare); references run one.
+REPLICAS = 2
+
 
 def compare(
-    servers: Mapping[str, Any],
+    servers: Mapping[str, Sequence[Any]],
     *,
     rounds: int,
     load: Callable[[int, float], LoadResult],
@@ -26,48 +41,69 @@ def compare(
     unit: str,
     target: float,
 ) -> dict[str, Any]:
-    """Run the rounds; return rates, medians, the framework/bare ratio and CPU per unit.
+    """Run the rounds; return rates, medians, the framework/bare ratio, noise and CPU per unit.
 
-    ``servers`` must hold ``framework`` and ``bare``; a third one is the
-    reference. Every server is closed on the way out (exit codes included).
+    ``servers`` maps a name to its replicas and must hold ``framework`` and
+    ``bare``; others are references. Every replica is closed on the way out
+    (exit codes included).
     """
+    replicas = [
+        (name, index, server)
+        for name, group in servers.items()
+        for index, server in enumerate(group)
+    ]
     results: dict[str, list[LoadResult]] = {name: [] for name in servers}
+    by_replica: dict[tuple[str, int], list[float]] = {(n, i): [] for n, i, _ in replicas}
     cpu_us: dict[str, list[float]] = {name: [] for name in servers}
+    round_ratios: list[float] = []
     try:
-        for server in servers.values():
+        for _, _, server in replicas:
             server.wait_ready()
             load(server.port, 1.0)  # warm-up, not counted
         for number in range(1, rounds + 1):
-            order = ["framework", "bare"] if number % 2 else ["bare", "framework"]
-            order += [name for name in servers if name not in order]
-            for name in order:
-                pid = servers[name].proc.pid
+            order = list(replicas)
+            random.Random(number).shuffle(order)
+            this_round: dict[str, list[float]] = {name: [] for name in servers}
+            for name, index, server in order:
+                pid = server.proc.pid
                 before = cpu_seconds(pid)
-                result = load(servers[name].port, seconds)
+                result = load(server.port, seconds)
                 after = cpu_seconds(pid)
                 results[name].append(result)
+                by_replica[name, index].append(result.rate)
+                this_round[name].append(result.rate)
                 cpu = ""
                 if before is not None and after is not None and result.count:
                     cpu_us[name].append((after - before) / result.count * 1e6)
                     cpu = f", server CPU {cpu_us[name][-1]:4.0f} µs/{unit}"
                 print(
-                    f"round {number}: {name:9s} {result.rate:9.1f} {unit}s/s "
+                    f"round {number}: {name:9s}#{index} {result.rate:9.1f} {unit}s/s "
                     f"({result.count} {unit}s, {result.errors} errors{cpu})"
                 )
+            round_ratios.append(
+                statistics.median(this_round["framework"]) / statistics.median(this_round["bare"])
+            )
     finally:
-        codes = {name: server.close() for name, server in servers.items()}
+        codes = {
+            f"{name}#{index}" if len(servers[name]) > 1 else name: server.close()
+            for name, index, server in replicas
+        }
 
     medians = {name: statistics.median(r.rate for r in runs) for name, runs in results.items()}
     ratio = medians["framework"] / medians["bare"]
     errors = {name: sum(r.errors for r in runs) for name, runs in results.items()}
+    noise: dict[str, float] = {}
+    for name, group in servers.items():
+        if len(group) > 1:
+            per_replica = [statistics.median(by_replica[name, i]) for i in range(len(group))]
+            noise[name] = round(min(per_replica) / max(per_replica), 3)
     return {
+        "replicas": {name: len(group) for name, group in servers.items()},
         "rates": {name: [round(r.rate, 1) for r in runs] for name, runs in results.items()},
         "medians": {name: round(value, 1) for name, value in medians.items()},
         "ratio": round(ratio, 3),
-        "per_round_ratios": [
-            round(f.rate / b.rate, 3)
-            for f, b in zip(results["framework"], results["bare"], strict=True)
-        ],
+        "per_round_ratios": [round(value, 3) for value in round_ratios],
+        "noise": noise,
         f"cpu_us_per_{unit}": {
             name: round(statistics.median(values)) if values else None
             for name, values in cpu_us.items()

@@ -10,20 +10,22 @@ own process:
   ended; exported to the no-op exporter);
 - ``bare``: the example's own QuartTrio app on ``hypercorn.trio.serve``.
 
-The two alternate for several rounds in the same run (the order flips each
-round, so drift on the machine hits both alike), each round a fixed-length
-load of 32 keep-alive connections: ``wrk -t2 -c32 -d5s`` when wrk is
-installed, else a bounded single-process Python client (the JSON says
-which). Only the server under load is busy; the others sit idle. The ratio
-is median(framework) / median(bare); the target is ≥ 0.90 with every
-feature on (it was ≥ 0.95 before features existed).
+Each runs as two processes (replicas), and every replica is loaded once per
+round, in a shuffled order, for several rounds in the same run (see
+``_compare``), each load a fixed-length run of 32 keep-alive connections:
+``wrk -t2 -c32 -d3s`` when wrk is installed, else a bounded single-process
+Python client (the JSON says which). Only the server under load is busy;
+the others sit idle. The ratio is median(framework) / median(bare), over
+all replicas; the target is ≥ 0.90 with every feature on (it was ≥ 0.95
+before features existed). ``noise`` in the JSON is the same comparison
+between two replicas of one server: the resolution of this run.
 
 For reference only (no target), uvicorn + Starlette with the same handler
 body runs in the same rounds when both are installed (``nox -s bench``
 installs them).
 
 Prints human lines, then, as the last line, one JSON object for tools.
-Run: ``python bench/http_overhead.py [-n ROUNDS] [--seconds 5]``.
+Run: ``python bench/http_overhead.py [-n ROUNDS] [--seconds 3]``.
 """
 
 from __future__ import annotations
@@ -35,14 +37,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _compare import compare
+from _compare import REPLICAS, compare
 
 # Run as a script, bench/ is on sys.path: the shared module imports directly.
 from _http_apps import (
     EXAMPLE,
     LoadResult,
     Server,
-    ServerSpec,
     all_features_config,
     bare,
     framework,
@@ -60,10 +61,8 @@ CONNECTIONS = 32
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "-n", "--rounds", type=int, default=5, help="alternating rounds (default 5)"
-    )
-    parser.add_argument("--seconds", type=float, default=5.0, help="load per measurement (5)")
+    parser.add_argument("-n", "--rounds", type=int, default=6, help="shuffled rounds (default 6)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="load per measurement (3)")
     args = parser.parse_args()
 
     if wrk_path() is not None:
@@ -82,13 +81,18 @@ def main() -> None:
 
     reference = uvicorn_description()
     scratch = tempfile.TemporaryDirectory(prefix="bench-http-")
-    config = all_features_config(EXAMPLE, Path(scratch.name))
-    specs: list[ServerSpec] = [framework(free_port(), config=config), bare(free_port())]
+    servers: dict[str, list[Server]] = {"framework": [], "bare": []}
+    for replica in range(REPLICAS):
+        # Each framework replica logs to its own file.
+        directory = Path(scratch.name, str(replica))
+        directory.mkdir()
+        config = all_features_config(EXAMPLE, directory)
+        servers["framework"].append(Server(framework(free_port(), config=config)))
+        servers["bare"].append(Server(bare(free_port())))
     if reference is not None:
-        specs.append(uvicorn_starlette(free_port()))
+        servers["uvicorn"] = [Server(uvicorn_starlette(free_port()))]
     else:
         print("uvicorn or starlette is not installed: no reference run")
-    servers = {spec.name: Server(spec) for spec in specs}
     figures = compare(
         servers,
         rounds=args.rounds,

@@ -126,7 +126,7 @@ class ClientSettings:
 
 @dataclass(frozen=True, slots=True)
 class LifecycleSettings:
-    """``[lifecycle]``: start and shutdown deadlines, in seconds.
+    """``[lifecycle]``: start and shutdown deadlines, in seconds; the collector while serving.
 
     ``readiness_delay + drain_timeout`` must stay below ``shutdown_timeout``
     (work-processing components still need time to stop and flush after the
@@ -154,6 +154,20 @@ class LifecycleSettings:
         default=0.0,
         metadata={
             "help": "Pause between readiness off and draining, for load balancers to notice.",
+            "ge": 0,
+        },
+    )
+    gc_freeze: bool = field(
+        default=True,
+        metadata={
+            "help": "Once ready, exempt the objects built at start from garbage collections.",
+        },
+    )
+    gc_threshold: int = field(
+        default=2000,
+        metadata={
+            "help": "Raise the generation-0 collection threshold to this while serving "
+            "(Python 3.13's default; 0 leaves the interpreter's).",
             "ge": 0,
         },
     )

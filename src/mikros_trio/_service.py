@@ -20,6 +20,7 @@ import trio
 
 from ._container import ServiceContainer, build_components, container_class
 from ._definition import Definition, env_forms, load_definition
+from ._gc import GcTuning
 from ._health import Health
 from ._registry import Registry, default_registry
 from ._supervisor import LifecycleEvent, Supervisor, Timeouts
@@ -169,9 +170,14 @@ class Service:
         token = self.telemetry.activate()
         ready = False
 
+        lifecycle = self.definition.lifecycle
+        gc_tuning: GcTuning | None = None
+
         def on_ready(value: Any) -> None:
-            nonlocal ready
+            nonlocal ready, gc_tuning
             ready = True
+            # What start built lives as long as the service (see _gc).
+            gc_tuning = GcTuning(freeze=lifecycle.gc_freeze, threshold=lifecycle.gc_threshold)
             task_status.started(self)
 
         try:
@@ -184,6 +190,8 @@ class Service:
             if flush.cancelled_caught:
                 log.warning("flushing features was cut after %.1f s", limit)
         finally:
+            if gc_tuning is not None:
+                gc_tuning.release()
             self.telemetry.deactivate(token)
         if not ready:
             task_status.started(self)  # never got ready: the caller still resumes
@@ -281,9 +289,11 @@ async def run(
         from .features.logger import show_debug
 
         show_debug(service.telemetry)
-    # Everything built so far lives as long as the process: move it out of
-    # the collector's sight, which halves GC time during start and stop of
-    # large graphs (bench/graph_scale.py).
-    gc.freeze()
+    if service.definition.lifecycle.gc_freeze:
+        # Everything built so far lives as long as the process: move it out
+        # of the collector's sight, which halves GC time during start and
+        # stop of large graphs (bench/graph_scale.py). What start builds is
+        # frozen once the service is ready (_gc).
+        gc.freeze()
     code = await service.run()
     raise SystemExit(code)

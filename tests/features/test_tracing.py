@@ -23,6 +23,8 @@ import trio
 from dependency_injector import providers
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from quart_trio import QuartTrio
@@ -597,6 +599,19 @@ async def test_worker_iterations_are_internal_spans_current_during_the_iteration
     assert bad.status.status_code is StatusCode.ERROR
     assert [event.name for event in bad.events] == ["exception"]
     assert hex_ids(ok)[0] != hex_ids(bad)[0]
+
+
+async def test_with_no_exporter_a_processor_added_later_still_gets_every_span() -> None:
+    """exporter = "none" builds no exportable span, until a processor is added to the provider."""
+    telemetry, tracing, _ = built(service_toml(types="worker", tracing={"exporter": "none"}))
+    unseen = telemetry.begin("worker", "internal", "worker")
+    telemetry.end(unseen, "ok")
+    memory = InMemorySpanExporter()
+    tracing.provider.add_span_processor(SimpleSpanProcessor(memory))
+    seen = telemetry.begin("worker", "internal", "worker")
+    telemetry.end(seen, "ok")
+    (span,) = memory.get_finished_spans()
+    assert hex_ids(span)[0] == seen.ids["trace_id"]
 
 
 async def test_sample_ratio_zero_drops_new_traces_but_keeps_sampled_parents() -> None:

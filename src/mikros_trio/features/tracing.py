@@ -536,7 +536,10 @@ class _SpanObserver(Observer):
         span.end()
         if recording:
             self._finish(span, call)
-        self._processor.on_end(span.readable(self._resource, self._scope))
+        processor = self._processor
+        # Read per call: a user may add a processor to the provider at any time.
+        if processor._span_processors:
+            processor.on_end(span.readable(self._resource, self._scope))
 
     def _finish(self, span: _CallSpan, call: Call) -> None:
         kind = call.kind

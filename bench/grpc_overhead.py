@@ -7,7 +7,9 @@ each in its own process:
   everything on: health, reflection, Mikros error mapping, owned listener,
   per-connection tasks and drain, and every feature — JSON access and
   handler logs to a file, Prometheus metrics, OpenTelemetry spans (made,
-  sampled and ended; exported to the no-op exporter);
+  sampled and ended; exporter "none", so none is exported), and the
+  collector tuned for serving (``[lifecycle]`` defaults: ``gc_freeze``,
+  ``gc_threshold``);
 - ``bare``: the same servicer on purerpc's own ``Server.serve_async`` under
   Trio.
 

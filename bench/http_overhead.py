@@ -7,7 +7,9 @@ own process:
   everything on: probes, Mikros error handlers, request-size limit, owned
   listener and drain, and every feature — JSON access and handler logs to
   a file, Prometheus metrics, OpenTelemetry spans (made, sampled and
-  ended; exported to the no-op exporter);
+  ended; exporter "none", so none is exported), and the
+  collector tuned for serving (``[lifecycle]`` defaults: ``gc_freeze``,
+  ``gc_threshold``);
 - ``bare``: the example's own QuartTrio app on ``hypercorn.trio.serve``.
 
 Each runs as two processes (replicas), and every replica is loaded once per

@@ -113,3 +113,13 @@ def compare(
         "errors": errors,
         "exit_codes": codes,
     }
+
+
+def verdict(figures: Mapping[str, Any]) -> str:
+    """The human end of the summary line: target met or not, and this run's resolution."""
+    met = "met" if figures["meets_target"] else "NOT met"
+    text = f"target ≥ {figures['target_ratio']}: {met}"
+    if figures["noise"]:
+        worst = min(figures["noise"].values())
+        text += f"; replicas of one server differed by up to {(1 - worst) * 100:.0f} %"
+    return text

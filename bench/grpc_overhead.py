@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _compare import REPLICAS, compare
+from _compare import REPLICAS, compare, verdict
 
 # Run as a script, bench/ is on sys.path: the shared modules import directly.
 from _grpc_apps import (
@@ -108,8 +108,7 @@ def main() -> None:
     }
     print(
         f"framework / bare purerpc: {figures['ratio']:.3f} "
-        f"(median {medians['framework']:.0f} / {medians['bare']:.0f} calls/s); "
-        f"target ≥ {TARGET_RATIO}: " + ("met" if summary["meets_target"] else "NOT met")
+        f"(median {medians['framework']:.0f} / {medians['bare']:.0f} calls/s); " + verdict(figures)
     )
     if "grpcio" in medians:
         versus = medians["framework"] / medians["grpcio"]

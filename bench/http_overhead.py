@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _compare import REPLICAS, compare
+from _compare import REPLICAS, compare, verdict
 
 # Run as a script, bench/ is on sys.path: the shared module imports directly.
 from _http_apps import (
@@ -117,8 +117,7 @@ def main() -> None:
     }
     print(
         f"framework / bare hypercorn+QuartTrio: {figures['ratio']:.3f} "
-        f"(median {medians['framework']:.0f} / {medians['bare']:.0f} req/s); "
-        f"target ≥ {TARGET_RATIO}: " + ("met" if summary["meets_target"] else "NOT met")
+        f"(median {medians['framework']:.0f} / {medians['bare']:.0f} req/s); " + verdict(figures)
     )
     if "uvicorn" in medians:
         versus = medians["framework"] / medians["uvicorn"]

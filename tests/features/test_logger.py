@@ -18,7 +18,9 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import httpx
 import pytest
 import structlog
 import trio
+import trio.testing
 from dependency_injector import providers
 from quart import request
 from quart_trio import QuartTrio
@@ -197,11 +200,14 @@ def log_path(tmp_path: Path, name: str = "web") -> Path:
 UNIT = 'name = "unit"\ntypes = ["worker"]\nversion = "0.1.0"\n'
 
 
-def built(tmp_path: Path, toml: str = "") -> tuple[LogPipeline, Telemetry]:
-    """The logger feature of a worker service built from ``toml`` (more tables), to a file."""
+def built(tmp_path: Path, toml: str = "", **options: Any) -> tuple[LogPipeline, Telemetry]:
+    """The logger feature of a worker service built from ``toml`` (more tables), to a file.
+
+    ``options`` are more ``[features.logger]`` settings.
+    """
     definition = parse_definition(UNIT + toml, environ={})
     telemetry = Telemetry(definition.name, definition.version)
-    settings = LoggerSettings(output=str(tmp_path / "unit.log"))
+    settings = LoggerSettings(output=str(tmp_path / "unit.log"), **options)
     context = BuildContext("logger", settings, definition, ServiceContainer(), telemetry)
     [component] = build_logger(context)
     assert component.name == "logger"
@@ -231,6 +237,50 @@ def test_access_line_of_a_server_call(tmp_path: Path) -> None:
     assert line["status"] == "404"
     assert isinstance(line["duration_ms"], float)
     assert line["duration_ms"] >= 0
+
+
+@pytest.mark.parametrize("secret", ["", "hunter2"])
+def test_access_lines_are_the_text_emit_would_write(tmp_path: Path, secret: str) -> None:
+    """write_plain renders exactly what head() + ids + fields through emit() render."""
+    toml = '[log]\nattributes = { team = "core \\"ß\\"", shard = 3 }\n'
+    pipeline, telemetry = built(tmp_path, toml)
+    if secret:
+        telemetry.add_secrets([secret])
+    ids = {"request_id": "r-\u2028-1", "trace_id": "0af7651916cd43dd8448eb211c80319c"}
+    fields: list[tuple[str, str | float]] = [
+        ("kind", "http"),
+        ("name", '/items/<id> "quoted" \\ \t é 💥'),
+        ("path", f"/items/{secret or 'x'}?q=\x01"),
+        ("status", "200"),
+        ("duration_ms", 12.345),
+        ("error", "ValueError: 1e-07 < 0.1"),
+    ]
+    pipeline.write_plain(logging.INFO, "mikros_trio.access", f"GET {secret} 200", ids, fields)
+    line = pipeline.head(logging.INFO, "mikros_trio.access", f"GET {secret} 200", time.time())
+    line.update(ids)
+    line.update(fields)
+    pipeline.emit(line)
+    pipeline.close()
+    plain, general = log_path(tmp_path, "unit").read_text().rstrip("\n").split("\n")
+    stamp = re.compile(r'^\{"timestamp":"[^"]*"')
+    assert stamp.sub("", plain) == stamp.sub("", general)
+    if secret:
+        assert secret not in plain
+        assert json.loads(plain)["event"] == "GET *** 200"
+
+
+def test_an_id_named_like_a_field_keeps_the_line_valid(tmp_path: Path) -> None:
+    """An observer's id called like the access line's own fields never repeats a key."""
+    pipeline, _ = built(tmp_path)
+    fields: list[tuple[str, str | float]] = [("kind", "http"), ("status", "200")]
+    pipeline.write_plain(logging.INFO, "x", "e", {"status": "theirs", "service": "s"}, fields)
+    pipeline.close()
+    pairs = json.loads(
+        log_path(tmp_path, "unit").read_text(), object_pairs_hook=lambda items: items
+    )
+    keys = [key for key, _ in pairs]
+    assert len(keys) == len(set(keys))
+    assert dict(pairs)["status"] == "200"
 
 
 def test_failed_call_is_an_error_line_with_its_exception(tmp_path: Path) -> None:
@@ -297,6 +347,95 @@ def test_access_log_off_writes_no_access_line(tmp_path: Path) -> None:
     [line] = read_lines(log_path(tmp_path, "unit"))
     assert line["event"] == "still logging"
     assert "request_id" in call.ids
+
+
+@asynccontextmanager
+async def flushing(pipeline: LogPipeline) -> AsyncIterator[trio.CancelScope]:
+    """``pipeline`` open with its periodic flush running, as the feature's component runs it.
+
+    Yields the flush's cancel scope; the pipeline is closed on the way out.
+    """
+    pipeline.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipeline.flush_periodically)
+            await trio.testing.wait_all_tasks_blocked()
+            yield nursery.cancel_scope
+            nursery.cancel_scope.cancel()
+    finally:
+        pipeline.close()
+
+
+def events_in(path: Path) -> list[str]:
+    return [line["event"] for line in read_lines(path)] if path.exists() else []
+
+
+async def test_info_lines_wait_for_the_periodic_flush(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """While the service runs, an info line reaches the file within flush_interval, not at once."""
+    pipeline, _ = built(tmp_path, flush_interval=0.5)
+    path = log_path(tmp_path, "unit")
+    async with flushing(pipeline):
+        pipeline.log(logging.INFO, "first")
+        pipeline.log(logging.DEBUG, "not at this level")
+        pipeline.log(logging.INFO, "second")
+        assert events_in(path) == []
+        await trio.sleep(0.4)
+        assert events_in(path) == []
+        await trio.sleep(0.2)
+        assert events_in(path) == ["first", "second"]
+
+
+async def test_warnings_and_errors_flush_at_once_with_what_waited(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A warning goes out as it is written, the waiting info lines before it, in order."""
+    pipeline, _ = built(tmp_path, flush_interval=0.5)
+    path = log_path(tmp_path, "unit")
+    async with flushing(pipeline):
+        pipeline.log(logging.INFO, "waiting")
+        pipeline.log(logging.WARNING, "warning")
+        assert events_in(path) == ["waiting", "warning"]
+        pipeline.log(logging.ERROR, "error")
+        assert events_in(path) == ["waiting", "warning", "error"]
+
+
+async def test_lines_from_other_threads_flush_at_once(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Only the service's own thread defers: a line logged from a worker thread is out at once."""
+    pipeline, _ = built(tmp_path, flush_interval=0.5)
+    path = log_path(tmp_path, "unit")
+    async with flushing(pipeline):
+        await trio.to_thread.run_sync(lambda: pipeline.log(logging.INFO, "from a thread"))
+        assert events_in(path) == ["from a thread"]
+
+
+async def test_stopping_the_flush_writes_what_waits_and_later_lines_at_once(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """When the periodic flush ends (shutdown), waiting lines go out; then every line at once."""
+    pipeline, _ = built(tmp_path, flush_interval=0.5)
+    path = log_path(tmp_path, "unit")
+    async with flushing(pipeline) as flush:
+        pipeline.log(logging.INFO, "waiting")
+        flush.cancel()
+        await trio.lowlevel.checkpoint()  # the flush task ends
+        assert events_in(path) == ["waiting"]
+        pipeline.log(logging.INFO, "shutdown line")
+        assert events_in(path) == ["waiting", "shutdown line"]
+
+
+async def test_flush_interval_zero_flushes_every_line(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """flush_interval = 0: each line is in the file as soon as it is written."""
+    pipeline, _ = built(tmp_path, flush_interval=0)
+    path = log_path(tmp_path, "unit")
+    async with flushing(pipeline):
+        pipeline.log(logging.INFO, "at once")
+        assert events_in(path) == ["at once"]
 
 
 @pytest.mark.parametrize(
@@ -456,6 +595,7 @@ async def test_debug_level_shows_debug_lines_and_lifecycle_steps(
     """``[log] level = "debug"`` lets debug lines through and logs each component's steps."""
     running = await start(mikros_service, tmp_path, log={"level": "debug"})
     await get(running, "/levels")
+    running.service.telemetry.get(LogPipeline).flush()
     lines = read_lines(log_path(tmp_path))
     events = {line["event"] for line in lines}
     assert {"debug line", "structlog debug line", "info line", "warning line"} <= events
@@ -630,6 +770,7 @@ async def test_grpc_calls_get_access_lines_with_the_incoming_request_id(
 
     text, code = await in_thread(calls, running.ports["grpc"])
     assert (text, code) == ("hi", grpc.StatusCode.NOT_FOUND)
+    running.service.telemetry.get(LogPipeline).flush()
     lines = read_lines(log_path(tmp_path, "echo"))
     ok = by_event(lines, "/mikros.testsvc.v1.Echo/Unary OK")
     assert (ok["kind"], ok["level"], ok["request_id"]) == ("grpc", "info", "rpc-7")
@@ -711,6 +852,7 @@ async def test_verbose_lets_framework_debug_lines_out(
         logging.getLogger("some_library").debug("library detail")
     finally:
         framework.setLevel(logging.NOTSET)
+    running.service.telemetry.get(LogPipeline).flush()
     events = {line["event"] for line in read_lines(log_path(tmp_path))}
     assert "framework detail" in events
     assert "library detail" not in events

@@ -50,11 +50,17 @@ Design decisions:
   event is masked before rendering (so JSON escaping cannot hide a secret
   from the mask) and the rendered line is masked again (tracebacks the
   console renderer formats itself).
-- **Nothing lost at shutdown.** Outputs are flushed per line; a file is
+- **One write per interval, nothing lost at shutdown.** While the service
+  runs, debug and info lines may wait ``flush_interval`` (10 ms by
+  default) in the output's buffer, so a busy service makes one write
+  system call per interval instead of one per line; warnings, errors and
+  every line of the shutdown are flushed at once. A process killed
+  outright (SIGKILL, the OOM killer) loses at most that interval's lines;
+  ``flush_interval = 0`` flushes every line. A file is
   opened when the feature starts (or at the supervisor's first line, just
   before) and closed by a telemetry closer, after the supervisor's last
-  line ("service stopped"). The feature's component does nothing when it
-  stops: closers run later than any component.
+  line ("service stopped"). When the feature's component stops it only
+  ends the deferred flushing: closers run later than any component.
 """
 
 from __future__ import annotations
@@ -122,6 +128,12 @@ LIFECYCLE_LOGGER: Final = "mikros_trio.lifecycle"
 #: Keys a caller's line cannot take over: the ones every line starts with.
 _HEAD = ("timestamp", "level", "logger", "event")
 
+#: The head and the access line's own keys: ids by these names take emit()'s road.
+_HEAD_AND_FIELDS: Final = frozenset(
+    {*_HEAD, "kind", "side", "name", "method", "path", "target", "status", "duration_ms"}
+    | {"error_kind", "error"}
+)
+
 # A ``LogRecord``'s own attributes (plus what formatters add to it); any other
 # attribute came from ``extra=`` and becomes a field of the line.
 _RECORD_ATTRIBUTES: Final = frozenset(
@@ -134,6 +146,9 @@ _FROM_STRUCTLOG: Final = "_mikros_trio_structlog"
 # An incoming request id is kept only if it is short and made of characters
 # that cannot break a header or a log line; anything else gets a new id.
 _SANE_ID = re.compile(r"[\w.:/+=@-]{1,128}", re.ASCII)
+
+# Levels whose lines may wait for the periodic flush; others are flushed at once.
+_DEFERRABLE: Final = frozenset({"debug", "info"})
 
 
 # -- the line ---------------------------------------------------------------
@@ -170,6 +185,21 @@ def _json_default(value: object) -> str:
 _encode_json = json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":"), default=_json_default
 ).encode
+
+#: How that encoder writes a string (``ensure_ascii=False``): the same escaping.
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring
+
+_KEYS_JSON: dict[str, str] = {}
+
+
+def _key_json(key: str) -> str:
+    """``,"key":``, rendered once per key (few: the access line's and the ids')."""
+    found = _KEYS_JSON.get(key)
+    if found is None:
+        found = f",{_encode_str(key)}:"
+        if len(_KEYS_JSON) < 256:  # ids are named by observers: bounded all the same
+            _KEYS_JSON[key] = found
+    return found
 
 
 _PLAIN: Final = frozenset({int, float, bool})
@@ -223,6 +253,7 @@ class LogPipeline:
         attributes: dict[str, Any] | None = None,
         error_stack_trace: str = "default",
         access_log: bool = True,
+        flush_interval: float = 0.0,
     ) -> None:
         self.telemetry = telemetry
         #: The ``[log] level`` as a stdlib level; the root logger goes no lower.
@@ -231,6 +262,14 @@ class LogPipeline:
         self.levelno = self.config_levelno
         self.output = output
         self.access_log = access_log
+        #: Seconds a debug or info line may wait in the output's buffer (0: none).
+        self.flush_interval = flush_interval
+        # While the flusher runs (see flush_periodically): set to wake it, and
+        # the thread whose lines it may defer (the service's Trio thread).
+        self._wake: trio.Event | None = None
+        self._loop_thread = 0
+        # The stream holding deferred lines (sys.stdout may be swapped meanwhile).
+        self._unflushed: IO[str] | None = None
         self.error_stack_trace = error_stack_trace
         self._file: IO[str] | None = None
         self._is_file = output not in ("stdout", "stderr")
@@ -253,6 +292,8 @@ class LogPipeline:
             static["version"] = telemetry.version
         static.update(attributes or {})
         self._static = static
+        # The same fields rendered once, for lines written by write_plain().
+        self._static_json = "," + _encode_json(static)[1:-1] if static else ""
 
     def _is_terminal(self) -> bool:
         if self.output not in ("stdout", "stderr"):
@@ -294,11 +335,50 @@ class LogPipeline:
         self.live = False
         _ROUTER.remove(self)
         with self._lock:
+            self._flush_deferred()
             file, self._file = self._file, None
             if file is not None:
                 file.close()
             else:
                 self._flush_stream()
+
+    async def flush_periodically(self) -> None:
+        """Let debug and info lines wait up to ``flush_interval`` in the buffer, until cancelled.
+
+        One write per interval instead of one per line: on a busy service
+        the system call per line costs more than anything else the access
+        line does. The wait starts at the first buffered line, so an idle
+        service never wakes up for it. Warnings and errors, lines from
+        other threads, and every line once this returns are flushed as
+        they are written.
+        """
+        if self.flush_interval <= 0:
+            return
+        self._loop_thread = threading.get_ident()
+        try:
+            while True:
+                wake = self._wake = trio.Event()
+                await wake.wait()
+                await trio.sleep(self.flush_interval)
+                with self._lock:
+                    self._flush_deferred()
+        finally:
+            with self._lock:
+                self._wake = None
+                self._flush_deferred()
+
+    def flush(self) -> None:
+        """Write out the lines waiting for the periodic flush now."""
+        with self._lock:
+            self._flush_deferred()
+
+    def _flush_deferred(self) -> None:
+        """Flush the stream holding deferred lines, if any (under the lock)."""
+        stream, self._unflushed = self._unflushed, None
+        if stream is not None:
+            # The stream was closed under us: nothing left to flush.
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
 
     def _flush_stream(self) -> None:
         stream = getattr(sys, self._stream_name, None)
@@ -348,6 +428,59 @@ class LogPipeline:
             line.update(call.ids)
         return line
 
+    def write_plain(
+        self,
+        levelno: int,
+        logger: str,
+        event: str,
+        ids: dict[str, str],
+        fields: Sequence[tuple[str, str | float]],
+    ) -> None:
+        """Write a line of plain fields (strings and floats) after the head and ``ids``.
+
+        The same line as ``head()`` + ``ids`` + ``fields`` through :meth:`emit`,
+        rendered straight to JSON text: no dict, no encoder object. It is
+        the access line's road (one per call), so it stays short: the
+        console format, and keys that would repeat another field, take
+        :meth:`emit`'s.
+        """
+        if (
+            self._console is not None
+            or not _HEAD_AND_FIELDS.isdisjoint(ids)
+            or not self._static.keys().isdisjoint(ids)
+        ):
+            line = self.head(levelno, logger, event, time.time())
+            line.update(ids)
+            line.update(fields)
+            self.emit(line)
+            return
+        telemetry = self.telemetry
+        secrets = telemetry.has_secrets
+        redact = telemetry.redact
+        name = _LEVEL_NAMES.get(levelno) or logging.getLevelName(levelno).lower()
+        parts = [
+            '{"timestamp":"',
+            _CLOCK.format(time.time()),
+            '","level":',
+            _encode_str(name),
+            ',"logger":',
+            _encode_str(logger),
+            ',"event":',
+            _encode_str(redact(event) if secrets else event),
+            self._static_json,
+        ]
+        for key, text in ids.items():
+            parts += (_key_json(key), _encode_str(redact(text) if secrets else text))
+        for key, value in fields:
+            if isinstance(value, str):
+                rendered = _encode_str(redact(value) if secrets else value)
+            else:
+                rendered = float.__repr__(value)  # what the JSON encoder writes for a float
+            parts += (_key_json(key), rendered)
+        parts.append("}")
+        text = "".join(parts)
+        self._write(redact(text) if secrets else text, name not in _DEFERRABLE)
+
     def emit(self, line: dict[str, Any], exc_info: _ExcInfo | None = None) -> None:
         """Render ``line`` (and the exception, per ``[log] error_stack_trace``) and write it."""
         if exc_info is not None:
@@ -367,7 +500,7 @@ class LogPipeline:
         text = _encode_json(line) if console is None else str(console(None, "", line))
         if secrets:
             text = telemetry.redact(text)
-        self._write(text)
+        self._write(text, line.get("level") not in _DEFERRABLE)
 
     def _add_exception(self, line: dict[str, Any], exc_info: _ExcInfo) -> None:
         mode = self.error_stack_trace
@@ -383,7 +516,7 @@ class LogPipeline:
         else:
             line["exception"] = "".join(traceback.format_exception(*exc_info)).rstrip()
 
-    def _write(self, text: str) -> None:
+    def _write(self, text: str, urgent: bool = True) -> None:
         with self._lock:
             stream = self._file
             if stream is None:
@@ -402,7 +535,16 @@ class LogPipeline:
                 stream.write(text + "\n")
             except UnicodeEncodeError:
                 stream.write(text.encode("ascii", "backslashreplace").decode("ascii") + "\n")
-            stream.flush()
+            wake = self._wake
+            if wake is None or urgent or threading.get_ident() != self._loop_thread:
+                if self._unflushed is not None and self._unflushed is not stream:
+                    self._flush_deferred()
+                self._unflushed = None
+                stream.flush()  # everything before this line too, in order
+            else:
+                self._unflushed = stream
+                if not wake.is_set():
+                    wake.set()
 
     def write_record(self, record: logging.LogRecord) -> None:
         """Write a standard-library record (one structlog made, or any other)."""
@@ -614,26 +756,28 @@ class _LogObserver(Observer):
             event = f"{name} {status}"
         else:  # a worker iteration, a script run: its component's name, when not the kind's
             event = f"{kind} {status}" if name == kind else f"{kind} {name} {status}"
-        line = pipeline.head(levelno, ACCESS_LOGGER, event, time.time())
-        # The call's ids, even though it is no longer current (a client call never is).
-        if call.ids:
-            line.update(call.ids)
-        line["kind"] = kind
+        # The call's ids, even though it is no longer current (a client call
+        # never is), after those of the call running now, as on any line.
+        ids = call.ids
+        current = current_call()
+        if current is not None and current is not call and current.ids:
+            ids = {**current.ids, **ids}
+        fields: list[tuple[str, str | float]] = [("kind", kind)]
         if side == "client":
-            line["side"] = side
-        line["name"] = name
+            fields.append(("side", side))
+        fields.append(("name", name))
         if method:
-            line["method"] = method
+            fields.append(("method", method))
         if target and target != name:
-            line["target" if side == "client" else "path"] = target
-        line["status"] = status
-        line["duration_ms"] = round(call.duration * 1000.0, 3)
+            fields.append(("target" if side == "client" else "path", target))
+        fields.append(("status", status))
+        fields.append(("duration_ms", round(call.duration * 1000.0, 3)))
         if call.error_kind is not None:
-            line["error_kind"] = str(call.error_kind)
+            fields.append(("error_kind", str(call.error_kind)))
         error = call.error
         if error is not None:
-            line["error"] = f"{type(error).__name__}: {error}"
-        pipeline.emit(line)
+            fields.append(("error", f"{type(error).__name__}: {error}"))
+        pipeline.write_plain(levelno, ACCESS_LOGGER, event, ids, fields)
 
     def event(self, event: LifecycleEvent) -> None:
         pipeline = self._pipeline
@@ -664,11 +808,12 @@ class _LogObserver(Observer):
 
 
 class _LoggerComponent(Component):
-    """Opens the service's log output first thing; the file is closed by a telemetry closer.
+    """Opens the service's log output first thing and runs its periodic flush.
 
-    Stopping does nothing: the lines of the rest of the shutdown still
-    need the output, which the closer shuts after the supervisor's last
-    line. Only a cancellation (nobody will run the closers) closes it here.
+    Stopping ends the periodic flush only: the lines of the rest of the
+    shutdown still need the output, which a telemetry closer shuts after
+    the supervisor's last line. Only a cancellation (nobody will run the
+    closers) closes it here.
     """
 
     role = Role.PROCESSING
@@ -680,12 +825,17 @@ class _LoggerComponent(Component):
     async def run(
         self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        self.pipeline.open()
+        pipeline = self.pipeline
+        pipeline.open()
         task_status.started()
         try:
-            await lifetime.wait_stopping()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pipeline.flush_periodically)
+                await lifetime.wait_stopping()
+                # Shutdown lines are few and the last ones matter: per line again.
+                nursery.cancel_scope.cancel()
         except BaseException:
-            self.pipeline.close()
+            pipeline.close()
             raise
 
 
@@ -719,6 +869,7 @@ def build_logger(context: BuildContext) -> Sequence[Component]:
         attributes=dict(log.attributes),
         error_stack_trace=log.error_stack_trace,
         access_log=settings.access_log,
+        flush_interval=settings.flush_interval,
     )
     context.telemetry.publish(pipeline)
     context.telemetry.add_observer(_LogObserver(pipeline))

@@ -27,6 +27,15 @@ class LoggerSettings:
         default=True,
         metadata={"help": "One line per HTTP request, gRPC call, worker iteration and script run."},
     )
+    flush_interval: float = field(
+        default=0.01,
+        metadata={
+            "help": "Seconds a debug or info line may wait in the output buffer while the "
+            "service runs (one write per interval on a busy service); 0 flushes every line. "
+            "Warnings, errors and shutdown lines are always flushed at once.",
+            "ge": 0,
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,12 +24,27 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from _http_apps import LoadResult, cpu_seconds
 
 #: Processes per compared server (framework and bare); references run one.
 REPLICAS = 2
+
+
+def replicated(start: Callable[[Path], Mapping[str, Any]], scratch: Path) -> dict[str, list[Any]]:
+    """``REPLICAS`` of each server ``start(folder)`` starts; each call gets its own folder.
+
+    The folder is for what a replica writes (the framework's log file).
+    """
+    servers: dict[str, list[Any]] = {}
+    for replica in range(REPLICAS):
+        folder = scratch / str(replica)
+        folder.mkdir()
+        for name, server in start(folder).items():
+            servers.setdefault(name, []).append(server)
+    return servers
 
 
 def compare(

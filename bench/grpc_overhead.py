@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _compare import REPLICAS, compare, verdict
+from _compare import compare, replicated, verdict
 
 # Run as a script, bench/ is on sys.path: the shared modules import directly.
 from _grpc_apps import (
@@ -72,14 +72,15 @@ def main() -> None:
     )
 
     scratch = tempfile.TemporaryDirectory(prefix="bench-grpc-")
-    servers: dict[str, list[GrpcServer]] = {"framework": [], "bare": []}
-    for replica in range(REPLICAS):
-        # Each framework replica logs to its own file.
-        directory = Path(scratch.name, str(replica))
-        directory.mkdir()
-        config = all_features_config(EXAMPLE, directory)
-        servers["framework"].append(GrpcServer(framework(free_port(), config=config)))
-        servers["bare"].append(GrpcServer(bare(free_port())))
+
+    def start(folder: Path) -> dict[str, GrpcServer]:
+        config = all_features_config(EXAMPLE, folder)  # each replica logs to its own file
+        return {
+            "framework": GrpcServer(framework(free_port(), config=config)),
+            "bare": GrpcServer(bare(free_port())),
+        }
+
+    servers = replicated(start, Path(scratch.name))
     if not args.no_reference:
         servers["grpcio"] = [GrpcServer(grpcio_aio(free_port()))]
 

@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _compare import REPLICAS, compare, verdict
+from _compare import compare, replicated, verdict
 
 # Run as a script, bench/ is on sys.path: the shared module imports directly.
 from _http_apps import (
@@ -83,14 +83,15 @@ def main() -> None:
 
     reference = uvicorn_description()
     scratch = tempfile.TemporaryDirectory(prefix="bench-http-")
-    servers: dict[str, list[Server]] = {"framework": [], "bare": []}
-    for replica in range(REPLICAS):
-        # Each framework replica logs to its own file.
-        directory = Path(scratch.name, str(replica))
-        directory.mkdir()
-        config = all_features_config(EXAMPLE, directory)
-        servers["framework"].append(Server(framework(free_port(), config=config)))
-        servers["bare"].append(Server(bare(free_port())))
+
+    def start(folder: Path) -> dict[str, Server]:
+        config = all_features_config(EXAMPLE, folder)  # each replica logs to its own file
+        return {
+            "framework": Server(framework(free_port(), config=config)),
+            "bare": Server(bare(free_port())),
+        }
+
+    servers = replicated(start, Path(scratch.name))
     if reference is not None:
         servers["uvicorn"] = [Server(uvicorn_starlette(free_port()))]
     else:

@@ -350,23 +350,28 @@ def test_access_log_off_writes_no_access_line(tmp_path: Path) -> None:
 
 
 @asynccontextmanager
-async def flushing(pipeline: LogPipeline) -> AsyncIterator[trio.CancelScope]:
-    """``pipeline`` open with its periodic flush running, as the feature's component runs it.
+async def flushing(
+    tmp_path: Path, flush_interval: float = 0.5
+) -> AsyncIterator[tuple[LogPipeline, trio.CancelScope]]:
+    """A unit pipeline, open with its periodic flush running as the feature's component runs it.
 
-    Yields the flush's cancel scope; the pipeline is closed on the way out.
+    Yields the pipeline and the flush's cancel scope; closes the pipeline on the way out.
     """
+    pipeline, _ = built(tmp_path, flush_interval=flush_interval)
     pipeline.open()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pipeline.flush_periodically)
             await trio.testing.wait_all_tasks_blocked()
-            yield nursery.cancel_scope
+            yield pipeline, nursery.cancel_scope
             nursery.cancel_scope.cancel()
     finally:
         pipeline.close()
 
 
-def events_in(path: Path) -> list[str]:
+def events_in(tmp_path: Path) -> list[str]:
+    """The events in the unit pipeline's file so far."""
+    path = log_path(tmp_path, "unit")
     return [line["event"] for line in read_lines(path)] if path.exists() else []
 
 
@@ -374,68 +379,58 @@ async def test_info_lines_wait_for_the_periodic_flush(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     """While the service runs, an info line reaches the file within flush_interval, not at once."""
-    pipeline, _ = built(tmp_path, flush_interval=0.5)
-    path = log_path(tmp_path, "unit")
-    async with flushing(pipeline):
+    async with flushing(tmp_path) as (pipeline, _):
         pipeline.log(logging.INFO, "first")
         pipeline.log(logging.DEBUG, "not at this level")
         pipeline.log(logging.INFO, "second")
-        assert events_in(path) == []
+        assert events_in(tmp_path) == []
         await trio.sleep(0.4)
-        assert events_in(path) == []
+        assert events_in(tmp_path) == []
         await trio.sleep(0.2)
-        assert events_in(path) == ["first", "second"]
+        assert events_in(tmp_path) == ["first", "second"]
 
 
 async def test_warnings_and_errors_flush_at_once_with_what_waited(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     """A warning goes out as it is written, the waiting info lines before it, in order."""
-    pipeline, _ = built(tmp_path, flush_interval=0.5)
-    path = log_path(tmp_path, "unit")
-    async with flushing(pipeline):
+    async with flushing(tmp_path) as (pipeline, _):
         pipeline.log(logging.INFO, "waiting")
         pipeline.log(logging.WARNING, "warning")
-        assert events_in(path) == ["waiting", "warning"]
+        assert events_in(tmp_path) == ["waiting", "warning"]
         pipeline.log(logging.ERROR, "error")
-        assert events_in(path) == ["waiting", "warning", "error"]
+        assert events_in(tmp_path) == ["waiting", "warning", "error"]
 
 
 async def test_lines_from_other_threads_flush_at_once(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     """Only the service's own thread defers: a line logged from a worker thread is out at once."""
-    pipeline, _ = built(tmp_path, flush_interval=0.5)
-    path = log_path(tmp_path, "unit")
-    async with flushing(pipeline):
+    async with flushing(tmp_path) as (pipeline, _):
         await trio.to_thread.run_sync(lambda: pipeline.log(logging.INFO, "from a thread"))
-        assert events_in(path) == ["from a thread"]
+        assert events_in(tmp_path) == ["from a thread"]
 
 
 async def test_stopping_the_flush_writes_what_waits_and_later_lines_at_once(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     """When the periodic flush ends (shutdown), waiting lines go out; then every line at once."""
-    pipeline, _ = built(tmp_path, flush_interval=0.5)
-    path = log_path(tmp_path, "unit")
-    async with flushing(pipeline) as flush:
+    async with flushing(tmp_path) as (pipeline, flush):
         pipeline.log(logging.INFO, "waiting")
         flush.cancel()
         await trio.lowlevel.checkpoint()  # the flush task ends
-        assert events_in(path) == ["waiting"]
+        assert events_in(tmp_path) == ["waiting"]
         pipeline.log(logging.INFO, "shutdown line")
-        assert events_in(path) == ["waiting", "shutdown line"]
+        assert events_in(tmp_path) == ["waiting", "shutdown line"]
 
 
 async def test_flush_interval_zero_flushes_every_line(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     """flush_interval = 0: each line is in the file as soon as it is written."""
-    pipeline, _ = built(tmp_path, flush_interval=0)
-    path = log_path(tmp_path, "unit")
-    async with flushing(pipeline):
+    async with flushing(tmp_path, flush_interval=0) as (pipeline, _):
         pipeline.log(logging.INFO, "at once")
-        assert events_in(path) == ["at once"]
+        assert events_in(tmp_path) == ["at once"]
 
 
 @pytest.mark.parametrize(

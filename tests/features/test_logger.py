@@ -261,12 +261,27 @@ def test_access_lines_are_the_text_emit_would_write(tmp_path: Path, secret: str)
     line.update(fields)
     pipeline.emit(line)
     pipeline.close()
-    plain, general = log_path(tmp_path, "unit").read_text().rstrip("\n").split("\n")
+    plain, general = log_path(tmp_path, "unit").read_text().splitlines()
     stamp = re.compile(r'^\{"timestamp":"[^"]*"')
     assert stamp.sub("", plain) == stamp.sub("", general)
     if secret:
         assert secret not in plain
         assert json.loads(plain)["event"] == "GET *** 200"
+
+
+def test_unicode_line_separators_never_split_a_line(tmp_path: Path) -> None:
+    """U+2028, U+2029 and NEL in a client's path are escaped: one line for every line reader."""
+    pipeline, telemetry = built(tmp_path)
+    target = "/a\u2028b\u2029c\x85d"
+    call = telemetry.begin("http", "server", "", method="GET", target=target, headers=[])
+    telemetry.end(call, "404")
+    pipeline.log(logging.INFO, "also\u2028here")
+    pipeline.close()
+    text = log_path(tmp_path, "unit").read_text()
+    assert len(text.splitlines()) == 2
+    access, other = (json.loads(line) for line in text.splitlines())
+    assert access["path"] == target
+    assert other["event"] == "also\u2028here"
 
 
 def test_an_id_named_like_a_field_keeps_the_line_valid(tmp_path: Path) -> None:

@@ -147,6 +147,9 @@ _FROM_STRUCTLOG: Final = "_mikros_trio_structlog"
 # that cannot break a header or a log line; anything else gets a new id.
 _SANE_ID = re.compile(r"[\w.:/+=@-]{1,128}", re.ASCII)
 
+# Characters some line readers break lines at, which the JSON encoder leaves raw.
+_JSON_LINE_BREAKS: Final = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085"}
+
 # Levels whose lines may wait for the periodic flush; others are flushed at once.
 _DEFERRABLE: Final = frozenset({"debug", "info"})
 
@@ -517,6 +520,10 @@ class LogPipeline:
             line["exception"] = "".join(traceback.format_exception(*exc_info)).rstrip()
 
     def _write(self, text: str, urgent: bool = True) -> None:
+        if self._console is None and ("\u2028" in text or "\u2029" in text or "\x85" in text):
+            # Valid in JSON strings, but line breaks to Python's splitlines()
+            # and JavaScript: a client's path must not split a line in two.
+            text = text.translate(_JSON_LINE_BREAKS)
         with self._lock:
             stream = self._file
             if stream is None:

@@ -119,6 +119,11 @@ _LEVEL_NAMES: Final = {
     logging.CRITICAL: "critical",
 }
 
+
+def _level_name(levelno: int) -> str:
+    return _LEVEL_NAMES.get(levelno) or logging.getLevelName(levelno).lower()
+
+
 _ExcInfo: TypeAlias = tuple[type[BaseException], BaseException, TracebackType | None]
 
 #: The logger name of access lines (one per call) and of lifecycle lines.
@@ -127,12 +132,6 @@ LIFECYCLE_LOGGER: Final = "mikros_trio.lifecycle"
 
 #: Keys a caller's line cannot take over: the ones every line starts with.
 _HEAD = ("timestamp", "level", "logger", "event")
-
-#: The head and the access line's own keys: ids by these names take emit()'s road.
-_HEAD_AND_FIELDS: Final = frozenset(
-    {*_HEAD, "kind", "side", "name", "method", "path", "target", "status", "duration_ms"}
-    | {"error_kind", "error"}
-)
 
 # A ``LogRecord``'s own attributes (plus what formatters add to it); any other
 # attribute came from ``extra=`` and becomes a field of the line.
@@ -348,10 +347,9 @@ class LogPipeline:
     async def flush_periodically(self) -> None:
         """Let debug and info lines wait up to ``flush_interval`` in the buffer, until cancelled.
 
-        One write per interval instead of one per line: on a busy service
-        the system call per line costs more than anything else the access
-        line does. The wait starts at the first buffered line, so an idle
-        service never wakes up for it. Warnings and errors, lines from
+        One write system call per interval instead of one per line, on a
+        busy service. The wait starts at the first buffered line, so an
+        idle service never wakes up for it. Warnings and errors, lines from
         other threads, and every line once this returns are flushed as
         they are written.
         """
@@ -421,7 +419,7 @@ class LogPipeline:
         """The first fields of a line: time, level, logger, event, identity, call ids."""
         line: dict[str, Any] = {
             "timestamp": _CLOCK.format(now),
-            "level": _LEVEL_NAMES.get(levelno) or logging.getLevelName(levelno).lower(),
+            "level": _level_name(levelno),
             "logger": logger,
             "event": event,
         }
@@ -449,8 +447,9 @@ class LogPipeline:
         """
         if (
             self._console is not None
-            or not _HEAD_AND_FIELDS.isdisjoint(ids)
             or not self._static.keys().isdisjoint(ids)
+            or any(key in ids for key in _HEAD)
+            or any(key in ids for key, _ in fields)
         ):
             line = self.head(levelno, logger, event, time.time())
             line.update(ids)
@@ -460,7 +459,7 @@ class LogPipeline:
         telemetry = self.telemetry
         secrets = telemetry.has_secrets
         redact = telemetry.redact
-        name = _LEVEL_NAMES.get(levelno) or logging.getLevelName(levelno).lower()
+        name = _level_name(levelno)
         parts = [
             '{"timestamp":"',
             _CLOCK.format(time.time()),

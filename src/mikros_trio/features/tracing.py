@@ -537,7 +537,8 @@ class _SpanObserver(Observer):
         if recording:
             self._finish(span, call)
         processor = self._processor
-        # Read per call: a user may add a processor to the provider at any time.
+        # The SDK's own tuple of processors (no public accessor), read per call:
+        # a user may add a processor to the provider at any time.
         if processor._span_processors:
             processor.on_end(span.readable(self._resource, self._scope))
 

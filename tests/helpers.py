@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
@@ -261,3 +261,73 @@ def build_feature(
     context = BuildContext(name, settings, definition, ServiceContainer(), telemetry)
     factory = _load_factory(default_registry().features[name].factory)
     return telemetry, list(factory(context))
+
+
+# -- secrets: what a leak would look like ------------------------------------------
+
+
+def leak_forms(secret: str) -> dict[str, str]:
+    """Each text a leak of ``secret`` would show, by name of the encoding that made it.
+
+    Python's ``repr``/``ascii`` of the string and of its UTF-8 bytes, hex,
+    JSON with and without ``ensure_ascii``, URL quoting (path, component,
+    ``quote_plus``), base64 (standard and URL-safe), and for a URL its
+    password as written and decoded. Computed with the standard library
+    alone, never the framework's masking, so a test looking for them checks
+    the framework rather than itself.
+    """
+    import base64
+    import json
+    import urllib.parse
+
+    data = secret.encode()
+    forms = {
+        "raw": secret,
+        "repr": repr(secret)[1:-1],
+        "ascii": ascii(secret)[1:-1],
+        "bytes repr": repr(data)[2:-1],
+        "hex": data.hex(),
+        "HEX": data.hex().upper(),
+        "json": json.dumps(secret)[1:-1],
+        "json utf-8": json.dumps(secret, ensure_ascii=False)[1:-1],
+        "quote": urllib.parse.quote(secret),
+        "quote component": urllib.parse.quote(secret, safe=""),
+        "quote_plus": urllib.parse.quote_plus(secret),
+        "base64": base64.b64encode(data).decode().rstrip("="),
+        "urlsafe base64": base64.urlsafe_b64encode(data).decode().rstrip("="),
+    }
+    password = urllib.parse.urlsplit(secret).password
+    if password:
+        for name, form in leak_forms(urllib.parse.unquote(password)).items():
+            forms[f"password {name}"] = form
+        forms["password as written"] = password
+    return forms
+
+
+def output_texts(text: str) -> list[str]:
+    """``text``, and every string (keys too) inside each of its lines that is a JSON value.
+
+    A leak inside a JSON line is JSON-escaped once more; decoding the line
+    shows it as the program wrote it.
+    """
+    import json
+
+    found = [text]
+
+    def walk(value: object) -> None:
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                found.append(str(key))
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    for line in text.splitlines():
+        if line.startswith(("{", "[")):
+            # Not JSON after all: the raw text is checked already.
+            with suppress(ValueError):
+                walk(json.loads(line))
+    return found

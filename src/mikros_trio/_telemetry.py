@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._secrets import Masker
+
 if TYPE_CHECKING:
     from ._supervisor import LifecycleEvent
     from .errors import ErrorKind
@@ -36,6 +38,7 @@ __all__ = [
     "Telemetry",
     "current_call",
     "current_telemetry",
+    "redact_current",
 ]
 
 log = logging.getLogger("mikros_trio")
@@ -68,6 +71,16 @@ def current_call() -> Call | None:
 def current_telemetry() -> Telemetry | None:
     """The telemetry hub of the service this code runs in, if any."""
     return _TELEMETRY.get()
+
+
+def redact_current(text: str) -> str:
+    """``text`` with the secrets of the service this code runs in masked (as is outside one).
+
+    For output a service writes outside its features, such as the
+    ``--verbose`` event log.
+    """
+    telemetry = _TELEMETRY.get()
+    return text if telemetry is None else telemetry.redact(text)
 
 
 class Call:
@@ -186,7 +199,9 @@ class Telemetry:
         #: Whether Mikros errors go out as gRPC UNKNOWN, as Go and Rust servers send
         #: them (``[features.errors] grpc_status = "unknown"``), instead of their codes.
         self.grpc_status_unknown = False
-        self._secrets: list[str] = []
+        #: What masks secrets in output; ``None`` while there are none, so
+        #: a hot path pays one identity check (see :meth:`add_secrets`).
+        self.masker: Masker | None = None
         self._objects: dict[type[Any], Any] = {}
         self._closers: list[Callable[[], Awaitable[None] | None]] = []
 
@@ -232,25 +247,33 @@ class Telemetry:
             raise LookupError(message) from None
         return found
 
-    def add_secrets(self, values: Iterable[str]) -> None:
-        """Values that must never appear in output; :meth:`redact` masks them."""
-        for value in values:
-            if value and value not in self._secrets:
-                self._secrets.append(value)
-        # Longest first, so a secret containing another is masked whole.
-        self._secrets.sort(key=len, reverse=True)
+    def add_secrets(self, values: Iterable[str], *, name: str = "a secret") -> None:
+        """Values that must never appear in output, in any form; :meth:`redact` masks them.
+
+        Each value's forms (its ``repr``, bytes, JSON, URL-quoted, hex and
+        base64 encodings, and for a URL or DSN its password: see
+        :mod:`mikros_trio._secrets`) are derived here, once, into a new
+        :attr:`masker`. ``name`` (the variable it came from) is what a
+        warning about a too short value says, never the value.
+        """
+        masker = (self.masker or Masker()).with_secrets((value, name) for value in values)
+        if masker:
+            self.masker = masker
 
     def redact(self, text: str) -> str:
-        """``text`` with every secret value replaced by ``***``."""
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
+        """``text`` with every form of every secret value replaced by ``***``."""
+        masker = self.masker
+        return text if masker is None else masker.mask(text)
 
     @property
     def has_secrets(self) -> bool:
         """Whether any value needs masking (lets log processors skip the scan)."""
-        return bool(self._secrets)
+        return self.masker is not None
+
+    @property
+    def weak_secrets(self) -> tuple[str, ...]:
+        """Names of secrets short enough that masking them hides ordinary text too."""
+        return () if self.masker is None else self.masker.weak
 
     # -- calls (run time) ---------------------------------------------
 

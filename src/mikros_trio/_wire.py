@@ -7,6 +7,7 @@ way. What an unexpected exception reveals is the errors feature's choice
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ._telemetry import Telemetry
@@ -19,19 +20,22 @@ def wire_error(error: ServiceError, service_name: str, telemetry: Telemetry) -> 
     """The Mikros JSON object for ``error``, from ``service_name``, with secrets masked."""
     wire = error.to_wire()
     wire.setdefault("service_name", service_name)
-    if telemetry.has_secrets:
-        wire = _masked(wire, telemetry)
+    masker = telemetry.masker
+    if masker is not None:
+        wire = _masked(wire, masker.mask)
     return wire
 
 
-def _masked(value: Any, telemetry: Telemetry) -> Any:
-    # Rust's ``attributes`` nest: mask every string, at any depth.
+def _masked(value: Any, mask: Callable[[str], str]) -> Any:
+    # Rust's ``attributes`` nest: mask every string (keys too), at any depth,
+    # before the kind encodes the body (a mask knows a secret's JSON form,
+    # not the JSON of its repr).
     if isinstance(value, str):
-        return telemetry.redact(value)
+        return mask(value)
     if isinstance(value, dict):
-        return {key: _masked(item, telemetry) for key, item in value.items()}
+        return {_masked(key, mask): _masked(item, mask) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_masked(item, telemetry) for item in value]
+        return [_masked(item, mask) for item in value]
     return value
 
 

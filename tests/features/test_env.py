@@ -297,6 +297,21 @@ def test_build_registers_every_form_of_each_secret() -> None:
     assert telemetry.redact(line) == "shared=*** items=*** go=*** dsn=postgres://db/shared"
 
 
+def test_build_names_a_short_secret_by_its_variable() -> None:
+    """A secret under 8 characters is reported weak by the variable it came from, not its value."""
+    environ = {**FULL, "TOKEN": "abc", "ITEMS_API__TOKEN": "t0ken-for-items"}
+    telemetry, _ = build(environ, ("TOKEN",))
+    assert telemetry.weak_secrets == ("TOKEN",)
+    assert telemetry.redact("abc t0ken-for-items") == "*** ***"
+
+
+def test_a_dsn_secret_masks_its_password_as_a_driver_sees_it() -> None:
+    """A DSN listed as a secret masks its password, decoded, wherever it shows alone."""
+    environ = {**FULL, "DB_DSN": "postgresql://app:p%40ss-w0rd-9@db/items"}
+    telemetry, _ = build(environ, ("TOKEN", "DB_DSN"))
+    assert telemetry.redact("password='p@ss-w0rd-9' user=app") == "password='***' user=app"
+
+
 def test_build_gives_the_container_and_the_hub_the_env() -> None:
     """ServiceContainer.env provides the Env, which telemetry.get(Env) also returns."""
     telemetry, container = build(FULL, ("TOKEN",))

@@ -17,9 +17,12 @@ Design decisions:
   a silent read of an undeclared name would defeat the boot check, and the
   default says in the code that the variable is optional.
 - **Secrets never shown.** Names in ``[features.env] secrets`` (which must
-  be in ``envs``) have their values, in every form, registered with the
-  service's telemetry at build time, before any component starts: the
-  logger masks them in every line and the kinds in every error they send.
+  be in ``envs``) have their values, under every variable they may be read
+  from, registered with the service's telemetry at build time, before any
+  component starts. The hub derives each value's forms (``repr``, bytes,
+  JSON, URL-quoted, hex, base64, a DSN's password: see
+  :mod:`mikros_trio._secrets`): the logger masks them in every line, the
+  tracing feature in every span, the kinds in every error they send.
   :meth:`Env.secret` wraps a value in :class:`Secret`, whose ``str`` and
   ``repr`` never show it, and errors about a secret's value never quote it.
 - **No runtime component.** Everything happens at build time (resolution,
@@ -312,8 +315,9 @@ class Env:
 def build_env(context: BuildContext) -> list[Component]:
     """Check ``[features.env]``, register secrets, and give the container its :class:`Env`.
 
-    Every form of every secret's value is registered with
-    ``context.telemetry.add_secrets`` before any component starts; the
+    The value of each secret under each variable it may be read from is
+    registered with ``context.telemetry.add_secrets`` (named by that
+    variable, for warnings) before any component starts; the
     :class:`Env` becomes ``ServiceContainer.env`` and is published on the
     telemetry hub (``telemetry.get(Env)``). Returns no component: see the
     module docstring.
@@ -334,12 +338,10 @@ def build_env(context: BuildContext) -> list[Component]:
     if issues:
         raise ConfigError(issues)
     environ = definition.environ
-    context.telemetry.add_secrets(
-        environ[form]
-        for name in settings.secrets
-        for form in env_forms(definition.name, name)
-        if form in environ
-    )
+    for name in settings.secrets:
+        for form in env_forms(definition.name, name):
+            if form in environ:
+                context.telemetry.add_secrets([environ[form]], name=form)
     env = Env(definition, secrets=settings.secrets)
     context.container.env.set_provides(env)
     context.telemetry.publish(env)

@@ -304,6 +304,12 @@ def leak_forms(secret: str) -> dict[str, str]:
     return forms
 
 
+def leaked_forms(secret: str, text: str) -> list[str]:
+    """The names of the :func:`leak_forms` of ``secret`` found in ``text`` (decoded JSON too)."""
+    texts = output_texts(text)
+    return sorted({name for name, form in leak_forms(secret).items() for t in texts if form in t})
+
+
 def output_texts(text: str) -> list[str]:
     """``text``, and every string (keys too) inside each of its lines that is a JSON value.
 

@@ -18,7 +18,9 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -505,6 +507,136 @@ def test_console_masks_secrets_in_tracebacks(tmp_path: Path) -> None:
     assert SECRET not in text
 
 
+def test_a_secret_in_a_key_or_a_nested_value_is_masked(tmp_path: Path) -> None:
+    """Keys a caller chose, nested dicts and lists, bytes and other objects are masked too."""
+    pipeline, telemetry = built(tmp_path)
+    telemetry.add_secrets([SECRET])
+    pipeline.log(
+        logging.WARNING,
+        "structured",
+        nested={"deep": [SECRET, {SECRET: repr(SECRET)}], SECRET.encode(): 1},
+        raw=SECRET.encode(),
+        **{f"key {SECRET}": "value"},
+    )
+    pipeline.close()
+    text = log_path(tmp_path, "unit").read_text()
+    assert SECRET not in text
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert line["nested"] == {"deep": ["***", {"***": "'***'"}], "b'***'": 1}
+    assert line["raw"] == "b'***'"
+    assert line["key ***"] == "value"
+
+
+def test_a_line_that_cannot_be_formatted_is_reported_masked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A format that does not fit its arguments is an error line, masked, not raw stderr text."""
+    pipeline, telemetry = built(tmp_path)
+    telemetry.add_secrets([SECRET])
+    pipeline.open()
+    try:
+        record = logging.getLogger("tests.handler").makeRecord(
+            "tests.handler", logging.WARNING, __file__, 1, "a count of %d", (SECRET,), None
+        )
+        # Straight to the root handler: pytest's own capture handler raises on such a line.
+        [handler] = [h for h in logging.getLogger().handlers if type(h).__name__ == "_Handler"]
+        handler.handle(record)
+    finally:
+        pipeline.close()
+    assert capsys.readouterr().err == ""
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert line["level"] == "error"
+    assert line["event"] == "a log line from tests.handler could not be written"
+    assert line["message"] == "a count of %d"
+    assert line["arguments"] == "('***',)"
+    assert "TypeError" in line["exception"]
+    assert SECRET not in json.dumps(line)
+
+
+def test_a_thread_exception_is_a_masked_line_and_the_previous_hook_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """threading.excepthook writes an error line with the traceback, masked; then chains."""
+    seen: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    pipeline, telemetry = built(tmp_path)
+    telemetry.add_secrets([SECRET])
+    pipeline.open()
+
+    def fail() -> None:
+        raise RuntimeError(f"thread holding {SECRET!r}")
+
+    thread = threading.Thread(target=fail, name="failing-thread")
+    thread.start()
+    thread.join()
+    pipeline.close()
+    assert threading.excepthook == seen.append, "the previous hook is back"
+    assert [args.thread for args in seen] == [thread]
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert line["level"] == "error"
+    assert line["event"] == "uncaught exception in thread failing-thread"
+    assert "RuntimeError: thread holding '***'" in line["exception"]
+    assert "in fail" in line["exception"]
+
+
+def test_a_warning_is_a_masked_line_and_still_recorded(tmp_path: Path) -> None:
+    """warnings.warn writes a py.warnings line, masked; catch_warnings still records it."""
+    pipeline, telemetry = built(tmp_path)
+    telemetry.add_secrets([SECRET])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipeline.open()
+        warnings.warn(f"token {SECRET!r} expires", UserWarning, stacklevel=1)
+        pipeline.close()
+        assert warnings.showwarning is getattr(warnings, "_showwarning_orig", None)
+    assert [str(warning.message) for warning in caught] == [f"token {SECRET!r} expires"]
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert line["logger"] == "py.warnings"
+    assert (line["level"], line["event"]) == ("warning", "UserWarning: token '***' expires")
+    assert line["category"] == "UserWarning"
+    assert line["source"].startswith(__file__)
+
+
+class Undead:
+    """Its finaliser fails: Python reports that through sys.unraisablehook."""
+
+    def __del__(self) -> None:
+        raise RuntimeError(f"finaliser holding {SECRET}")
+
+
+def test_an_unraisable_exception_is_a_masked_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing finaliser writes an error line naming the object, masked; the hook chains."""
+    seen: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    pipeline, telemetry = built(tmp_path)
+    telemetry.add_secrets([SECRET])
+    pipeline.open()
+    Undead()
+    pipeline.close()
+    assert sys.unraisablehook == seen.append, "the previous hook is back"
+    assert len(seen) == 1
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert line["level"] == "error"
+    assert line["event"].startswith("Exception ignored in: <function Undead.__del__")
+    assert "RuntimeError: finaliser holding ***" in line["exception"]
+
+
+def test_lines_after_the_service_closed_still_mask_its_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Once every pipeline is closed, stray lines go to stderr with the secrets still masked."""
+    pipeline, telemetry = built(tmp_path)
+    telemetry.add_secrets([SECRET])
+    pipeline.open()
+    pipeline.close()
+    logging.getLogger("tests.late").warning("late line with %s", SECRET)
+    err = capsys.readouterr().err
+    assert "late line with ***" in err
+    assert SECRET not in err
+
+
 def test_output_in_a_missing_folder_is_a_config_error(tmp_path: Path) -> None:
     """A log file in a folder that does not exist fails the build, naming the key."""
     definition = parse_definition(
@@ -702,6 +834,26 @@ async def test_secrets_never_reach_the_output(
     assert "PermissionError: upstream rejected ***" in failed["exception"]
     assert "Traceback" in failed["exception"]
     assert by_event(lines, "GET /leak 500")["error"] == "RuntimeError: giving up with ***"
+
+
+async def test_a_short_secret_is_warned_about_by_name_at_start(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A secret under 8 characters gets a warning naming its variable, never its value."""
+    running = await start(
+        mikros_service,
+        tmp_path,
+        environ={"PIN": "4921"},
+        envs=("PIN",),
+        tables={"features.env": {"secrets": ["PIN"]}},
+    )
+    await running.stop()
+    text = log_path(tmp_path).read_text()
+    assert "4921" not in text
+    [line] = [line for line in read_lines(log_path(tmp_path)) if line.get("secret")]
+    assert line["level"] == "warning"
+    assert line["secret"] == "PIN"
+    assert line["event"].startswith("PIN is a secret of fewer than 8 characters")
 
 
 async def test_console_format_when_forced(mikros_service: ServiceStarter, tmp_path: Path) -> None:

@@ -75,6 +75,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -84,6 +85,7 @@ import structlog
 import trio
 
 from mikros_trio._component import Component, Lifetime, Role
+from mikros_trio._secrets import WEAK_LENGTH, Masker
 from mikros_trio._telemetry import Call, Observer, Telemetry, current_call, current_telemetry
 from mikros_trio.errors import ConfigError, ConfigIssue
 from mikros_trio.features.settings import LoggerSettings
@@ -207,6 +209,45 @@ def _key_json(key: str) -> str:
 _PLAIN: Final = frozenset({int, float, bool})
 
 
+def _joined(event: str, ids: dict[str, str], fields: Sequence[tuple[str, str | float]]) -> str:
+    """The text values of an access line, NUL-separated: one text to scan for secrets."""
+    texts = [event, *ids.values()]
+    texts += (value for _, value in fields if type(value) is str)
+    return "\x00".join(texts)
+
+
+def _shows_secret(line: dict[str, Any], masker: Masker) -> bool:
+    """Whether ``line`` may show a secret: one scan of its keys and text values together.
+
+    A structured value (a dict, a list, an object) is masked whatever it
+    holds: :func:`_masked` walks it.
+    """
+    texts = [*line]  # keys too: a caller's extra= names them
+    for key, value in line.items():
+        if type(value) is str:
+            texts.append(value)
+        elif not (value is None or type(value) in _PLAIN or key == "exc_info"):
+            return True
+    return masker.shows("\x00".join(texts))
+
+
+def _masked(line: dict[str, Any], mask: Callable[[str], str]) -> dict[str, Any]:
+    """``line`` with every key and value masked, before it is encoded.
+
+    Before, not after: a mask knows every escaped form of a secret, not a
+    form escaped twice (the JSON of a repr). ``exc_info`` is left for the
+    console renderer, whose output is masked whole.
+    """
+    return {
+        mask(key): value
+        if key == "exc_info" or value is None or type(value) in _PLAIN
+        else mask(value)
+        if type(value) is str
+        else _scrub(value, mask)
+        for key, value in line.items()
+    }
+
+
 def _scrub(value: Any, redact: Callable[[str], str]) -> Any:
     """``value`` with every string in it masked; other objects become masked strings."""
     if isinstance(value, str):
@@ -214,10 +255,17 @@ def _scrub(value: Any, redact: Callable[[str], str]) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, dict):
-        return {key: _scrub(item, redact) for key, item in value.items()}
+        return {_scrub_key(key, redact): _scrub(item, redact) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [_scrub(item, redact) for item in value]
     return redact(_json_default(value))
+
+
+def _scrub_key(key: Any, redact: Callable[[str], str]) -> Any:
+    """A dict key as JSON can write it (bytes, tuples… become text), masked."""
+    if key is None or isinstance(key, bool | int | float):
+        return key
+    return redact(key if isinstance(key, str) else _json_default(key))
 
 
 def _exc_info(value: Any) -> _ExcInfo | None:
@@ -276,7 +324,10 @@ class LogPipeline:
         self._file: IO[str] | None = None
         self._is_file = output not in ("stdout", "stderr")
         self._stream_name = "stderr" if self._is_file else output
-        self._lock = threading.Lock()
+        # Re-entrant: a finaliser that fails while this thread writes a line
+        # (the collector runs at any allocation) reports through
+        # sys.unraisablehook, which writes a line here too.
+        self._lock = threading.RLock()
         self.live = False
         self.closed = False
         tty = self._is_terminal()
@@ -445,20 +496,24 @@ class LogPipeline:
         console format, and keys that would repeat another field, take
         :meth:`emit`'s.
         """
+        masker = self.telemetry.masker
         if (
             self._console is not None
             or not self._static.keys().isdisjoint(ids)
             or any(key in ids for key in _HEAD)
             or any(key in ids for key, _ in fields)
+            # One scan of every value at once (NUL is in no form of a secret,
+            # so none spans two values): a line showing a secret takes
+            # emit's road, which masks each value before encoding it.
+            or (masker is not None and masker.shows(_joined(event, ids, fields)))
         ):
             line = self.head(levelno, logger, event, time.time())
             line.update(ids)
             line.update(fields)
             self.emit(line)
             return
-        telemetry = self.telemetry
-        secrets = telemetry.has_secrets
-        redact = telemetry.redact
+        # The rest of the line is the code's own text (names, keys, the
+        # configured identity): nothing else to mask.
         name = _level_name(levelno)
         parts = [
             '{"timestamp":"',
@@ -468,40 +523,33 @@ class LogPipeline:
             ',"logger":',
             _encode_str(logger),
             ',"event":',
-            _encode_str(redact(event) if secrets else event),
+            _encode_str(event),
             self._static_json,
         ]
         for key, text in ids.items():
-            parts += (_key_json(key), _encode_str(redact(text) if secrets else text))
+            parts += (_key_json(key), _encode_str(text))
         for key, value in fields:
-            if isinstance(value, str):
-                rendered = _encode_str(redact(value) if secrets else value)
-            else:
-                rendered = float.__repr__(value)  # what the JSON encoder writes for a float
+            # float.__repr__ is what the JSON encoder writes for a float.
+            rendered = _encode_str(value) if isinstance(value, str) else float.__repr__(value)
             parts += (_key_json(key), rendered)
         parts.append("}")
-        text = "".join(parts)
-        self._write(redact(text) if secrets else text, name not in _DEFERRABLE)
+        self._write("".join(parts), name not in _DEFERRABLE)
 
     def emit(self, line: dict[str, Any], exc_info: _ExcInfo | None = None) -> None:
         """Render ``line`` (and the exception, per ``[log] error_stack_trace``) and write it."""
         if exc_info is not None:
             self._add_exception(line, exc_info)
-        telemetry = self.telemetry
-        secrets = telemetry.has_secrets
-        if secrets:
-            redact = telemetry.redact
-            # Values are replaced in place (no key is added or removed); the
-            # common case, a plain string without a secret, costs one scan.
-            for key, value in line.items():
-                if type(value) is str:
-                    line[key] = redact(value)
-                elif not (value is None or type(value) in _PLAIN or key == "exc_info"):
-                    line[key] = _scrub(value, redact)
+        masker = self.telemetry.masker
+        if masker is not None and _shows_secret(line, masker):
+            line = _masked(line, masker.mask)
         console = self._console
-        text = _encode_json(line) if console is None else str(console(None, "", line))
-        if secrets:
-            text = telemetry.redact(text)
+        if console is None:
+            text = _encode_json(line)
+        else:
+            text = str(console(None, "", line))
+            if masker is not None:
+                # The console renderer lays out the traceback itself: mask what it wrote.
+                text = masker.mask(text)
         self._write(text, line.get("level") not in _DEFERRABLE)
 
     def _add_exception(self, line: dict[str, Any], exc_info: _ExcInfo) -> None:
@@ -595,6 +643,8 @@ class _Router:
 
     def add(self, pipeline: LogPipeline) -> None:
         self.install()
+        if not self.live:
+            _HOOKS.install()
         self.live.append(pipeline)
         self._set_root_level()
 
@@ -602,6 +652,14 @@ class _Router:
         if pipeline in self.live:
             self.live.remove(pipeline)
             self._set_root_level()
+            if not self.live:
+                _HOOKS.uninstall()
+            masker = pipeline.telemetry.masker
+            if masker is not None:
+                # A line written after the service is gone (the exit's last
+                # warnings, a test process going on) still masks its secrets.
+                hub = self._fallback().telemetry
+                hub.masker = (hub.masker or Masker()).with_secrets(masker.secrets)
 
     def route(self) -> LogPipeline:
         """The pipeline of the service this code runs in, else the latest live one."""
@@ -616,6 +674,9 @@ class _Router:
                     return pipeline
         if self.live:
             return self.live[-1]
+        return self._fallback()
+
+    def _fallback(self) -> LogPipeline:
         if self._default is None:
             # Lines after every service has closed (a test process goes
             # on): plain, to stderr, as Python's last-resort handler would.
@@ -700,8 +761,149 @@ class _Handler(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Report a line that could not be written (``log.info("%d", "x")``), masked.
+
+        The standard library's version prints the record's message and
+        arguments, raw, to stderr: the arguments are often the very values
+        the line was about.
+        """
+        with contextlib.suppress(Exception):  # nothing left to report it with
+            _ROUTER.route().log(
+                logging.ERROR,
+                f"a log line from {record.name} could not be written",
+                exc_info=sys.exc_info(),
+                message=str(record.msg),
+                arguments=repr(record.args),
+                source=f"{record.pathname}:{record.lineno}",
+            )
+
 
 _ROUTER = _Router()
+
+
+# -- Python's own printers: warnings, thread and unraisable exceptions --------
+
+
+class _Hooks:
+    """Routes what Python prints to stderr itself through the pipelines, masked.
+
+    ``warnings.showwarning``, ``threading.excepthook`` and
+    ``sys.unraisablehook`` write a warning or an exception (its message and
+    traceback) raw to stderr, where no masking and no JSON reach it. While
+    any pipeline is live they are replaced by hooks that write a line
+    (``py.warnings`` at warning, ``mikros_trio`` at error, with the
+    traceback) to the pipeline of the service the code runs for; the
+    previous hooks come back when the last pipeline closes, unless someone
+    replaced ours meanwhile.
+
+    A previous hook that is not Python's own printer (pytest's, which turns
+    thread and unraisable exceptions into test failures and records
+    warnings; a user's) is called after ours: a test harness keeps seeing
+    what it watches for. Python's own printer is not: it is the raw stderr
+    output being replaced.
+    """
+
+    def __init__(self) -> None:
+        self._saved: tuple[Any, Any, Any] | None = None
+
+    def install(self) -> None:
+        if self._saved is not None:
+            return
+        self._saved = (warnings.showwarning, threading.excepthook, sys.unraisablehook)
+        warnings.showwarning = self.showwarning
+        threading.excepthook = self.excepthook
+        sys.unraisablehook = self.unraisablehook
+
+    def uninstall(self) -> None:
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        if warnings.showwarning == self.showwarning:
+            warnings.showwarning = saved[0]
+        if threading.excepthook == self.excepthook:
+            threading.excepthook = saved[1]
+        if sys.unraisablehook == self.unraisablehook:
+            sys.unraisablehook = saved[2]
+
+    def _previous(self, index: int) -> Any:
+        saved = self._saved
+        return None if saved is None else saved[index]
+
+    def showwarning(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: IO[str] | None = None,
+        line: str | None = None,
+    ) -> None:
+        previous = self._previous(0)
+        if file is not None and previous is not None:
+            # A caller naming its own file asked for that file (as logging.captureWarnings).
+            previous(message, category, filename, lineno, file, line)
+            return
+        with contextlib.suppress(Exception):  # a warning must never break the code warning
+            logging.getLogger("py.warnings").warning(
+                "%s: %s",
+                category.__name__,
+                message,
+                extra={"category": category.__name__, "source": f"{filename}:{lineno}"},
+            )
+        if previous is not None and _records_warnings(previous):
+            previous(message, category, filename, lineno, file, line)
+
+    def excepthook(self, args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is not SystemExit:  # as Python's hook: a thread may exit so
+            with contextlib.suppress(Exception):
+                thread = args.thread.name if args.thread is not None else "unknown"
+                logging.getLogger("mikros_trio").error(
+                    "uncaught exception in thread %s",
+                    thread,
+                    exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+                )
+        previous = self._previous(1)
+        if previous is not None and previous is not threading.__excepthook__:
+            previous(args)
+
+    def unraisablehook(self, unraisable: Any) -> None:
+        with contextlib.suppress(Exception):
+            try:
+                where = repr(unraisable.object) if unraisable.object is not None else ""
+            except Exception:
+                where = object.__repr__(unraisable.object)
+            heading = unraisable.err_msg or "Exception ignored in"
+            value = unraisable.exc_value or unraisable.exc_type()
+            logging.getLogger("mikros_trio").error(
+                "%s: %s" if where else "%s",
+                heading,
+                *((where,) if where else ()),
+                exc_info=(unraisable.exc_type, value, unraisable.exc_traceback),
+            )
+        previous = self._previous(2)
+        if previous is not None and previous is not sys.__unraisablehook__:
+            previous(unraisable)
+
+
+#: Python's own ``warnings.showwarning``: whatever it calls writes the warning out.
+_PYTHON_SHOWWARNING: Final = getattr(warnings, "_showwarning_orig", warnings.showwarning)
+
+
+def _records_warnings(previous: Any) -> bool:
+    """Whether ``previous`` keeps warnings somewhere rather than printing them raw.
+
+    Any hook but Python's own does what its owner wants. Python's own hook
+    records into a list inside ``warnings.catch_warnings(record=True)``
+    (how pytest watches warnings) and prints to stderr otherwise.
+    """
+    if previous is not _PYTHON_SHOWWARNING:
+        return True
+    write = getattr(warnings, "_showwarnmsg_impl", None)
+    return isinstance(getattr(write, "__self__", None), list)
+
+
+_HOOKS = _Hooks()
 
 
 # -- the observer: request ids, access lines, lifecycle lines ---------------
@@ -833,6 +1035,13 @@ class _LoggerComponent(Component):
     ) -> None:
         pipeline = self.pipeline
         pipeline.open()
+        for name in pipeline.telemetry.weak_secrets:
+            pipeline.log(
+                logging.WARNING,
+                f"{name} is a secret of fewer than {WEAK_LENGTH} characters: every occurrence "
+                "of that text is masked in every line, and a value so short is easily guessed",
+                secret=name,
+            )
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:

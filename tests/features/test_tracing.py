@@ -10,9 +10,11 @@ way the kinds do. Also the shared helpers of ``test_tracing_*``.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +25,13 @@ import trio
 from dependency_injector import providers
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from quart_trio import QuartTrio
 
-from helpers import build_feature
+from helpers import build_feature, leaked_forms
 from mikros_trio import Lifetime, NotFoundError, ServiceContainer
 from mikros_trio._telemetry import Telemetry, current_call, current_telemetry
 from mikros_trio.errors import ErrorKind
@@ -174,6 +176,17 @@ def create_app() -> QuartTrio:
         span.set_status(StatusCode.UNSET)  # as the SDK: UNSET never overrides
         return "stale"
 
+    @app.get("/leak")
+    async def leak() -> str:
+        span = trace.get_current_span()
+        span.set_attribute("app.token", repr(SECRET))
+        span.set_attributes({"app.list": [SECRET, "x"], f"app.{SECRET}": 1})
+        span.add_event(f"used {SECRET}", {"hex": SECRET.encode().hex()})
+        span.add_link(span.get_span_context(), {"link": SECRET})
+        span.set_status(StatusCode.ERROR, f"refused {json.dumps(SECRET)}")
+        span.update_name(f"GET {SECRET}")
+        return "leaked"
+
     @app.get("/work")
     async def work() -> str:
         telemetry = current_telemetry()
@@ -289,6 +302,95 @@ async def test_a_handler_enriches_the_request_span(
     assert [(event.name, dict(event.attributes or {})) for event in span.events] == [
         ("cache.miss", {"key": "ada"})
     ]
+
+
+def assert_masked(span: ReadableSpan) -> None:
+    """No form of the test secret is in ``span`` as an exporter writes it, and the mask is."""
+    text = span.to_json()
+    assert leaked_forms(SECRET, text) == [], text
+    assert "***" in text, text
+
+
+async def test_what_a_handler_puts_on_the_request_span_is_masked(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """Attributes, keys, events, links, status and name set in a handler leave masked."""
+    running = await start_http(mikros_service, tmp_path)
+    assert (await get(running, "/leak")).status_code == 200
+    [span] = await spans_of(running, 1)
+    assert_masked(span)
+    assert span.attributes is not None
+    assert span.attributes["app.token"] == "'***'"
+    assert span.attributes["app.list"] == ("***", "x")
+    assert span.attributes["app.***"] == 1
+    assert [event.name for event in span.events] == ["used ***"]
+    assert span.status.description == 'refused "***"'
+
+
+async def test_a_secret_in_the_path_is_masked_in_the_span(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A secret a client puts in the path is masked in url.path and the status description."""
+    running = await start_http(mikros_service, tmp_path)
+    path = "/items/" + urllib.parse.quote(SECRET, safe="")
+    assert (await get(running, path + "?x=1")).status_code == 404
+    [span] = await spans_of(running, 1)
+    assert span.attributes is not None
+    assert span.attributes["url.path"] == "/items/***"
+    assert_masked(span)
+
+
+async def test_spans_user_code_starts_are_masked_for_every_processor() -> None:
+    """Spans of Tracing.tracer (children, statuses, links, recorded exceptions) leave masked.
+
+    Both the feature's exporter and a processor the user adds to the provider get them masked.
+    """
+    telemetry, tracing, _ = built(service_toml(types="worker", tracing={"exporter": "memory"}))
+    telemetry.add_secrets([SECRET])
+    mine = InMemorySpanExporter()
+    tracing.provider.add_span_processor(SimpleSpanProcessor(mine))
+    tracer = tracing.tracer
+    with tracer.start_as_current_span(
+        f"load {urllib.parse.quote(SECRET)}", attributes={"token": SECRET}
+    ) as parent:
+        parent.add_event("login", {"basic": base64.b64encode(f"u:{SECRET}".encode()).decode()})
+        link = trace.Link(parent.get_span_context(), {"token": SECRET})
+        with tracer.start_as_current_span("child", links=[link]) as child:
+            child.set_status(trace.Status(StatusCode.ERROR, f"bad {SECRET!r}"))
+        with pytest.raises(ValueError, match="refused"), tracer.start_as_current_span("grandchild"):
+            raise ValueError(f"refused {SECRET}")
+    for exported in (tracing.spans(), tuple(mine.get_finished_spans())):
+        assert [span.name for span in exported] == ["child", "grandchild", "load ***"]
+        for span in exported:
+            assert_masked(span)
+        child_span, grandchild, _ = exported
+        assert child_span.status.description == "bad '***'"
+        (event,) = grandchild.events
+        assert event.attributes is not None
+        assert event.attributes["exception.message"] == "refused ***"
+
+
+async def test_spans_without_a_secret_are_handed_on_as_they_are() -> None:
+    """With secrets registered, a span that shows none is not copied."""
+    telemetry, tracing, _ = built(service_toml(types="worker", tracing={"exporter": "memory"}))
+    telemetry.add_secrets([SECRET])
+    seen: list[ReadableSpan] = []
+    tracing.provider.add_span_processor(SimpleSpanProcessor(Recorder(seen)))
+    call = telemetry.begin("worker", "internal", "worker")
+    telemetry.end(call, "ok")
+    assert tracing.spans() == tuple(seen)
+    assert tracing.spans()[0] is seen[0]
+
+
+class Recorder(SpanExporter):
+    """A span exporter that keeps the very objects it was handed."""
+
+    def __init__(self, seen: list[ReadableSpan]) -> None:
+        self.seen = seen
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.seen.extend(spans)
+        return SpanExportResult.SUCCESS
 
 
 async def test_a_handler_sets_the_status_and_records_an_exception(

@@ -32,9 +32,16 @@ Design decisions:
   and custom kinds; UNSET for the caller's mistakes (validation, not found,
   permission, condition), which are the server doing its job. The kind is
   always recorded as ``mikros.error.kind``. An unexpected exception also
-  gets an ``exception`` event; its message and stack trace go through the
-  hub's secret masking, like every other output, because spans leave the
-  machine.
+  gets an ``exception`` event with its message and stack trace.
+- **Every span is masked before any processor sees it.** The provider's
+  own processor, which every exporter's processor (and any a user adds)
+  hangs from, hands on a copy of each finished span whose name,
+  attributes, events (names and attributes), links' attributes and status
+  description went through the hub's secret masking, like every other
+  output: spans leave the machine. That covers the call spans, the spans
+  user code starts with :attr:`Tracing.tracer` and what the SDK records
+  for them (an escaping exception's event), for every exporter. The copy
+  is made only for a span that shows a secret (one scan of its texts).
 - **Exporter from settings, overridden by ``OTEL_TRACES_EXPORTER``** read
   from the service's environment (``Definition.environ``, which the test
   harness sets per service). ``memory`` keeps finished spans for tests
@@ -77,7 +84,7 @@ import random
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -383,6 +390,117 @@ class _CallSpan(Span):
         )
 
 
+class _MaskingProcessor(SynchronousMultiSpanProcessor):
+    """The provider's processor: every processor under it gets finished spans masked.
+
+    Exporters (and processors a user adds to the provider) hang from it,
+    so no span leaves with a secret in its name, attributes, events, links
+    or status description, whoever started it.
+    """
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # untyped in the SDK
+        self._telemetry = telemetry
+        # The last resource seen and its masked copy: one per provider in practice.
+        self._resources: tuple[Resource, Resource] | None = None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        masker = self._telemetry.masker
+        if masker is not None and masker.shows("\x00".join(_span_texts(span))):
+            span = self._masked(span, masker.mask)
+        super().on_end(span)
+
+    def _masked(self, span: ReadableSpan, mask: Callable[[str], str]) -> ReadableSpan:
+        status = span.status
+        if status.description:
+            status = Status(status.status_code, mask(status.description))
+        return ReadableSpan(
+            mask(span.name),
+            context=span.context,
+            parent=span.parent,
+            resource=self._masked_resource(span.resource, mask),
+            attributes=_masked_attributes(span.attributes, mask),
+            events=[
+                Event(mask(event.name), _masked_attributes(event.attributes, mask), event.timestamp)
+                for event in span.events
+            ],
+            links=[
+                trace.Link(link.context, _masked_attributes(link.attributes, mask))
+                for link in span.links
+            ],
+            kind=span.kind,
+            status=status,
+            start_time=span.start_time,
+            end_time=span.end_time,
+            instrumentation_scope=span.instrumentation_scope,
+        )
+
+    def _masked_resource(self, resource: Resource, mask: Callable[[str], str]) -> Resource:
+        # The SDK reads OTEL_RESOURCE_ATTRIBUTES from the process environment.
+        seen = self._resources
+        if seen is None or seen[0] is not resource:
+            attributes = _masked_attributes(resource.attributes, mask) or {}
+            seen = self._resources = (resource, Resource(attributes, resource.schema_url))
+        return seen[1]
+
+
+def _span_texts(span: ReadableSpan) -> Iterator[str]:
+    """Every text a span carries: name, status description, attribute keys and values."""
+    yield span.name
+    if span.status.description:
+        yield span.status.description
+    yield from _attribute_texts(span.attributes)
+    yield from _attribute_texts(span.resource.attributes)
+    for event in span.events:
+        yield event.name
+        yield from _attribute_texts(event.attributes)
+    for link in span.links:
+        yield from _attribute_texts(link.attributes)
+
+
+def _attribute_texts(attributes: Mapping[str, Any] | None) -> Iterator[str]:
+    if not attributes:
+        return
+    for key, value in attributes.items():
+        yield key
+        yield from _value_texts(value)
+
+
+def _value_texts(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, bytes):
+        yield value.decode("utf-8", "backslashreplace")
+    elif isinstance(value, Mapping):
+        yield from _attribute_texts(value)
+    elif isinstance(value, Sequence):
+        for item in value:
+            yield from _value_texts(item)
+
+
+def _masked_attributes(
+    attributes: Mapping[str, Any] | None, mask: Callable[[str], str]
+) -> dict[str, Any] | None:
+    if attributes is None:
+        return None
+    return {mask(key): _masked_value(value, mask) for key, value in attributes.items()}
+
+
+def _masked_value(value: Any, mask: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, bytes):
+        # Masked as text: exporters write bytes as their repr or base64 anyway.
+        text = value.decode("utf-8", "backslashreplace")
+        masked = mask(text)
+        return value if masked is text else masked
+    if isinstance(value, Mapping):
+        return _masked_attributes(value, mask)
+    if isinstance(value, Sequence):
+        return tuple(_masked_value(item, mask) for item in value)
+    return value
+
+
 _UNSET = Status(StatusCode.UNSET)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
@@ -400,12 +518,10 @@ class _SpanObserver(Observer):
 
     def __init__(
         self,
-        telemetry: Telemetry,
         processor: SynchronousMultiSpanProcessor,
         resource: Resource,
         ratio: float,
     ) -> None:
-        self._telemetry = telemetry
         self._processor = processor
         self._resource = resource
         self._scope = InstrumentationScope("mikros_trio")
@@ -578,10 +694,7 @@ class _SpanObserver(Observer):
             attributes["error.type"] = description or "error"
             span.status = Status(StatusCode.ERROR, description)
             return
-        telemetry = self._telemetry
         message = str(error)
-        if telemetry.has_secrets:
-            message = telemetry.redact(message)
         if isinstance(error, ServiceError):
             # Raised on purpose: the kind says it all, no stack trace to record.
             attributes["error.type"] = error.kind.value
@@ -590,11 +703,10 @@ class _SpanObserver(Observer):
         error_type = type(error)
         qualified = f"{error_type.__module__}.{error_type.__qualname__}"
         stack = "".join(traceback.format_exception(error))
-        if telemetry.has_secrets:
-            stack = telemetry.redact(stack)
         attributes["error.type"] = qualified
         span.status = Status(StatusCode.ERROR, f"{error_type.__name__}: {message}")
-        # record_exception() would send the raw text; this is the same event, masked.
+        # record_exception()'s event, without its "exception.escaped" (the
+        # call ended with it: it escaped); the processor masks it.
         span.events.append(
             Event(
                 "exception",
@@ -745,8 +857,9 @@ def build_tracing(context: BuildContext) -> Sequence[Component]:
 
     resource = Resource.create({SERVICE_NAME: definition.name, SERVICE_VERSION: definition.version})
     # Ours, so the observer hands its spans to the same processors as the
-    # provider's own spans (add_span_processor adds to it).
-    processor = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]  # untyped in the SDK
+    # provider's own spans (add_span_processor adds to it), and every span
+    # any of them sees is masked.
+    processor = _MaskingProcessor(telemetry)
     provider = TracerProvider(
         # Recording everything needs no ratio arithmetic per trace.
         sampler=ParentBased(
@@ -764,7 +877,7 @@ def build_tracing(context: BuildContext) -> Sequence[Component]:
     tracing = Tracing(provider, exporter, name)
     component = _TracingComponent(provider, exporter if batched else None)
     telemetry.publish(tracing)
-    telemetry.add_observer(_SpanObserver(telemetry, processor, resource, settings.sample_ratio))
+    telemetry.add_observer(_SpanObserver(processor, resource, settings.sample_ratio))
     telemetry.add_closer(
         _Flusher(provider, exporter, component, batched=batched, timeout=settings.flush_timeout)
     )

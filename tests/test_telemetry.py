@@ -22,6 +22,7 @@ from dependency_injector import providers
 import test_http
 from mikros_trio import Call, Observer, ServiceContainer, Telemetry, current_call
 from mikros_trio._registry import FeatureSpec, Registry, default_registry
+from mikros_trio._telemetry import redact_current
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_grpc
 from test_grpc_server import (
@@ -145,6 +146,18 @@ def test_redact_masks_every_secret_longest_first() -> None:
     hub.add_secrets(["abc", "abcdef", ""])
     assert hub.has_secrets
     assert hub.redact("x abcdef y abc z") == "x *** y *** z"
+
+
+def test_redact_current_masks_with_the_running_service_s_secrets() -> None:
+    """Inside a service's context its secrets are masked; outside every service, nothing is."""
+    hub = Telemetry()
+    hub.add_secrets(["s3cr3t-value"])
+    assert redact_current("stop: s3cr3t-value") == "stop: s3cr3t-value"
+    token = hub.activate()
+    try:
+        assert redact_current("stop: 's3cr3t-value'") == "stop: '***'"
+    finally:
+        hub.deactivate(token)
 
 
 async def test_closers_run_last_registered_first_and_survive_failures(

@@ -24,7 +24,7 @@ from ._gc import GcTuning
 from ._health import Health
 from ._registry import Registry, default_registry
 from ._supervisor import LifecycleEvent, Supervisor, Timeouts
-from ._telemetry import Telemetry
+from ._telemetry import Telemetry, redact_current
 from .errors import ConfigError, ConfigIssue
 
 __all__ = [
@@ -247,7 +247,8 @@ def event_printer() -> Callable[[LifecycleEvent], None]:
         if not origin:
             origin.append(event.time)
         shifted = dataclasses.replace(event, time=event.time - origin[0])
-        print(shifted, file=sys.stderr, flush=True)
+        # A component's stop reason may quote anything, secrets included.
+        print(redact_current(str(shifted)), file=sys.stderr, flush=True)
 
     return emit
 

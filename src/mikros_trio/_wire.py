@@ -13,17 +13,23 @@ from typing import Any
 from ._telemetry import Telemetry
 from .errors import InternalError, ServiceError
 
-__all__ = ["unexpected_error", "wire_error"]
+__all__ = ["masked_wire", "unexpected_error", "wire_error"]
 
 
 def wire_error(error: ServiceError, service_name: str, telemetry: Telemetry) -> dict[str, Any]:
     """The Mikros JSON object for ``error``, from ``service_name``, with secrets masked."""
     wire = error.to_wire()
     wire.setdefault("service_name", service_name)
+    return masked_wire(wire, telemetry)
+
+
+def masked_wire(wire: dict[str, Any], telemetry: Telemetry) -> dict[str, Any]:
+    """``wire`` (any error body about to be encoded) with the service's secrets masked."""
     masker = telemetry.masker
-    if masker is not None:
-        wire = _masked(wire, masker.mask)
-    return wire
+    if masker is None:
+        return wire
+    masked: dict[str, Any] = _masked(wire, masker.mask)
+    return masked
 
 
 def _masked(value: Any, mask: Callable[[str], str]) -> Any:

@@ -46,10 +46,19 @@ Design decisions:
 - **The access line skips the stdlib road.** It is on every request's hot
   path, so the observer builds its event dict and hands it to the
   pipeline's renderer directly: no ``LogRecord``, no handler lock.
-- **Secrets never leave.** With secrets registered, every string in the
-  event is masked before rendering (so JSON escaping cannot hide a secret
-  from the mask) and the rendered line is masked again (tracebacks the
-  console renderer formats itself).
+- **Secrets never leave.** With secrets registered, a line's keys and
+  text values are scanned once, together; when one shows a secret, every
+  key and value is masked before the line is encoded (a mask knows each
+  form of a secret, JSON-escaped included, not the JSON of its ``repr``).
+  Console lines are masked again once rendered (the renderer lays out
+  tracebacks itself). Without secrets none of this runs.
+- **Python's own stderr output goes through the pipelines.** Warnings,
+  exceptions escaping a thread and unraisable exceptions (a failing
+  ``__del__``) are printed raw by ``warnings.showwarning``,
+  ``threading.excepthook`` and ``sys.unraisablehook``: while a pipeline
+  is live, ours write them as masked lines instead (see :class:`_Hooks`),
+  and so does a log call whose arguments do not fit its format (logging's
+  ``handleError`` prints them raw).
 - **One write per interval, nothing lost at shutdown.** While the service
   runs, debug and info lines may wait ``flush_interval`` (10 ms by
   default) in the output's buffer, so a busy service makes one write
@@ -238,14 +247,14 @@ def _masked(line: dict[str, Any], mask: Callable[[str], str]) -> dict[str, Any]:
     form escaped twice (the JSON of a repr). ``exc_info`` is left for the
     console renderer, whose output is masked whole.
     """
-    return {
-        mask(key): value
-        if key == "exc_info" or value is None or type(value) in _PLAIN
-        else mask(value)
-        if type(value) is str
-        else _scrub(value, mask)
-        for key, value in line.items()
-    }
+    masked: dict[str, Any] = {}
+    for key, value in line.items():
+        if type(value) is str:
+            value = mask(value)
+        elif not (value is None or type(value) in _PLAIN or key == "exc_info"):
+            value = _scrub(value, mask)
+        masked[mask(key)] = value
+    return masked
 
 
 def _scrub(value: Any, redact: Callable[[str], str]) -> Any:

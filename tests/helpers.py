@@ -169,6 +169,34 @@ def wait_until_ok(
     pytest.fail(f"GET {path} on port {port} never answered 200:\n{child.report()}")
 
 
+def run_http_service(
+    spawn: Spawn, program: Path, config: Path, toml: str, env: Mapping[str, str]
+) -> tuple[Child, int]:
+    """``mikros-trio run --verbose`` of ``program`` with ``toml`` written to ``config``, ready.
+
+    ``toml`` gets ``[runtime.http]`` on 127.0.0.1 and a short ``[lifecycle]``
+    appended; the HTTP port is a free one (``MIKROS_HTTP_PORT``, also
+    returned); ``env`` adds to the environment. Returns once ``/readyz``
+    answers 200.
+    """
+    port = free_port()
+    config.write_text(
+        toml + '[runtime.http]\nhost = "127.0.0.1"\n'
+        "[lifecycle]\nshutdown_timeout = 5.0\ndrain_timeout = 2.0\n"
+    )
+    child = spawn(
+        MIKROS_TRIO,
+        "run",
+        program,
+        "--config",
+        config,
+        "--verbose",
+        env={**env, "MIKROS_HTTP_PORT": str(port)},
+    )
+    wait_until_ok(child, port)
+    return child, port
+
+
 # -- gRPC: grpcio channels, health polling, importing an example's modules -----------
 
 #: grpcio channel options: never route 127.0.0.1 through a proxy from the environment.

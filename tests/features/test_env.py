@@ -18,7 +18,7 @@ import httpx
 import pytest
 from dependency_injector import providers
 
-from helpers import MIKROS_TRIO, Spawn, free_port, wait_until_ok
+from helpers import MIKROS_TRIO, Spawn, run_http_service
 from mikros_trio import (
     BuildContext,
     ConfigError,
@@ -370,28 +370,14 @@ SERVICE_SECRET = "S3cr3t-leaky-9b7e"
 
 def test_secret_never_appears_in_output_or_responses(spawn: Spawn, tmp_path: Path) -> None:
     """A service logging its secret and raising it (500, 404, crashed worker) never shows it."""
-    port = free_port()
-    config = tmp_path / "service.toml"
-    config.write_text(
-        'name = "leaky"\ntypes = ["http", "worker"]\nversion = "v1.0.0"\nenvs = ["TOKEN"]\n'
-        '[features.env]\nsecrets = ["TOKEN"]\n'
-        '[runtime.http]\nhost = "127.0.0.1"\n'
-        "[lifecycle]\nshutdown_timeout = 5.0\ndrain_timeout = 2.0\n"
-    )
-    child = spawn(
-        MIKROS_TRIO,
-        "run",
+    child, port = run_http_service(
+        spawn,
         HERE / "leaky_service.py",
-        "--config",
-        config,
-        "--verbose",
-        env={
-            "TOKEN": SHARED_SECRET,
-            "LEAKY__TOKEN": SERVICE_SECRET,
-            "MIKROS_HTTP_PORT": str(port),
-        },
+        tmp_path / "service.toml",
+        'name = "leaky"\ntypes = ["http", "worker"]\nversion = "v1.0.0"\nenvs = ["TOKEN"]\n'
+        '[features.env]\nsecrets = ["TOKEN"]\n',
+        {"TOKEN": SHARED_SECRET, "LEAKY__TOKEN": SERVICE_SECRET},
     )
-    wait_until_ok(child, port)
     bodies = []
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0, trust_env=False) as http:
         boom = http.get("/boom")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from helpers import MIKROS_TRIO, Spawn, free_port, leaked_forms, wait_until_ok
+from helpers import Spawn, leaked_forms, run_http_service
 
 HERE = Path(__file__).parent
 
@@ -50,26 +50,16 @@ def json_lines(text: str) -> list[dict[str, object]]:
 
 def test_no_encoding_of_a_secret_leaves_the_process(spawn: Spawn, tmp_path: Path) -> None:
     """Logs, errors, threads, warnings, spans and the verbose log show no encoding of a secret."""
-    port = free_port()
-    config = tmp_path / "service.toml"
-    config.write_text(
+    child, port = run_http_service(
+        spawn,
+        HERE / "secret_leaker.py",
+        tmp_path / "service.toml",
         'name = "leaker"\ntypes = ["http", "worker"]\nversion = "v1.0.0"\n'
         'envs = ["TOKEN", "DB_DSN"]\n'
         '[features.env]\nsecrets = ["TOKEN", "DB_DSN"]\n'
-        '[features.tracing]\nenabled = true\nexporter = "console"\n'
-        '[runtime.http]\nhost = "127.0.0.1"\n'
-        "[lifecycle]\nshutdown_timeout = 5.0\ndrain_timeout = 2.0\n"
+        '[features.tracing]\nenabled = true\nexporter = "console"\n',
+        {"TOKEN": TOKEN, "DB_DSN": DSN},
     )
-    child = spawn(
-        MIKROS_TRIO,
-        "run",
-        HERE / "secret_leaker.py",
-        "--config",
-        config,
-        "--verbose",
-        env={"TOKEN": TOKEN, "DB_DSN": DSN, "MIKROS_HTTP_PORT": str(port)},
-    )
-    wait_until_ok(child, port)
     bodies = []
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0, trust_env=False) as http:
         for route, status in ROUTES.items():

@@ -52,7 +52,7 @@ from ._container import BuildContext
 from ._health import Health
 from ._runtime_settings import HttpSettings
 from ._telemetry import UNMATCHED, Endpoint, Telemetry, current_call
-from ._wire import unexpected_error, wire_error
+from ._wire import masked_wire, unexpected_error, wire_error
 from .errors import ErrorKind, ServiceError
 
 __all__ = ["HTTP_STATUS", "AdminServer", "HttpServer", "build_http", "install_error_handlers"]
@@ -236,7 +236,8 @@ def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | N
 
     async def http_error(error: HTTPException) -> tuple[dict[str, Any], int]:
         status = error.code or 500
-        return _wire_for_status(status, error.description or error.name), status
+        # abort(403, description) text is the handler's: it may quote a secret.
+        return masked_wire(_wire_for_status(status, error.description or error.name), hub), status
 
     async def unexpected(error: Exception) -> tuple[dict[str, Any], int]:
         log.error("unhandled error in an HTTP handler", exc_info=error)

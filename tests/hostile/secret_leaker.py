@@ -8,7 +8,8 @@ values another way: encoded in log lines and structlog fields, inside
 exceptions and their tracebacks, in a thread's exception, a warning, an
 unraisable exception, a worker thread of ``trio.to_thread``, span
 attributes, events, links, statuses and child spans, a Mikros error
-body, and in the path and query of the request itself. ``GET /stop``
+body, an ``abort()`` description, and in the path and query of the
+request itself. ``GET /stop``
 makes the worker stop the service with a reason that holds the token.
 """
 
@@ -28,6 +29,7 @@ import trio
 from dependency_injector import providers
 from opentelemetry import trace
 from opentelemetry.trace import Link, Status, StatusCode
+from quart import abort
 from quart_trio import QuartTrio
 
 from mikros_trio import Lifetime, NotFoundError, ServiceContainer, Telemetry
@@ -105,6 +107,10 @@ def create_app(env: Env, telemetry: Telemetry, tripwire: Tripwire) -> QuartTrio:
         raise NotFoundError(
             f"no account for {json.dumps(token)}", details=urllib.parse.quote_plus(token)
         )
+
+    @app.get("/abort")
+    async def abort_it() -> dict[str, Any]:
+        abort(403, f"token {urllib.parse.quote(token)} refused")
 
     @app.get("/thread")
     async def thread() -> dict[str, Any]:

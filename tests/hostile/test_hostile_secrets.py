@@ -33,6 +33,7 @@ ROUTES = {
     "/raise": 500,
     "/to-thread": 500,
     "/missing": 404,
+    "/abort": 403,
     "/thread": 200,
     "/warn": 200,
     "/unraisable": 200,

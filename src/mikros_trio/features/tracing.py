@@ -84,7 +84,7 @@ import random
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -113,6 +113,7 @@ from opentelemetry.util.types import AttributeValue
 
 from mikros_trio._component import Component, Lifetime
 from mikros_trio._container import BuildContext
+from mikros_trio._secrets import Masker
 from mikros_trio._telemetry import HTTP_METHODS, UNMATCHED, Call, Observer, Telemetry
 from mikros_trio.errors import ConfigError, ConfigIssue, ErrorKind, ServiceError
 from mikros_trio.features.settings import TracingSettings
@@ -401,14 +402,27 @@ class _MaskingProcessor(SynchronousMultiSpanProcessor):
     def __init__(self, telemetry: Telemetry) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # untyped in the SDK
         self._telemetry = telemetry
-        # The last resource seen and its masked copy: one per provider in practice.
+        # Every span carries the same resource (the service's, and what the
+        # SDK read from OTEL_RESOURCE_ATTRIBUTES in the process environment):
+        # it is scanned, and masked, once, not per span.
+        self._resource_scan: tuple[Resource, Masker, bool] | None = None
         self._resources: tuple[Resource, Resource] | None = None
 
     def on_end(self, span: ReadableSpan) -> None:
         masker = self._telemetry.masker
-        if masker is not None and masker.shows("\x00".join(_span_texts(span))):
+        if masker is not None and (
+            masker.shows(_span_text(span)) or self._resource_shows(span.resource, masker)
+        ):
             span = self._masked(span, masker.mask)
         super().on_end(span)
+
+    def _resource_shows(self, resource: Resource, masker: Masker) -> bool:
+        seen = self._resource_scan
+        if seen is None or seen[0] is not resource or seen[1] is not masker:
+            texts: list[str] = []
+            _add_texts(texts, resource.attributes)
+            seen = self._resource_scan = (resource, masker, masker.shows("\x00".join(texts)))
+        return seen[2]
 
     def _masked(self, span: ReadableSpan, mask: Callable[[str], str]) -> ReadableSpan:
         status = span.status
@@ -436,7 +450,6 @@ class _MaskingProcessor(SynchronousMultiSpanProcessor):
         )
 
     def _masked_resource(self, resource: Resource, mask: Callable[[str], str]) -> Resource:
-        # The SDK reads OTEL_RESOURCE_ATTRIBUTES from the process environment.
         seen = self._resources
         if seen is None or seen[0] is not resource:
             attributes = _masked_attributes(resource.attributes, mask) or {}
@@ -444,38 +457,43 @@ class _MaskingProcessor(SynchronousMultiSpanProcessor):
         return seen[1]
 
 
-def _span_texts(span: ReadableSpan) -> Iterator[str]:
-    """Every text a span carries: name, status description, attribute keys and values."""
-    yield span.name
-    if span.status.description:
-        yield span.status.description
-    yield from _attribute_texts(span.attributes)
-    yield from _attribute_texts(span.resource.attributes)
+def _span_text(span: ReadableSpan) -> str:
+    """Every text of a span but its resource's, NUL-separated (in no form): one text to scan."""
+    texts = [span.name]
+    description = span.status.description
+    if description:
+        texts.append(description)
+    _add_texts(texts, span.attributes)
     for event in span.events:
-        yield event.name
-        yield from _attribute_texts(event.attributes)
+        texts.append(event.name)
+        _add_texts(texts, event.attributes)
     for link in span.links:
-        yield from _attribute_texts(link.attributes)
+        _add_texts(texts, link.attributes)
+    return "\x00".join(texts)
 
 
-def _attribute_texts(attributes: Mapping[str, Any] | None) -> Iterator[str]:
+def _add_texts(texts: list[str], attributes: Mapping[str, Any] | None) -> None:
+    """Append the keys and text values of ``attributes`` (at any depth) to ``texts``."""
     if not attributes:
         return
     for key, value in attributes.items():
-        yield key
-        yield from _value_texts(value)
+        texts.append(key)
+        if type(value) is str:
+            texts.append(value)
+        elif not isinstance(value, bool | int | float):
+            _add_value_texts(texts, value)
 
 
-def _value_texts(value: Any) -> Iterator[str]:
+def _add_value_texts(texts: list[str], value: Any) -> None:
     if isinstance(value, str):
-        yield value
+        texts.append(value)
     elif isinstance(value, bytes):
-        yield value.decode("utf-8", "backslashreplace")
+        texts.append(value.decode("utf-8", "backslashreplace"))
     elif isinstance(value, Mapping):
-        yield from _attribute_texts(value)
+        _add_texts(texts, value)
     elif isinstance(value, Sequence):
         for item in value:
-            yield from _value_texts(item)
+            _add_value_texts(texts, item)
 
 
 def _masked_attributes(

@@ -238,8 +238,10 @@ class Masker:
     __slots__ = ("mask", "secrets", "shows", "weak")
 
     def __init__(self, secrets: Iterable[tuple[str, str]] = ()) -> None:
-        #: ``(value, name)`` of each secret, in registration order.
-        self.secrets: tuple[tuple[str, str], ...] = tuple(dict.fromkeys(secrets))
+        #: ``(value, name)`` of each secret, in registration order (empty values skipped).
+        self.secrets: tuple[tuple[str, str], ...] = tuple(
+            dict.fromkeys((value, name) for value, name in secrets if value)
+        )
         forms: set[str] = set()
         needles: set[str] = set()
         weak: list[str] = []
@@ -260,7 +262,7 @@ class Masker:
 
     def with_secrets(self, secrets: Iterable[tuple[str, str]]) -> Masker:
         """A masker for these secrets as well (``(value, name)`` pairs; empty values skipped)."""
-        return Masker([*self.secrets, *((value, name) for value, name in secrets if value)])
+        return Masker([*self.secrets, *secrets])
 
     def __bool__(self) -> bool:
         """Whether there is anything to mask."""

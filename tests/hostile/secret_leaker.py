@@ -176,6 +176,12 @@ class Rotator:
         self.tripwire = tripwire
 
     async def run(self, lifetime: Lifetime) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._rotate, lifetime)
+            await lifetime.wait_stopping()  # however the service stops
+            nursery.cancel_scope.cancel()
+
+    async def _rotate(self, lifetime: Lifetime) -> None:
         await self.tripwire.pulled.wait()
         lifetime.stop(f"rotating {self.token.reveal()!r}")
 

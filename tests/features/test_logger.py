@@ -597,6 +597,20 @@ def test_a_warning_is_a_masked_line_and_still_recorded(tmp_path: Path) -> None:
     assert line["source"].startswith(__file__)
 
 
+def test_a_warning_filtered_as_an_error_still_raises_while_a_pipeline_is_live(
+    tmp_path: Path,
+) -> None:
+    """filterwarnings = error (this suite's setting) still raises: the hook only shows warnings."""
+    pipeline, _ = built(tmp_path)
+    pipeline.open()
+    try:
+        with pytest.raises(UserWarning, match="still an error"):
+            warnings.warn("still an error", UserWarning, stacklevel=1)
+    finally:
+        pipeline.close()
+    assert log_path(tmp_path, "unit").read_text() == ""
+
+
 class Undead:
     """Its finaliser fails: Python reports that through sys.unraisablehook."""
 

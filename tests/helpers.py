@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -15,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
@@ -261,3 +263,16 @@ def build_feature(
     context = BuildContext(name, settings, definition, ServiceContainer(), telemetry)
     factory = _load_factory(default_registry().features[name].factory)
     return telemetry, list(factory(context))
+
+
+# -- lifecycle: the log lines of a child's output ------------------------------------
+
+
+def log_lines(output: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``output`` (the logger's lines), parsed; other lines are skipped."""
+    lines = []
+    for line in output.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(line))
+    return lines

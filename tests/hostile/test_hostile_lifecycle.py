@@ -9,7 +9,6 @@ fails the test instead of the run. The hostile hooks are chosen by the
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time
@@ -167,9 +166,11 @@ def test_stuck_start_is_ended_by_the_watchdog(spawn: Spawn, tmp_path: Path, hook
     assert "worker: running" not in child.stdout, child.report()  # never reported ready
     said = "\n".join(watchdog_lines(child))
     assert "start_timeout" in said, child.report()
-    assert "resource" in said and "starting" in said, child.report()
+    assert "resource" in said, child.report()
+    assert "starting" in said, child.report()
     # Where it is stuck: the hook's own line in main.py.
-    assert "main.py" in said and "misbehave" in said, child.report()
+    assert "main.py" in said, child.report()
+    assert "misbehave" in said, child.report()
 
 
 @pytest.mark.parametrize("hook", ["shielded_stop", "blocking_stop"])
@@ -184,8 +185,10 @@ def test_stuck_shutdown_is_ended_by_the_watchdog(spawn: Spawn, tmp_path: Path, h
     assert elapsed < SHUTDOWN_TIMEOUT + WATCHDOG_MARGIN + SLACK, child.report()
     said = "\n".join(watchdog_lines(child))
     assert "shutdown_timeout" in said, child.report()
-    assert "resource" in said and "stopping" in said, child.report()
-    assert "main.py" in said and "misbehave" in said, child.report()
+    assert "resource" in said, child.report()
+    assert "stopping" in said, child.report()
+    assert "main.py" in said, child.report()
+    assert "misbehave" in said, child.report()
 
 
 # -- signals ----------------------------------------------------------------------------

@@ -635,8 +635,10 @@ class Supervisor(_SupervisorView):
             lines.append(f"{name} ({phase})" + (f" at {where}" if where else ""))
         if loop_where is not None:
             lines.append(f"the Trio thread is at {loop_where}")
-        if not lines:
-            lines.append("no component; non-daemon threads: " + _threads())
+        if not running:
+            # Past the components: the flush, or the interpreter's exit
+            # waiting for the threads it must join.
+            lines.append("no component is starting or stopping; non-daemon threads: " + _threads())
         return lines
 
     def _event(self, component: str, phase: str, detail: str = "") -> None:

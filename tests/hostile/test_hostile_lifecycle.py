@@ -25,6 +25,7 @@ PROGRAM = '''\
 """A worker with one resource whose hooks misbehave as $HOOK says."""
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,8 @@ async def misbehave(phase: str) -> None:
         await trio.sleep(20)
     elif HOOK == f"raise_{phase}":
         raise ValueError(f"resource broke in {phase}")
+    elif HOOK == f"thread_{phase}":
+        threading.Thread(target=time.sleep, args=(20,), name="user-thread").start()
 
 
 class Resource:
@@ -189,6 +192,17 @@ def test_stuck_shutdown_is_ended_by_the_watchdog(spawn: Spawn, tmp_path: Path, h
     assert "stopping" in said, child.report()
     assert "main.py" in said, child.report()
     assert "misbehave" in said, child.report()
+
+
+def test_non_daemon_thread_holding_the_exit_is_ended(spawn: Spawn, tmp_path: Path) -> None:
+    """A user's non-daemon thread that outlives the shutdown cannot hold the exit past the limit."""
+    child = start(spawn, tmp_path, "thread_stop")
+    child.wait_for("worker: running")
+    sent = child.send(signal.SIGTERM)
+    code = child.wait(timeout=SHUTDOWN_TIMEOUT + WATCHDOG_MARGIN + SLACK + 2)
+    assert code == WATCHDOG_EXIT, child.report()
+    assert time.perf_counter() - sent < SHUTDOWN_TIMEOUT + WATCHDOG_MARGIN + SLACK
+    assert "non-daemon threads: user-thread" in "\n".join(watchdog_lines(child)), child.report()
 
 
 # -- signals ----------------------------------------------------------------------------

@@ -156,24 +156,31 @@ def watchdog_lines(child: Child) -> list[str]:
 # -- deadlines are hard -----------------------------------------------------------------
 
 
+def assert_ended_by_watchdog(child: Child, since: float, limit: float, *words: str) -> None:
+    """``child`` exits 124 within ``limit`` s of ``since``; its watchdog lines say ``words``."""
+    code = child.wait(timeout=limit + 2)
+    elapsed = time.perf_counter() - since
+    assert code == WATCHDOG_EXIT, child.report()
+    assert elapsed < limit, child.report()
+    said = "\n".join(watchdog_lines(child))
+    for word in words:
+        assert word in said, child.report()
+
+
 @pytest.mark.parametrize("hook", ["shielded_start", "blocking_start"])
 def test_stuck_start_is_ended_by_the_watchdog(spawn: Spawn, tmp_path: Path, hook: str) -> None:
-    """A start hook stuck past start_timeout (shielded or blocking) ends the process: exit 124."""
+    """A start hook stuck past start_timeout (shielded or blocking) ends the process: exit 124.
+
+    The log names the deadline, the component, its phase and where it is
+    stuck: the hook's own line in main.py.
+    """
     child = start(spawn, tmp_path, hook)
     child.wait_for("resource: on_start")
     began = time.perf_counter()
-    code = child.wait(timeout=START_TIMEOUT + WATCHDOG_MARGIN + SLACK + 2)
-    elapsed = time.perf_counter() - began
-    assert code == WATCHDOG_EXIT, child.report()
-    assert elapsed < START_TIMEOUT + WATCHDOG_MARGIN + SLACK, child.report()
+    limit = START_TIMEOUT + WATCHDOG_MARGIN + SLACK
+    words = ("start_timeout", "resource (starting)", "main.py", "misbehave")
+    assert_ended_by_watchdog(child, began, limit, *words)
     assert "worker: running" not in child.stdout, child.report()  # never reported ready
-    said = "\n".join(watchdog_lines(child))
-    assert "start_timeout" in said, child.report()
-    assert "resource" in said, child.report()
-    assert "starting" in said, child.report()
-    # Where it is stuck: the hook's own line in main.py.
-    assert "main.py" in said, child.report()
-    assert "misbehave" in said, child.report()
 
 
 @pytest.mark.parametrize("hook", ["shielded_stop", "blocking_stop"])
@@ -182,16 +189,9 @@ def test_stuck_shutdown_is_ended_by_the_watchdog(spawn: Spawn, tmp_path: Path, h
     child = start(spawn, tmp_path, hook)
     child.wait_for("worker: running")
     sent = child.send(signal.SIGTERM)
-    code = child.wait(timeout=SHUTDOWN_TIMEOUT + WATCHDOG_MARGIN + SLACK + 2)
-    elapsed = time.perf_counter() - sent
-    assert code == WATCHDOG_EXIT, child.report()
-    assert elapsed < SHUTDOWN_TIMEOUT + WATCHDOG_MARGIN + SLACK, child.report()
-    said = "\n".join(watchdog_lines(child))
-    assert "shutdown_timeout" in said, child.report()
-    assert "resource" in said, child.report()
-    assert "stopping" in said, child.report()
-    assert "main.py" in said, child.report()
-    assert "misbehave" in said, child.report()
+    limit = SHUTDOWN_TIMEOUT + WATCHDOG_MARGIN + SLACK
+    words = ("shutdown_timeout", "resource (stopping)", "main.py", "misbehave")
+    assert_ended_by_watchdog(child, sent, limit, *words)
 
 
 def test_non_daemon_thread_holding_the_exit_is_ended(spawn: Spawn, tmp_path: Path) -> None:
@@ -199,10 +199,8 @@ def test_non_daemon_thread_holding_the_exit_is_ended(spawn: Spawn, tmp_path: Pat
     child = start(spawn, tmp_path, "thread_stop")
     child.wait_for("worker: running")
     sent = child.send(signal.SIGTERM)
-    code = child.wait(timeout=SHUTDOWN_TIMEOUT + WATCHDOG_MARGIN + SLACK + 2)
-    assert code == WATCHDOG_EXIT, child.report()
-    assert time.perf_counter() - sent < SHUTDOWN_TIMEOUT + WATCHDOG_MARGIN + SLACK
-    assert "non-daemon threads: user-thread" in "\n".join(watchdog_lines(child)), child.report()
+    limit = SHUTDOWN_TIMEOUT + WATCHDOG_MARGIN + SLACK
+    assert_ended_by_watchdog(child, sent, limit, "non-daemon threads: user-thread")
 
 
 # -- signals ----------------------------------------------------------------------------

@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
+from dependency_injector import providers
 
+from mikros_trio import Service, ServiceContainer, Telemetry
+from mikros_trio._service import _flush_logs
 from mikros_trio._watchdog import LAST_WORDS_LIMIT, Alarm, Watchdog
 
 
@@ -144,3 +148,56 @@ def test_disarmed_thread_stays_quiet() -> None:
     watchdog.disarm()
     time.sleep(0.3)
     assert exited == []
+
+
+class Buffered:
+    """A feature's object holding lines until flushed (as the logger's pipeline does)."""
+
+    def __init__(self) -> None:
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+class Handler(logging.Handler):
+    """A root logging handler that counts its flushes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_last_flush_reaches_published_objects_and_logging_handlers() -> None:
+    """The watchdog's flush empties what the hub's objects and the root handlers buffer."""
+    telemetry = Telemetry("svc")
+    buffered = Buffered()
+    telemetry.publish(buffered)
+    telemetry.publish("an object without flush")
+    handler = Handler()
+    logging.getLogger().addHandler(handler)
+    try:
+        _flush_logs(telemetry)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert buffered.flushes == 1
+    assert handler.flushes == 1
+
+
+def test_only_a_process_owning_service_has_a_watchdog(tmp_path: Path) -> None:
+    """Service(handle_signals=True) gives its supervisor a watchdog; an in-process one has none."""
+    config = tmp_path / "service.toml"
+    config.write_text('name = "svc"\ntypes = ["worker"]\nversion = "v1.0.0"\n')
+
+    class Container(ServiceContainer):
+        worker = providers.Object(lambda: None)
+
+    owned = Service(Container, config, handle_signals=True).supervisor
+    assert isinstance(owned._watchdog, Watchdog)
+    assert Service(Container, config).supervisor._watchdog is None

@@ -11,6 +11,10 @@ the watchdog logs what is stuck and where, flushes the logs and ends the
 process with os._exit. It never runs in-process (tests), where ending the
 process would end the test run.
 
+It is the one thread the framework starts itself (besides
+``trio.to_thread``'s): a deadline kept by the loop is no deadline when the
+loop is what is stuck.
+
 The margin gives the loop the first chance: a responsive loop acts at the
 deadline itself (cancelling, recording the failure) and exits on its own
 well within it.

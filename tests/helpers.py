@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
@@ -365,3 +366,16 @@ def output_texts(text: str) -> list[str]:
             with suppress(ValueError):
                 walk(json.loads(line))
     return found
+
+
+# -- lifecycle: the log lines of a child's output ------------------------------------
+
+
+def log_lines(output: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``output`` (the logger's lines), parsed; other lines are skipped."""
+    lines = []
+    for line in output.splitlines():
+        if line.startswith("{"):
+            with suppress(ValueError):
+                lines.append(json.loads(line))
+    return lines

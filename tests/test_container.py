@@ -10,10 +10,12 @@ import trio
 from dependency_injector import providers
 
 from mikros_trio import (
+    Component,
     ConfigError,
     FeatureSpec,
     Lifetime,
     Registry,
+    Role,
     Service,
     ServiceContainer,
     default_registry,
@@ -145,6 +147,62 @@ def test_factories_are_not_lifecycle_components(config: Path) -> None:
     service = Service(WithFactory, config)
     names = [c.name for c in service.supervisor.components]
     assert names == ["logger", "worker", "repo", "cache"]
+
+
+class Ticker(Component):
+    """A Component subclass of the user's, placed in the container."""
+
+    role = Role.PROCESSING
+    depends_on = ("repo",)
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    async def run(
+        self, lifetime: Lifetime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.journal.lines.append("ticker run")
+        task_status.started()
+        await lifetime.wait_stopping()
+        self.journal.lines.append("ticker stopped")
+
+    async def warmup(self) -> None:
+        self.journal.lines.append("ticker warmup")
+
+
+async def test_component_in_the_container_runs_as_itself(
+    mikros_service: ServiceStarter, config: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A Singleton of a Component subclass runs its own run() and warmup(), in graph order."""
+
+    class WithTicker(Container):
+        ticker = providers.Singleton(Ticker, journal=Container.journal)
+
+    running = await mikros_service.start(WithTicker, config)
+    assert running.service.supervisor.plan.waves() == [
+        ["logger"],
+        ["repo"],
+        ["cache", "ticker"],
+        ["worker"],
+    ]
+    assert await running.stop() == 0
+    lines = running.container.journal().lines
+    assert lines.index("repo real on_start") < lines.index("ticker run")
+    assert lines.index("ticker run") < lines.index("ticker warmup")
+    assert lines.index("ticker stopped") < lines.index("repo real on_shutdown")
+
+
+def test_factory_of_a_component_is_a_config_error(config: Path) -> None:
+    """A Factory of a Component (a new one per call, none run) is refused, saying what to use."""
+
+    class WithFactory(Container):
+        ticker = providers.Factory(Ticker, journal=Container.journal)
+
+    with pytest.raises(ConfigError) as caught:
+        Service(WithFactory, config).build()
+    (issue,) = caught.value.issues
+    assert issue.path == "WithFactory.ticker"
+    assert "use providers.Singleton" in issue.message
 
 
 def test_components_table_adds_edges(tmp_path: Path) -> None:

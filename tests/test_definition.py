@@ -370,12 +370,18 @@ def test_port_env_only_for_its_kind() -> None:
     assert port_of('"http"', environ={"MIKROS_GRPC_PORT": "9"}) == 8080
 
 
-@pytest.mark.parametrize("value", ["abc", "", "70000", "-1", " 80", "٨٠"])
+@pytest.mark.parametrize("value", ["abc", "", "70000", "-1", " 80", "٨٠", "9" * 5000])
 def test_invalid_port_env_is_an_issue(value: str) -> None:
     """An unusable MIKROS_HTTP_PORT is an issue at "types" naming the variable."""
     (issue,) = issues_of(MINIMAL, environ={"MIKROS_HTTP_PORT": value})
     assert issue.path == "types"
     assert "MIKROS_HTTP_PORT" in issue.message
+
+
+@pytest.mark.parametrize("value", ["0080", "0" * 5000 + "80"])
+def test_port_env_with_leading_zeros(value: str) -> None:
+    """Leading zeros are digits like any other, however many: port 80."""
+    assert port_of('"http"', environ={"MIKROS_HTTP_PORT": value}) == 80
 
 
 def test_port_env_ignored_for_kinds_not_in_types() -> None:
@@ -743,3 +749,125 @@ def test_one_replaced_key_never_crashes(path: tuple[str, ...], value: object) ->
         table = table[key]
     table[path[-1]] = value
     loads_or_config_error(toml_document(document))
+
+
+# -- every number is bounded ------------------------------------------------------------
+
+
+def numeric_keys(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every (key path, schema) of an integer or number in ``schema``, items included."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    if schema.get("type") in ("integer", "number"):
+        found.append((path, schema))
+    for key, inner in schema.get("properties", {}).items():
+        found += numeric_keys(inner, f"{path}.{key}" if path else key)
+    for inner in schema.get("anyOf", []):
+        found += numeric_keys(inner, path)
+    for where in ("items", "additionalProperties"):
+        inner = schema.get(where)
+        if isinstance(inner, dict):
+            found += numeric_keys(inner, f"{path}[]")
+    return found
+
+
+#: Numbers that are data, not limits the runtime acts on: a log line's static
+#: attributes, and histogram bounds (checked positive and finite).
+UNBOUNDED_DATA = {"log.attributes[]", "features.metrics.buckets[]"}
+
+NUMERIC_KEYS = [
+    (path, schema)
+    for path, schema in numeric_keys(definition_schema())
+    if path not in UNBOUNDED_DATA and not path.startswith("runtime.native")
+]
+
+
+def test_every_number_in_service_toml_has_an_upper_bound() -> None:
+    """No numeric key of service.toml (lifecycle, runtime, features) is unbounded above."""
+    unbounded = [
+        path
+        for path, schema in NUMERIC_KEYS
+        if "maximum" not in schema and "exclusiveMaximum" not in schema
+    ]
+    assert NUMERIC_KEYS
+    assert unbounded == []
+
+
+def toml_number(value: int | float) -> str:
+    """``value`` as TOML writes it (inf and nan included)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return repr(value)
+
+
+def document_with(path: str, value: int | float) -> str:
+    """A worker+http service whose key ``path`` (a.b.c) is set to ``value``."""
+    *tables, key = path.split(".")
+    kinds = '"http", "grpc", "worker"' if tables[:1] == ["runtime"] else '"http"'
+    header = f"[{'.'.join(tables)}]\n" if tables else ""
+    enable = "enabled = true\n" if tables[:1] == ["features"] else ""
+    return (
+        f'name = "svc"\ntypes = [{kinds}]\nversion = "v1.0.0"\n'
+        f"{header}{enable}{key} = {toml_number(value)}\n"
+    )
+
+
+def definition_or_error(text: str, environ: dict[str, str]) -> Definition | ConfigError:
+    """The definition ``text`` gives, or the ConfigError it raises (never anything else)."""
+    try:
+        return parse_definition(text, environ=environ)
+    except ConfigError as error:
+        return error
+
+
+def within(value: float, schema: dict[str, Any]) -> bool:
+    """Whether ``value`` meets the bounds ``schema`` states."""
+    checks = [
+        ("minimum", lambda bound: value >= bound),
+        ("exclusiveMinimum", lambda bound: value > bound),
+        ("maximum", lambda bound: value <= bound),
+        ("exclusiveMaximum", lambda bound: value < bound),
+    ]
+    return all(check(schema[name]) for name, check in checks if name in schema)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(
+    key=st.sampled_from([(path, schema) for path, schema in NUMERIC_KEYS if "[]" not in path]),
+    value=st.integers(min_value=-(2**70), max_value=2**70)
+    | st.integers(min_value=-(10**300), max_value=10**300)
+    | st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_any_number_is_accepted_within_bounds_or_a_config_error(
+    key: tuple[str, dict[str, Any]], value: int | float
+) -> None:
+    """Any number at any numeric key: a ConfigError naming the key, or a value within bounds."""
+    path, schema = key
+    if schema["type"] == "integer" and isinstance(value, float):
+        value = int(value) if math.isfinite(value) else value
+    result = definition_or_error(document_with(path, value), {})
+    if isinstance(result, ConfigError):
+        # The key itself, or the sum rule of [lifecycle] that a timeout broke.
+        paths = [issue.path for issue in result.issues]
+        assert any(p.startswith(path) or p == "lifecycle.shutdown_timeout" for p in paths), paths
+        return
+    definition = result
+    assert isinstance(value, int) or math.isfinite(value)
+    assert within(value, schema), (path, value)
+    assert definition.name == "svc"
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    name=st.sampled_from(["MIKROS_HTTP_PORT", "MIKROS_GRPC_PORT"]),
+    text=st.text(max_size=20) | st.text(alphabet="0123456789", min_size=1, max_size=6000),
+)
+def test_any_port_variable_is_a_port_or_a_config_error(name: str, text: str) -> None:
+    """Any text in a port variable, thousands of digits included: a port or a ConfigError."""
+    document = 'name = "svc"\ntypes = ["http", "grpc"]\nversion = "v1.0.0"\n'
+    result = definition_or_error(document, {name: text})
+    if isinstance(result, ConfigError):
+        assert any(name in issue.message for issue in result.issues)
+        return
+    port = result.port("http" if "HTTP" in name else "grpc")
+    assert port is not None
+    assert 0 <= port <= 65535

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from mikros_trio._component import Component, Lifetime, Role
 from mikros_trio._health import ComponentState, Phase
 from mikros_trio._supervisor import SERVICE, LifecycleEvent, Supervisor, Timeouts
+from mikros_trio._watchdog import EXIT_CODE, MARGIN, Watchdog
 
 P = Role.PROCESSING
 G = Role.GENERATING
@@ -394,6 +395,62 @@ async def test_never_ready_fails_at_start_timeout(autojump_clock: trio.testing.M
     assert phases(supervisor, "db") == ["starting", "started", "stopping", "stopped"]
 
 
+async def test_shielded_start_past_start_timeout_is_a_failure(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A start that shields itself past start_timeout fails (exit 1) instead of going ready late."""
+
+    class Shielded(Probe):
+        async def setup(self) -> None:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(20)
+
+    supervisor = Supervisor(
+        [Shielded("db"), Probe("server", G)], timeouts=Timeouts(start_timeout=1)
+    )
+    with trio.fail_after(100):  # ready late, it would serve forever
+        assert await run_to_end(supervisor) == 1
+    (failure,) = supervisor.failures
+    assert str(failure) == "db: did not report ready within 1 s"
+    assert "ready" not in phases(supervisor, SERVICE)
+    assert "started" not in phases(supervisor, "db")
+    assert phases(supervisor, "server") == []  # never began
+
+
+async def test_start_blocking_the_thread_past_start_timeout_is_a_failure(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A start that holds the thread past start_timeout (no checkpoint) is failed, not ready."""
+
+    class Blocks(Probe):
+        async def setup(self) -> None:
+            autojump_clock.jump(20)  # the loop's clock moves on; the task never yields
+
+    supervisor = Supervisor([Blocks("db")], timeouts=Timeouts(start_timeout=1))
+    with trio.fail_after(100):  # ready late, it would serve forever
+        assert await run_to_end(supervisor) == 1
+    (failure,) = supervisor.failures
+    assert str(failure) == "db: did not report ready within 1 s"
+    assert "ready" not in phases(supervisor, SERVICE)
+
+
+async def test_group_of_errors_names_its_first_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A start failing with a group of two errors is described by its first error, not the group."""
+
+    class TwoErrors(Probe):
+        async def setup(self) -> None:
+            raise ExceptionGroup("outer", [ExceptionGroup("inner", [Boom("first")]), KeyError("k")])
+
+    supervisor = Supervisor([TwoErrors("db")])
+    assert await run_to_end(supervisor) == 1
+    (failure,) = supervisor.failures
+    assert str(failure) == "db: failed to start: Boom: first (and 1 more error at once)"
+    # The log keeps every traceback: the cause is the whole group.
+    assert isinstance(failure.__cause__, ExceptionGroup)
+
+
 async def test_returning_before_ready_is_a_failure(autojump_clock: trio.testing.MockClock) -> None:
     """A component whose run() returns without calling started() fails the start."""
 
@@ -582,7 +639,7 @@ async def test_failing_warmup_exits_1(autojump_clock: trio.testing.MockClock) ->
 
     supervisor = Supervisor([Cold("cache"), Warm("other"), Probe("server", G)])
     assert await run_to_end(supervisor) == 1
-    assert str(supervisor.failures[0]) == "cache: warmup failed: Boom('cold')"
+    assert str(supervisor.failures[0]) == "cache: warmup failed: Boom: cold"
     assert len(supervisor.failures) == 1
     assert "ready" not in phases(supervisor, SERVICE)
     assert order(supervisor, "stopped") == ["server", "cache", "other"] or order(
@@ -708,6 +765,116 @@ async def test_second_signal_forces_exit() -> None:
             os.kill(os.getpid(), signal.SIGINT)
     assert supervisor.exit_code == 130
     assert event(supervisor, SERVICE, "forced").detail == "SIGINT"
+
+
+async def test_sighup_shuts_down_gracefully() -> None:
+    """SIGHUP drains like SIGTERM (exit 0), and the run gives the signal handlers back."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGHUP, signal.SIGTERM)}
+    supervisor = Supervisor([Probe("db"), Probe("server", G)], handle_signals=True)
+    with trio.fail_after(5):
+        assert await serve_then(supervisor, lambda: os.kill(os.getpid(), signal.SIGHUP)) == 0
+    assert supervisor.trigger is not None
+    assert supervisor.trigger.reason == "SIGHUP"
+    assert order(supervisor, "stopped") == ["server", "db"]
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+# -- the watchdog: what the supervisor arms it with -----------------------------------
+
+
+class Recorder(Watchdog):
+    """A watchdog on the Trio clock whose thread never starts: alarms are only recorded."""
+
+    def __init__(self) -> None:
+        super().__init__(clock=trio.current_time)
+        self.alarms: list[tuple[float, int, str] | None] = []
+
+    def start(self) -> None:
+        pass
+
+    def arm(self, delay: float, code: int, why: str, *, sooner: bool = False) -> None:
+        super().arm(delay, code, why, sooner=sooner)
+        alarm = self.alarm
+        self.alarms.append(None if alarm is None else (alarm.deadline, alarm.code, alarm.why))
+
+    def disarm(self) -> None:
+        super().disarm()
+        self.alarms.append(None)
+
+
+async def test_watchdog_follows_start_ready_and_shutdown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Armed at the earliest start deadline, disarmed when ready, re-armed at shutdown_timeout."""
+    watchdog = Recorder()
+    supervisor = Supervisor(
+        [Probe("db", start=2), Probe("server", G, start=3)],
+        timeouts=Timeouts(start_timeout=5, shutdown_timeout=9),
+        watchdog=watchdog,
+    )
+    t0 = trio.current_time()
+    stop_at = -1.0
+
+    def stop() -> None:
+        nonlocal stop_at
+        stop_at = trio.current_time()
+        supervisor.stop("test")
+
+    assert await serve_then(supervisor, stop) == 0
+    # Each component's deadline in turn; then nothing starting (None) and
+    # ready (None); then the shutdown.
+    start_db, start_server, *ready, shutdown = watchdog.alarms
+    assert ready == [None, None]
+    why = "start_timeout (5 s) passed: db did not report ready"
+    assert start_db == (t0 + 5 + MARGIN, EXIT_CODE, why)
+    # server began when db was ready, at t0 + 2: its own deadline.
+    assert start_server is not None
+    assert start_server[0] == pytest.approx(t0 + 2 + 5 + MARGIN)
+    assert "server did not report ready" in start_server[2]
+    assert shutdown is not None
+    assert shutdown[:2] == (pytest.approx(stop_at + 9 + MARGIN), EXIT_CODE)
+    assert shutdown[2] == "shutdown_timeout (9 s) passed since test"
+
+
+async def test_watchdog_armed_at_once_by_force(autojump_clock: trio.testing.MockClock) -> None:
+    """force(SIGTERM) arms the watchdog to act after the margin alone, with exit code 143."""
+    watchdog = Recorder()
+    supervisor = Supervisor(chain(2, drain=100), watchdog=watchdog)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        supervisor.stop()
+        await trio.sleep(1)
+        forced_at = trio.current_time()
+        supervisor.force(signal.SIGTERM)
+    why = "forced exit by SIGTERM"
+    assert watchdog.alarms[-1] == (forced_at + MARGIN, 128 + signal.SIGTERM, why)
+
+
+async def test_stuck_report_names_component_phase_and_line(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The watchdog's report names a shielded drain, its phase, and the line it waits on."""
+    draining, release = trio.Event(), trio.Event()
+    report: list[str] = []
+
+    class Shielded(Probe):
+        async def stop(self, lifetime: Lifetime) -> None:
+            draining.set()
+            with trio.CancelScope(shield=True):
+                await release.wait()  # the line the report must name
+
+    supervisor = Supervisor([Probe("db"), Shielded("server", G)])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        supervisor.stop()
+        await draining.wait()
+        # From another thread, as the watchdog reads it.
+        report = await trio.to_thread.run_sync(supervisor._stuck)
+        release.set()
+    (line,) = report
+    assert line.startswith("server (stopping) at ")
+    assert line.endswith(" in stop")
+    assert "test_supervisor.py:" in line
 
 
 # -- random graphs --------------------------------------------------------------------

@@ -9,9 +9,12 @@ What this module does:
 - asks each kind in ``types`` and each enabled feature for its components,
   importing their modules only now;
 - finds the user's lifecycle components: every ``Singleton`` or ``Object``
-  provider whose value has ``on_start`` / ``on_shutdown`` / ``warmup``
-  hooks or is an async context manager (entered at start, exited at stop,
-  even on a forced exit, when hooks no longer run). Discovery looks at
+  provider whose value is a :class:`~mikros_trio.Component` (run as
+  itself: its ``run`` and ``warmup``), or has ``on_start`` /
+  ``on_shutdown`` / ``warmup`` hooks, or is an async context manager
+  (entered at start, exited at stop, even on a forced exit, when hooks no
+  longer run). A ``Factory`` of a Component is a configuration error: it
+  would make a new one per call, none of them run. Discovery looks at
   classes, not instances, so nothing is constructed before its turn in the
   start order; the edges between them
   come from the container's own wiring (a provider injected into another
@@ -43,6 +46,7 @@ __all__ = [
     "BuildContext",
     "EntryComponent",
     "HookComponent",
+    "ProvidedComponent",
     "ServiceContainer",
     "build_components",
     "container_class",
@@ -67,8 +71,8 @@ class ServiceContainer(containers.DeclarativeContainer):
             worker = providers.Factory(Poller, repo=repo)
 
     Any ``Singleton`` whose class defines ``on_start`` / ``on_shutdown``
-    (sync or async) becomes a lifecycle component named after its
-    attribute; override providers before the service starts
+    (sync or async), or is a :class:`~mikros_trio.Component`, becomes a
+    lifecycle component named after its attribute; override providers before the service starts
     (``container.repo.override(fake)``) and the service uses the override.
     """
 
@@ -119,14 +123,11 @@ class BuildContext:
         return found
 
 
-class HookComponent(Component):
-    """A user object with ``on_start`` / ``on_shutdown`` hooks, as a component.
+class _Provided(Component):
+    """A component whose object comes from a container provider when it starts.
 
-    The object is obtained from its provider when the component starts, so
-    it is built in start order and any override in place is honoured.
-    ``on_shutdown`` runs only if ``on_start`` completed, and at most once;
-    a forced exit skips it. An object that is an async context manager is
-    entered before ``on_start`` and always exited.
+    So the object is built in start order and any override in place is
+    honoured; ``instance`` holds it from then on.
     """
 
     def __init__(
@@ -145,6 +146,15 @@ class HookComponent(Component):
         self._provider = provider
         self.instance: Any = None
 
+
+class HookComponent(_Provided):
+    """A user object with ``on_start`` / ``on_shutdown`` hooks, as a component.
+
+    ``on_shutdown`` runs only if ``on_start`` completed, and at most once;
+    a forced exit skips it. An object that is an async context manager is
+    entered before ``on_start`` and always exited.
+    """
+
     async def run(
         self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -160,8 +170,25 @@ class HookComponent(Component):
             await _call_hook(instance, "on_shutdown")
 
 
-class _WarmHookComponent(HookComponent):
-    """A :class:`HookComponent` whose object also has a ``warmup`` hook.
+class ProvidedComponent(_Provided):
+    """A :class:`~mikros_trio.Component` the container provides, run as itself.
+
+    Its name is the provider's attribute; ``role``, ``depends_on`` and
+    ``enhanced_by`` are read from its class (the graph is planned before
+    anything is built). Its own ``run`` gets the lifetime and the
+    ``task_status``, under the same contract as any component: what it
+    does on failure, the supervisor does with it.
+    """
+
+    async def run(
+        self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.instance = instance = self._provider()
+        await instance.run(lifetime, task_status=task_status)
+
+
+class _Warm(_Provided):
+    """Mixed in when the object has a ``warmup``: calls it.
 
     A separate class so the supervisor, which skips components that do not
     override ``warmup``, sees only the ones that do.
@@ -169,6 +196,14 @@ class _WarmHookComponent(HookComponent):
 
     async def warmup(self) -> None:
         await _call_hook(self.instance, "warmup")
+
+
+class _WarmHookComponent(_Warm, HookComponent):
+    """A :class:`HookComponent` whose object also has a ``warmup`` hook."""
+
+
+class _WarmProvidedComponent(_Warm, ProvidedComponent):
+    """A :class:`ProvidedComponent` that overrides ``warmup``."""
 
 
 def _is_async_context_manager(cls: type[Any]) -> bool:
@@ -201,16 +236,28 @@ def discover(
     """The user's lifecycle components in ``container``, with graph declarations."""
     skip = _RESERVED | set(reserved)
     found: dict[str, tuple[providers.Provider[Any], type[Any]]] = {}
+    container_name = container_class(container).__name__
+    issues: list[ConfigIssue] = []
     for name, provider in container.providers.items():
         if name in skip:
             continue
         cls = provided_type(provider)
         if cls is not None and (
-            _is_async_context_manager(cls) or any(callable(getattr(cls, h, None)) for h in _HOOKS)
+            _is_async_context_manager(cls)
+            or issubclass(cls, Component)
+            or any(callable(getattr(cls, h, None)) for h in _HOOKS)
         ):
             found[name] = (provider, cls)
+        elif _factory_of_component(provider):
+            issues.append(
+                ConfigIssue(
+                    "<container>",
+                    f"{container_name}.{name}",
+                    "is a Factory of a Component, which would make a new one per call and run "
+                    "none: use providers.Singleton to run it as a component",
+                )
+            )
     by_identity = {id(provider): name for name, (provider, _) in found.items()}
-    container_name = container_class(container).__name__
     out: list[tuple[Component, NodeSpec]] = []
     for name, (provider, cls) in found.items():
         # The container's wiring is a dependency declaration: whatever is
@@ -229,7 +276,13 @@ def discover(
             [*getattr(cls, "enhanced_by", ()), *(declared.enhanced_by if declared else ())]
         )
         role = getattr(cls, "role", Role.PROCESSING)
-        kind = _WarmHookComponent if callable(getattr(cls, "warmup", None)) else HookComponent
+        kind: type[_Provided]
+        if issubclass(cls, Component):
+            warm = cls.warmup is not Component.warmup
+            kind = _WarmProvidedComponent if warm else ProvidedComponent
+        else:
+            warm = callable(getattr(cls, "warmup", None))
+            kind = _WarmHookComponent if warm else HookComponent
         component = kind(name, provider, depends_on=depends, enhanced_by=enhanced, role=role)
         source, path = (
             (definition.source, f"components.{name}")
@@ -237,13 +290,13 @@ def discover(
             else ("<container>", f"{container_name}.{name}")
         )
         out.append((component, NodeSpec(name, role, depends, enhanced, source, path)))
-    issues = [
+    issues += [
         ConfigIssue(
             definition.source,
             f"components.{name}",
             f"names a lifecycle component, but {container_name} "
             + (
-                "gives no object with on_start/on_shutdown hooks there"
+                "gives no Component nor object with on_start/on_shutdown hooks there"
                 if name in container.providers
                 else "has no such provider"
             ),
@@ -254,6 +307,14 @@ def discover(
     if issues:
         raise ConfigError(issues)
     return out
+
+
+def _factory_of_component(provider: providers.Provider[Any]) -> bool:
+    effective = provider.last_overriding or provider
+    if not isinstance(effective, providers.Factory):
+        return False
+    provides = effective.provides
+    return isinstance(provides, type) and issubclass(provides, Component)
 
 
 def container_class(container: ServiceContainer) -> type[ServiceContainer]:

@@ -62,6 +62,11 @@ def _empty() -> Mapping[Any, Any]:
 _PORT_MAX: Final = 65535
 _PORT_EXPECTED: Final = f"an integer between 0 and {_PORT_MAX}"
 
+# A generation-0 threshold above this postpones collections so long that
+# garbage piles up for minutes on a busy server; CPython's own limit is a C
+# int, and a larger number crashed the start.
+_GC_THRESHOLD_MAX: Final = 1_000_000
+
 # Keys of [clients.*] name other services (Mikros names may hold "-");
 # keys of [components.*] name container providers, so Python identifiers.
 _CLIENT_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -135,11 +140,20 @@ class LifecycleSettings:
     """
 
     start_timeout: float = field(
-        default=15.0, metadata={"help": "Deadline for every component to report ready.", "gt": 0}
+        default=15.0,
+        metadata={
+            "help": "Deadline for every component to report ready (an hour at most).",
+            "gt": 0,
+            "le": 3600,
+        },
     )
     drain_timeout: float = field(
         default=10.0,
-        metadata={"help": "Deadline for work-generating components to drain.", "gt": 0},
+        metadata={
+            "help": "Deadline for work-generating components to drain.",
+            "gt": 0,
+            "lt": 30,
+        },
     )
     shutdown_timeout: float = field(
         default=20.0,
@@ -155,6 +169,7 @@ class LifecycleSettings:
         metadata={
             "help": "Pause between readiness off and draining, for load balancers to notice.",
             "ge": 0,
+            "lt": 30,
         },
     )
     gc_freeze: bool = field(
@@ -169,6 +184,7 @@ class LifecycleSettings:
             "help": "Raise the generation-0 collection threshold to this while serving "
             "(Python 3.13's default; 0 leaves the interpreter's).",
             "ge": 0,
+            "le": _GC_THRESHOLD_MAX,
         },
     )
 
@@ -744,10 +760,13 @@ class _Loader:
 
 def parse_port(text: str) -> int | None:
     """``text`` as a TCP port (0-65535), or ``None`` if it is not one."""
-    # Digits only: int() would also take " 80", "+80", "8_0" and non-ASCII digits.
-    if not (text.isascii() and text.isdigit()):
+    # Digits only: int() would also take " 80", "+80", "8_0" and non-ASCII
+    # digits. And few of them: int() refuses more than 4300 digits with a
+    # ValueError (CPython's guard against quadratic conversion).
+    digits = text.lstrip("0") or "0"
+    if not (text.isascii() and text.isdigit()) or len(digits) > len(str(_PORT_MAX)):
         return None
-    port = int(text)
+    port = int(digits)
     return port if port <= _PORT_MAX else None
 
 

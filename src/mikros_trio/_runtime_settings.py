@@ -17,6 +17,10 @@ __all__ = ["GrpcSettings", "HttpSettings", "ScriptSettings", "WorkerSettings"]
 
 _PORT = {"help": "TCP port to listen on; 0 picks a free one.", "ge": 0, "le": 65535}
 
+# Upper bounds: every number a file can hold is bounded, so an absurd one
+# (1e300 seconds, 2**63 bytes) is a config error, not a crash at start.
+_WEEK = 7 * 24 * 3600
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
@@ -32,6 +36,7 @@ class WorkerSettings:
             "help": "Run the worker's run_once (or the worker itself) every this many seconds "
             "instead of calling run once; each iteration is logged, timed and traced.",
             "gt": 0,
+            "le": _WEEK,
         },
     )
 
@@ -46,7 +51,7 @@ class ScriptSettings:
     )
 
 
-_SECONDS = {"gt": 0}
+_SECONDS = {"gt": 0, "le": 3600}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +75,11 @@ class HttpSettings:
     )
     max_body_size: int = field(
         default=1024 * 1024,
-        metadata={"help": "Largest request body accepted, in bytes; larger gets 413.", "gt": 0},
+        metadata={
+            "help": "Largest request body accepted, in bytes; larger gets 413.",
+            "gt": 0,
+            "le": 2**40,
+        },
     )
     read_timeout: float = field(
         default=30.0,
@@ -105,5 +114,9 @@ class GrpcSettings:
     )
     max_message_size: int = field(
         default=4 * 1024 * 1024,
-        metadata={"help": "Largest message accepted, in bytes.", "gt": 0},
+        metadata={
+            "help": "Largest message accepted, in bytes (gRPC's own limit is 2**31 - 1).",
+            "gt": 0,
+            "le": 2**31 - 1,
+        },
     )

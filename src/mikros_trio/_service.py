@@ -7,7 +7,9 @@ code) and never returns.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -25,6 +27,7 @@ from ._health import Health
 from ._registry import Registry, default_registry
 from ._supervisor import LifecycleEvent, Supervisor, Timeouts
 from ._telemetry import Telemetry, redact_current
+from ._watchdog import MARGIN, Watchdog
 from .errors import ConfigError, ConfigIssue
 
 __all__ = [
@@ -42,6 +45,10 @@ log = logging.getLogger("mikros_trio")
 #: Environment switch for ``--verbose`` when a service is run as ``python main.py``.
 VERBOSE_ENV = "MIKROS_TRIO_VERBOSE"
 
+#: Seconds features always get to flush, even when the shutdown used all of
+#: shutdown_timeout: half the watchdog's margin, so the flush ends first.
+FLUSH_FLOOR = MARGIN / 2
+
 
 class Service:
     """One service, built from a container and a service.toml.
@@ -51,6 +58,11 @@ class Service:
     :class:`~mikros_trio.ConfigError` with every problem found. ``run()``
     builds if needed, then runs the lifecycle and returns the exit code;
     under ``nursery.start`` it resumes the caller once the service is ready.
+
+    ``handle_signals=True`` means the service owns the process, as
+    :func:`run` does: SIGTERM, SIGINT and SIGHUP drain it, and a watchdog
+    thread ends the process (exit 124) when a hook holds it past
+    ``start_timeout`` or ``shutdown_timeout``. Never in-process (tests).
 
     Example::
 
@@ -110,6 +122,10 @@ class Service:
                 hub_sink(event)
                 user_sink(event)
 
+        watchdog = None
+        if self._handle_signals:
+            watchdog = Watchdog()
+            watchdog.flush = functools.partial(_flush_logs, telemetry)
         return Supervisor(
             components,
             nodes=nodes,
@@ -121,6 +137,7 @@ class Service:
             ),
             handle_signals=self._handle_signals,
             on_event=on_event,
+            watchdog=watchdog,
         )
 
     @property
@@ -182,13 +199,18 @@ class Service:
 
         try:
             code = await supervisor.run(task_status=_Relay(on_ready))
-            # Features flush last (logs, spans), bounded like the rest of
-            # the shutdown; a cut here is a lost flush, not a hang.
-            limit = supervisor.timeouts.shutdown_timeout
-            with trio.move_on_after(limit) as flush:
+            # Features flush last (logs, spans), within what is left of the
+            # shutdown deadline but never less than FLUSH_FLOOR, which still
+            # ends before the watchdog acts; a cut here is a lost flush, not
+            # a hang.
+            trigger = supervisor.trigger
+            now = trio.current_time()
+            began = trigger.time if trigger is not None else now
+            deadline = max(began + supervisor.timeouts.shutdown_timeout, now + FLUSH_FLOOR)
+            with trio.move_on_at(deadline) as flush:
                 await self.telemetry.close()
             if flush.cancelled_caught:
-                log.warning("flushing features was cut after %.1f s", limit)
+                log.warning("flushing features was cut after %.1f s", trio.current_time() - now)
         finally:
             if gc_tuning is not None:
                 gc_tuning.release()
@@ -196,6 +218,22 @@ class Service:
         if not ready:
             task_status.started(self)  # never got ready: the caller still resumes
         return code
+
+
+def _flush_logs(telemetry: Telemetry) -> None:
+    """Flush what holds log lines: the features' objects that flush, logging, stdio.
+
+    The watchdog's last step before it ends the process. The logger
+    feature publishes its pipeline on the hub; it is found there by what
+    it does (a ``flush()``), since core never imports a feature.
+    """
+    flushers = [getattr(obj, "flush", None) for obj in list(telemetry._objects.values())]
+    flushers += [handler.flush for handler in logging.getLogger().handlers]
+    flushers += [stream.flush for stream in (sys.stdout, sys.stderr) if stream is not None]
+    for flush in flushers:
+        if callable(flush):
+            with contextlib.suppress(Exception):
+                flush()
 
 
 def validate_with_envs(definition: Definition, step: Callable[[], T]) -> T:
@@ -261,7 +299,9 @@ async def run(
 ) -> NoReturn:
     """Run a service until it stops, then exit the process with its exit code.
 
-    Handles SIGTERM and SIGINT (a second one forces exit), prints
+    Handles SIGTERM, SIGINT and SIGHUP (another one during shutdown forces
+    the exit, 128 + N), ends the process with 124 if a hook holds it past
+    ``start_timeout`` or ``shutdown_timeout`` (plus 1 s), prints
     configuration errors without a traceback (exit 2), and prints the
     lifecycle event log when ``verbose`` (or ``MIKROS_TRIO_VERBOSE=1``).
     Call it from ``trio.run``::

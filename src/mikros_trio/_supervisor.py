@@ -15,15 +15,31 @@ O(components + edges).
 
 Exit codes: 0 clean; the code a component proposed (a script's result);
 1 if any component failed; 128 + N when signal N forced an exit (second
-signal) or cut a script short.
+signal) or cut a script short; 124 when the watchdog ended a process stuck
+past a deadline (see :mod:`._watchdog`).
+
+Signals (``handle_signals``): SIGTERM, SIGINT and SIGHUP begin a graceful
+shutdown; any of them once shutdown has begun forces the exit. The handler
+is a plain Python signal handler, not Trio's signal receiver: it runs even
+while a hook blocks the thread (Python runs handlers between bytecodes,
+and blocking calls such as ``time.sleep`` are interrupted for them), so
+with a watchdog it can still end the process; and it is never closed with
+signals pending, which Trio's receiver redelivers under the default
+action, killing the process with no word said.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal as _signal
-from collections.abc import Callable, Sequence
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import trio
@@ -31,6 +47,7 @@ import trio
 from ._component import Component, Lifetime, ShutdownTrigger, _SupervisorView
 from ._graph import NodeSpec, Plan, plan
 from ._health import ComponentState, Health, Phase
+from ._watchdog import EXIT_CODE, Watchdog
 from .errors import ComponentError
 
 __all__ = ["LifecycleEvent", "Supervisor", "Timeouts"]
@@ -39,6 +56,11 @@ log = logging.getLogger("mikros_trio")
 
 #: Name used in the event log for service-wide events.
 SERVICE = "service"
+
+#: Signals that begin a graceful shutdown, and force the exit once it has begun.
+#: SIGHUP drains too: a process manager or a closed terminal sends it, and
+#: neither means "lose the work in flight".
+SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +96,7 @@ class Timeouts:
 # Per-component run states, kept as small ints in a list: the supervisor
 # walks them for every component on every start and stop.
 _PENDING, _STARTING, _SERVING, _STOPPING, _DONE = range(5)
+_STATE_NAMES = ("pending", "starting", "serving", "stopping", "stopped")
 
 
 class _Readiness:
@@ -99,6 +122,14 @@ class Supervisor(_SupervisorView):
     is ready (if it never gets ready, Trio raises ``RuntimeError`` there:
     use :class:`~mikros_trio.Service`, whose ``run`` always resumes the
     caller).
+
+    ``handle_signals`` installs the SIGTERM/SIGINT/SIGHUP handler for the
+    run. ``watchdog`` is for a process the service owns
+    (:func:`mikros_trio.run`): the supervisor arms it at every start and
+    shutdown deadline, and it ends the process (exit 124, or 128 + N after
+    a second signal) when the loop cannot; the signal handler then stays
+    installed after the run, until the process exits. Never give one
+    in-process.
     """
 
     def __init__(
@@ -109,6 +140,7 @@ class Supervisor(_SupervisorView):
         nodes: Sequence[NodeSpec] | None = None,
         handle_signals: bool = False,
         on_event: Callable[[LifecycleEvent], None] | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.components = tuple(components)
         if nodes is None:
@@ -144,6 +176,18 @@ class Supervisor(_SupervisorView):
         self._nursery: trio.Nursery | None = None
         self._root: trio.CancelScope | None = None
         self._warmup_scope: trio.CancelScope | None = None
+        # For the watchdog, which reads them from its own thread: each
+        # component's task, the components warming up, the loop's thread.
+        self._watchdog = watchdog
+        self._tasks: list[trio.lowlevel.Task | None] = [None] * count
+        self._warming: dict[str, trio.lowlevel.Task] = {}
+        self._loop_thread = 0
+        # Components in the order they began starting: their start deadlines
+        # come in the same order, so the earliest one pending is at the left.
+        self._start_order: deque[int] = deque()
+        self._signals_seen = 0
+        if watchdog is not None:
+            watchdog.report = self._stuck
         for c in self.components:
             self._health._set_component(c.name, ComponentState.PENDING)
 
@@ -182,6 +226,13 @@ class Supervisor(_SupervisorView):
             self._stop_from(_signal_name(signum) if signum else "forced exit", None, signum)
             self._forced = signum if signum is not None else 0
             self._event(SERVICE, "forced", _signal_name(signum) if signum else "")
+            if signum is not None:
+                why = f"forced exit by {_signal_name(signum)}"
+                log.warning("%s: cancelling everything now; no more hooks run", why)
+                if self._watchdog is not None:
+                    # A shielded or blocking task would hold the exit: the
+                    # watchdog ends the process if the loop cannot at once.
+                    self._watchdog.arm(0.0, 128 + signum, why, sooner=True)
         if self._root is not None:
             self._root.cancel()
 
@@ -191,12 +242,13 @@ class Supervisor(_SupervisorView):
         """Start everything, serve until a trigger, shut down; return the exit code."""
         if self._root is not None:
             raise RuntimeError("a Supervisor runs once")
-        with trio.CancelScope() as root:
+        self._loop_thread = threading.get_ident()
+        if self._watchdog is not None:
+            self._watchdog.start()
+        with self._signal_handlers(), trio.CancelScope() as root:
             self._root = root
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if self._handle_signals:
-                    await nursery.start(self._watch_signals)
                 if self._trigger is not None:
                     # stop() came before run(): start nothing, only finish.
                     nursery.start_soon(self._open_stops)
@@ -216,7 +268,6 @@ class Supervisor(_SupervisorView):
                 if self._health.phase is Phase.SERVING:
                     task_status.started(self)
                 await self._all_done.wait()
-                nursery.cancel_scope.cancel()  # the signal watcher
         self._health._set_phase(Phase.STOPPED)
         self._event(SERVICE, "stopped", f"exit code {self.exit_code}")
         return self.exit_code
@@ -230,11 +281,37 @@ class Supervisor(_SupervisorView):
         self._event(component.name, "starting")
         scope = trio.CancelScope(deadline=trio.current_time() + self.timeouts.start_timeout)
         self._scopes[i] = scope
+        self._start_order.append(i)
+        if len(self._start_order) == 1:
+            self._arm_start()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_component, i, scope, name=component.name)
 
+    def _arm_start(self) -> None:
+        """Arm the watchdog at the earliest start deadline still pending (none: disarm)."""
+        watchdog = self._watchdog
+        if watchdog is None or self._trigger is not None:
+            return
+        order = self._start_order
+        while order and self._state[order[0]] != _STARTING:
+            order.popleft()
+        if not order:
+            watchdog.disarm()
+            return
+        first = order[0]
+        scope = self._scopes[first]
+        assert scope is not None
+        limit = self.timeouts.start_timeout
+        watchdog.arm(
+            scope.deadline - trio.current_time(),
+            EXIT_CODE,
+            f"start_timeout ({limit:g} s) passed: {self.components[first].name} "
+            "did not report ready",
+        )
+
     async def _run_component(self, i: int, scope: trio.CancelScope) -> None:
         component = self.components[i]
+        self._tasks[i] = trio.lowlevel.current_task()
         error: BaseException | None = None
         escaped = True  # a BaseException (Cancelled from outside) is leaving
         try:
@@ -268,16 +345,23 @@ class Supervisor(_SupervisorView):
         if state != _STARTING:
             name = self.components[i].name
             raise RuntimeError(f"{name}: task_status.started() called twice or too late")
-        self._state[i] = _SERVING
-        name = self.components[i].name
         scope = self._scopes[i]
         assert scope is not None
+        if scope.cancel_called or trio.current_time() >= scope.deadline:
+            # Ready too late (its start shielded itself or blocked the
+            # thread past start_timeout): a failed start, not a late
+            # "ready". Cancelled, it fails when it next checkpoints.
+            scope.cancel()
+            return
+        self._state[i] = _SERVING
+        name = self.components[i].name
         scope.deadline = float("inf")
         self._health._set_component(name, ComponentState.SERVING)
         self._event(name, "started")
         self._ready_count += 1
         if self._trigger is None:
             self._open_ready(i)
+            self._arm_start()
         if self._ready_count == self._count:
             self._on_all_started()
 
@@ -303,14 +387,18 @@ class Supervisor(_SupervisorView):
     async def _warmup(self) -> None:
         warm = [c for c in self.components if type(c).warmup is not Component.warmup]
         if warm and self._trigger is None:
-            with trio.CancelScope(
-                deadline=trio.current_time() + self.timeouts.start_timeout
-            ) as scope:
+            limit = self.timeouts.start_timeout
+            if self._watchdog is not None:
+                self._watchdog.arm(
+                    limit, EXIT_CODE, f"start_timeout ({limit:g} s) passed: warmup did not finish"
+                )
+            with trio.CancelScope(deadline=trio.current_time() + limit) as scope:
                 self._warmup_scope = scope
                 async with trio.open_nursery() as nursery:
                     for component in warm:
                         nursery.start_soon(self._warm_one, component)
-            if scope.cancelled_caught and self._trigger is None:
+            late = scope.cancelled_caught or trio.current_time() >= scope.deadline
+            if late and self._trigger is None:
                 self._fail(
                     ComponentError(
                         SERVICE, f"warmup did not finish within {self.timeouts.start_timeout:g} s"
@@ -318,16 +406,22 @@ class Supervisor(_SupervisorView):
                     None,
                 )
         if self._trigger is None:
+            if self._watchdog is not None:
+                self._watchdog.disarm()  # serving has no deadline
             self._health._set_phase(Phase.SERVING)
             self._event(SERVICE, "ready")
         self._settled.set()
 
     async def _warm_one(self, component: Component) -> None:
         self._event(component.name, "warmup")
+        self._warming[component.name] = trio.lowlevel.current_task()
         try:
             await component.warmup()
         except Exception as exc:
-            self._fail(ComponentError(component.name, f"warmup failed: {exc!r}"), exc)
+            cause = _root_exception(exc)
+            self._fail(ComponentError(component.name, f"warmup failed: {_describe(cause)}"), cause)
+        finally:
+            del self._warming[component.name]
 
     # -- stop -----------------------------------------------------------------
 
@@ -343,6 +437,11 @@ class Supervisor(_SupervisorView):
         self._settled.set()
         if self._root is not None:
             self._root.deadline = now + self.timeouts.shutdown_timeout
+        if self._watchdog is not None:
+            limit = self.timeouts.shutdown_timeout
+            self._watchdog.arm(
+                limit, EXIT_CODE, f"shutdown_timeout ({limit:g} s) passed since {reason}"
+            )
         if self._warmup_scope is not None:
             self._warmup_scope.cancel()
         # Starts in flight are abandoned: nothing that has not reported ready
@@ -399,7 +498,8 @@ class Supervisor(_SupervisorView):
             }[state]
             self._fail(ComponentError(name, f"{what}: {_describe(error)}"), error)
         elif state == _STARTING and not self._aborted[i]:
-            if cut:
+            scope = self._scopes[i]
+            if cut or (scope is not None and scope.cancel_called):
                 message = f"did not report ready within {self.timeouts.start_timeout:g} s"
             else:
                 message = "returned before reporting ready (task_status.started() not called)"
@@ -458,15 +558,88 @@ class Supervisor(_SupervisorView):
 
     # -- signals ------------------------------------------------------------
 
-    async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
-        with trio.open_signal_receiver(_signal.SIGTERM, _signal.SIGINT) as signals:
-            task_status.started()
-            async for signum in signals:
-                if self._trigger is None:
-                    self._stop_from(_signal_name(signum), None, signum)
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        if not self._handle_signals:
+            yield
+            return
+        token = trio.lowlevel.current_trio_token()
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            # Runs in the main thread between two bytecodes, perhaps in the
+            # middle of the loop's own code: no locks, no I/O, no logging
+            # here. The loop does the work; the watchdog backs it up.
+            self._signals_seen += 1
+            graceful = self._signals_seen == 1 and self._trigger is None
+            watchdog = self._watchdog
+            if watchdog is not None:
+                # Armed from here, the watchdog acts even if the loop never
+                # gets to this signal (a blocked thread, a shielded task).
+                if graceful:
+                    limit = self.timeouts.shutdown_timeout
+                    why = f"shutdown_timeout ({limit:g} s) passed since {_signal_name(signum)}"
+                    watchdog.arm(limit, EXIT_CODE, why, sooner=True)
                 else:
-                    # Second signal: the operator wants out now.
-                    self.force(signum)
+                    why = f"forced exit by {_signal_name(signum)}"
+                    watchdog.arm(0.0, 128 + signum, why, sooner=True)
+            # The run may be over (the handler outlives it under a
+            # watchdog, which was armed above).
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._on_signal, signum, graceful)
+
+        previous = {signum: _signal.signal(signum, handler) for signum in SIGNALS}
+        try:
+            yield
+        finally:
+            # Without a watchdog the process goes on (tests): give the
+            # signals back. With one, the process is ending: a signal from
+            # now until the exit still forces it, with the framework's word.
+            if self._watchdog is None:
+                for signum, old in previous.items():
+                    _signal.signal(signum, old)
+
+    def _on_signal(self, signum: int, graceful: bool) -> None:
+        if graceful:
+            self._stop_from(_signal_name(signum), None, signum)
+        else:
+            # A signal once shutdown began: the operator wants out now.
+            self.force(signum)
+
+    def _stuck(self) -> list[str]:
+        """What still runs and where: one line per unfinished component (the watchdog's report).
+
+        Called from the watchdog's thread while the loop is stuck: it only
+        reads, and tolerates what it reads changing under it.
+        """
+        # The thread's innermost frame: Trio's own when the loop is idle
+        # (waiting for I/O), the user's when something blocks it.
+        loop_frame = sys._current_frames().get(self._loop_thread)
+        loop_where = None if loop_frame is None or _in_trio(loop_frame) else _at(loop_frame)
+        lines: list[str] = []
+        running: list[tuple[str, str, trio.lowlevel.Task | None]] = [
+            (self.components[i].name, _STATE_NAMES[state], self._tasks[i])
+            for i, state in enumerate(list(self._state[: self._count]))
+            if state in (_STARTING, _STOPPING)
+        ]
+        running += [(name, "warmup", task) for name, task in list(self._warming.items())]
+        for name, phase, task in running:
+            where = None
+            if task is not None:
+                coro: Any = task.coro
+                # A task running now is the one blocking the thread: the
+                # thread's stack says where; a suspended one, its await chain.
+                if getattr(coro, "cr_running", False):
+                    where, loop_where = loop_where, None
+                else:
+                    where = _where(frame for frame, _ in task.iter_await_frames())
+            lines.append(f"{name} ({phase})" + (f" at {where}" if where else ""))
+        if loop_where is not None:
+            lines.append(f"the Trio thread is at {loop_where}")
+        if not running:
+            # Past the components: the flush, or the interpreter's exit
+            # waiting for the threads it must join.
+            lines.append("no component is starting or stopping; non-daemon threads: " + _threads())
+        return lines
 
     def _event(self, component: str, phase: str, detail: str = "") -> None:
         event = LifecycleEvent(trio.current_time(), component, phase, detail)
@@ -479,7 +652,9 @@ def _root_exception(error: Exception) -> Exception:
     """The one real error inside nested single-member exception groups.
 
     Components open nurseries, so their errors arrive wrapped; the user
-    must read the root cause, not "Exceptions from Trio nursery".
+    must read the root cause, not "Exceptions from Trio nursery". A group
+    of several errors stays a group, so the log keeps every traceback;
+    :func:`_describe` names its first error.
     """
     while isinstance(error, ExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
@@ -487,8 +662,56 @@ def _root_exception(error: Exception) -> Exception:
 
 
 def _describe(error: BaseException) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    """``Type: message`` of ``error``; of a group, its first error's, then how many more.
+
+    The first line of a failure names the user's own exception, never
+    "ExceptionGroup: Exceptions from Trio nursery".
+    """
+    leaves = list(_leaves(error))
+    first = leaves[0]
+    text = str(first)
+    head = f"{type(first).__name__}: {text}" if text else type(first).__name__
+    if len(leaves) == 1:
+        return head
+    more = len(leaves) - 1
+    return f"{head} (and {more} more error{'s' if more > 1 else ''} at once)"
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    """The errors inside ``error``'s (nested) groups, depth first; ``error`` if no group."""
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
+
+
+#: Frames in Trio's own code say nothing about where a task is stuck.
+_TRIO_DIR = os.path.dirname(trio.__file__) + os.sep
+
+
+def _in_trio(frame: FrameType) -> bool:
+    return frame.f_code.co_filename.startswith(_TRIO_DIR)
+
+
+def _at(frame: FrameType) -> str:
+    code = frame.f_code
+    return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
+
+
+def _where(frames: Iterable[FrameType]) -> str | None:
+    """Where the innermost frame outside Trio is (None if all are Trio's)."""
+    found = None
+    for frame in frames:
+        if not _in_trio(frame):
+            found = frame
+    return None if found is None else _at(found)
+
+
+def _threads() -> str:
+    main = threading.main_thread()
+    names = [t.name for t in threading.enumerate() if not t.daemon and t is not main]
+    return ", ".join(names) or "none"
 
 
 def _signal_name(signum: int) -> str:

@@ -1,8 +1,9 @@
 """``mikros-trio``: run, check and describe services.
 
 Exit codes: 0 ok; 1 the service failed at run time; 2 a configuration or
-usage error (printed without a Python traceback); 128 + N when signal N
-forced the exit or cut a script short.
+usage error (printed without a Python traceback); 124 when the watchdog
+ended a process stuck past start_timeout or shutdown_timeout; 128 + N when
+signal N forced the exit or cut a script short.
 
     mikros-trio run examples/worker/main.py            # Container, service.toml beside it
     mikros-trio run myservice.app:Container --config service.toml --verbose

@@ -34,6 +34,7 @@ class LoggerSettings:
             "service runs (one write per interval on a busy service); 0 flushes every line. "
             "Warnings, errors and shutdown lines are always flushed at once.",
             "ge": 0,
+            "le": 60,
         },
     )
 
@@ -149,5 +150,6 @@ class TracingSettings:
             "help": "Longest the exit waits for buffered spans to be sent, in seconds "
             "(also each OTLP request's timeout).",
             "gt": 0,
+            "le": 3600,
         },
     )

@@ -227,7 +227,7 @@ def _flush_logs(telemetry: Telemetry) -> None:
     feature publishes its pipeline on the hub; it is found there by what
     it does (a ``flush()``), since core never imports a feature.
     """
-    flushers = [getattr(obj, "flush", None) for obj in list(telemetry._objects.values())]
+    flushers = [getattr(obj, "flush", None) for obj in telemetry.published()]
     flushers += [handler.flush for handler in logging.getLogger().handlers]
     flushers += [stream.flush for stream in (sys.stdout, sys.stderr) if stream is not None]
     for flush in flushers:

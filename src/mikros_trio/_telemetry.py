@@ -238,6 +238,10 @@ class Telemetry:
         """Make a feature's object reachable by type (:meth:`get`), e.g. for tests."""
         self._objects[type(obj)] = obj
 
+    def published(self) -> tuple[Any, ...]:
+        """Every object features published, in the order they were."""
+        return tuple(self._objects.values())
+
     def get(self, kind: type[T]) -> T:
         """The object a feature published with type ``kind``; ``LookupError`` if none."""
         try:

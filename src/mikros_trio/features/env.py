@@ -35,6 +35,7 @@ Design decisions:
 from __future__ import annotations
 
 import builtins
+import math
 import re
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Final, TypeVar, final, overload
@@ -60,7 +61,10 @@ _TRUE: Final = frozenset({"true", "1", "yes", "on"})
 _FALSE: Final = frozenset({"false", "0", "no", "off"})
 # Plain decimal numbers only: int() and float() would also take "1_000",
 # non-ASCII digits, "nan" and "inf", none of which a deployment means.
-_INT: Final = re.compile(r"[+-]?[0-9]+")
+# Integers are 64-bit at most: a longer run of digits is a mistake, and
+# past 4,300 digits int() itself raises (CPython's conversion limit).
+_INT: Final = re.compile(r"[+-]?[0-9]{1,19}")
+_INT_BOUND: Final = 2**63
 _FLOAT: Final = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
@@ -228,9 +232,9 @@ class Env:
             assert isinstance(default, builtins.int)
             return default
         value, source = found
-        if not _INT.fullmatch(value.strip()):
-            raise self._bad(name, source, value, "an integer")
-        return builtins.int(value)
+        if not _INT.fullmatch(value.strip()) or abs(number := builtins.int(value)) >= _INT_BOUND:
+            raise self._bad(name, source, value, "a 64-bit integer")
+        return number
 
     def float(
         self, name: builtins.str, default: builtins.float | _Missing = _NO_DEFAULT
@@ -241,9 +245,11 @@ class Env:
             assert isinstance(default, builtins.int | builtins.float)
             return builtins.float(default)
         value, source = found
-        if not _FLOAT.fullmatch(value.strip()):
-            raise self._bad(name, source, value, "a number")
-        return builtins.float(value)
+        # "1e999" matches but overflows to inf: finite numbers only.
+        text = value.strip()
+        if not _FLOAT.fullmatch(text) or not math.isfinite(number := builtins.float(text)):
+            raise self._bad(name, source, value, "a finite number")
+        return number
 
     def bool(
         self, name: builtins.str, default: builtins.bool | _Missing = _NO_DEFAULT

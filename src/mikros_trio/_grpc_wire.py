@@ -15,10 +15,13 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 import trio
+from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState
@@ -47,11 +50,13 @@ from purerpc.wrappers import (
     stream_to_async_iterator,
 )
 
+from ._runtime_settings import GrpcSettings
 from .errors import RPCError
 
 __all__ = [
     "CALLERS",
     "GONE",
+    "MAX_WINDOW",
     "ClientSocket",
     "ServerSocket",
     "abandon_streams",
@@ -61,8 +66,18 @@ __all__ = [
     "stream_gone",
 ]
 
-# Errors that mean "this peer or this stream is gone", never a bug of ours.
-GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, GRPCError)
+# Errors that mean "this peer or this stream is gone", never a bug of ours (h2's
+# StreamClosedError: writing to a stream the client has reset).
+GONE = (
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+    GRPCError,
+    h2.exceptions.StreamClosedError,
+)
+
+#: The largest HTTP/2 flow-control window (RFC 9113 section 6.9.1).
+MAX_WINDOW = 2**31 - 1
 
 
 class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
@@ -134,6 +149,22 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         if self._state is GRPCStreamState.CLOSED:
             self.abandon()
 
+    async def _wait_flow_control_update(self) -> None:
+        # purerpc waits for the client's WINDOW_UPDATE forever: a client that
+        # stops reading would hold the handler (and its response) for good.
+        # Only a blocked send pays for this cancel scope, never the fast path.
+        limits = getattr(self._grpc_socket, "limits", None)
+        if limits is None:  # client side: the caller's own deadline bounds it
+            await super()._wait_flow_control_update()
+            return
+        with trio.move_on_after(limits.send_stall_timeout):
+            await super()._wait_flow_control_update()
+            return
+        self._grpc_socket.refuse(self._stream_id, h2.errors.ErrorCodes.CANCEL)
+        await self._socket.flush()
+        self.reset()  # cancels the handler, as if the client had cancelled the call
+        await trio.lowlevel.checkpoint()
+
     def release(self) -> None:
         """The consumer reads no more events."""
         self._consumed = True
@@ -188,6 +219,46 @@ class _Dropped:
         return []
 
 
+class _PingAck:
+    """Connection event: the client answered one of our PINGs."""
+
+    __slots__ = ("data", "stream_id")
+
+    def __init__(self, data: bytes) -> None:
+        self.stream_id = 0
+        self.data = data
+
+
+class _Calm:
+    """Connection event: the client abuses the protocol; GOAWAY ENHANCE_YOUR_CALM, close."""
+
+    __slots__ = ("reason", "stream_id")
+
+    def __init__(self, reason: str) -> None:
+        self.stream_id = 0
+        self.reason = reason
+
+
+class _ServerH2(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is untyped
+    """h2's server connection: counts the client's PINGs; over-limit streams are ours to refuse."""
+
+    pings = 0
+
+    @property
+    def open_inbound_streams(self) -> int:
+        # h2 treats a stream over SETTINGS_MAX_CONCURRENT_STREAMS as an error
+        # of the whole connection (every RPC on it dies); RFC 9113 section
+        # 5.1.2 allows a stream error, which _ServerConnection gives
+        # (REFUSED_STREAM). Counting still prunes h2's closed streams.
+        self._open_streams(1)
+        return 0
+
+    def _receive_ping_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        if "ACK" not in frame.flags:
+            self.pings += 1
+        return super()._receive_ping_frame(frame)  # type: ignore[no-any-return]
+
+
 class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
     """purerpc's server protocol state, with a bad request confined to its own stream.
 
@@ -198,27 +269,120 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
     END_STREAM: zero messages) is a request, not an error. purerpc ignores
     a client's RST_STREAM, leaving the handler waiting for requests that
     cannot come; here it cancels the handler.
+
+    It also bounds what one connection costs (``settings``): streams over
+    ``max_concurrent_streams`` are refused; flow-control windows hold one
+    message per stream and ``max_connection_buffer`` per connection
+    (purerpc opens 1 GiB); frames are at most 16 KiB (purerpc allows 16
+    MiB, so 64 CONTINUATION frames could buffer 1 GiB of headers); and a
+    client resetting streams too fast, or pinging too often, gets
+    :class:`_Calm`.
     """
 
-    #: Set when this server sent GOAWAY: streams the client opens above it
-    #: are refused (REFUSED_STREAM, so the client may safely retry them
-    #: elsewhere), never run.
+    #: Set when this server sent its final GOAWAY: streams the client opens
+    #: above it are refused (REFUSED_STREAM, so the client may safely retry
+    #: them elsewhere), never run.
     last_stream_id: int | None = None
+
+    def __init__(self, config: GRPCConfiguration, settings: GrpcSettings) -> None:
+        self.settings = settings
+        super().__init__(config)
+        # purerpc's h2 connection, replaced by ours with the same configuration.
+        self.h2_connection = _ServerH2(vars(self)["h2_connection"].config)
+        self.h2_connection.clear_outbound_data_buffer()
+        self._set_h2_connection_local_settings()
+        #: Handlers running on this connection (counted by the server).
+        self.in_flight = 0
+        self._resets = 0
+        self._resets_until = 0.0
+        self._strikes = 0
+        self._last_ping: float | None = None
+
+    def _set_h2_connection_local_settings(self) -> None:
+        settings = getattr(self, "settings", None)
+        if settings is None:  # purerpc's __init__: replaced right after
+            super()._set_h2_connection_local_settings()
+            return
+        self.h2_connection.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+                # One whole message per stream (purerpc acknowledges data a
+                # message at a time): less would stall a max-size message.
+                SettingCodes.INITIAL_WINDOW_SIZE: self.stream_window,
+                SettingCodes.MAX_HEADER_LIST_SIZE: self.MAX_HEADER_LIST_SIZE,
+            },
+        )
+
+    @property
+    def stream_window(self) -> int:
+        return min(self.settings.max_message_size + 5, MAX_WINDOW)  # + the 5-byte prefix
+
+    def initiate_connection(self) -> None:
+        self.h2_connection.initiate_connection()
+        window = max(self.settings.max_connection_buffer, self.stream_window)
+        self.h2_connection.increment_flow_control_window(window - 65535)  # RFC 9113's initial
+
+    def receive_data(self, data: bytes) -> list[Any]:
+        events: list[Any] = super().receive_data(data)
+        h2_connection = self.h2_connection
+        if h2_connection.pings:
+            pings, h2_connection.pings = h2_connection.pings, 0
+            for _ in range(pings):
+                if self._ping_too_soon():
+                    events.append(_Calm("too_many_pings"))
+                    break
+        return events
+
+    def _ping_too_soon(self) -> bool:
+        """grpc-go's ping enforcement: pings closer than the policy allows are strikes."""
+        settings = self.settings
+        now = trio.current_time()
+        if self.in_flight == 0 and not settings.keepalive_permit_without_calls:
+            interval = 2 * 3600.0  # grpc-go: an idle connection needs no pinging
+        else:
+            interval = settings.keepalive_min_time
+        last, self._last_ping = self._last_ping, now
+        if last is not None and now - last < interval:
+            self._strikes += 1
+        return self._strikes > settings.max_ping_strikes
+
+    def rpc_started(self) -> None:
+        """A handler begins: the client is using the connection (grpc-go forgives its pings)."""
+        self.in_flight += 1
+        self._strikes = 0
+        self._last_ping = None
 
     def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
         event.stream_ended = None  # h2 also reports the StreamEnded on its own
         if self.last_stream_id is not None and event.stream_id > self.last_stream_id:
-            self._drop(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.refuse(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return []
+        if self.in_flight >= self.settings.max_concurrent_streams or (
+            self.h2_connection._open_streams(1) > self.settings.max_concurrent_streams
+        ):
+            # Over the limit (a client that has not read our SETTINGS yet, or
+            # handlers of reset streams still ending): refused, so retried.
+            self.refuse(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return []
         try:
             return list(super()._request_received(event))
         except (ProtocolError, KeyError, ValueError):  # what purerpc's header parsing raises
-            self._drop(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self.refuse(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return []
 
-    def _drop(self, stream_id: int, error_code: Any) -> None:
-        """Reset a stream that will not run; its data is acknowledged and dropped."""
-        self.h2_connection.reset_stream(stream_id, error_code)
+    def refuse(self, stream_id: int, error_code: Any) -> None:
+        """Reset a stream that will not run; its data is acknowledged and dropped.
+
+        The client may have reset or ended it already in the same read (h2
+        has then closed it): there is nothing left to reset, and h2's
+        StreamClosedError must not end every other RPC on the connection.
+        """
+        try:
+            self.h2_connection.reset_stream(stream_id, error_code)
+        except h2.exceptions.ProtocolError:  # closed already: h2 drops its frames itself
+            self.message_read_buffers.pop(stream_id, None)
+            return
         self.message_read_buffers[stream_id] = _Dropped(self.h2_connection, stream_id)
 
     def _data_received(self, event: h2.events.DataReceived) -> list[Any]:
@@ -243,30 +407,78 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
 
     def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)
+        # HTTP/2 "rapid reset" (CVE-2023-44487): opening and resetting
+        # streams costs the client nothing and the server a handler each.
+        now = trio.current_time()
+        if now >= self._resets_until:
+            self._resets, self._resets_until = 0, now + 1.0
+        self._resets += 1
+        if self._resets > self.settings.max_resets_per_second:
+            return [_Reset(event.stream_id), _Calm("too_many_resets")]
         return [_Reset(event.stream_id)]
+
+    def _ping_acknowledged(self, event: h2.events.PingAckReceived) -> list[Any]:
+        return [_PingAck(bytes(event.ping_data))]
 
 
 class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
-    """purerpc's server socket with :class:`_Stream` streams and :class:`_ServerConnection`."""
+    """purerpc's server socket with :class:`_Stream` streams and :class:`_ServerConnection`.
+
+    ``last_read`` is when the client last sent anything (keepalive);
+    ``calm`` says why the connection ended for abuse, if it did.
+    """
 
     StreamClass = _Stream
 
-    def __init__(self, config: GRPCConfiguration, stream: Any) -> None:
+    def __init__(self, config: GRPCConfiguration, stream: Any, settings: GrpcSettings) -> None:
         super().__init__(config, stream)
-        self._grpc_connection = self._socket._grpc_connection = _ServerConnection(config)
+        self.protocol = _ServerConnection(config, settings)
+        self._grpc_connection = self._socket._grpc_connection = self.protocol
+        self.limits = settings
+        self.last_read = trio.current_time()
+        self.calm: str | None = None
+        self._pings: dict[bytes, trio.Event] = {}
+
+    def refuse(self, stream_id: int, error_code: Any) -> None:
+        self.protocol.refuse(stream_id, error_code)
+
+    async def ping(self, data: bytes) -> trio.Event:
+        """Send a PING; the event is set when the client answers it."""
+        answered = self._pings[data] = trio.Event()
+        self.protocol.h2_connection.ping(data)
+        await self._socket.flush()
+        return answered
+
+    async def goaway(self, last_stream_id: int, error_code: int = 0, debug: bytes = b"") -> None:
+        """Send GOAWAY as a bare frame.
+
+        h2's ``close_connection()`` also moves its state machine to CLOSED,
+        after which the streams still in flight could neither send their
+        responses nor receive the rest of their requests.
+        """
+        frame = GoAwayFrame(
+            stream_id=0,
+            last_stream_id=last_stream_id,
+            error_code=error_code,
+            additional_data=debug,
+        )
+        self.protocol.h2_connection._data_to_send += frame.serialize()
+        await self._socket.flush()
 
     async def _listen(self) -> AsyncIterator[_Stream]:
         """purerpc's reader loop, yielding each new stream; events reach their stream in order.
 
         Unlike purerpc's, it skips events for a stream that is gone (reset,
         or closed both ways earlier in the same read) instead of failing
-        the whole connection on them, and acts on :class:`_Reset`.
+        the whole connection on them, acts on :class:`_Reset`, and ends
+        the connection on :class:`_Calm`.
         """
         while True:
             try:
                 data = await self._socket.recv(self._receive_buffer_size)
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 return
+            self.last_read = trio.current_time()
             events = self._grpc_connection.receive_data(data)
             await self._socket.flush()
             for event in events:
@@ -274,6 +486,20 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     for each in list(self._streams.values()):
                         await each._set_flow_control_update()
                     continue
+                if isinstance(event, _PingAck):
+                    answered = self._pings.pop(event.data, None)
+                    if answered is not None:
+                        answered.set()
+                    continue
+                if isinstance(event, _Calm):
+                    self.calm = event.reason
+                    h2_connection = self.protocol.h2_connection
+                    await self.goaway(
+                        h2_connection.highest_inbound_stream_id,
+                        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                        event.reason.encode(),
+                    )
+                    return
                 if isinstance(event, RequestReceived):
                     self._allocate_stream(event.stream_id)
                 stream = self._streams.get(event.stream_id)

@@ -135,6 +135,13 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
                 self._ended(StatusCode(event.status.status_code).name)
         elif isinstance(event, _TooLarge):
             raise RpcFailedError(Status(StatusCode.RESOURCE_EXHAUSTED, event.message))
+        elif isinstance(event, _Refused):
+            await self._retried()
+            return await self.receive_event()
+        elif isinstance(event, RpcFailedError):
+            self.release()
+            self._ended(StatusCode(event.status.status_code).name)
+            raise event
         else:
             self._start_stream_event = event
         return event
@@ -177,13 +184,83 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         if self._consumed:
             self._incoming_events[1].close()
 
-    def reset(self) -> None:
-        """The client reset the stream (it cancelled the call): its handler is cancelled."""
+    def reset(self, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """The peer reset the stream.
+
+        On a server the client cancelled the call: its handler is
+        cancelled. On a client the caller gets the code's status, or, for
+        REFUSED_STREAM (the server did not process it), a retry.
+        """
         self._reset = True
         self._grpc_socket._streams.pop(self._stream_id, None)
+        if self.client_side:
+            if error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                self.refuse()
+                return
+            code = _RESET_STATUS.get(error_code, StatusCode.INTERNAL)
+            self._queue(RpcFailedError(Status(code, f"stream reset by the server ({error_code})")))
         self.abandon()
         if self._handler is not None:
             self._handler.cancel()
+
+    def _queue(self, event: Any) -> None:
+        if not self._incoming_events[0]._closed:
+            self._incoming_events[0].send_nowait(event)
+
+    # -- client side: one transparent retry of a refused call ----------------------
+
+    #: Messages sent so far (None once over RETRY_BUFFER), whether the request
+    #: side is complete, and how to start the same call again (set by the channel).
+    _replay: list[bytes] | None = None
+    _replay_size = 0
+    _request_done = False
+    _retry: Callable[[], Any] | None = None
+
+    def refuse(self) -> None:
+        """The server refused this stream unprocessed (REFUSED_STREAM, or above its GOAWAY)."""
+        self._grpc_socket._streams.pop(self._stream_id, None)
+        self._grpc_socket.retired = True  # the retry goes to a fresh connection
+        self._queue(_Refused())
+        self.abandon()
+
+    async def send_message(self, message: Any) -> None:
+        # grpc-go forgives a client's pings once the server has written to
+        # it (grpcio pings to size its window as responses stream in).
+        self._grpc_connection.wrote = True
+        data = message.SerializeToString()
+        if self._replay is not None:
+            self._replay_size += len(data)
+            if self._replay_size <= RETRY_BUFFER:
+                self._replay.append(data)
+            else:
+                self._replay = None
+        await self._send(data)
+
+    async def close(self, *args: Any, **kwargs: Any) -> None:
+        self._request_done = True
+        await super().close(*args, **kwargs)
+
+    async def _retried(self) -> None:
+        """Start this call again on a fresh connection and become that stream.
+
+        Only once, and only for a call whose whole request is kept (all of
+        it sent, within RETRY_BUFFER): the server refused it, so it ran
+        nowhere, and sending it again cannot run it twice.
+        """
+        retry, self._retry = self._retry, None
+        if retry is None or self._replay is None or not self._request_done:
+            self._ended("UNAVAILABLE")
+            raise self._grpc_socket.refused()
+        again = await retry()
+        for data in self._replay:
+            await again._send(data)
+        await again.close()
+        self._incoming_events[1].close()
+        on_end = self.on_end
+        self.__dict__.update(vars(again))
+        self._retry, self.on_end = None, on_end
+        # The new connection delivers the stream's events to this object.
+        again._grpc_socket._streams[again._stream_id] = self
 
 
 class _TooLarge:
@@ -197,12 +274,33 @@ class _TooLarge:
 
 
 class _Reset:
-    """Stream event: the client reset the stream (RST_STREAM)."""
+    """Stream event: the peer reset the stream (RST_STREAM)."""
 
-    __slots__ = ("stream_id",)
+    __slots__ = ("error_code", "stream_id")
 
-    def __init__(self, stream_id: int) -> None:
+    def __init__(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         self.stream_id = stream_id
+        self.error_code = error_code
+
+
+class _Refused:
+    """Stream event (client side): the server refused the stream unprocessed; retry it."""
+
+    __slots__ = ()
+
+
+#: gRPC status of a client stream the server reset, by HTTP/2 error code
+#: (gRPC's PROTOCOL-HTTP2 mapping); any other code is INTERNAL.
+_RESET_STATUS = {
+    h2.errors.ErrorCodes.CANCEL: StatusCode.CANCELLED,
+    h2.errors.ErrorCodes.REFUSED_STREAM: StatusCode.UNAVAILABLE,
+    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM: StatusCode.RESOURCE_EXHAUSTED,
+    h2.errors.ErrorCodes.INADEQUATE_SECURITY: StatusCode.PERMISSION_DENIED,
+}
+
+#: Bytes of request messages a client call keeps to replay it once if the
+#: server refuses it unprocessed (grpc's per_rpc_retry_buffer_size default).
+RETRY_BUFFER = 256 * 1024
 
 
 class _Dropped:
@@ -279,6 +377,9 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
     :class:`_Calm`.
     """
 
+    #: Set when a response was written since the client's last ping.
+    wrote = False
+
     #: Set when this server sent its final GOAWAY: streams the client opens
     #: above it are refused (REFUSED_STREAM, so the client may safely retry
     #: them elsewhere), never run.
@@ -338,6 +439,10 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
         """grpc-go's ping enforcement: pings closer than the policy allows are strikes."""
         settings = self.settings
         now = trio.current_time()
+        if self.wrote:
+            self.wrote = False
+            self._strikes, self._last_ping = 0, now
+            return False
         if self.in_flight == 0 and not settings.keepalive_permit_without_calls:
             interval = 2 * 3600.0  # grpc-go: an idle connection needs no pinging
         else:
@@ -348,10 +453,9 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
         return self._strikes > settings.max_ping_strikes
 
     def rpc_started(self) -> None:
-        """A handler begins: the client is using the connection (grpc-go forgives its pings)."""
+        """A handler begins (it will write: grpc-go forgives the client's pings then)."""
         self.in_flight += 1
-        self._strikes = 0
-        self._last_ping = None
+        self.wrote = True
 
     def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
         event.stream_ended = None  # h2 also reports the StreamEnded on its own
@@ -421,33 +525,13 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
         return [_PingAck(bytes(event.ping_data))]
 
 
-class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
-    """purerpc's server socket with :class:`_Stream` streams and :class:`_ServerConnection`.
-
-    ``last_read`` is when the client last sent anything (keepalive);
-    ``calm`` says why the connection ended for abuse, if it did.
-    """
+class _Reader(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's socket with our reader loop (:meth:`_listen`), for both sides."""
 
     StreamClass = _Stream
-
-    def __init__(self, config: GRPCConfiguration, stream: Any, settings: GrpcSettings) -> None:
-        super().__init__(config, stream)
-        self.protocol = _ServerConnection(config, settings)
-        self._grpc_connection = self._socket._grpc_connection = self.protocol
-        self.limits = settings
-        self.last_read = trio.current_time()
-        self.calm: str | None = None
-        self._pings: dict[bytes, trio.Event] = {}
-
-    def refuse(self, stream_id: int, error_code: Any) -> None:
-        self.protocol.refuse(stream_id, error_code)
-
-    async def ping(self, data: bytes) -> trio.Event:
-        """Send a PING; the event is set when the client answers it."""
-        answered = self._pings[data] = trio.Event()
-        self.protocol.h2_connection.ping(data)
-        await self._socket.flush()
-        return answered
+    calm: str | None = None
+    last_read = 0.0
+    _pings: dict[bytes, trio.Event]
 
     async def goaway(self, last_stream_id: int, error_code: int = 0, debug: bytes = b"") -> None:
         """Send GOAWAY as a bare frame.
@@ -462,7 +546,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
             error_code=error_code,
             additional_data=debug,
         )
-        self.protocol.h2_connection._data_to_send += frame.serialize()
+        self._grpc_connection.h2_connection._data_to_send += frame.serialize()
         await self._socket.flush()
 
     async def _listen(self) -> AsyncIterator[_Stream]:
@@ -493,9 +577,8 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     continue
                 if isinstance(event, _Calm):
                     self.calm = event.reason
-                    h2_connection = self.protocol.h2_connection
                     await self.goaway(
-                        h2_connection.highest_inbound_stream_id,
+                        self._grpc_connection.h2_connection.highest_inbound_stream_id,
                         h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
                         event.reason.encode(),
                     )
@@ -508,13 +591,41 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                 if isinstance(event, WindowUpdated):
                     await stream._set_flow_control_update()
                 elif isinstance(event, _Reset):
-                    stream.reset()
+                    stream.reset(event.error_code)
                 else:
                     await stream._incoming_events[0].send(event)
                     if isinstance(event, RequestReceived):
                         yield stream
-                    elif isinstance(event, RequestEnded):
+                    elif isinstance(event, RequestEnded | ResponseEnded):
                         stream._close_remote()
+
+
+class ServerSocket(_Reader):
+    """purerpc's server socket with :class:`_Stream` streams and :class:`_ServerConnection`.
+
+    ``last_read`` is when the client last sent anything (keepalive);
+    ``calm`` says why the connection ended for abuse, if it did.
+    """
+
+    StreamClass = _Stream
+
+    def __init__(self, config: GRPCConfiguration, stream: Any, settings: GrpcSettings) -> None:
+        super().__init__(config, stream)
+        self.protocol = _ServerConnection(config, settings)
+        self._grpc_connection = self._socket._grpc_connection = self.protocol
+        self.limits = settings
+        self.last_read = trio.current_time()
+        self._pings = {}
+
+    def refuse(self, stream_id: int, error_code: Any) -> None:
+        self.protocol.refuse(stream_id, error_code)
+
+    async def ping(self, data: bytes) -> trio.Event:
+        """Send a PING; the event is set when the client answers it."""
+        answered = self._pings[data] = trio.Event()
+        self.protocol.h2_connection.ping(data)
+        await self._socket.flush()
+        return answered
 
 
 def stream_gone(stream: Any) -> bool:
@@ -563,29 +674,38 @@ def abandon_streams(socket: GRPCProtoSocket) -> None:
         stream.abandon()
 
 
-class ClientSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
+class _ClientConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's client protocol state; a stream the server resets is reported, not ignored."""
+
+    def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
+        self.message_read_buffers.pop(event.stream_id, None)
+        return [_Reset(event.stream_id, event.error_code)]
+
+
+class ClientSocket(_Reader):
     """purerpc's client socket, made to fail its streams when the connection ends.
 
     purerpc's reader just returns when the server closes the connection,
-    leaving every stream waiting for a response that cannot come; here
-    their queues are closed, so each caller gets an :class:`RPCError`
-    instead of a hang.
+    leaving every stream waiting for a response that cannot come, and
+    ignores RST_STREAM, leaving its call waiting too; here each caller
+    gets an error instead of a hang.
 
     A GOAWAY from the server (it is draining) only retires the connection:
     h2 would move it to CLOSED and refuse the rest of the responses still
-    in flight, which the server is finishing. Streams the server says it
-    will not process fail at once; new calls go to a new connection.
+    in flight, which the server is finishing. Streams above its last stream
+    id, like streams reset REFUSED_STREAM, were not processed: the call is
+    started again once on a fresh connection (:meth:`_Stream._retried`).
     """
-
-    StreamClass = _Stream
 
     def __init__(self, config: GRPCConfiguration, stream: Any, name: str, target: str) -> None:
         super().__init__(config, stream)
+        self._grpc_connection = self._socket._grpc_connection = _ClientConnection(config)
         self.ended = trio.Event()
-        #: Set when the server sent GOAWAY: it takes no new streams here.
+        #: Set when the server sent GOAWAY or refused a stream: no new streams here.
         self.retired = False
         self._name = name
         self._target = target
+        self._pings = {}
         h2_connection = self._grpc_connection.h2_connection
         h2_connection._frame_dispatch_table[GoAwayFrame] = self._receive_goaway
 
@@ -593,13 +713,26 @@ class ClientSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
         self.retired = True
         for stream_id, stream in list(self._streams.items()):
             if stream_id > frame.last_stream_id:
-                stream.abandon()
+                stream.refuse()
         return [], []
+
+    async def start_request(self, *args: Any, **kwargs: Any) -> _Stream:
+        stream: _Stream = await super().start_request(*args, **kwargs)
+        stream._replay = []
+        return stream
 
     def lost(self) -> RPCError:
         """The error of a call whose connection ended before its response did."""
         return RPCError(
             f"client {self._name!r}: the connection to {self._target} ended mid-call",
+            destination=self._name,
+        )
+
+    def refused(self) -> RPCError:
+        """The error of a refused call that cannot be retried (or was refused again)."""
+        self.retired = True
+        return RPCError(
+            f"client {self._name!r}: {self._target} refused the call (not processed)",
             destination=self._name,
         )
 

@@ -686,19 +686,27 @@ class ClientChannel:
         custom_metadata: Sequence[tuple[str, Any]],
     ) -> Any:
         metadata = tuple(custom_metadata)
-        socket = await self._connected()
-        try:
+
+        async def start(socket: ClientSocket) -> Any:
             return await socket.start_request(
                 scheme, service_name, method_name, *args, custom_metadata=metadata, **kwargs
             )
+
+        socket = await self._connected()
+        try:
+            stream = await start(socket)
         except Exception:
             # The connection died between calls (or the server sent GOAWAY):
             # nothing of this request left; reconnect once and start it again.
             socket.ended.set()
-            socket = await self._connected()
-            return await socket.start_request(
-                scheme, service_name, method_name, *args, custom_metadata=metadata, **kwargs
-            )
+            stream = await start(await self._connected())
+        # A call the server refuses unprocessed is started again, once, on a
+        # fresh connection (the stream replays its request).
+        stream._retry = lambda: self._connected_then(start)
+        return stream
+
+    async def _connected_then(self, start: Callable[[ClientSocket], Awaitable[Any]]) -> Any:
+        return await start(await self._connected())
 
     async def _connected(self) -> ClientSocket:
         async with self._lock:

@@ -529,7 +529,10 @@ class _Reader(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
     """purerpc's socket with our reader loop (:meth:`_listen`), for both sides."""
 
     StreamClass = _Stream
+    #: Why the connection ended for abuse (GOAWAY ENHANCE_YOUR_CALM sent), or
+    #: for a protocol error (h2's GOAWAY sent), if it did.
     calm: str | None = None
+    broken: str | None = None
     last_read = 0.0
     _pings: dict[bytes, trio.Event]
 
@@ -563,7 +566,15 @@ class _Reader(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 return
             self.last_read = trio.current_time()
-            events = self._grpc_connection.receive_data(data)
+            try:
+                events = self._grpc_connection.receive_data(data)
+            except h2.exceptions.ProtocolError as error:
+                # Not HTTP/2, or HTTP/2 broken (a CONTINUATION flood, a frame
+                # over the size limit): h2 queued a GOAWAY naming the error;
+                # returning (not raising) lets the writer send it.
+                self.broken = repr(error)
+                await self._socket.flush()
+                return
             await self._socket.flush()
             for event in events:
                 if isinstance(event, WindowUpdated) and event.stream_id == 0:

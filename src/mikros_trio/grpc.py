@@ -142,6 +142,10 @@ DRAIN_PING_TIMEOUT = 1.0
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_BACKOFF = 0.1
 
+#: Seconds a connection closed for abuse or a protocol error keeps reading
+#: (and dropping) before it closes, so its GOAWAY reaches the client.
+LINGER = 1.0
+
 
 class _Connection:
     """One client connection: its socket, its in-flight RPCs, its timers, a way to end it.
@@ -358,6 +362,19 @@ class _Dispatcher:
         return Status(code, json.dumps(wire, separators=(",", ":")))
 
 
+async def _linger(stream: Any) -> None:
+    """Close our side and read (and drop) what the client still sends, briefly.
+
+    Closing a socket with unread bytes makes the kernel send RST, and a
+    client that gets RST may lose what was sent just before, the GOAWAY
+    saying why (nginx's "lingering close" does this too).
+    """
+    with trio.move_on_after(LINGER), contextlib.suppress(*GONE):
+        await stream.send_eof()
+        while True:
+            await stream.receive(65536)
+
+
 def _cancellation(error: BaseException) -> bool:
     """True for Trio's Cancelled, alone or inside an exception group."""
     if isinstance(error, BaseExceptionGroup):
@@ -483,6 +500,7 @@ class GrpcServer(Component):
     async def _serve_connection(self, dispatcher: _Dispatcher, stream: Any) -> None:
         connection = _Connection(self._settings)
         self._connections.add(connection)
+        linger = False
         config = GRPCConfiguration(
             client_side=False, max_message_length=self._settings.max_message_size
         )
@@ -509,7 +527,12 @@ class GrpcServer(Component):
                                 "grpc: connection closed (GOAWAY ENHANCE_YOUR_CALM): %s",
                                 socket.calm,
                             )
+                        elif socket.broken is not None:
+                            # The client's fault, not worth a warning.
+                            log.debug("gRPC connection dropped: %s", socket.broken)
+                        if socket.calm or socket.broken:
                             rpcs.cancel_scope.cancel()
+                            linger = True
                         # The client closed the connection, or it drained: no stream
                         # gets more requests (handlers waiting for one get end-of-stream).
                         abandon_streams(socket)
@@ -523,6 +546,8 @@ class GrpcServer(Component):
             log.warning("gRPC connection failed", exc_info=group)
         finally:
             self._connections.discard(connection)
+            if linger:
+                await _linger(stream)
             await anyio.aclose_forcefully(stream)
 
     async def _serve_rpc(
@@ -533,8 +558,11 @@ class GrpcServer(Component):
                 if stream._reset:  # the client cancelled the call before it began
                     stream._handler.cancel()
                 await dispatcher(stream)
-        except GONE:
-            pass  # the stream or the connection ended under the handler
+        except (*GONE, h2.exceptions.ProtocolError):
+            # The stream or the connection ended under the handler (h2 refuses
+            # to send on a stream the client reset: a ProtocolError of that
+            # stream alone; errors of the connection come from its reader).
+            pass
         finally:
             stream.release()
             protocol = stream._grpc_socket.protocol

@@ -39,6 +39,7 @@ from purerpc.grpclib.exceptions import (
     MessageTooLargeError,
     ProtocolError,
     RpcFailedError,
+    raise_status,
 )
 from purerpc.grpclib.status import Status, StatusCode
 from purerpc.rpc import Cardinality
@@ -138,10 +139,10 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         elif isinstance(event, _Refused):
             await self._retried()
             return await self.receive_event()
-        elif isinstance(event, RpcFailedError):
+        elif isinstance(event, Status):  # the server reset the stream
             self.release()
-            self._ended(StatusCode(event.status.status_code).name)
-            raise event
+            self._ended(StatusCode(event.status_code).name)
+            raise_status(event)  # purerpc's typed error, as for a status in trailers
         else:
             self._start_stream_event = event
         return event
@@ -198,7 +199,7 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
                 self.refuse()
                 return
             code = _RESET_STATUS.get(error_code, StatusCode.INTERNAL)
-            self._queue(RpcFailedError(Status(code, f"stream reset by the server ({error_code})")))
+            self._queue(Status(code, f"stream reset by the server ({error_code})"))
         self.abandon()
         if self._handler is not None:
             self._handler.cancel()

@@ -495,3 +495,27 @@ def test_one_connection_buffers_at_most_its_window(target: Callable[..., Target]
     assert grown < 48 * 1024, f"grew {grown} KiB"
     assert unary_ok(service.port)
     assert service.stop() == 0
+
+
+def test_max_connection_age_drains_then_cuts_after_the_grace(
+    target: Callable[..., Target],
+) -> None:
+    """max_connection_age 0.3 s, grace 0.6 s: a connection gets the two-step GOAWAY at its age;
+    a call within the grace answers, one outliving it is cut (EOF without its status)."""
+    service = target(settings={"max_connection_age": 0.3, "max_connection_age_grace": 0.6})
+    within, beyond = RawH2(service.port), RawH2(service.port)
+    try:
+        slow = EchoRequest(delay=0.5).SerializeToString()
+        within.send(within.request(1, f"{ECHO}/Unary", grpc_frame(slow)))
+        stuck = EchoRequest(delay=30).SerializeToString()
+        beyond.send(beyond.request(1, f"{ECHO}/Unary", grpc_frame(stuck)))
+        assert within.until(lambda r: r.eof, timeout=3.0)
+        assert [f.last_stream_id for f in within.of_type("GoAwayFrame")] == [2**31 - 1, 1]
+        assert len(within.of_type("HeadersFrame")) == 2, "no answer within the grace"
+        assert beyond.until(lambda r: r.eof, timeout=3.0), "not cut after the grace"
+        assert len(beyond.of_type("HeadersFrame")) <= 1, "answered a 30 s call"
+    finally:
+        within.close()
+        beyond.close()
+    assert unary_ok(service.port)
+    assert service.stop() == 0

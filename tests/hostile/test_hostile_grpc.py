@@ -182,7 +182,7 @@ def load(port: int, stop: threading.Event, calls: dict[str, tuple[str, int]]) ->
         for index in range(10_000):
             if stop.is_set():
                 return
-            rid = f"c{number}-{index}"
+            rid = f"load-{number}-{index}"
             metadata = (("x-request-id", rid),)
             try:
                 if number % 2:
@@ -230,7 +230,9 @@ def test_sigterm_under_load_loses_no_dispatched_rpc(
     finally:
         stop.set()
         loader.join(3 * PATIENCE)
-    dispatched = {rid: status for rid, status in service.access().items() if rid[0] == "c"}
+    dispatched = {
+        rid: status for rid, status in service.access().items() if rid.startswith("load-")
+    }
     assert len(dispatched) > 50, "the load never got going"
     lost = {
         rid: (calls.get(rid), status)

@@ -271,6 +271,21 @@ def grpc_frame(body: bytes) -> bytes:
     return b"\x00" + len(body).to_bytes(4, "big") + body
 
 
+def parse_frames(buffer: bytes) -> tuple[list[Any], bytes]:
+    """The complete HTTP/2 frames at the start of ``buffer``, and the bytes left over."""
+    from hyperframe.frame import Frame
+
+    frames = []
+    while len(buffer) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+        if len(buffer) < 9 + length:
+            break
+        frame.parse_body(memoryview(buffer[9 : 9 + length]))
+        buffer = buffer[9 + length :]
+        frames.append(frame)
+    return frames, buffer
+
+
 class RawH2:
     """A hand-driven HTTP/2 client on a blocking socket, for what grpcio would never send.
 
@@ -338,7 +353,7 @@ class RawH2:
 
     def receive(self) -> None:
         """Read once (bounded) and parse every complete frame."""
-        from hyperframe.frame import Frame, PingFrame
+        from hyperframe.frame import PingFrame
 
         try:
             data = self.sock.recv(1 << 20)
@@ -347,13 +362,8 @@ class RawH2:
         if not data:
             self.eof = True
             return
-        self._buffer += data
-        while len(self._buffer) >= 9:
-            frame, length = Frame.parse_frame_header(memoryview(self._buffer[:9]))
-            if len(self._buffer) < 9 + length:
-                break
-            frame.parse_body(memoryview(self._buffer[9 : 9 + length]))
-            self._buffer = self._buffer[9 + length :]
+        frames, self._buffer = parse_frames(self._buffer + data)
+        for frame in frames:
             self.frames.append(frame)
             if isinstance(frame, PingFrame) and "ACK" not in frame.flags and self.answer_pings:
                 self.send(PingFrame(0, frame.opaque_data, flags=["ACK"]).serialize())
@@ -375,6 +385,12 @@ class RawH2:
 
     def close(self) -> None:
         self.sock.close()
+
+    def __enter__(self) -> RawH2:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def rss_kb(pid: int) -> int:

@@ -29,6 +29,7 @@ from hyperframe.frame import DataFrame, Frame, HeadersFrame, SettingsFrame
 from purerpc.grpclib.exceptions import AbortedError
 
 import mikros_trio.grpc
+from helpers import parse_frames
 from mikros_trio import (
     ConditionError,
     InternalError,
@@ -313,13 +314,8 @@ class RawClient:
         if not data:
             self.eof = True
             return
-        self._buffer += data
-        while len(self._buffer) >= 9:
-            frame, length = Frame.parse_frame_header(memoryview(self._buffer[:9]))
-            if len(self._buffer) < 9 + length:
-                break
-            frame.parse_body(memoryview(self._buffer[9 : 9 + length]))
-            self._buffer = self._buffer[9 + length :]
+        frames, self._buffer = parse_frames(self._buffer + data)
+        for frame in frames:
             self.frames.append(frame)
             if isinstance(frame, HeadersFrame):
                 decoded = {str(k): str(v) for k, v in self._decoder.decode(frame.data)}

@@ -117,6 +117,11 @@ class Target:
                 found[entry["request_id"]] = entry["status"]
         return found
 
+    def serves_then_stops(self) -> None:
+        """Check the service still answers a call, then that SIGTERM ends it cleanly."""
+        assert unary_ok(self.port), f"no longer serving:\n{self.log()}"
+        assert self.stop() == 0
+
     def stop(self) -> int:
         """SIGTERM; the exit code (fails if it does not exit in time)."""
         self.proc.send_signal(signal.SIGTERM)
@@ -349,18 +354,14 @@ def test_keepalive_closes_a_silent_peer_and_keeps_an_answering_one(
 def test_too_many_pings_get_enhance_your_calm(target: Callable[..., Target]) -> None:
     """A client pinging every millisecond gets GOAWAY ENHANCE_YOUR_CALM "too_many_pings", EOF."""
     service = target()
-    raw = RawH2(service.port)
-    try:
+    with RawH2(service.port) as raw:
         for n in range(20):
             raw.send(PingFrame(0, n.to_bytes(8, "big")).serialize())
             time.sleep(0.001)
         assert raw.until(lambda r: r.eof)
         last = goaway(raw)
         assert (last.error_code, last.additional_data) == (ENHANCE_YOUR_CALM, b"too_many_pings")
-    finally:
-        raw.close()
-    assert unary_ok(service.port)
-    assert service.stop() == 0
+    service.serves_then_stops()
 
 
 # -- HTTP/2 floods --------------------------------------------------------------------------
@@ -372,8 +373,7 @@ def test_stream_flood_is_refused_beyond_max_concurrent_streams(
     """One connection opens 2,000 streams: 100 are advertised and served, the rest refused
     (REFUSED_STREAM); a neighbour's calls still answer."""
     service = target()
-    raw = RawH2(service.port)
-    try:
+    with RawH2(service.port) as raw:
         assert raw.until(lambda r: bool(r.of_type("SettingsFrame")))
         advertised = raw.of_type("SettingsFrame")[0].settings
         assert advertised.get(MAX_CONCURRENT_STREAMS) == 100
@@ -390,8 +390,6 @@ def test_stream_flood_is_refused_beyond_max_concurrent_streams(
         assert raw.until(lambda r: refused(r) >= 1900, timeout=PATIENCE), refused(raw)
         assert unary_ok(service.port)
         print(f"flood of 2,000 streams: {cpu_seconds(service.pid) - cpu:.2f} CPU s")
-    finally:
-        raw.close()
     assert service.stop() == 0
 
 
@@ -399,8 +397,7 @@ def test_rapid_reset_gets_enhance_your_calm(target: Callable[..., Target]) -> No
     """HEADERS then RST_STREAM, 5,000 times at once (CVE-2023-44487): GOAWAY ENHANCE_YOUR_CALM
     "too_many_resets" and EOF; a neighbour's calls still answer."""
     service = target()
-    raw = RawH2(service.port)
-    try:
+    with RawH2(service.port) as raw:
         burst = b"".join(
             raw.request(stream, f"{ECHO}/Unary", grpc_frame(b""), end=False)
             + RstStreamFrame(stream, error_code=CANCEL).serialize()
@@ -410,10 +407,7 @@ def test_rapid_reset_gets_enhance_your_calm(target: Callable[..., Target]) -> No
         assert raw.until(lambda r: r.eof, timeout=PATIENCE)
         last = goaway(raw)
         assert (last.error_code, last.additional_data) == (ENHANCE_YOUR_CALM, b"too_many_resets")
-    finally:
-        raw.close()
-    assert unary_ok(service.port)
-    assert service.stop() == 0
+    service.serves_then_stops()
 
 
 def test_continuation_flood_is_cut_before_it_costs_memory(target: Callable[..., Target]) -> None:
@@ -421,8 +415,7 @@ def test_continuation_flood_is_cut_before_it_costs_memory(target: Callable[..., 
     and EOF at once, and the service grows by less than 16 MB."""
     service = target()
     before = rss_kb(service.pid)
-    raw = RawH2(service.port)
-    try:
+    with RawH2(service.port) as raw:
         raw.send(HeadersFrame(1, raw.header_block(f"{ECHO}/Unary")).serialize())
         for _ in range(60):
             raw.send(ContinuationFrame(1, b"\x00" * (1 << 20)).serialize())
@@ -431,11 +424,8 @@ def test_continuation_flood_is_cut_before_it_costs_memory(target: Callable[..., 
         grown = rss_kb(service.pid) - before
         assert raw.until(lambda r: r.eof)
         assert raw.of_type("GoAwayFrame")
-    finally:
-        raw.close()
     assert grown < 16 * 1024, f"grew {grown} KiB"
-    assert unary_ok(service.port)
-    assert service.stop() == 0
+    service.serves_then_stops()
 
 
 def test_zero_window_reader_is_reset_after_send_stall_timeout(
@@ -444,8 +434,7 @@ def test_zero_window_reader_is_reset_after_send_stall_timeout(
     """A client whose stream window is 0 (it never reads): the response's stream is reset
     (CANCEL) after send_stall_timeout; the service serves on."""
     service = target(settings={"send_stall_timeout": 0.3})
-    raw = RawH2(service.port, {INITIAL_WINDOW_SIZE: 0})
-    try:
+    with RawH2(service.port, {INITIAL_WINDOW_SIZE: 0}) as raw:
         request = EchoRequest(text="x" * 1000, count=100).SerializeToString()
         raw.send(raw.request(1, f"{ECHO}/ServerStream", grpc_frame(request)))
 
@@ -455,10 +444,7 @@ def test_zero_window_reader_is_reset_after_send_stall_timeout(
         assert raw.until(reset, timeout=3.0), "the stalled stream was never reset"
         assert [f.error_code for f in raw.of_type("RstStreamFrame")] == [CANCEL]
         assert not raw.eof
-    finally:
-        raw.close()
-    assert unary_ok(service.port)
-    assert service.stop() == 0
+    service.serves_then_stops()
 
 
 def test_one_connection_buffers_at_most_its_window(target: Callable[..., Target]) -> None:
@@ -466,8 +452,7 @@ def test_one_connection_buffers_at_most_its_window(target: Callable[..., Target]
     handler: the connection window (16 MiB) bounds what the service holds (< 48 MB)."""
     service = target()
     before = rss_kb(service.pid)
-    raw = RawH2(service.port)
-    try:
+    with RawH2(service.port) as raw:
         assert raw.until(lambda r: bool(r.of_type("WindowUpdateFrame")))
         settings = raw.of_type("SettingsFrame")[0].settings
         stream_window = settings.get(INITIAL_WINDOW_SIZE, 65535)
@@ -491,12 +476,9 @@ def test_one_connection_buffers_at_most_its_window(target: Callable[..., Target]
         )
         grown = rss_kb(service.pid) - before
         assert not raw.eof
-    finally:
-        raw.close()
     print(f"one connection, worst case: sent {sent >> 20} MiB, service grew {grown >> 10} MiB")
     assert grown < 48 * 1024, f"grew {grown} KiB"
-    assert unary_ok(service.port)
-    assert service.stop() == 0
+    service.serves_then_stops()
 
 
 def test_max_connection_age_drains_then_cuts_after_the_grace(
@@ -519,5 +501,4 @@ def test_max_connection_age_drains_then_cuts_after_the_grace(
     finally:
         within.close()
         beyond.close()
-    assert unary_ok(service.port)
-    assert service.stop() == 0
+    service.serves_then_stops()

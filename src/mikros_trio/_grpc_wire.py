@@ -77,6 +77,9 @@ GONE = (
     h2.exceptions.StreamClosedError,
 )
 
+#: Bytes a server connection reads at once.
+READ_SIZE = 64 * 1024
+
 #: The largest HTTP/2 flow-control window (RFC 9113 section 6.9.1).
 MAX_WINDOW = 2**31 - 1
 
@@ -328,29 +331,69 @@ class _PingAck:
         self.data = data
 
 
-class _Calm:
-    """Connection event: the client abuses the protocol; GOAWAY ENHANCE_YOUR_CALM, close."""
+class _Abuse(Exception):
+    """The client abuses the protocol: GOAWAY ENHANCE_YOUR_CALM naming ``reason``, then close.
 
-    __slots__ = ("reason", "stream_id")
+    Raised in the middle of h2's parsing, so the rest of the read is not
+    worked through; not an h2 ProtocolError, so h2 queues no GOAWAY of its
+    own (ours carries the reason).
+    """
 
     def __init__(self, reason: str) -> None:
-        self.stream_id = 0
+        super().__init__(reason)
         self.reason = reason
 
 
 class _ServerH2(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is untyped
-    """h2's server connection: counts the client's PINGs; over-limit streams are ours to refuse."""
+    """h2's server connection, refusing streams over the limit as it parses them.
+
+    h2 parses a whole read before purerpc sees an event: refusing later
+    would leave thousands of streams open meanwhile, and h2 counts open
+    streams by walking all of them for each new one (quadratic). It also
+    counts the client's PINGs, and spends the reset budget
+    (``max_resets_per_second``) on each stream the client resets or opens
+    over the limit.
+    """
 
     pings = 0
+    max_streams = 0
+    budget = 0
+    _spent = 0
+    _spent_until = 0.0
 
     @property
     def open_inbound_streams(self) -> int:
         # h2 treats a stream over SETTINGS_MAX_CONCURRENT_STREAMS as an error
         # of the whole connection (every RPC on it dies); RFC 9113 section
-        # 5.1.2 allows a stream error, which _ServerConnection gives
+        # 5.1.2 allows a stream error, which _receive_headers_frame gives
         # (REFUSED_STREAM). Counting still prunes h2's closed streams.
         self._open_streams(1)
         return 0
+
+    def spend(self, reason: str) -> None:
+        """One reset or refused stream; over the budget, the client is cut off."""
+        # HTTP/2 "rapid reset" (CVE-2023-44487): opening and resetting
+        # streams costs the client nothing and the server a handler each; a
+        # flood of streams over the limit costs as little, and is cut alike.
+        now = trio.current_time()
+        if now >= self._spent_until:
+            self._spent, self._spent_until = 0, now + 1.0
+        self._spent += 1
+        if self._spent > self.budget:
+            raise _Abuse(reason)
+
+    def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        new = frame.stream_id not in self.streams
+        frames, events = super()._receive_headers_frame(frame)
+        if new and self._open_streams(1) > self.max_streams:
+            self.reset_stream(frame.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            events = [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
+            self.spend("too_many_streams")
+        return frames, events
+
+    def _receive_rst_stream_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        self.spend("too_many_resets")
+        return super()._receive_rst_stream_frame(frame)  # type: ignore[no-any-return]
 
     def _receive_ping_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         if "ACK" not in frame.flags:
@@ -374,8 +417,8 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
     message per stream and ``max_connection_buffer`` per connection
     (purerpc opens 1 GiB); frames are at most 16 KiB (purerpc allows 16
     MiB, so 64 CONTINUATION frames could buffer 1 GiB of headers); and a
-    client resetting streams too fast, or pinging too often, gets
-    :class:`_Calm`.
+    client resetting streams too fast, or pinging too often, is cut off
+    (:class:`_Abuse`).
     """
 
     #: Set when a response was written since the client's last ping.
@@ -391,12 +434,12 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
         super().__init__(config)
         # purerpc's h2 connection, replaced by ours with the same configuration.
         self.h2_connection = _ServerH2(vars(self)["h2_connection"].config)
+        self.h2_connection.max_streams = settings.max_concurrent_streams
+        self.h2_connection.budget = settings.max_resets_per_second
         self.h2_connection.clear_outbound_data_buffer()
         self._set_h2_connection_local_settings()
         #: Handlers running on this connection (counted by the server).
         self.in_flight = 0
-        self._resets = 0
-        self._resets_until = 0.0
         self._strikes = 0
         self._last_ping: float | None = None
 
@@ -432,8 +475,7 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
             pings, h2_connection.pings = h2_connection.pings, 0
             for _ in range(pings):
                 if self._ping_too_soon():
-                    events.append(_Calm("too_many_pings"))
-                    break
+                    raise _Abuse("too_many_pings")
         return events
 
     def _ping_too_soon(self) -> bool:
@@ -463,12 +505,11 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
         if self.last_stream_id is not None and event.stream_id > self.last_stream_id:
             self.refuse(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return []
-        if self.in_flight >= self.settings.max_concurrent_streams or (
-            self.h2_connection._open_streams(1) > self.settings.max_concurrent_streams
-        ):
-            # Over the limit (a client that has not read our SETTINGS yet, or
-            # handlers of reset streams still ending): refused, so retried.
+        if self.in_flight >= self.settings.max_concurrent_streams:
+            # Handlers of streams the client reset still ending (h2 refused
+            # the streams over the limit already): refused, so retried.
             self.refuse(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.h2_connection.spend("too_many_streams")
             return []
         try:
             return list(super()._request_received(event))
@@ -512,14 +553,6 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
 
     def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)
-        # HTTP/2 "rapid reset" (CVE-2023-44487): opening and resetting
-        # streams costs the client nothing and the server a handler each.
-        now = trio.current_time()
-        if now >= self._resets_until:
-            self._resets, self._resets_until = 0, now + 1.0
-        self._resets += 1
-        if self._resets > self.settings.max_resets_per_second:
-            return [_Reset(event.stream_id), _Calm("too_many_resets")]
         return [_Reset(event.stream_id)]
 
     def _ping_acknowledged(self, event: h2.events.PingAckReceived) -> list[Any]:
@@ -559,7 +592,7 @@ class _Reader(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
         Unlike purerpc's, it skips events for a stream that is gone (reset,
         or closed both ways earlier in the same read) instead of failing
         the whole connection on them, acts on :class:`_Reset`, and ends
-        the connection on :class:`_Calm`.
+        the connection on :class:`_Abuse`.
         """
         while True:
             try:
@@ -569,6 +602,14 @@ class _Reader(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
             self.last_read = trio.current_time()
             try:
                 events = self._grpc_connection.receive_data(data)
+            except _Abuse as abuse:
+                self.calm = abuse.reason
+                await self.goaway(
+                    self._grpc_connection.h2_connection.highest_inbound_stream_id,
+                    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                    abuse.reason.encode(),
+                )
+                return
             except h2.exceptions.ProtocolError as error:
                 # Not HTTP/2, or HTTP/2 broken (a CONTINUATION flood, a frame
                 # over the size limit): h2 queued a GOAWAY naming the error;
@@ -587,14 +628,6 @@ class _Reader(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                     if answered is not None:
                         answered.set()
                     continue
-                if isinstance(event, _Calm):
-                    self.calm = event.reason
-                    await self.goaway(
-                        self._grpc_connection.h2_connection.highest_inbound_stream_id,
-                        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
-                        event.reason.encode(),
-                    )
-                    return
                 if isinstance(event, RequestReceived):
                     self._allocate_stream(event.stream_id)
                 stream = self._streams.get(event.stream_id)
@@ -622,7 +655,9 @@ class ServerSocket(_Reader):
     StreamClass = _Stream
 
     def __init__(self, config: GRPCConfiguration, stream: Any, settings: GrpcSettings) -> None:
-        super().__init__(config, stream)
+        # Reads of 64 KiB (purerpc: 1 MiB): h2 handles a whole read without
+        # a checkpoint, so one read bounds how long a flood holds the loop.
+        super().__init__(config, stream, receive_buffer_size=READ_SIZE)
         self.protocol = _ServerConnection(config, settings)
         self._grpc_connection = self._socket._grpc_connection = self.protocol
         self.limits = settings

@@ -358,6 +358,7 @@ class _ServerH2(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is unty
     pings = 0
     max_streams = 0
     budget = 0
+    _open_before = 0
     _spent = 0
     _spent_until = 0.0
 
@@ -366,8 +367,9 @@ class _ServerH2(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is unty
         # h2 treats a stream over SETTINGS_MAX_CONCURRENT_STREAMS as an error
         # of the whole connection (every RPC on it dies); RFC 9113 section
         # 5.1.2 allows a stream error, which _receive_headers_frame gives
-        # (REFUSED_STREAM). Counting still prunes h2's closed streams.
-        self._open_streams(1)
+        # (REFUSED_STREAM). Counting still prunes h2's closed streams, and
+        # is kept for that check (h2 asks just before it opens a stream).
+        self._open_before = self._open_streams(1)
         return 0
 
     def spend(self, reason: str) -> None:
@@ -385,7 +387,7 @@ class _ServerH2(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is unty
     def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         new = frame.stream_id not in self.streams
         frames, events = super()._receive_headers_frame(frame)
-        if new and self._open_streams(1) > self.max_streams:
+        if new and self._open_before >= self.max_streams:
             self.reset_stream(frame.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             events = [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
             self.spend("too_many_streams")

@@ -520,18 +520,17 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
             return []
 
     def refuse(self, stream_id: int, error_code: Any) -> None:
-        """Reset a stream that will not run; its data is acknowledged and dropped.
+        """Reset a stream that will not run (or not go on); nothing of it is kept.
 
-        The client may have reset or ended it already in the same read (h2
-        has then closed it): there is nothing left to reset, and h2's
-        StreamClosedError must not end every other RPC on the connection.
+        h2 drops (and acknowledges, for flow control) what the client still
+        sends on a stream it reset. The client may have reset or ended the
+        stream already in the same read (h2 has then closed it): there is
+        nothing left to reset, and h2's StreamClosedError must not end
+        every other RPC on the connection.
         """
-        try:
+        self.message_read_buffers.pop(stream_id, None)
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # closed already
             self.h2_connection.reset_stream(stream_id, error_code)
-        except h2.exceptions.ProtocolError:  # closed already: h2 drops its frames itself
-            self.message_read_buffers.pop(stream_id, None)
-            return
-        self.message_read_buffers[stream_id] = _Dropped(self.h2_connection, stream_id)
 
     def _data_received(self, event: h2.events.DataReceived) -> list[Any]:
         if event.stream_id not in self.message_read_buffers:  # reset, or ended already

@@ -2,8 +2,11 @@
 
 purerpc (0.8, in maintenance) raises out of a connection's reader for
 problems of one stream, ignores RST_STREAM, never closes its per-stream
-event queues, and leaves calls waiting when the connection ends. The
-subclasses here correct each of those; every override says which purerpc
+event queues, leaves calls waiting when the connection ends, and bounds
+nothing a client can make a server hold (65,536 streams, 1 GiB windows, 16
+MiB frames). The subclasses here correct each of those, bound what one
+connection may cost (``[runtime.grpc]``), and give the client one retry of
+a call the server refused unprocessed; every override says which purerpc
 behaviour it replaces. Used by :mod:`mikros_trio.grpc` only.
 """
 

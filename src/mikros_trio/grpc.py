@@ -11,14 +11,21 @@ wrappers) and owns everything around them:
   headers, a message over ``max_message_size``) fails only its own call,
   and a call the client cancels (RST_STREAM) cancels its handler;
 - shutdown: health turns NOT_SERVING the moment the trigger happens; after
-  the readiness delay the listener closes, every connection gets an HTTP/2
-  GOAWAY (clients open no new streams on it), idle connections close at
-  once and busy ones when their last RPC ends; at the drain deadline the
-  supervisor cancels the rest, and every socket is closed on the way out;
-- errors: handlers are called inside ``except Exception`` only, so
-  cancellation always propagates. A :class:`~mikros_trio.ServiceError`
-  becomes its gRPC code with the Mikros error JSON as the status message;
-  any other exception becomes ``INTERNAL`` with an ``InternalError`` JSON.
+  the readiness delay the listener closes and every connection gets
+  grpc-go's two-step GOAWAY (any stream + PING, then the last stream
+  received), so nothing a client sent in time is refused; idle connections
+  close at once and busy ones when their last RPC ends; at the drain
+  deadline the supervisor cancels the rest, and every socket is closed on
+  the way out;
+- connection management (``[runtime.grpc]``, after grpc-go's keepalive
+  parameters): idle and age limits, keepalive pings, ping enforcement, one
+  timer task per connection; accept errors from running out of descriptors
+  are logged once and retried;
+- errors: a handler's exception of any kind, ``BaseException`` included,
+  fails its own call; only cancellation propagates. A
+  :class:`~mikros_trio.ServiceError` becomes its gRPC code with the Mikros
+  error JSON as the status message; any other exception becomes
+  ``INTERNAL`` with an ``InternalError`` JSON.
 
 The server also serves ``grpc.health.v1.Health`` (Check and Watch, for
 ``""`` and each registered service, read from the supervisor's health) and
@@ -546,9 +553,11 @@ class GrpcServer(Component):
             log.warning("gRPC connection failed", exc_info=group)
         finally:
             self._connections.discard(connection)
-            if linger:
-                await _linger(stream)
-            await anyio.aclose_forcefully(stream)
+            try:
+                if linger:
+                    await _linger(stream)
+            finally:  # even when cancelled while lingering: the socket never leaks
+                await anyio.aclose_forcefully(stream)
 
     async def _serve_rpc(
         self, dispatcher: _Dispatcher, connection: _Connection, stream: Any

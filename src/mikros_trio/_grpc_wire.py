@@ -27,7 +27,7 @@ import trio
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
-from purerpc.grpc_socket import GRPCStreamState
+from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import (
@@ -82,6 +82,10 @@ GONE = (
 
 #: Bytes a server connection reads at once.
 READ_SIZE = 64 * 1024
+
+#: Bytes of responses queued for one client before its handlers wait (a
+#: client that does not read its socket holds no more than this of ours).
+OUTBOUND_LIMIT = 1024 * 1024
 
 #: The largest HTTP/2 flow-control window (RFC 9113 section 6.9.1).
 MAX_WINDOW = 2**31 - 1
@@ -174,9 +178,13 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         with trio.move_on_after(limits.send_stall_timeout):
             await super()._wait_flow_control_update()
             return
+        await self._stalled()
+
+    async def _stalled(self) -> None:
+        """The client has read nothing for send_stall_timeout: reset, as if it had cancelled."""
         self._grpc_socket.refuse(self._stream_id, h2.errors.ErrorCodes.CANCEL)
         await self._socket.flush()
-        self.reset()  # cancels the handler, as if the client had cancelled the call
+        self.reset()  # cancels the handler
         await trio.lowlevel.checkpoint()
 
     def release(self) -> None:
@@ -241,6 +249,15 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
                 self._replay.append(data)
             else:
                 self._replay = None
+        socket = self._socket
+        if isinstance(socket, _Writer) and socket.pending() > OUTBOUND_LIMIT:
+            # A client with wide windows that does not read its socket: the
+            # handler waits for the bytes already queued (bounded) instead of
+            # queueing more.
+            with trio.move_on_after(self._grpc_socket.limits.send_stall_timeout):
+                await socket.room()
+            if socket.pending() > OUTBOUND_LIMIT:
+                await self._stalled()
         await self._send(data)
 
     async def close(self, *args: Any, **kwargs: Any) -> None:
@@ -563,6 +580,49 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
         return [_PingAck(bytes(event.ping_data))]
 
 
+class _Writer(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's socket writer, counting the bytes queued and in transit.
+
+    purerpc's writer takes everything queued and sends it; what handlers
+    queue meanwhile is unbounded when the client does not read its socket
+    (its HTTP/2 windows, which it chooses, can be 2 GiB). Handlers wait for
+    :meth:`room` above :data:`OUTBOUND_LIMIT`; the reader never waits, so
+    PINGs and the client's own data are still read (and bounded elsewhere).
+    """
+
+    in_transit = 0
+    _written: trio.Event | None = None
+    _flush_event: anyio.Event
+
+    def pending(self) -> int:
+        """Bytes queued for the client and not yet written to the socket."""
+        return len(self._grpc_connection.h2_connection._data_to_send) + self.in_transit
+
+    async def room(self) -> None:
+        """Return once what is pending drops to OUTBOUND_LIMIT."""
+        while self.pending() > OUTBOUND_LIMIT and self._running:
+            if self._written is None:
+                self._written = trio.Event()
+            await self._written.wait()
+
+    async def _writer_thread(self) -> None:
+        # purerpc's loop, plus in_transit and a wake-up for room().
+        while True:
+            data = self._grpc_connection.data_to_send()
+            if data:
+                self.in_transit = len(data)
+                await self._stream.send(data)
+                self.in_transit = 0
+                written, self._written = self._written, None
+                if written is not None:
+                    written.set()
+            elif self._running:
+                await self._flush_event.wait()
+                self._flush_event = anyio.Event()
+            else:
+                return
+
+
 class _Reader(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
     """purerpc's socket with our reader loop (:meth:`_listen`), for both sides."""
 
@@ -663,7 +723,8 @@ class ServerSocket(_Reader):
         # a checkpoint, so one read bounds how long a flood holds the loop.
         super().__init__(config, stream, receive_buffer_size=READ_SIZE)
         self.protocol = _ServerConnection(config, settings)
-        self._grpc_connection = self._socket._grpc_connection = self.protocol
+        self._grpc_connection = self.protocol
+        self._socket = _Writer(self.protocol, stream)
         self.limits = settings
         self.last_read = trio.current_time()
         self._pings = {}

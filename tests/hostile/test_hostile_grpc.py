@@ -26,7 +26,14 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, RstStreamFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    WindowUpdateFrame,
+)
 
 from helpers import (
     OWN_CONNECTION,
@@ -500,4 +507,24 @@ def test_max_connection_age_drains_then_cuts_after_the_grace(
     finally:
         within.close()
         beyond.close()
+    service.serves_then_stops()
+
+
+def test_a_client_that_never_reads_its_socket_holds_little(
+    target: Callable[..., Target],
+) -> None:
+    """Windows of 2 GiB, an endless server stream, and the socket never read: the handler waits
+    once 1 MiB is queued, then its stream is reset after send_stall_timeout; memory stays put."""
+    service = target(settings={"send_stall_timeout": 1.0})
+    before = rss_kb(service.pid)
+    with RawH2(service.port, {INITIAL_WINDOW_SIZE: 2**31 - 1}) as raw:
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.send(WindowUpdateFrame(0, window_increment=2**31 - 1 - 65535).serialize())
+        request = EchoRequest(text="x" * 16384, count=1_000_000).SerializeToString()
+        raw.send(raw.request(1, f"{ECHO}/ServerStream", grpc_frame(request)))
+        time.sleep(2.5)  # never reading: the server's writes fill the socket, then its queue
+        grown = rss_kb(service.pid) - before
+    print(f"a never-reading client: the service grew {grown >> 10} MiB")  # figure for the notes
+    assert grown < 32 * 1024, f"grew {grown} KiB"
+    assert "unhandled" not in service.log()
     service.serves_then_stops()

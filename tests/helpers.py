@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
@@ -379,3 +379,147 @@ def log_lines(output: str) -> list[dict[str, Any]]:
             with suppress(ValueError):
                 lines.append(json.loads(line))
     return lines
+
+
+# -- raw HTTP/2 on a blocking socket, and a process's resources ------------------------
+
+
+def grpc_frame(body: bytes) -> bytes:
+    """One length-prefixed, uncompressed gRPC message."""
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+def parse_frames(buffer: bytes) -> tuple[list[Any], bytes]:
+    """The complete HTTP/2 frames at the start of ``buffer``, and the bytes left over."""
+    from hyperframe.frame import Frame
+
+    frames = []
+    while len(buffer) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+        if len(buffer) < 9 + length:
+            break
+        frame.parse_body(memoryview(buffer[9 : 9 + length]))
+        buffer = buffer[9 + length :]
+        frames.append(frame)
+    return frames, buffer
+
+
+class RawH2:
+    """A hand-driven HTTP/2 client on a blocking socket, for what grpcio would never send.
+
+    Frames are built with hyperframe and hpack, not an h2 state machine, so
+    a test can break any rule; what the server sends is parsed into
+    :attr:`frames`, in order. PINGs are answered unless ``answer_pings`` is
+    false. Every read is bounded by the socket's timeout.
+    """
+
+    PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+    def __init__(
+        self,
+        port: int,
+        settings: Mapping[int, int] | None = None,
+        *,
+        answer_pings: bool = True,
+    ) -> None:
+        from hpack import Decoder, Encoder
+        from hyperframe.frame import SettingsFrame
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE)
+        self.frames: list[object] = []
+        self.eof = False
+        self.answer_pings = answer_pings
+        self._encoder = Encoder()
+        self._decoder = Decoder()
+        self._buffer = b""
+        self.send(self.PREFACE + SettingsFrame(0, settings=dict(settings or {})).serialize())
+
+    def send(self, data: bytes) -> None:
+        """Send raw bytes; a connection the server closed counts as EOF, not an error."""
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            self.eof = True
+
+    def header_block(self, path: str) -> bytes:
+        """The HPACK block of a gRPC request's headers for ``path``."""
+        return bytes(
+            self._encoder.encode(
+                [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", path),
+                    (":authority", "t"),
+                    ("content-type", "application/grpc"),
+                    ("te", "trailers"),
+                ]
+            )
+        )
+
+    def request(self, stream_id: int, path: str, body: bytes | None, end: bool = True) -> bytes:
+        """HEADERS (and DATA carrying ``body``, already gRPC-framed) of one request."""
+        from hyperframe.frame import DataFrame, HeadersFrame
+
+        block = self.header_block(path)
+        if body is None:
+            flags = ["END_HEADERS", "END_STREAM"] if end else ["END_HEADERS"]
+            return bytes(HeadersFrame(stream_id, block, flags=flags).serialize())
+        data = DataFrame(stream_id, body, flags=["END_STREAM"] if end else [])
+        return bytes(
+            HeadersFrame(stream_id, block, flags=["END_HEADERS"]).serialize() + data.serialize()
+        )
+
+    def receive(self) -> None:
+        """Read once (bounded) and parse every complete frame."""
+        from hyperframe.frame import PingFrame
+
+        try:
+            data = self.sock.recv(1 << 20)
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""
+        if not data:
+            self.eof = True
+            return
+        frames, self._buffer = parse_frames(self._buffer + data)
+        for frame in frames:
+            self.frames.append(frame)
+            if isinstance(frame, PingFrame) and "ACK" not in frame.flags and self.answer_pings:
+                self.send(PingFrame(0, frame.opaque_data, flags=["ACK"]).serialize())
+
+    def until(self, done: Callable[[RawH2], bool], timeout: float = PATIENCE) -> bool:
+        """Read until ``done(self)`` or EOF or ``timeout``; return ``done(self)``."""
+        deadline = time.monotonic() + timeout
+        while not done(self) and not self.eof and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                self.receive()
+            except TimeoutError:
+                break
+        return done(self)
+
+    def of_type(self, name: str) -> list[Any]:
+        """The frames received so far whose class is ``name`` (``"GoAwayFrame"``…)."""
+        return [frame for frame in self.frames if type(frame).__name__ == name]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawH2:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

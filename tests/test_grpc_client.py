@@ -7,6 +7,7 @@ server in this process or another mikros_trio service.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ import grpc
 import pytest
 import trio
 from dependency_injector import providers
+from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
 import mikros_trio.grpc
 from helpers import free_port
@@ -296,3 +298,101 @@ async def test_forced_exit_with_a_channel_is_clean(tmp_path: Path) -> None:
             service.supervisor.force()
     assert service.exit_code == 1
     assert service.supervisor.failures == []
+
+
+# -- a call the server refused unprocessed is retried once, on a fresh connection ----
+
+
+class RefusingProxy:
+    """A TCP proxy to ``port`` whose first connection refuses the first call it sees.
+
+    ``how`` is ``"rst"`` (RST_STREAM REFUSED_STREAM), ``"goaway"`` (GOAWAY
+    naming stream 0: stream 1 was not processed) or ``"cancel"`` (RST_STREAM
+    CANCEL: the server may have processed it). Later connections are piped
+    to the real server. ``connections`` counts the connections made.
+    """
+
+    def __init__(self, port: int, how: str) -> None:
+        self.target = port
+        self.how = how
+        self.connections = 0
+        self.port = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        self.connections += 1
+        async with client:
+            if self.connections == 1:
+                await self._refuse(client)
+                return
+            server = await trio.open_tcp_stream("127.0.0.1", self.target)
+            async with server, trio.open_nursery() as nursery:
+                nursery.start_soon(self._pipe, client, server)
+                await self._pipe(server, client)
+                nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for data in source:
+                await sink.send_all(data)
+
+    async def _refuse(self, client: trio.SocketStream) -> None:
+        received = b""
+        while HeadersFrame.type.to_bytes(1, "big") not in received[24 + 9 :]:
+            received += await client.receive_some(65536)  # the preface, SETTINGS, HEADERS(1)
+        answer = SettingsFrame(0).serialize()
+        if self.how == "goaway":
+            answer += GoAwayFrame(0, last_stream_id=0, error_code=0).serialize()
+        else:
+            code = {"rst": 7, "cancel": 8}[self.how]  # REFUSED_STREAM, CANCEL
+            answer += RstStreamFrame(1, error_code=code).serialize()
+        await client.send_all(answer)
+        await trio.sleep_forever()  # held open: the channel must not wait on it
+
+
+@pytest.mark.parametrize("how", ["rst", "goaway"])
+async def test_a_refused_call_is_retried_once_on_a_fresh_connection(
+    mikros_service: ServiceStarter, tmp_path: Path, how: str
+) -> None:
+    """Refused unprocessed (REFUSED_STREAM, or above the GOAWAY's last stream id): the call is
+    sent again on a new connection and answers; the server ran it once."""
+    (tmp_path / "a").mkdir()
+    target = await start(mikros_service, tmp_path / "a")
+    async with trio.open_nursery() as nursery:
+        proxy = RefusingProxy(port(target), how)
+        await nursery.start(proxy.serve)
+        running = await start_client(mikros_service, tmp_path, proxy.port)
+        _, stub = peer(running)
+        with trio.fail_after(BOUND):
+            assert (await stub.Unary(EchoRequest(text="again"))).text == "again"
+            items = [r.index async for r in stub.ServerStream(EchoRequest(count=3))]
+        assert items == [0, 1, 2]
+        assert proxy.connections == 2
+        assert target.container.echo().finished == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_call_the_server_may_have_processed_is_not_retried(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """RST_STREAM CANCEL (not a refusal): the call fails CANCELLED at once, and is not resent."""
+    from purerpc.grpclib.exceptions import CancelledError
+
+    (tmp_path / "a").mkdir()
+    target = await start(mikros_service, tmp_path / "a")
+    async with trio.open_nursery() as nursery:
+        proxy = RefusingProxy(port(target), "cancel")
+        await nursery.start(proxy.serve)
+        running = await start_client(mikros_service, tmp_path, proxy.port)
+        _, stub = peer(running)
+        with trio.fail_after(BOUND), pytest.raises(CancelledError):
+            await stub.Unary(EchoRequest(text="once"))
+        assert proxy.connections == 1
+        assert target.container.echo().finished == 0
+        nursery.cancel_scope.cancel()

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 import trio
-from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame, RstStreamFrame
 
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_pb2_grpc
@@ -238,7 +238,8 @@ async def test_idle_channels_do_not_delay_stop(
 async def test_wire_order_goaway_then_response_then_eof(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:
-    """On the wire: GOAWAY(NO_ERROR, last stream 1) at stop, then the response and trailers, EOF."""
+    """On the wire: GOAWAY(any stream) and a PING at stop, GOAWAY(last stream 1) once the PING
+    goes unanswered for 1 s, then the response and trailers, EOF."""
     delay = 0.3
     running = await start(mikros_service, tmp_path)
     servicer = running.container.echo()
@@ -252,24 +253,26 @@ async def test_wire_order_goaway_then_response_then_eof(
         await client.until_eof()
     seen = client.frames
     goaways = [i for i, f in enumerate(seen) if isinstance(f, GoAwayFrame)]
-    assert len(goaways) == 1
-    goaway = seen[goaways[0]]
-    assert isinstance(goaway, GoAwayFrame)
-    assert (goaway.error_code, goaway.last_stream_id) == (0, 1)
+    assert [(seen[i].error_code, seen[i].last_stream_id) for i in goaways] == [  # type: ignore[attr-defined]
+        (0, 2**31 - 1),
+        (0, 1),
+    ]
+    assert isinstance(seen[goaways[0] + 1], PingFrame)
     after = [f for f in seen[goaways[0] :] if f.stream_id == 1]
     assert any(isinstance(f, DataFrame) and f.data for f in after), "no response message"
     assert client.ended(1)
     assert client.headers[1][-1]["grpc-status"] == "0"
     with trio.fail_after(BOUND):
         assert await running.wait() == 0
-    assert stop_took(running) < delay + 0.5
+    assert stop_took(running) < 1.0 + 0.5  # the unanswered PING's bound, then close
 
 
 async def test_streams_opened_after_goaway_are_refused_not_run(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:
-    """A stream opened above the GOAWAY's last stream id is reset REFUSED_STREAM and never run."""
-    delay = 0.3
+    """A stream opened above the final GOAWAY's last stream id is reset REFUSED_STREAM, never run;
+    one opened between the first GOAWAY and the final one is served."""
+    delay = 1.5  # in flight past the final GOAWAY (1 s: the raw client never answers PINGs)
     running = await start(mikros_service, tmp_path)
     servicer = running.container.echo()
     body = grpc_message(EchoRequest(text="first", delay=delay).SerializeToString())
@@ -282,12 +285,19 @@ async def test_streams_opened_after_goaway_are_refused_not_run(
         running.service.stop("test")
         while not any(isinstance(f, GoAwayFrame) for f in client.frames):
             await client.receive()
-        await stream.send_all(client.request(3, UNARY, late))
+        await stream.send_all(client.request(3, UNARY, late))  # between the two GOAWAYs
+        while not [f for f in client.frames if isinstance(f, GoAwayFrame) and f.last_stream_id < 9]:
+            await client.receive()
+        await stream.send_all(client.request(5, UNARY, late))  # after the final GOAWAY
         await client.until_eof()
-    resets = [f for f in client.frames if isinstance(f, RstStreamFrame) and f.stream_id == 3]
+    final = [f for f in client.frames if isinstance(f, GoAwayFrame)][-1]
+    assert isinstance(final, GoAwayFrame)
+    assert final.last_stream_id == 3
+    resets = [f for f in client.frames if isinstance(f, RstStreamFrame) and f.stream_id == 5]
     assert [f.error_code for f in resets] == [7]  # REFUSED_STREAM
-    assert not any(isinstance(f, DataFrame) and f.stream_id == 3 for f in client.frames)
+    assert not any(isinstance(f, DataFrame) and f.stream_id == 5 for f in client.frames)
     assert client.headers[1][-1]["grpc-status"] == "0"
+    assert client.headers[3][-1]["grpc-status"] == "0"
 
 
 async def test_client_cancelled_streams_cancel_their_handlers(

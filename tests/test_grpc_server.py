@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import pytest
 import trio
 from dependency_injector import providers
 from hpack import Decoder, Encoder
@@ -29,8 +30,10 @@ from hyperframe.frame import DataFrame, Frame, HeadersFrame, SettingsFrame
 from purerpc.grpclib.exceptions import AbortedError
 
 import mikros_trio.grpc
+from helpers import parse_frames
 from mikros_trio import (
     ConditionError,
+    ConfigError,
     InternalError,
     NotFoundError,
     PermissionDeniedError,
@@ -38,6 +41,8 @@ from mikros_trio import (
     ServiceError,
     ValidationError,
 )
+from mikros_trio._definition import parse_definition
+from mikros_trio._runtime_settings import GrpcSettings
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_grpc, testsvc_pb2, testsvc_pb2_grpc
 
@@ -313,13 +318,8 @@ class RawClient:
         if not data:
             self.eof = True
             return
-        self._buffer += data
-        while len(self._buffer) >= 9:
-            frame, length = Frame.parse_frame_header(memoryview(self._buffer[:9]))
-            if len(self._buffer) < 9 + length:
-                break
-            frame.parse_body(memoryview(self._buffer[9 : 9 + length]))
-            self._buffer = self._buffer[9 + length :]
+        frames, self._buffer = parse_frames(self._buffer + data)
+        for frame in frames:
             self.frames.append(frame)
             if isinstance(frame, HeadersFrame):
                 decoded = {str(k): str(v) for k, v in self._decoder.decode(frame.data)}
@@ -570,3 +570,39 @@ async def test_client_channel_concurrent_calls_and_grpcio_status(
         assert after.text == "after"
         with trio.fail_after(BOUND):
             assert await running.stop() == 0
+
+
+# -- [runtime.grpc] limits are validated before anything starts -----------------------
+
+
+def test_connection_limits_out_of_bounds_are_config_errors() -> None:
+    """Zero streams, a negative keepalive, a 1e12 s idle limit: one ConfigError naming each key."""
+    toml = "\n".join(
+        [
+            'name = "echo"',
+            'types = ["grpc"]',
+            'version = "1.0.0"',
+            "[runtime.grpc]",
+            "max_concurrent_streams = 0",
+            "keepalive_time = -1.0",
+            "max_connection_idle = 1e12",
+        ]
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_definition(toml)
+    paths = [issue.path for issue in caught.value.issues]
+    assert paths == [
+        "runtime.grpc.max_concurrent_streams",
+        "runtime.grpc.keepalive_time",
+        "runtime.grpc.max_connection_idle",
+    ]
+
+
+def test_connection_limits_have_their_documented_defaults() -> None:
+    """The defaults the README states: 100 streams, 16 MiB per connection, 5 min idle…"""
+    settings = GrpcSettings()
+    assert (settings.max_concurrent_streams, settings.max_connection_buffer) == (100, 16 << 20)
+    assert (settings.max_connection_idle, settings.max_connection_age) == (300.0, None)
+    assert (settings.keepalive_time, settings.keepalive_timeout) == (120.0, 20.0)
+    assert (settings.keepalive_min_time, settings.max_ping_strikes) == (300.0, 2)
+    assert (settings.max_resets_per_second, settings.send_stall_timeout) == (200, 30.0)

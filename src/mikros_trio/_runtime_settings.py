@@ -20,6 +20,11 @@ _PORT = {"help": "TCP port to listen on; 0 picks a free one.", "ge": 0, "le": 65
 # Upper bounds: every number a file can hold is bounded, so an absurd one
 # (1e300 seconds, 2**63 bytes) is a config error, not a crash at start.
 _WEEK = 7 * 24 * 3600
+# Connection lifetimes (gRPC's max_connection_age, keepalive) may span days.
+_MAX_SECONDS = 30 * 24 * 3600.0
+_TIMEOUT = {"gt": 0, "le": _MAX_SECONDS}
+# gRPC's own largest message and flow-control window.
+_MAX_BYTES = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +119,103 @@ class GrpcSettings:
     )
     max_message_size: int = field(
         default=4 * 1024 * 1024,
+        metadata={"help": "Largest message accepted, in bytes.", "gt": 0, "le": _MAX_BYTES},
+    )
+    # HTTP/2 bounds: what one connection may cost.
+    max_concurrent_streams: int = field(
+        default=100,
         metadata={
-            "help": "Largest message accepted, in bytes (gRPC's own limit is 2**31 - 1).",
-            "gt": 0,
-            "le": 2**31 - 1,
+            "help": "RPCs one connection may have in flight (advertised to clients); "
+            "streams beyond it are refused (REFUSED_STREAM, safe to retry).",
+            "ge": 1,
+            "le": 65536,
         },
+    )
+    max_connection_buffer: int = field(
+        default=16 * 1024 * 1024,
+        metadata={
+            "help": "Bytes of request data one connection may have sent and its handlers "
+            "not yet read (its HTTP/2 flow-control window); each stream may hold "
+            "one max_message_size message.",
+            "ge": 65535,
+            "le": _MAX_BYTES,
+        },
+    )
+    max_resets_per_second: int = field(
+        default=200,
+        metadata={
+            "help": "Streams a client may reset (RST_STREAM) per second on one connection; "
+            "more is the HTTP/2 rapid-reset attack: GOAWAY ENHANCE_YOUR_CALM, then close.",
+            "ge": 1,
+            "le": 1_000_000,
+        },
+    )
+    send_stall_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds a response may wait for a client that stopped reading "
+            "(flow-control window closed) before its stream is reset.",
+            **_TIMEOUT,
+        },
+    )
+    # Connection management, after grpc-go's keepalive.ServerParameters and EnforcementPolicy.
+    max_connection_idle: float | None = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds a connection may go with no RPC in flight before the server "
+            "closes it (GOAWAY first; clients reconnect on their next call).",
+            **_TIMEOUT,
+        },
+    )
+    max_connection_age: float | None = field(
+        default=None,
+        metadata={
+            "help": "Seconds (with 10% jitter) after which a connection is drained "
+            "(GOAWAY; new RPCs go to a new connection): spreads clients over replicas.",
+            **_TIMEOUT,
+        },
+    )
+    max_connection_age_grace: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds RPCs in flight get after max_connection_age before the "
+            "connection is closed under them.",
+            **_TIMEOUT,
+        },
+    )
+    keepalive_time: float | None = field(
+        default=120.0,
+        metadata={
+            "help": "Seconds without receiving anything after which the server pings the "
+            "client to see that it is still there.",
+            **_TIMEOUT,
+        },
+    )
+    keepalive_timeout: float = field(
+        default=20.0,
+        metadata={
+            "help": "Seconds the server waits for the ping's answer before closing the connection.",
+            **_TIMEOUT,
+        },
+    )
+    keepalive_min_time: float = field(
+        default=300.0,
+        metadata={
+            "help": "Shortest interval between a client's pings; a client pinging more "
+            "often (more than max_ping_strikes times) gets GOAWAY ENHANCE_YOUR_CALM "
+            '"too_many_pings" and is disconnected.',
+            "ge": 0,
+            "le": _MAX_SECONDS,
+        },
+    )
+    keepalive_permit_without_calls: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept client pings on a connection with no RPC in flight (else each "
+            "such ping is a strike)."
+        },
+    )
+    max_ping_strikes: int = field(
+        default=2,
+        metadata={"help": "Pings too soon tolerated before the GOAWAY.", "ge": 0, "le": 1000},
     )

@@ -11,14 +11,21 @@ wrappers) and owns everything around them:
   headers, a message over ``max_message_size``) fails only its own call,
   and a call the client cancels (RST_STREAM) cancels its handler;
 - shutdown: health turns NOT_SERVING the moment the trigger happens; after
-  the readiness delay the listener closes, every connection gets an HTTP/2
-  GOAWAY (clients open no new streams on it), idle connections close at
-  once and busy ones when their last RPC ends; at the drain deadline the
-  supervisor cancels the rest, and every socket is closed on the way out;
-- errors: handlers are called inside ``except Exception`` only, so
-  cancellation always propagates. A :class:`~mikros_trio.ServiceError`
-  becomes its gRPC code with the Mikros error JSON as the status message;
-  any other exception becomes ``INTERNAL`` with an ``InternalError`` JSON.
+  the readiness delay the listener closes and every connection gets
+  grpc-go's two-step GOAWAY (any stream + PING, then the last stream
+  received), so nothing a client sent in time is refused; idle connections
+  close at once and busy ones when their last RPC ends; at the drain
+  deadline the supervisor cancels the rest, and every socket is closed on
+  the way out;
+- connection management (``[runtime.grpc]``, after grpc-go's keepalive
+  parameters): idle and age limits, keepalive pings, ping enforcement, one
+  timer task per connection; accept errors from running out of descriptors
+  are logged once and retried;
+- errors: a handler's exception of any kind, ``BaseException`` included,
+  fails its own call; only cancellation propagates. A
+  :class:`~mikros_trio.ServiceError` becomes its gRPC code with the Mikros
+  error JSON as the status message; any other exception becomes
+  ``INTERNAL`` with an ``InternalError`` JSON.
 
 The server also serves ``grpc.health.v1.Health`` (Check and Watch, for
 ``""`` and each registered service, read from the supervisor's health) and
@@ -32,9 +39,12 @@ a ``purerpc.Servicer`` is served. Requires the ``grpc`` extra.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
+import math
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -47,8 +57,6 @@ import h2.exceptions
 import purerpc
 import trio
 from dependency_injector import providers
-from hyperframe.frame import GoAwayFrame
-from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import (
     RequestReceived,
@@ -124,37 +132,151 @@ SERVER_FAULTS = frozenset(
 INTERNAL_KINDS = frozenset({ErrorKind.INTERNAL, ErrorKind.RPC, ErrorKind.CUSTOM})
 
 
+#: PING payloads the server sends: the drain's (two-step GOAWAY) and keepalive's.
+DRAIN_PING = b"mkdrain\x00"
+KEEPALIVE_PING = b"mkalive\x00"
+
+#: The first GOAWAY of a drain names the largest stream id: "no new streams,
+#: but those already sent will be served" (grpc-go's two-step GOAWAY).
+ANY_STREAM = 2**31 - 1
+
+#: How long a drain waits for the PING sent with its first GOAWAY before the
+#: final GOAWAY (grpc-go: 1 s); streams the client sent before it are served.
+DRAIN_PING_TIMEOUT = 1.0
+
+#: Accept errors that mean "out of descriptors or memory for now": logged,
+#: retried every ACCEPT_BACKOFF seconds (as trio's serve_listeners does).
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF = 0.1
+
+#: Seconds a connection closed for abuse or a protocol error keeps reading
+#: (and dropping) before it closes, so its GOAWAY reaches the client.
+LINGER = 1.0
+
+
 class _Connection:
-    """One client connection: its socket, its in-flight RPCs, and a way to end it."""
+    """One client connection: its socket, its in-flight RPCs, its timers, a way to end it.
 
-    __slots__ = ("active", "goaway_sent", "reading", "socket")
+    One task per connection (:meth:`keep`) sleeps in :attr:`timer`, a cancel
+    scope whose deadline is the earliest of the connection's timers
+    (keepalive, idle, age); events only move that deadline earlier, and the
+    task works out on waking what is due. No task or timer per RPC.
+    """
 
-    def __init__(self) -> None:
-        self.active = 0
-        self.goaway_sent = False
+    __slots__ = (
+        "draining",
+        "final_sent",
+        "idle_since",
+        "keeping",
+        "reading",
+        "scope",
+        "settings",
+        "socket",
+        "timer",
+    )
+
+    def __init__(self, settings: GrpcSettings) -> None:
+        self.settings = settings
+        self.draining = False  # the first GOAWAY went out
+        self.final_sent = False  # the final GOAWAY went out: close once idle
         # Cancelled to stop reading new requests once drained; what was
         # written (last responses, the GOAWAY) is still flushed before the
         # socket closes.
         self.reading = trio.CancelScope()
-        self.socket: GRPCProtoSocket | None = None
+        # Cancelled to end the connection at once (keepalive unanswered,
+        # age grace over, abuse): every RPC on it is cancelled.
+        self.scope = trio.CancelScope()
+        self.timer = trio.CancelScope()
+        self.keeping = trio.CancelScope()  # cancelled when reading ends
+        self.socket: ServerSocket | None = None
+        self.idle_since = trio.current_time()
 
-    async def goaway(self) -> None:
-        """Tell the client to open no new streams here (HTTP/2 GOAWAY, no error).
+    @property
+    def active(self) -> int:
+        return self.socket.protocol.in_flight if self.socket is not None else 0
 
-        Sent as a bare frame: h2's ``close_connection()`` also moves its
-        state machine to CLOSED, after which the streams still in flight
-        could neither send their responses nor receive the rest of their
-        requests.
-        """
-        if self.socket is None or self.goaway_sent:
+    def wake_at(self, deadline: float) -> None:
+        """Make :meth:`keep` look again at ``deadline`` (or earlier)."""
+        if deadline < self.timer.deadline:
+            self.timer.deadline = deadline
+
+    async def first_goaway(self) -> trio.Event | None:
+        """Step one of a drain: GOAWAY(any stream) and a PING; the event is its answer."""
+        if self.socket is None or self.draining:
+            return None
+        self.draining = True
+        await self.socket.goaway(ANY_STREAM)
+        return await self.socket.ping(DRAIN_PING)
+
+    async def final_goaway(self) -> None:
+        """Step two: GOAWAY(the last stream received); streams above it are refused."""
+        if self.socket is None or self.final_sent:
             return
-        self.goaway_sent = True
-        connection = self.socket._grpc_connection.h2_connection
-        last = connection.highest_inbound_stream_id
-        self.socket._grpc_connection.last_stream_id = last
-        frame = GoAwayFrame(stream_id=0, last_stream_id=last, error_code=0)
-        connection._data_to_send += frame.serialize()
-        await self.socket._socket.flush()
+        self.final_sent = True
+        last = self.socket.protocol.h2_connection.highest_inbound_stream_id
+        self.socket.protocol.last_stream_id = last
+        await self.socket.goaway(last)
+        if self.active == 0:
+            self.reading.cancel()
+
+    async def drain(self) -> None:
+        """Both steps of the GOAWAY, the second once the PING is answered (bounded)."""
+        answered = await self.first_goaway()
+        if answered is not None:
+            with trio.move_on_after(DRAIN_PING_TIMEOUT):
+                await answered.wait()
+        await self.final_goaway()
+
+    async def keep(self) -> None:
+        """The connection's timers: keepalive pings, idle and age limits (grpc-go's)."""
+        with self.keeping:
+            await self._keep()
+
+    async def _keep(self) -> None:
+        settings = self.settings
+        socket = self.socket
+        assert socket is not None
+        idle = settings.max_connection_idle
+        keepalive = settings.keepalive_time
+        age = settings.max_connection_age
+        # Jitter (±10 %, as grpc-go) keeps connections made together from
+        # all draining together.
+        now = trio.current_time()
+        aged = now + age * random.uniform(0.9, 1.1) if age is not None else math.inf
+        cut = math.inf  # aged + grace, once aged
+        ping: trio.Event | None = None
+        ping_due = math.inf
+        while True:
+            now = trio.current_time()
+            if ping is not None and ping.is_set():
+                ping = None
+            if ping is not None and now >= ping_due:
+                log.info("grpc: a client did not answer a keepalive ping; connection closed")
+                self.scope.cancel()
+                return
+            if now >= cut:
+                log.info("grpc: connection closed at max_connection_age + grace")
+                self.scope.cancel()
+                return
+            idle_due = self.idle_since + idle if idle is not None and self.active == 0 else math.inf
+            if not self.draining and now >= min(aged, idle_due):
+                if now >= aged:
+                    cut = now + settings.max_connection_age_grace
+                await self.drain()  # GOAWAY: the client's next call opens a new connection
+                continue
+            deadlines = [cut] if self.draining else [aged, idle_due]
+            if ping is not None:
+                deadlines.append(ping_due)
+            elif keepalive is not None:
+                due = socket.last_read + keepalive
+                if now >= due:
+                    ping = await socket.ping(KEEPALIVE_PING)
+                    ping_due = now + settings.keepalive_timeout
+                    continue
+                deadlines.append(due)
+            self.timer = trio.CancelScope(deadline=min(deadlines))
+            with self.timer:
+                await trio.sleep_forever()
 
 
 class _Dispatcher:
@@ -222,7 +344,12 @@ class _Dispatcher:
         except ServiceError as error:
             _note_error(error, error.kind)
             status = self._status(error)
-        except Exception as error:
+        except BaseException as error:
+            # Not only Exception: a handler's SystemExit, KeyboardInterrupt or
+            # other BaseException fails its own call, never the whole service.
+            # Cancellation (the client's, the drain deadline's) propagates.
+            if _cancellation(error):
+                raise
             if isinstance(error, h2.exceptions.StreamClosedError) or stream_gone(stream):
                 return StatusCode.CANCELLED  # the client reset the stream or went away
             log.error(
@@ -242,7 +369,27 @@ class _Dispatcher:
         return Status(code, json.dumps(wire, separators=(",", ":")))
 
 
-def _note_error(error: Exception, kind: ErrorKind) -> None:
+async def _linger(stream: Any) -> None:
+    """Close our side and read (and drop) what the client still sends, briefly.
+
+    Closing a socket with unread bytes makes the kernel send RST, and a
+    client that gets RST may lose what was sent just before, the GOAWAY
+    saying why (nginx's "lingering close" does this too).
+    """
+    with trio.move_on_after(LINGER), contextlib.suppress(*GONE):
+        await stream.send_eof()
+        while True:
+            await stream.receive(65536)
+
+
+def _cancellation(error: BaseException) -> bool:
+    """True for Trio's Cancelled, alone or inside an exception group."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.subgroup(trio.Cancelled) is not None
+    return isinstance(error, trio.Cancelled)
+
+
+def _note_error(error: BaseException, kind: ErrorKind) -> None:
     call = current_call()
     if call is not None:
         call.error = error
@@ -305,50 +452,98 @@ class GrpcServer(Component):
             nursery.start_soon(drain_on_stop)
             task_status.started()
             async with trio.open_nursery() as connections:
-
-                async def accept(
-                    one: Any,
-                ) -> None:  # anyio types it Listener; each is a SocketListener
-                    while True:
-                        stream = await one.accept()
-                        connections.start_soon(self._serve_connection, dispatcher, stream)
-
                 with self._accept:
                     async with listener, trio.open_nursery() as accepting:
                         for one in listener.listeners:
-                            accepting.start_soon(accept, one)
+                            accepting.start_soon(self._accept_from, one, connections, dispatcher)
             nursery.cancel_scope.cancel()
 
+    async def _accept_from(
+        self, listener: Any, connections: trio.Nursery, dispatcher: _Dispatcher
+    ) -> None:
+        """Accept connections; running out of descriptors or memory is waited out, not fatal."""
+        failures = 0
+        while True:
+            try:
+                stream = await listener.accept()
+            except anyio.BrokenResourceError as error:  # anyio's wrapping of the OSError
+                cause = error.__cause__
+                if not isinstance(cause, OSError) or cause.errno not in _RESOURCE_ERRORS:
+                    raise
+                if failures == 0:  # once per burst, not per attempt
+                    log.warning(
+                        "grpc: cannot accept connections (%s); retrying every %g s",
+                        cause.strerror,
+                        ACCEPT_BACKOFF,
+                    )
+                failures += 1
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            if failures:
+                log.warning("grpc: accepting connections again after %d failed tries", failures)
+                failures = 0
+            connections.start_soon(self._serve_connection, dispatcher, stream)
+
     async def _drain(self) -> None:
+        """Stop accepting; drain every connection with a two-step GOAWAY.
+
+        Step one (GOAWAY naming any stream, and a PING) tells every client
+        at once to open no new streams; once each has answered the PING (so
+        every stream it sent before hearing it has arrived), or after
+        :data:`DRAIN_PING_TIMEOUT`, step two names the last stream that
+        will be served. Nothing a client sent in time is refused.
+        """
         self._draining = True
         self._accept.cancel()
-        for connection in list(self._connections):
-            await connection.goaway()
-            if connection.active == 0:
-                connection.reading.cancel()
+        connections = list(self._connections)
+        answers = [await connection.first_goaway() for connection in connections]
+        with trio.move_on_after(DRAIN_PING_TIMEOUT):
+            for answered in answers:
+                if answered is not None:
+                    await answered.wait()
+        for connection in connections:
+            await connection.final_goaway()
 
     async def _serve_connection(self, dispatcher: _Dispatcher, stream: Any) -> None:
-        connection = _Connection()
+        connection = _Connection(self._settings)
         self._connections.add(connection)
+        linger = False
         config = GRPCConfiguration(
             client_side=False, max_message_length=self._settings.max_message_size
         )
         try:
-            async with AsyncExitStack() as stack:
-                socket = await stack.enter_async_context(ServerSocket(config, stream))
-                stack.callback(abandon_streams, socket)
-                connection.socket = socket
-                if self._draining:
-                    await connection.goaway()
-                    return
-                async with trio.open_nursery() as rpcs:
-                    with connection.reading:
-                        async for grpc_stream in socket.listen():
-                            connection.active += 1
-                            rpcs.start_soon(self._serve_rpc, dispatcher, connection, grpc_stream)
-                    # The client closed the connection, or it drained: no stream
-                    # gets more requests (handlers waiting for one get end-of-stream).
-                    abandon_streams(socket)
+            with connection.scope:
+                async with AsyncExitStack() as stack:
+                    socket = ServerSocket(config, stream, self._settings)
+                    await stack.enter_async_context(socket)
+                    stack.callback(abandon_streams, socket)
+                    connection.socket = socket
+                    if self._draining:
+                        await connection.final_goaway()
+                        return
+                    async with trio.open_nursery() as rpcs:
+                        rpcs.start_soon(connection.keep)
+                        with connection.reading:
+                            async for grpc_stream in socket.listen():
+                                socket.protocol.rpc_started()
+                                rpcs.start_soon(
+                                    self._serve_rpc, dispatcher, connection, grpc_stream
+                                )
+                        if socket.calm is not None:
+                            log.warning(
+                                "grpc: connection closed (GOAWAY ENHANCE_YOUR_CALM): %s",
+                                socket.calm,
+                            )
+                        elif socket.broken is not None:
+                            # The client's fault, not worth a warning.
+                            log.debug("gRPC connection dropped: %s", socket.broken)
+                        if socket.calm or socket.broken:
+                            rpcs.cancel_scope.cancel()
+                            linger = True
+                        # The client closed the connection, or it drained: no stream
+                        # gets more requests (handlers waiting for one get end-of-stream).
+                        abandon_streams(socket)
+                        connection.keeping.cancel()  # only the handlers are left
         except* GONE:
             pass  # the client went away or broke the protocol: only its connection ends
         except* h2.exceptions.ProtocolError as group:
@@ -358,7 +553,11 @@ class GrpcServer(Component):
             log.warning("gRPC connection failed", exc_info=group)
         finally:
             self._connections.discard(connection)
-            await anyio.aclose_forcefully(stream)
+            try:
+                if linger:
+                    await _linger(stream)
+            finally:  # even when cancelled while lingering: the socket never leaks
+                await anyio.aclose_forcefully(stream)
 
     async def _serve_rpc(
         self, dispatcher: _Dispatcher, connection: _Connection, stream: Any
@@ -368,13 +567,22 @@ class GrpcServer(Component):
                 if stream._reset:  # the client cancelled the call before it began
                     stream._handler.cancel()
                 await dispatcher(stream)
-        except GONE:
-            pass  # the stream or the connection ended under the handler
+        except (*GONE, h2.exceptions.ProtocolError):
+            # The stream or the connection ended under the handler (h2 refuses
+            # to send on a stream the client reset: a ProtocolError of that
+            # stream alone; errors of the connection come from its reader).
+            pass
         finally:
             stream.release()
-            connection.active -= 1
-            if self._draining and connection.active == 0:
-                connection.reading.cancel()
+            protocol = stream._grpc_socket.protocol
+            protocol.in_flight -= 1
+            if protocol.in_flight == 0:
+                if connection.final_sent:
+                    connection.reading.cancel()
+                connection.idle_since = now = trio.current_time()
+                idle = self._settings.max_connection_idle
+                if idle is not None:
+                    connection.wake_at(now + idle)
 
 
 def _servicer_providers(context: BuildContext, settings: GrpcSettings) -> list[Any]:
@@ -515,19 +723,27 @@ class ClientChannel:
         custom_metadata: Sequence[tuple[str, Any]],
     ) -> Any:
         metadata = tuple(custom_metadata)
-        socket = await self._connected()
-        try:
+
+        async def start(socket: ClientSocket) -> Any:
             return await socket.start_request(
                 scheme, service_name, method_name, *args, custom_metadata=metadata, **kwargs
             )
+
+        socket = await self._connected()
+        try:
+            stream = await start(socket)
         except Exception:
             # The connection died between calls (or the server sent GOAWAY):
             # nothing of this request left; reconnect once and start it again.
             socket.ended.set()
-            socket = await self._connected()
-            return await socket.start_request(
-                scheme, service_name, method_name, *args, custom_metadata=metadata, **kwargs
-            )
+            stream = await start(await self._connected())
+        # A call the server refuses unprocessed is started again, once, on a
+        # fresh connection (the stream replays its request).
+        stream._retry = lambda: self._connected_then(start)
+        return stream
+
+    async def _connected_then(self, start: Callable[[ClientSocket], Awaitable[Any]]) -> Any:
+        return await start(await self._connected())
 
     async def _connected(self) -> ClientSocket:
         async with self._lock:

@@ -1,14 +1,15 @@
-"""Shared fixtures: the examples and the CLI run as real child processes."""
+"""Shared fixtures: the examples and the CLI run as real child processes; examples imported."""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, Child, Spawn
+from helpers import GATEWAY, GRPC, REPO, Child, Examples, Spawn, import_example
 
 
 @pytest.fixture(name="spawn")
@@ -34,3 +35,17 @@ def fixture_spawn() -> Iterator[Spawn]:
     yield spawn
     for child in children:
         child.close()
+
+
+@pytest.fixture(name="examples", scope="module")
+def fixture_examples() -> Iterator[Examples]:
+    """Both examples' main.py, imported under names no other example's ``main`` takes."""
+    greeter = import_example(GRPC / "main.py", "grpc_example_main_for_gateway")
+    try:
+        gateway = import_example(GATEWAY / "main.py", "gateway_example_main")
+        try:
+            yield Examples(greeter, gateway)
+        finally:
+            del sys.modules[gateway.__name__]
+    finally:
+        del sys.modules[greeter.__name__]

@@ -1,7 +1,15 @@
-"""Running the examples and the CLI as real processes: bounded waits, no leaked pipes."""
+"""The tests' shared helpers: real processes, in-process services, raw HTTP/2, leaks.
+
+Running the examples and the CLI as real processes (bounded waits, no
+leaked pipes), the echo gRPC test service, traced services, the gateway
+examples, secrets' leak forms and hand-built HTTP/2. Importing this module
+stays cheap: grpcio, trio and the framework are imported by the helpers
+that use them, when used.
+"""
 
 from __future__ import annotations
 
+import functools
 import http.client
 import importlib.util
 import json
@@ -12,18 +20,27 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pytest
 
-if TYPE_CHECKING:  # grpcio is imported by the gRPC helpers only, when used
+if TYPE_CHECKING:  # grpcio, trio, the framework… are imported by the helpers using them
     import grpc
+    import httpx
+    import trio
+    from opentelemetry.sdk.trace import ReadableSpan
+    from quart_trio import QuartTrio
 
-    from mikros_trio import Component, Telemetry
+    from mikros_trio import Component, ServiceContainer, Telemetry
+    from mikros_trio.features.tracing import Tracing
+    from mikros_trio.testing import RunningService, ServiceStarter
+
+T = TypeVar("T")
 
 REPO = Path(__file__).parents[1]
 
@@ -209,11 +226,15 @@ OWN_CONNECTION = (*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1))
 
 
 @contextmanager
-def grpc_channel(port: int) -> Iterator[grpc.Channel]:
-    """A grpcio channel to 127.0.0.1:``port``, closed on exit (an unclosed one warns)."""
+def grpc_channel(target: int | str) -> Iterator[grpc.Channel]:
+    """A grpcio channel to 127.0.0.1:``target`` (a port) or to ``target``; closed on exit.
+
+    An unclosed channel warns.
+    """
     import grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
+    address = f"127.0.0.1:{target}" if isinstance(target, int) else target
+    with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
         yield channel
 
 
@@ -290,6 +311,578 @@ def build_feature(
     context = BuildContext(name, settings, definition, ServiceContainer(), telemetry)
     factory = _load_factory(default_registry().features[name].factory)
     return telemetry, list(factory(context))
+
+
+# -- the echo gRPC test service, in-process: its servicer, containers and grpcio calls -
+#
+# Its classes subclass generated code and its constants hold protobuf and grpcio
+# values, so they are built on first use (module ``__getattr__``, PEP 562):
+# ``from helpers import EchoServicer`` imports grpc then, ``import helpers`` never does.
+
+#: No single wait in the in-process service tests may take longer than this (seconds).
+BOUND = 5.0
+
+#: The echo service's full name, as reflection and health list it.
+ECHO = "mikros.testsvc.v1.Echo"
+
+#: The HTTP/2 path of its Unary method.
+UNARY = f"/{ECHO}/Unary"
+
+#: What :func:`_echo_service` builds: ``EchoRequest`` and ``EchoReply`` (the messages);
+#: ``SERVICE_ERRORS``, the ``EchoRequest.fail`` values that raise a ServiceError, with
+#: the gRPC code each must map to; ``EchoServicer`` and its ``Container`` (and
+#: ``ClientContainer``, plus a channel to ``[clients.peer]``); ``GrpcioEcho``, the same
+#: echo served by grpcio.
+_ECHO_NAMES = frozenset(
+    {
+        "EchoRequest",
+        "EchoReply",
+        "SERVICE_ERRORS",
+        "EchoServicer",
+        "Container",
+        "ClientContainer",
+        "GrpcioEcho",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    """The names built on first use: the echo service's and the traced app's."""
+    if name in _ECHO_NAMES:
+        return _echo_service()[name]
+    if name == "TracedContainer":
+        return _traced_container()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _echo_service() -> dict[str, Any]:
+    """The echo service's messages, error table and classes (see :data:`_ECHO_NAMES`)."""
+    import grpc
+    import trio
+    from dependency_injector import providers
+    from purerpc.grpclib.exceptions import AbortedError
+
+    import mikros_trio.grpc
+    from mikros_trio import (
+        ConditionError,
+        InternalError,
+        NotFoundError,
+        PermissionDeniedError,
+        ServiceContainer,
+        ServiceError,
+        ValidationError,
+    )
+    from protos import testsvc_grpc, testsvc_pb2, testsvc_pb2_grpc
+
+    EchoRequest = testsvc_pb2.EchoRequest
+    EchoReply = testsvc_pb2.EchoReply
+
+    SERVICE_ERRORS: dict[str, tuple[type[ServiceError], grpc.StatusCode]] = {
+        "validation": (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
+        "not-found": (NotFoundError, grpc.StatusCode.NOT_FOUND),
+        "permission": (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+        "condition": (ConditionError, grpc.StatusCode.FAILED_PRECONDITION),
+        "internal": (InternalError, grpc.StatusCode.INTERNAL),
+    }
+
+    class EchoServicer(testsvc_grpc.EchoServicer):  # type: ignore[misc]  # generated, untyped
+        """The test servicer: echoes, and behaves as ``EchoRequest`` asks.
+
+        ``delay`` sleeps before answering (before each item when streaming);
+        ``count`` is how many items ServerStream sends; ``fail`` raises (after
+        the items, when streaming): a ``SERVICE_ERRORS`` key, ``"runtime"``
+        (RuntimeError), ``"status"`` (purerpc's own ABORTED status error) or
+        ``"forever"`` (blocks until cancelled). ``entered`` is set when a
+        handler starts sleeping; ``finished`` counts handlers that ran to their
+        end; ``cancelled`` counts handlers cancelled while blocked; ``active``
+        counts handlers running now, and ``idle`` is set when it drops to 0.
+        """
+
+        def __init__(self) -> None:
+            self.entered = trio.Event()
+            self.finished = 0
+            self.cancelled = 0
+            self.active = 0
+            self.idle = trio.Event()
+
+        @contextmanager
+        def _running(self) -> Iterator[None]:
+            self.active += 1
+            self.idle = trio.Event()
+            try:
+                yield
+            finally:
+                self.active -= 1
+                if self.active == 0:
+                    self.idle.set()
+
+        async def _fail(self, request: Any) -> None:
+            if request.fail == "runtime":
+                raise RuntimeError("the handler broke")
+            if request.fail == "status":
+                raise AbortedError("a status of the handler's choosing")
+            if request.fail == "forever":
+                self.entered.set()
+                try:
+                    await trio.sleep_forever()
+                except trio.Cancelled:
+                    self.cancelled += 1
+                    raise
+            if request.fail:
+                cls, _ = SERVICE_ERRORS[request.fail]
+                raise cls(f"raised {request.fail}", code=7)
+
+        async def _delay(self, request: Any) -> None:
+            if request.delay > 0:
+                self.entered.set()
+                await trio.sleep(request.delay)
+
+        async def Unary(self, request: Any) -> Any:
+            with self._running():
+                await self._fail(request)
+                await self._delay(request)
+                self.finished += 1
+                return EchoReply(text=request.text, size=len(request.payload))
+
+        async def ServerStream(self, request: Any) -> AsyncIterator[Any]:
+            # ``count`` items, ``delay`` apart; then ``fail``, if any.
+            with self._running():
+                for index in range(request.count):
+                    await self._delay(request)
+                    yield EchoReply(text=request.text, index=index)
+                await self._fail(request)
+                self.finished += 1
+
+        async def ClientStream(self, requests: AsyncIterator[Any]) -> Any:
+            with self._running():
+                texts: list[str] = []
+                size = 0
+                async for request in requests:
+                    await self._fail(request)
+                    await self._delay(request)
+                    texts.append(request.text)
+                    size += len(request.payload)
+                self.finished += 1
+                return EchoReply(text=",".join(texts), index=len(texts), size=size)
+
+        async def Bidi(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            with self._running():
+                index = 0
+                async for request in requests:
+                    await self._fail(request)
+                    await self._delay(request)
+                    yield EchoReply(text=request.text.upper(), index=index)
+                    index += 1
+                self.finished += 1
+
+    class Container(ServiceContainer):
+        echo = providers.Singleton(EchoServicer)
+
+    class ClientContainer(Container):
+        """The echo service plus a channel to ``[clients.peer]``."""
+
+        peer = mikros_trio.grpc.client("peer")
+
+    class GrpcioEcho(testsvc_pb2_grpc.EchoServicer):  # type: ignore[misc]  # generated, untyped
+        """The same echo behaviour, served by grpcio (handlers run in its thread pool)."""
+
+        def __init__(self) -> None:
+            self.entered = threading.Event()
+
+        def Unary(self, request: Any, context: grpc.ServicerContext) -> Any:
+            if request.fail:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"grpcio says {request.fail}")
+            if request.delay > 0:
+                self.entered.set()
+                time.sleep(request.delay)
+            return EchoReply(text=request.text, size=len(request.payload))
+
+        def ServerStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            for index in range(request.count):
+                yield EchoReply(text=request.text, index=index)
+
+        def ClientStream(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            texts = [request.text for request in requests]
+            return EchoReply(text=",".join(texts), index=len(texts))
+
+        def Bidi(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            for index, request in enumerate(requests):
+                yield EchoReply(text=request.text.upper(), index=index)
+
+    return {
+        "EchoRequest": EchoRequest,
+        "EchoReply": EchoReply,
+        "SERVICE_ERRORS": SERVICE_ERRORS,
+        "EchoServicer": EchoServicer,
+        "Container": Container,
+        "ClientContainer": ClientContainer,
+        "GrpcioEcho": GrpcioEcho,
+    }
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML value (JSON's forms are TOML's for these; a path is its text)."""
+    return json.dumps(str(value) if isinstance(value, Path) else value)
+
+
+def _table(name: str, values: Mapping[str, Any]) -> list[str]:
+    return ["", f"[{name}]", *(f"{key} = {toml_value(v)}" for key, v in values.items())]
+
+
+def write_toml(
+    tmp_path: Path,
+    *,
+    grpc: Mapping[str, Any] | None = None,
+    lifecycle: Mapping[str, Any] | None = None,
+    clients: Mapping[str, int | tuple[str, int]] | None = None,
+) -> Path:
+    """A service.toml for a grpc service on 127.0.0.1, written into ``tmp_path``.
+
+    ``clients`` maps client names to ports on 127.0.0.1, or to (host, port).
+    """
+    timeouts = {"start_timeout": 5.0, "drain_timeout": 3.0, "shutdown_timeout": 8.0}
+    timeouts.update(lifecycle or {})
+    lines = ['name = "echo"', 'types = ["grpc"]', 'version = "1.0.0"']
+    lines += _table("runtime.grpc", {"host": "127.0.0.1", **(grpc or {})})
+    lines += _table("lifecycle", timeouts)
+    for name, target in (clients or {}).items():
+        host, port = target if isinstance(target, tuple) else ("127.0.0.1", target)
+        lines += _table(f"clients.{name}", {"host": host, "port": port})
+    path = tmp_path / "service.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def start(mikros_service: ServiceStarter, tmp_path: Path, **options: Any) -> RunningService:
+    """Start the echo ``Container`` (or ``container=``) with a service.toml from ``options``."""
+    import trio
+
+    overrides = options.pop("overrides", None)
+    container = options.pop("container", None) or _echo_service()["Container"]
+    path = write_toml(tmp_path, **options)
+    with trio.fail_after(BOUND):
+        return await mikros_service.start(container, path, overrides=overrides)
+
+
+def port(running: RunningService) -> int:
+    """The port the service's gRPC server listens on."""
+    return running.ports["grpc"]
+
+
+def phase_time(running: RunningService, component: str, phase: str) -> float:
+    """Trio time of the first event where ``component`` reached ``phase``."""
+    for event in running.events:
+        if event.component == component and event.phase == phase:
+            return event.time
+    raise AssertionError(f"{component} never reached {phase}: {running.events}")
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking grpcio code in a worker thread, bounded.
+
+    The thread is never abandoned: every grpcio call made there carries a
+    timeout below :data:`BOUND`, so it returns on its own.
+    """
+    import trio
+
+    with trio.fail_after(2 * BOUND):
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+def unary(port: int, request: Any, timeout: float = BOUND) -> Any:
+    """One grpcio Unary call on a fresh channel (blocking; run it :func:`in_thread`)."""
+    from protos import testsvc_pb2_grpc
+
+    with grpc_channel(port) as channel:
+        return testsvc_pb2_grpc.EchoStub(channel).Unary(request, timeout=timeout)
+
+
+def rpc_error(fn: Callable[[], Any]) -> grpc.RpcError:
+    """The grpc.RpcError that ``fn()`` raises (fails the test if it returns)."""
+    import grpc
+
+    try:
+        fn()
+    except grpc.RpcError as error:
+        return error
+    raise AssertionError("the call succeeded")
+
+
+class GrpcioPeer:
+    """A running grpcio server: its port, its servicer (a ``GrpcioEcho``), and the server."""
+
+    def __init__(self, port: int, servicer: Any, server: grpc.Server) -> None:
+        self.port = port
+        self.servicer = servicer
+        self.server = server
+
+
+@asynccontextmanager
+async def grpcio_peer(port: int = 0) -> AsyncIterator[GrpcioPeer]:
+    """A grpcio server with ``GrpcioEcho`` on 127.0.0.1, stopped on exit."""
+    from concurrent import futures
+
+    import grpc
+
+    from protos import testsvc_pb2_grpc
+
+    executor = futures.ThreadPoolExecutor(max_workers=4)
+    server = grpc.server(executor)
+    servicer = _echo_service()["GrpcioEcho"]()
+    testsvc_pb2_grpc.add_EchoServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    assert bound, f"grpcio could not bind 127.0.0.1:{port}"
+    server.start()
+    try:
+        yield GrpcioPeer(bound, servicer, server)
+    finally:
+        await in_thread(lambda: server.stop(None).wait(BOUND))
+        await in_thread(executor.shutdown)
+
+
+@asynccontextmanager
+async def grpcio_server(port: int = 0) -> AsyncIterator[int]:
+    """A grpcio server with ``GrpcioEcho`` on 127.0.0.1; yields its port, stops on exit."""
+    async with grpcio_peer(port) as peer:
+        yield peer.port
+
+
+async def agen(items: list[Any], delay: float = 0.0) -> AsyncIterator[Any]:
+    """The ``items`` as an async iterator (a client stream), ``delay`` seconds apart."""
+    import trio
+
+    for item in items:
+        yield item
+        if delay:
+            await trio.sleep(delay)
+
+
+# -- tracing: traced services with their spans kept in memory, and span ids -----------
+
+#: An incoming W3C parent: trace and span ids, sampled.
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE}-{PARENT}-01"
+
+#: A secret a traced service's environment holds; it must never reach a span.
+SECRET = "s3cr3t-token-value"
+
+#: The environ of a traced test service: spans kept in memory, one secret.
+MEMORY = {"OTEL_TRACES_EXPORTER": "memory", "API_TOKEN": SECRET}
+
+
+def service_toml(
+    *, types: str = "http", tracing: Mapping[str, Any] | None = None, name: str = "traced"
+) -> str:
+    """A service.toml on 127.0.0.1 with tracing on (``exporter`` from ``tracing``, default otlp)."""
+    tables: dict[str, Mapping[str, Any]] = {
+        "lifecycle": {"start_timeout": 5.0, "drain_timeout": 3.0, "shutdown_timeout": 8.0},
+        "features.tracing": {"enabled": True, **(tracing or {})},
+        "features.env": {"secrets": ["API_TOKEN"]},
+    }
+    if types in ("http", "grpc"):
+        tables[f"runtime.{types}"] = {"host": "127.0.0.1"}
+    lines = [
+        f'name = "{name}"',
+        f'types = ["{types}"]',
+        'version = "v1.2.0"',
+        'envs = ["API_TOKEN"]',
+    ]
+    for table, values in tables.items():
+        lines += _table(table, values)
+    return "\n".join(lines) + "\n"
+
+
+def write_service(tmp_path: Path, **options: Any) -> Path:
+    """:func:`service_toml` written to a fresh file under ``tmp_path``."""
+    path = tmp_path / f"{options.get('name', 'traced')}.toml"
+    path.write_text(service_toml(**options))
+    return path
+
+
+def tracing_of(running: RunningService) -> Tracing:
+    """The running service's :class:`Tracing`."""
+    from mikros_trio.features.tracing import Tracing
+
+    return running.service.telemetry.get(Tracing)
+
+
+async def spans_of(running: RunningService, count: int) -> tuple[ReadableSpan, ...]:
+    """The service's finished spans, once there are at least ``count`` (bounded wait).
+
+    A kind ends a call just after its response went out, so a client can
+    read the response a moment before the span is finished.
+    """
+    import trio
+
+    tracing = tracing_of(running)
+    with trio.fail_after(BOUND):
+        while True:
+            spans = tracing.spans()
+            if len(spans) >= count:
+                return spans
+            await trio.sleep(0.001)
+
+
+def hex_ids(span: ReadableSpan) -> tuple[str, str]:
+    """(trace id, span id) of ``span`` in lower-case hex."""
+    context = span.get_span_context()
+    assert context is not None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x")
+
+
+def parent_ids(span: ReadableSpan) -> tuple[str, str] | None:
+    """(trace id, span id) of ``span``'s parent in hex, or ``None`` for a root span."""
+    if span.parent is None:
+        return None
+    return format(span.parent.trace_id, "032x"), format(span.parent.span_id, "016x")
+
+
+def built(
+    toml: str, environ: Mapping[str, str] | None = None
+) -> tuple[Telemetry, Tracing, list[Any]]:
+    """Build the tracing feature for ``toml`` on a fresh hub, as the container layer does."""
+    from mikros_trio.features.tracing import Tracing
+
+    telemetry, components = build_feature("tracing", toml, {"API_TOKEN": SECRET, **(environ or {})})
+    return telemetry, telemetry.get(Tracing), components
+
+
+def create_traced_app() -> QuartTrio:
+    """The traced test app: one route per behaviour the tracing tests pin."""
+    import trio
+    from opentelemetry import trace
+    from opentelemetry.trace import StatusCode
+    from quart_trio import QuartTrio
+
+    from mikros_trio import NotFoundError
+    from mikros_trio._telemetry import current_call, current_telemetry
+    from mikros_trio.features.tracing import Tracing
+
+    app = QuartTrio("tracing_test_app")
+
+    @app.get("/ids")
+    async def ids() -> dict[str, Any]:
+        call = current_call()
+        assert call is not None
+        current = trace.get_current_span().get_span_context()
+        return {
+            "ids": dict(call.ids),
+            "current": [format(current.trace_id, "032x"), format(current.span_id, "016x")],
+        }
+
+    @app.get("/items/<item_id>")
+    async def item(item_id: str) -> str:
+        raise NotFoundError(f"no item {item_id!r}")
+
+    @app.get("/boom")
+    async def boom() -> str:
+        raise RuntimeError(f"the handler broke holding {SECRET}")
+
+    @app.get("/enrich")
+    async def enrich() -> str:
+        span = trace.get_current_span()
+        span.set_attribute("app.user", "ada")
+        span.set_attribute("app.bad", {"not": "a primitive"})  # type: ignore[arg-type]
+        span.add_event("cache.miss", {"key": "ada"})
+        span.update_name("overridden")  # the route name set at the end wins
+        return "done"
+
+    @app.get("/degrade")
+    async def degrade() -> str:
+        span = trace.get_current_span()
+        span.record_exception(ValueError("cache down"))
+        span.set_status(StatusCode.ERROR, "served stale data")
+        span.set_status(StatusCode.UNSET)  # as the SDK: UNSET never overrides
+        return "stale"
+
+    @app.get("/leak")
+    async def leak() -> str:
+        span = trace.get_current_span()
+        span.set_attribute("app.token", repr(SECRET))
+        span.set_attributes({"app.list": [SECRET, "x"], f"app.{SECRET}": 1})
+        span.add_event(f"used {SECRET}", {"hex": SECRET.encode().hex()})
+        span.add_link(span.get_span_context(), {"link": SECRET})
+        span.set_status(StatusCode.ERROR, f"refused {json.dumps(SECRET)}")
+        span.update_name(f"GET {SECRET}")
+        return "leaked"
+
+    @app.get("/work")
+    async def work() -> str:
+        telemetry = current_telemetry()
+        assert telemetry is not None
+        with telemetry.get(Tracing).tracer.start_as_current_span("load-profile"):
+            await trio.lowlevel.checkpoint()
+        return "done"
+
+    return app
+
+
+@functools.cache
+def _traced_container() -> type[ServiceContainer]:
+    """``TracedContainer``: the service of :func:`create_traced_app` (built on first use)."""
+    from dependency_injector import providers
+
+    from mikros_trio import ServiceContainer
+
+    class TracedContainer(ServiceContainer):
+        app = providers.Singleton(create_traced_app)
+
+    return TracedContainer
+
+
+async def get(running: RunningService, path: str, **headers: str) -> httpx.Response:
+    """One GET on the service's HTTP port, on a fresh connection, bounded."""
+    import httpx
+    import trio
+
+    base = f"http://127.0.0.1:{running.ports['http']}"
+    with trio.fail_after(BOUND):
+        async with httpx.AsyncClient(base_url=base, trust_env=False) as client:
+            return await client.get(path, headers=headers)
+
+
+# -- the gateway example calling the grpc example, both in-process -------------------
+
+#: The two examples' folders.
+GRPC = REPO / "examples" / "grpc"
+GATEWAY = REPO / "examples" / "gateway"
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Both examples' main.py, imported (the ``examples`` fixture of conftest.py)."""
+
+    greeter: ModuleType
+    gateway: ModuleType
+
+
+def gateway_config(tmp_path: Path, greeter_port: int) -> Path:
+    """A copy of the gateway's service.toml whose ``[clients.greeter]`` is the running greeter."""
+    import re
+
+    text = (GATEWAY / "service.toml").read_text()
+    text, count = re.subn(
+        r"(?ms)^(\[clients\.greeter\]\n.*?^port\s*=\s*)\d+", rf"\g<1>{greeter_port}", text
+    )
+    assert count == 1, "no [clients.greeter] port in the gateway's service.toml"
+    path = tmp_path / "service.toml"
+    path.write_text(text)
+    return path
+
+
+async def start_greeter_and_gateway(
+    mikros_service: ServiceStarter, examples: Examples, tmp_path: Path
+) -> tuple[RunningService, RunningService]:
+    """The greeter, then the gateway pointed at it; both ready."""
+    import trio
+
+    with trio.fail_after(PATIENCE):
+        greeter = await mikros_service.start(examples.greeter.Container, GRPC / "service.toml")
+        config = gateway_config(tmp_path, greeter.ports["grpc"])
+        gateway = await mikros_service.start(examples.gateway.Container, config)
+    return greeter, gateway
 
 
 # -- secrets: what a leak would look like ------------------------------------------
@@ -381,12 +974,54 @@ def log_lines(output: str) -> list[dict[str, Any]]:
     return lines
 
 
-# -- raw HTTP/2 on a blocking socket, and a process's resources ------------------------
+# -- raw HTTP/2 (a blocking client, a trio one), and a process's resources --------------
 
 
-def grpc_frame(body: bytes) -> bytes:
-    """One length-prefixed, uncompressed gRPC message."""
-    return b"\x00" + len(body).to_bytes(4, "big") + body
+def grpc_frame(body: bytes, length: int | None = None) -> bytes:
+    """One length-prefixed, uncompressed gRPC message; ``length`` overrides the declared length."""
+    return b"\x00" + (len(body) if length is None else length).to_bytes(4, "big") + body
+
+
+def grpc_header_block(encoder: Any, path: str, content_type: str = "application/grpc") -> bytes:
+    """The HPACK block (``encoder`` is the connection's) of a gRPC request's headers."""
+    return bytes(
+        encoder.encode(
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", path),
+                (":authority", "t"),
+                ("content-type", content_type),
+                ("te", "trailers"),
+            ]
+        )
+    )
+
+
+def grpc_request(
+    encoder: Any,
+    stream_id: int,
+    path: str,
+    body: bytes | None,
+    *,
+    end_stream: bool = True,
+    content_type: str = "application/grpc",
+) -> bytes:
+    """HEADERS (and DATA carrying ``body``, already gRPC-framed) of one request for ``path``.
+
+    ``encoder`` is the connection's hpack ``Encoder``. ``body=None`` sends
+    the HEADERS alone; ``end_stream`` ends the stream on the last frame.
+    """
+    from hyperframe.frame import DataFrame, HeadersFrame
+
+    block = grpc_header_block(encoder, path, content_type)
+    end = ["END_STREAM"] if end_stream else []
+    if body is None:
+        return bytes(HeadersFrame(stream_id, block, flags=["END_HEADERS", *end]).serialize())
+    return bytes(
+        HeadersFrame(stream_id, block, flags=["END_HEADERS"]).serialize()
+        + DataFrame(stream_id, body, flags=end).serialize()
+    )
 
 
 def parse_frames(buffer: bytes) -> tuple[list[Any], bytes]:
@@ -404,7 +1039,25 @@ def parse_frames(buffer: bytes) -> tuple[list[Any], bytes]:
     return frames, buffer
 
 
-class RawH2:
+class _FrameReader:
+    """What :class:`RawH2` and :class:`RawClient` share: the frames read so far, and EOF."""
+
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+        self.eof = False
+        self._buffer = b""
+
+    def _take(self, data: bytes) -> list[Any]:
+        """The complete frames ``data`` ends (kept in :attr:`frames`); no data is EOF."""
+        if not data:
+            self.eof = True
+            return []
+        frames, self._buffer = parse_frames(self._buffer + data)
+        self.frames += frames
+        return frames
+
+
+class RawH2(_FrameReader):
     """A hand-driven HTTP/2 client on a blocking socket, for what grpcio would never send.
 
     Frames are built with hyperframe and hpack, not an h2 state machine, so
@@ -425,13 +1078,11 @@ class RawH2:
         from hpack import Decoder, Encoder
         from hyperframe.frame import SettingsFrame
 
+        super().__init__()
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE)
-        self.frames: list[object] = []
-        self.eof = False
         self.answer_pings = answer_pings
         self._encoder = Encoder()
         self._decoder = Decoder()
-        self._buffer = b""
         self.send(self.PREFACE + SettingsFrame(0, settings=dict(settings or {})).serialize())
 
     def send(self, data: bytes) -> None:
@@ -443,31 +1094,11 @@ class RawH2:
 
     def header_block(self, path: str) -> bytes:
         """The HPACK block of a gRPC request's headers for ``path``."""
-        return bytes(
-            self._encoder.encode(
-                [
-                    (":method", "POST"),
-                    (":scheme", "http"),
-                    (":path", path),
-                    (":authority", "t"),
-                    ("content-type", "application/grpc"),
-                    ("te", "trailers"),
-                ]
-            )
-        )
+        return grpc_header_block(self._encoder, path)
 
     def request(self, stream_id: int, path: str, body: bytes | None, end: bool = True) -> bytes:
         """HEADERS (and DATA carrying ``body``, already gRPC-framed) of one request."""
-        from hyperframe.frame import DataFrame, HeadersFrame
-
-        block = self.header_block(path)
-        if body is None:
-            flags = ["END_HEADERS", "END_STREAM"] if end else ["END_HEADERS"]
-            return bytes(HeadersFrame(stream_id, block, flags=flags).serialize())
-        data = DataFrame(stream_id, body, flags=["END_STREAM"] if end else [])
-        return bytes(
-            HeadersFrame(stream_id, block, flags=["END_HEADERS"]).serialize() + data.serialize()
-        )
+        return grpc_request(self._encoder, stream_id, path, body, end_stream=end)
 
     def receive(self) -> None:
         """Read once (bounded) and parse every complete frame."""
@@ -477,12 +1108,7 @@ class RawH2:
             data = self.sock.recv(1 << 20)
         except (ConnectionResetError, BrokenPipeError):
             data = b""
-        if not data:
-            self.eof = True
-            return
-        frames, self._buffer = parse_frames(self._buffer + data)
-        for frame in frames:
-            self.frames.append(frame)
+        for frame in self._take(data):
             if isinstance(frame, PingFrame) and "ACK" not in frame.flags and self.answer_pings:
                 self.send(PingFrame(0, frame.opaque_data, flags=["ACK"]).serialize())
 
@@ -509,6 +1135,79 @@ class RawH2:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class RawClient(_FrameReader):
+    """A hand-driven HTTP/2 client on a trio socket stream, for what grpcio would never send.
+
+    The async sibling of :class:`RawH2`: frames are built with hyperframe
+    and read back without a client state machine, so a test sees exactly
+    what the server wrote, in order.
+    """
+
+    #: The connection preface and an empty SETTINGS frame.
+    PREFACE = RawH2.PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        from hpack import Decoder, Encoder
+
+        super().__init__()
+        self.stream = stream
+        #: Decoded header blocks by stream id, in order (headers, then trailers).
+        self.headers: dict[int, list[dict[str, str]]] = {}
+        self._encoder = Encoder()
+        self._decoder = Decoder()
+
+    def request(
+        self,
+        stream_id: int,
+        path: str,
+        body: bytes | None,
+        *,
+        end_stream: bool = True,
+        **options: Any,
+    ) -> bytes:
+        """HEADERS and DATA frames of one gRPC request carrying ``body`` (framed already).
+
+        ``body=None`` sends the HEADERS alone, ending the stream there;
+        ``content_type=`` replaces ``application/grpc`` (see :func:`grpc_request`).
+        """
+        end_stream = end_stream or body is None
+        return grpc_request(self._encoder, stream_id, path, body, end_stream=end_stream, **options)
+
+    async def receive(self) -> None:
+        """Read what the server sent next (bounded); parse every complete frame."""
+        import trio
+        from hyperframe.frame import HeadersFrame
+
+        with trio.fail_after(BOUND):
+            data = await self.stream.receive_some(65536)
+        for frame in self._take(data):
+            if isinstance(frame, HeadersFrame):
+                decoded = {str(k): str(v) for k, v in self._decoder.decode(frame.data)}
+                self.headers.setdefault(frame.stream_id, []).append(decoded)
+
+    def ended(self, stream_id: int) -> bool:
+        from hyperframe.frame import DataFrame, HeadersFrame
+
+        return any(
+            isinstance(f, HeadersFrame | DataFrame)
+            and f.stream_id == stream_id
+            and "END_STREAM" in f.flags
+            for f in self.frames
+        )
+
+    async def trailers(self, stream_id: int) -> dict[str, str]:
+        """The trailers that end ``stream_id`` (fails if the connection ends first)."""
+        while not self.ended(stream_id):
+            assert not self.eof, f"the connection ended before stream {stream_id} did"
+            await self.receive()
+        return self.headers[stream_id][-1]
+
+    async def until_eof(self) -> None:
+        """Read until the server closes the connection (bounded)."""
+        while not self.eof:
+            await self.receive()
 
 
 def rss_kb(pid: int) -> int:

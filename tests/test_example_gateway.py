@@ -3,72 +3,21 @@
 The greeter (``examples/grpc``) and the gateway (``examples/gateway``) each
 start through the ``mikros_service`` fixture on ephemeral ports; the
 gateway's ``[clients.greeter]`` is pointed at the greeter's bound port by a
-copy of its service.toml. httpx calls the gateway's real listener. Every
-wait is bounded.
+copy of its service.toml (``start_greeter_and_gateway`` of helpers.py; the
+``examples`` fixture of conftest.py imports both). httpx calls the gateway's
+real listener. Every wait is bounded.
 """
 
 from __future__ import annotations
 
-import re
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import httpx
-import pytest
 import trio
 
-from helpers import PATIENCE, REPO, import_example
+from helpers import PATIENCE, Examples, start_greeter_and_gateway
 from mikros_trio.testing import RunningService, ServiceStarter
-
-GRPC = REPO / "examples" / "grpc"
-GATEWAY = REPO / "examples" / "gateway"
-
-
-@dataclass(frozen=True)
-class Examples:
-    greeter: ModuleType
-    gateway: ModuleType
-
-
-@pytest.fixture(name="examples", scope="module")
-def fixture_examples() -> Iterator[Examples]:
-    """Both examples' main.py, imported under names no other example's ``main`` takes."""
-    greeter = import_example(GRPC / "main.py", "grpc_example_main_for_gateway")
-    try:
-        gateway = import_example(GATEWAY / "main.py", "gateway_example_main")
-        try:
-            yield Examples(greeter, gateway)
-        finally:
-            del sys.modules[gateway.__name__]
-    finally:
-        del sys.modules[greeter.__name__]
-
-
-def _gateway_config(tmp_path: Path, greeter_port: int) -> Path:
-    """A copy of the gateway's service.toml whose ``[clients.greeter]`` is the running greeter."""
-    text = (GATEWAY / "service.toml").read_text()
-    text, count = re.subn(
-        r"(?ms)^(\[clients\.greeter\]\n.*?^port\s*=\s*)\d+", rf"\g<1>{greeter_port}", text
-    )
-    assert count == 1, "no [clients.greeter] port in the gateway's service.toml"
-    path = tmp_path / "service.toml"
-    path.write_text(text)
-    return path
-
-
-async def _start_both(
-    mikros_service: ServiceStarter, examples: Examples, tmp_path: Path
-) -> tuple[RunningService, RunningService]:
-    """The greeter, then the gateway pointed at it; both ready."""
-    with trio.fail_after(PATIENCE):
-        greeter = await mikros_service.start(examples.greeter.Container, GRPC / "service.toml")
-        config = _gateway_config(tmp_path, greeter.ports["grpc"])
-        gateway = await mikros_service.start(examples.gateway.Container, config)
-    return greeter, gateway
 
 
 def _client(gateway: RunningService) -> httpx.AsyncClient:
@@ -80,7 +29,7 @@ async def test_hello_is_the_greeters_reply(
     mikros_service: ServiceStarter, examples: Examples, tmp_path: Path
 ) -> None:
     """GET /hello?name=Ada answers 200 with the greeter's message."""
-    _, gateway = await _start_both(mikros_service, examples, tmp_path)
+    _, gateway = await start_greeter_and_gateway(mikros_service, examples, tmp_path)
     async with _client(gateway) as client:
         response = await client.get("/hello", params={"name": "Ada"})
     assert response.status_code == 200
@@ -91,7 +40,7 @@ async def test_greeter_validation_error_is_relayed_as_400(
     mikros_service: ServiceStarter, examples: Examples, tmp_path: Path
 ) -> None:
     """An empty name: the greeter's ValidationError comes back as a 400 naming the destination."""
-    _, gateway = await _start_both(mikros_service, examples, tmp_path)
+    _, gateway = await start_greeter_and_gateway(mikros_service, examples, tmp_path)
     async with _client(gateway) as client:
         response = await client.get("/hello", params={"name": ""})
     assert response.status_code == 400
@@ -105,7 +54,7 @@ async def test_greeter_down_is_a_prompt_500_rpc_error(
     mikros_service: ServiceStarter, examples: Examples, tmp_path: Path
 ) -> None:
     """With the greeter stopped, the next call answers 500 RPCError naming the client, promptly."""
-    greeter, gateway = await _start_both(mikros_service, examples, tmp_path)
+    greeter, gateway = await start_greeter_and_gateway(mikros_service, examples, tmp_path)
     async with _client(gateway) as client:
         assert (await client.get("/hello", params={"name": "Ada"})).status_code == 200
         with trio.fail_after(PATIENCE):
@@ -127,7 +76,7 @@ async def test_channel_starts_before_http_and_stops_after_it(
     mikros_service: ServiceStarter, examples: Examples, tmp_path: Path
 ) -> None:
     """The event log: greeter_channel is started before http starts, and stops after http."""
-    _, gateway = await _start_both(mikros_service, examples, tmp_path)
+    _, gateway = await start_greeter_and_gateway(mikros_service, examples, tmp_path)
     async with _client(gateway) as client:
         assert (await client.get("/hello", params={"name": "Ada"})).status_code == 200
     with trio.fail_after(PATIENCE):

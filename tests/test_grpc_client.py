@@ -20,16 +20,12 @@ from dependency_injector import providers
 from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
 import mikros_trio.grpc
-from helpers import free_port
-from mikros_trio import RPCError, Service, ServiceContainer
-from mikros_trio.grpc import ClientChannel
-from mikros_trio.testing import RunningService, ServiceStarter
-from protos import testsvc_grpc
-from test_grpc_server import (
+from helpers import (
     BOUND,
     ClientContainer,
     EchoRequest,
     EchoServicer,
+    free_port,
     grpcio_peer,
     grpcio_server,
     in_thread,
@@ -39,6 +35,10 @@ from test_grpc_server import (
     unary,
     write_toml,
 )
+from mikros_trio import RPCError, Service, ServiceContainer
+from mikros_trio.grpc import ClientChannel
+from mikros_trio.testing import RunningService, ServiceStarter
+from protos import testsvc_grpc
 
 
 async def start_client(

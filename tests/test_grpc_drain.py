@@ -18,15 +18,13 @@ import grpc
 import trio
 from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame, RstStreamFrame
 
-from mikros_trio.testing import RunningService, ServiceStarter
-from protos import testsvc_pb2_grpc
-from test_grpc_server import (
+from helpers import (
     BOUND,
     UNARY,
     EchoRequest,
     RawClient,
     grpc_channel,
-    grpc_message,
+    grpc_frame,
     in_thread,
     phase_time,
     port,
@@ -34,6 +32,8 @@ from test_grpc_server import (
     start,
     unary,
 )
+from mikros_trio.testing import RunningService, ServiceStarter
+from protos import testsvc_pb2_grpc
 
 
 async def wait_draining(running: RunningService) -> None:
@@ -243,7 +243,7 @@ async def test_wire_order_goaway_then_response_then_eof(
     delay = 0.3
     running = await start(mikros_service, tmp_path)
     servicer = running.container.echo()
-    body = grpc_message(EchoRequest(text="wire", delay=delay).SerializeToString())
+    body = grpc_frame(EchoRequest(text="wire", delay=delay).SerializeToString())
     async with await trio.open_tcp_stream("127.0.0.1", port(running)) as stream:
         client = RawClient(stream)
         await stream.send_all(client.PREFACE + client.request(1, UNARY, body))
@@ -275,8 +275,8 @@ async def test_streams_opened_after_goaway_are_refused_not_run(
     delay = 1.5  # in flight past the final GOAWAY (1 s: the raw client never answers PINGs)
     running = await start(mikros_service, tmp_path)
     servicer = running.container.echo()
-    body = grpc_message(EchoRequest(text="first", delay=delay).SerializeToString())
-    late = grpc_message(EchoRequest(text="late").SerializeToString())
+    body = grpc_frame(EchoRequest(text="first", delay=delay).SerializeToString())
+    late = grpc_frame(EchoRequest(text="late").SerializeToString())
     async with await trio.open_tcp_stream("127.0.0.1", port(running)) as stream:
         client = RawClient(stream)
         await stream.send_all(client.PREFACE + client.request(1, UNARY, body))

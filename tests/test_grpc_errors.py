@@ -11,9 +11,7 @@ import grpc
 import pytest
 import trio
 
-from mikros_trio.testing import ServiceStarter
-from protos import testsvc_pb2_grpc
-from test_grpc_server import (
+from helpers import (
     BOUND,
     SERVICE_ERRORS,
     EchoRequest,
@@ -25,6 +23,8 @@ from test_grpc_server import (
     start,
     unary,
 )
+from mikros_trio.testing import ServiceStarter
+from protos import testsvc_pb2_grpc
 
 
 async def failed_unary(port: int, request: Any) -> grpc.RpcError:

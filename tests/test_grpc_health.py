@@ -22,9 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from mikros_trio import Service
-from mikros_trio.testing import ServiceStarter
-from test_grpc_server import (
+from helpers import (
     BOUND,
     ECHO,
     Container,
@@ -35,6 +33,8 @@ from test_grpc_server import (
     start,
     write_toml,
 )
+from mikros_trio import Service
+from mikros_trio.testing import ServiceStarter
 
 HEALTH = "grpc.health.v1.Health"
 SERVING = health_pb2.HealthCheckResponse.SERVING

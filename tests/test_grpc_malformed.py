@@ -18,22 +18,22 @@ import pytest
 import trio
 from hyperframe.frame import DataFrame, RstStreamFrame
 
-from mikros_trio.testing import RunningService, ServiceStarter
-from protos import testsvc_pb2_grpc
-from test_grpc_server import (
+from helpers import (
     BOUND,
     ECHO,
     UNARY,
     EchoRequest,
     RawClient,
     grpc_channel,
-    grpc_message,
+    grpc_frame,
     in_thread,
     port,
     rpc_error,
     start,
     unary,
 )
+from mikros_trio.testing import RunningService, ServiceStarter
+from protos import testsvc_pb2_grpc
 
 
 class Neighbour:
@@ -126,12 +126,12 @@ async def test_truncated_message_is_answered_and_the_connection_lives(
     running = await start(mikros_service, tmp_path)
     async with busy_neighbour(running), await raw_connection(running) as stream:
         client = RawClient(stream)
-        truncated = grpc_message(b"\x0a\x02hi", length=100)
+        truncated = grpc_frame(b"\x0a\x02hi", length=100)
         await stream.send_all(client.PREFACE + client.request(1, UNARY, truncated))
         trailers = await client.trailers(1)
         assert trailers["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])
         assert "malformed" in trailers["grpc-message"]
-        whole = grpc_message(EchoRequest(text="whole").SerializeToString())
+        whole = grpc_frame(EchoRequest(text="whole").SerializeToString())
         await stream.send_all(client.request(3, UNARY, whole))
         assert (await client.trailers(3))["grpc-status"] == "0"
 
@@ -167,7 +167,7 @@ async def test_request_with_bad_headers_resets_only_its_stream(
 ) -> None:
     """A request that is not gRPC (content-type, path) is reset; the connection goes on."""
     running = await start(mikros_service, tmp_path)
-    whole = grpc_message(EchoRequest(text="ok").SerializeToString())
+    whole = grpc_frame(EchoRequest(text="ok").SerializeToString())
     async with busy_neighbour(running), await raw_connection(running) as stream:
         client = RawClient(stream)
         await stream.send_all(
@@ -217,11 +217,11 @@ async def test_oversized_message_on_a_raw_stream(
     running = await start(mikros_service, tmp_path, grpc={"max_message_size": 1024})
     async with busy_neighbour(running), await raw_connection(running) as stream:
         client = RawClient(stream)
-        huge = grpc_message(b"\x00" * 1000, length=1024 * 1024)
+        huge = grpc_frame(b"\x00" * 1000, length=1024 * 1024)
         await stream.send_all(client.PREFACE + client.request(1, UNARY, huge, end_stream=False))
         trailers = await client.trailers(1)
         assert trailers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
         # The client goes on sending on the refused stream: ignored, nothing breaks.
         await stream.send_all(DataFrame(1, b"\x00" * 500, flags=["END_STREAM"]).serialize())
-        await stream.send_all(client.request(3, UNARY, grpc_message(b"")))
+        await stream.send_all(client.request(3, UNARY, grpc_frame(b"")))
         assert (await client.trailers(3))["grpc-status"] == "0"

@@ -20,13 +20,9 @@ import trio
 from dependency_injector import providers
 
 import test_http
-from mikros_trio import Call, Observer, ServiceContainer, Telemetry, current_call
-from mikros_trio._registry import FeatureSpec, Registry, default_registry
-from mikros_trio._telemetry import redact_current
-from mikros_trio.testing import RunningService, ServiceStarter
-from protos import testsvc_grpc
-from test_grpc_server import (
+from helpers import (
     BOUND,
+    UNARY,
     ClientContainer,
     EchoRequest,
     grpcio_server,
@@ -34,10 +30,15 @@ from test_grpc_server import (
     rpc_error,
     unary,
 )
-from test_grpc_server import (
+from helpers import (
     Container as GrpcContainer,
 )
-from test_grpc_server import write_toml as grpc_toml
+from helpers import write_toml as grpc_toml
+from mikros_trio import Call, Observer, ServiceContainer, Telemetry, current_call
+from mikros_trio._registry import FeatureSpec, Registry, default_registry
+from mikros_trio._telemetry import redact_current
+from mikros_trio.testing import RunningService, ServiceStarter
+from protos import testsvc_grpc
 
 
 class Recorder(Observer):
@@ -292,8 +293,6 @@ async def test_lifecycle_events_reach_observers(
 
 
 # -- gRPC -----------------------------------------------------------------------
-
-UNARY = "/mikros.testsvc.v1.Echo/Unary"
 
 
 async def test_grpc_calls_served_and_made_are_reported(

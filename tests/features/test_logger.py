@@ -4,7 +4,7 @@ The first part drives the feature through a real
 :class:`~mikros_trio._telemetry.Telemetry` and its pipeline, as the kinds
 do (``begin`` / ``end``, lifecycle events). The rest starts real services
 with ``mikros_service`` (an HTTP app whose handlers log through structlog
-and the standard library, the gRPC echo servicer of ``test_grpc_server``,
+and the standard library, the gRPC echo servicer of ``helpers``,
 a periodic worker), calls them with httpx and grpcio, and reads back the
 lines each wrote to its own log file. One test runs the worker example as
 a real process and parses its stdout.
@@ -35,15 +35,13 @@ from dependency_injector import providers
 from quart import request
 from quart_trio import QuartTrio
 
-from helpers import REPO, Spawn
+from helpers import REPO, Examples, Spawn, start_greeter_and_gateway
 from mikros_trio import ConfigError, ServiceContainer, parse_definition
 from mikros_trio._container import BuildContext
 from mikros_trio._telemetry import Telemetry
 from mikros_trio.features.logger import LogPipeline, build_logger, show_debug
 from mikros_trio.features.settings import LoggerSettings
 from mikros_trio.testing import RunningService, ServiceStarter
-from test_example_gateway import Examples, _start_both
-from test_example_gateway import fixture_examples as fixture_examples
 
 #: No single wait in these tests may take longer than this (seconds).
 BOUND = 5.0
@@ -926,9 +924,9 @@ async def test_grpc_calls_get_access_lines_with_the_incoming_request_id(
     """Each RPC gets one access line with its method, status code name and request id."""
     import grpc
 
+    from helpers import Container as EchoContainer
+    from helpers import EchoRequest, grpc_channel, in_thread
     from protos import testsvc_pb2_grpc
-    from test_grpc_server import Container as EchoContainer
-    from test_grpc_server import EchoRequest, grpc_channel, in_thread
 
     running = await start(mikros_service, tmp_path, EchoContainer, name="echo", types="grpc")
 
@@ -1041,7 +1039,7 @@ async def test_request_id_follows_a_call_across_services(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The gateway example's request id reaches the greeter's access line through gRPC."""
-    greeter, gateway = await _start_both(mikros_service, examples, tmp_path)
+    greeter, gateway = await start_greeter_and_gateway(mikros_service, examples, tmp_path)
     base = f"http://127.0.0.1:{gateway.ports['http']}"
     with trio.fail_after(BOUND):
         async with httpx.AsyncClient(base_url=base, trust_env=False) as client:

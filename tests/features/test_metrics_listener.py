@@ -4,7 +4,7 @@ Worker, gRPC and script services started with ``mikros_service``; the
 listener is driven with httpx and curl for well-formed requests and with
 raw Trio sockets for what a client should never send. gRPC calls come from
 grpcio (server side) and from a service's own ``mikros_trio.grpc.client``
-channel (client side), reusing the servicer of ``tests/test_grpc_server.py``.
+channel (client side), reusing the echo servicer of ``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -36,11 +36,7 @@ from test_metrics import (
     write_service,
 )
 
-from mikros_trio import ConfigError, Lifetime, ServiceContainer
-from mikros_trio.features.metrics import MAX_CONNECTIONS, MAX_HEAD, PORT_ENV, TIMEOUT
-from mikros_trio.testing import RunningService, ServiceStarter
-from protos import testsvc_grpc, testsvc_pb2_grpc
-from test_grpc_server import (
+from helpers import (
     UNARY,
     ClientContainer,
     EchoRequest,
@@ -49,7 +45,11 @@ from test_grpc_server import (
     rpc_error,
     unary,
 )
-from test_grpc_server import Container as GrpcContainer
+from helpers import Container as GrpcContainer
+from mikros_trio import ConfigError, Lifetime, ServiceContainer
+from mikros_trio.features.metrics import MAX_CONNECTIONS, MAX_HEAD, PORT_ENV, TIMEOUT
+from mikros_trio.testing import RunningService, ServiceStarter
+from protos import testsvc_grpc, testsvc_pb2_grpc
 from test_http import CURL
 from test_http import Container as HttpContainer
 

@@ -5,21 +5,19 @@ Service tests start real services with ``mikros_service`` (real sockets on
 the service's environ or in service.toml) and drive them with httpx and
 grpcio, reading the finished spans back from :class:`Tracing`. The
 observer tests drive a real :class:`~mikros_trio._telemetry.Telemetry` the
-way the kinds do. Also the shared helpers of ``test_tracing_*``.
+way the kinds do. The helpers it shares with ``test_tracing_*`` are in ``helpers.py``.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 import trio
 from dependency_injector import providers
@@ -29,177 +27,40 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from quart_trio import QuartTrio
 
-from helpers import build_feature, leaked_forms
-from mikros_trio import Lifetime, NotFoundError, ServiceContainer
-from mikros_trio._telemetry import Telemetry, current_call, current_telemetry
+from helpers import (
+    BOUND,
+    MEMORY,
+    PARENT,
+    SECRET,
+    TRACE,
+    TRACEPARENT,
+    EchoRequest,
+    TracedContainer,
+    built,
+    get,
+    hex_ids,
+    in_thread,
+    leaked_forms,
+    parent_ids,
+    service_toml,
+    spans_of,
+    tracing_of,
+    write_service,
+)
+from helpers import Container as EchoContainer
+from helpers import grpc_channel as echo_channel
+from mikros_trio import Lifetime, ServiceContainer
+from mikros_trio._telemetry import current_telemetry
 from mikros_trio.errors import ErrorKind
 from mikros_trio.features.tracing import Tracing
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_pb2_grpc
-from test_grpc_server import Container as EchoContainer
-from test_grpc_server import EchoRequest, in_thread
-from test_grpc_server import grpc_channel as echo_channel
-
-#: No single wait in these tests may take longer than this (seconds).
-BOUND = 5.0
-
-#: An incoming W3C parent: trace and span ids, sampled.
-TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
-PARENT = "00f067aa0ba902b7"
-TRACEPARENT = f"00-{TRACE}-{PARENT}-01"
 
 W3C = TraceContextTextMapPropagator()
 
-#: A secret the service's environment holds; it must never reach a span.
-SECRET = "s3cr3t-token-value"
-
-#: The environ of a traced test service: spans kept in memory, one secret.
-MEMORY = {"OTEL_TRACES_EXPORTER": "memory", "API_TOKEN": SECRET}
-
 
 # -- helpers -----------------------------------------------------------------------
-
-
-def _value(value: Any) -> str:
-    return json.dumps(str(value) if isinstance(value, Path) else value)
-
-
-def service_toml(
-    *, types: str = "http", tracing: Mapping[str, Any] | None = None, name: str = "traced"
-) -> str:
-    """A service.toml on 127.0.0.1 with tracing on (``exporter`` from ``tracing``, default otlp)."""
-    tables: dict[str, Mapping[str, Any]] = {
-        "lifecycle": {"start_timeout": 5.0, "drain_timeout": 3.0, "shutdown_timeout": 8.0},
-        "features.tracing": {"enabled": True, **(tracing or {})},
-        "features.env": {"secrets": ["API_TOKEN"]},
-    }
-    if types in ("http", "grpc"):
-        tables[f"runtime.{types}"] = {"host": "127.0.0.1"}
-    lines = [
-        f'name = "{name}"',
-        f'types = ["{types}"]',
-        'version = "v1.2.0"',
-        'envs = ["API_TOKEN"]',
-    ]
-    for table, values in tables.items():
-        lines += ["", f"[{table}]", *(f"{k} = {_value(v)}" for k, v in values.items())]
-    return "\n".join(lines) + "\n"
-
-
-def write_service(tmp_path: Path, **options: Any) -> Path:
-    """:func:`service_toml` written to a fresh file under ``tmp_path``."""
-    path = tmp_path / f"{options.get('name', 'traced')}.toml"
-    path.write_text(service_toml(**options))
-    return path
-
-
-def tracing_of(running: RunningService) -> Tracing:
-    """The running service's :class:`Tracing`."""
-    return running.service.telemetry.get(Tracing)
-
-
-async def spans_of(running: RunningService, count: int) -> tuple[ReadableSpan, ...]:
-    """The service's finished spans, once there are at least ``count`` (bounded wait).
-
-    A kind ends a call just after its response went out, so a client can
-    read the response a moment before the span is finished.
-    """
-    tracing = tracing_of(running)
-    with trio.fail_after(BOUND):
-        while True:
-            spans = tracing.spans()
-            if len(spans) >= count:
-                return spans
-            await trio.sleep(0.001)
-
-
-def hex_ids(span: ReadableSpan) -> tuple[str, str]:
-    """(trace id, span id) of ``span`` in lower-case hex."""
-    context = span.get_span_context()
-    assert context is not None
-    return format(context.trace_id, "032x"), format(context.span_id, "016x")
-
-
-def parent_ids(span: ReadableSpan) -> tuple[str, str] | None:
-    """(trace id, span id) of ``span``'s parent in hex, or ``None`` for a root span."""
-    if span.parent is None:
-        return None
-    return format(span.parent.trace_id, "032x"), format(span.parent.span_id, "016x")
-
-
-def built(
-    toml: str, environ: Mapping[str, str] | None = None
-) -> tuple[Telemetry, Tracing, list[Any]]:
-    """Build the feature for ``toml`` on a fresh hub, as the container layer does."""
-    telemetry, components = build_feature("tracing", toml, {"API_TOKEN": SECRET, **(environ or {})})
-    return telemetry, telemetry.get(Tracing), components
-
-
-def create_app() -> QuartTrio:
-    """The traced test app: one route per behaviour the tests pin."""
-    app = QuartTrio("tracing_test_app")
-
-    @app.get("/ids")
-    async def ids() -> dict[str, Any]:
-        call = current_call()
-        assert call is not None
-        current = trace.get_current_span().get_span_context()
-        return {
-            "ids": dict(call.ids),
-            "current": [format(current.trace_id, "032x"), format(current.span_id, "016x")],
-        }
-
-    @app.get("/items/<item_id>")
-    async def item(item_id: str) -> str:
-        raise NotFoundError(f"no item {item_id!r}")
-
-    @app.get("/boom")
-    async def boom() -> str:
-        raise RuntimeError(f"the handler broke holding {SECRET}")
-
-    @app.get("/enrich")
-    async def enrich() -> str:
-        span = trace.get_current_span()
-        span.set_attribute("app.user", "ada")
-        span.set_attribute("app.bad", {"not": "a primitive"})  # type: ignore[arg-type]
-        span.add_event("cache.miss", {"key": "ada"})
-        span.update_name("overridden")  # the route name set at the end wins
-        return "done"
-
-    @app.get("/degrade")
-    async def degrade() -> str:
-        span = trace.get_current_span()
-        span.record_exception(ValueError("cache down"))
-        span.set_status(StatusCode.ERROR, "served stale data")
-        span.set_status(StatusCode.UNSET)  # as the SDK: UNSET never overrides
-        return "stale"
-
-    @app.get("/leak")
-    async def leak() -> str:
-        span = trace.get_current_span()
-        span.set_attribute("app.token", repr(SECRET))
-        span.set_attributes({"app.list": [SECRET, "x"], f"app.{SECRET}": 1})
-        span.add_event(f"used {SECRET}", {"hex": SECRET.encode().hex()})
-        span.add_link(span.get_span_context(), {"link": SECRET})
-        span.set_status(StatusCode.ERROR, f"refused {json.dumps(SECRET)}")
-        span.update_name(f"GET {SECRET}")
-        return "leaked"
-
-    @app.get("/work")
-    async def work() -> str:
-        telemetry = current_telemetry()
-        assert telemetry is not None
-        with telemetry.get(Tracing).tracer.start_as_current_span("load-profile"):
-            await trio.lowlevel.checkpoint()
-        return "done"
-
-    return app
-
-
-class Container(ServiceContainer):
-    app = providers.Singleton(create_app)
 
 
 async def start_http(
@@ -209,15 +70,7 @@ async def start_http(
     environ = {**MEMORY, **options.pop("environ", {})}
     path = write_service(tmp_path, **options)
     with trio.fail_after(BOUND):
-        return await mikros_service.start(Container, path, environ=environ)
-
-
-async def get(running: RunningService, path: str, **headers: str) -> httpx.Response:
-    """One GET on a fresh connection, bounded."""
-    base = f"http://127.0.0.1:{running.ports['http']}"
-    with trio.fail_after(BOUND):
-        async with httpx.AsyncClient(base_url=base, trust_env=False) as client:
-            return await client.get(path, headers=headers)
+        return await mikros_service.start(TracedContainer, path, environ=environ)
 
 
 # -- HTTP services ----------------------------------------------------------------
@@ -473,7 +326,7 @@ async def test_exporter_from_service_toml(mikros_service: ServiceStarter, tmp_pa
     """exporter = "memory" in [features.tracing] works without any environment variable."""
     path = write_service(tmp_path, tracing={"exporter": "memory"})
     with trio.fail_after(BOUND):
-        running = await mikros_service.start(Container, path, environ={"API_TOKEN": SECRET})
+        running = await mikros_service.start(TracedContainer, path, environ={"API_TOKEN": SECRET})
     assert tracing_of(running).exporter_name == "memory"
     assert (await get(running, "/ids")).status_code == 200
     assert len(await spans_of(running, 1)) == 1
@@ -495,7 +348,7 @@ async def test_spans_are_kept_after_the_service_stopped(
 
 
 async def start_echo(mikros_service: ServiceStarter, tmp_path: Path) -> RunningService:
-    """The echo service of tests/test_grpc_server.py, traced into memory."""
+    """The echo service of helpers.py, traced into memory."""
     path = write_service(tmp_path, types="grpc", name="echo")
     with trio.fail_after(BOUND):
         return await mikros_service.start(EchoContainer, path, environ=MEMORY)

@@ -22,19 +22,19 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from test_tracing import (
+
+from helpers import (
     BOUND,
     MEMORY,
     SECRET,
-    Container,
+    TracedContainer,
     built,
+    free_port,
     get,
     service_toml,
     tracing_of,
     write_service,
 )
-
-from helpers import free_port
 from mikros_trio import ConfigError
 from mikros_trio.testing import ServiceStarter
 
@@ -114,7 +114,7 @@ async def test_otlp_spans_reach_the_receiver_by_the_time_the_service_stopped(
         tracing["endpoint"] = f"{base}/v1/traces"
     path = write_service(tmp_path, tracing=tracing)
     with trio.fail_after(BOUND):
-        running = await mikros_service.start(Container, path, environ=environ)
+        running = await mikros_service.start(TracedContainer, path, environ=environ)
     for _ in range(3):
         assert (await get(running, "/ids")).status_code == 200
     await trio.sleep(0.05)  # a moment for anything that would be sent early
@@ -141,7 +141,7 @@ async def test_an_unreachable_collector_does_not_hold_the_exit(
         tmp_path, tracing={"exporter": "otlp", "endpoint": endpoint, "flush_timeout": 0.5}
     )
     with trio.fail_after(BOUND):
-        running = await mikros_service.start(Container, path, environ={"API_TOKEN": SECRET})
+        running = await mikros_service.start(TracedContainer, path, environ={"API_TOKEN": SECRET})
     assert (await get(running, "/ids")).status_code == 200
     with trio.fail_after(BOUND):
         assert await running.stop() == 0
@@ -154,7 +154,7 @@ async def test_console_writes_one_json_object_per_span_to_stderr(
     path = write_service(tmp_path, tracing={"exporter": "memory"})
     environ = {**MEMORY, "OTEL_TRACES_EXPORTER": "console"}
     with trio.fail_after(BOUND):
-        running = await mikros_service.start(Container, path, environ=environ)
+        running = await mikros_service.start(TracedContainer, path, environ=environ)
     assert tracing_of(running).exporter_name == "console"
     assert (await get(running, "/items/7")).status_code == 404
     with trio.fail_after(BOUND):
@@ -173,7 +173,7 @@ async def test_the_none_exporter_still_makes_ids(
     """exporter = none: spans are made (ids for logs and propagation) and dropped."""
     path = write_service(tmp_path, tracing={"exporter": "none"})
     with trio.fail_after(BOUND):
-        running = await mikros_service.start(Container, path, environ={"API_TOKEN": SECRET})
+        running = await mikros_service.start(TracedContainer, path, environ={"API_TOKEN": SECRET})
     response = await get(running, "/ids")
     assert len(response.json()["ids"]["trace_id"]) == 32
     assert tracing_of(running).exporter is None

@@ -16,12 +16,19 @@ from pathlib import Path
 import httpx
 import trio
 from opentelemetry.trace import SpanKind, StatusCode
-from test_tracing import BOUND, TRACE, TRACEPARENT, hex_ids, parent_ids, spans_of
 
+from helpers import (
+    BOUND,
+    GATEWAY,
+    GRPC,
+    TRACE,
+    TRACEPARENT,
+    Examples,
+    hex_ids,
+    parent_ids,
+    spans_of,
+)
 from mikros_trio.testing import RunningService, ServiceStarter
-
-# The examples, imported once per module by the gateway example's own fixture.
-from test_example_gateway import GATEWAY, GRPC, Examples, fixture_examples  # noqa: F401
 
 
 def traced_copy(source: Path, target: Path, greeter_port: int | None = None) -> Path:

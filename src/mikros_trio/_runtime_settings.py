@@ -78,7 +78,36 @@ class HttpSettings:
     )
     keep_alive_timeout: float = field(
         default=5.0,
-        metadata={"help": "Seconds an idle keep-alive connection stays open.", **_SECONDS},
+        metadata={
+            "help": "Seconds an idle keep-alive connection stays open; a request's line and "
+            "headers must arrive within it.",
+            **_SECONDS,
+        },
+    )
+    body_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds a handler waits for a whole request body; slower gets 408 "
+            "and the connection closes.",
+            **_SECONDS,
+        },
+    )
+    send_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds a response may wait for the client to read (TCP, or an HTTP/2 "
+            "flow-control window); past it the connection (HTTP/2: the stream) is dropped.",
+            **_SECONDS,
+        },
+    )
+    h2_max_concurrent_streams: int = field(
+        default=100,
+        metadata={
+            "help": "HTTP/2 streams one connection may have open; more are refused "
+            "(REFUSED_STREAM, safe to retry).",
+            "ge": 1,
+            "le": 10000,
+        },
     )
     certfile: str | None = field(
         default=None, metadata={"help": "TLS certificate (PEM); TLS is on when set with keyfile."}

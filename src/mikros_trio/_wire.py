@@ -35,7 +35,7 @@ def _masked(value: Any, telemetry: Telemetry) -> Any:
     return value
 
 
-def unexpected_error(error: Exception, telemetry: Telemetry) -> InternalError:
+def unexpected_error(error: BaseException, telemetry: Telemetry) -> InternalError:
     """The InternalError a caller gets for an exception no handler expected.
 
     Its details carry the exception's type and text, as Mikros Go's do,

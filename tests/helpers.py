@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -261,3 +262,21 @@ def build_feature(
     context = BuildContext(name, settings, definition, ServiceContainer(), telemetry)
     factory = _load_factory(default_registry().features[name].factory)
     return telemetry, list(factory(context))
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB (VmRSS from /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def first_error(output: str) -> str:
+    """The ``event`` of the first error-level JSON log line in ``output`` ('' if none)."""
+    for line in output.splitlines():
+        if line.startswith("{") and '"level":"error"' in line:
+            event: str = json.loads(line)["event"]
+            return event
+    return ""

@@ -1,25 +1,21 @@
 """The HTTP kind's HTTP/2 (h2c and TLS+ALPN): hypercorn's protocol with bounds on one connection.
 
-hypercorn 0.17.3 on h2 3.2 leaves a connection's cost to the client:
+hypercorn 0.17.3 on h2 3.2 bounds the number of streams (h2 enforces the
+``MAX_CONCURRENT_STREAMS`` we advertise, ``[runtime.http]
+h2_max_concurrent_streams``: a client opening more loses the connection,
+GOAWAY PROTOCOL_ERROR) and the header block (more than 64 CONTINUATION
+frames, 64 frames of 16 KiB at the frame size we advertise, is a protocol
+error), but leaves two costs to the client:
 
-- ``MAX_CONCURRENT_STREAMS`` is advertised, but h2 enforces a local setting
-  only once the client acknowledges it, so a client that never sends the
-  SETTINGS ACK opens as many streams as it likes (4,950 held-open streams
-  cost +131 MB). Streams past the limit are refused here (RST_STREAM
-  REFUSED_STREAM: safe to retry), acknowledged or not.
 - A stream whose peer never opens its flow-control window parks the
   handler's response in memory forever (300 such streams cost +161 MB).
   A send waiting on flow control longer than ``send_timeout`` resets the
   stream (CANCEL) and frees what it held.
 - Nothing limits resets: the 2023 "rapid reset" attack (CVE-2023-44487)
-  opens and cancels streams in a loop, each one costing a handler start.
-  More than :data:`MAX_RESETS_PER_SECOND` resets in a second, the client's
-  or ours for refused streams, end the connection with GOAWAY
-  ENHANCE_YOUR_CALM.
-
-A CONTINUATION flood (a header block that never ends) is already bounded
-by h2 itself: more than 64 CONTINUATION frames (64 frames of 16 KiB at the frame
-size we advertise) is a protocol error that closes the connection.
+  opens and cancels streams in a loop, each one costing a handler start
+  while never counting against the stream limit. More than
+  :data:`MAX_RESETS_PER_SECOND` resets from the client in a second end the
+  connection with GOAWAY ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations
@@ -41,50 +37,29 @@ from priority.priority import MissingStreamError
 
 __all__ = ["MAX_RESETS_PER_SECOND", "Protocols"]
 
-#: Stream resets (sent by the client, or by us refusing streams over the
-#: limit) one connection may cause per second before it is closed. Browsers
-#: cancel a few streams per page; an attack needs thousands.
+#: Stream resets a client may send per second on one connection before it
+#: is closed. Browsers cancel a few streams per page; an attack needs thousands.
 MAX_RESETS_PER_SECOND = 200
 
 _BODY_EVENTS = (Body, Data, EndBody, EndData)
 
 
 class BoundedH2Protocol(H2Protocol):
-    """hypercorn's HTTP/2 protocol with a stream limit, a send timeout and a reset rate limit."""
+    """hypercorn's HTTP/2 protocol with a send timeout and a reset rate limit."""
 
     def __init__(self, *args: Any, send_timeout: float) -> None:
         super().__init__(*args)
-        self._max_streams: int = self.config.h2_max_concurrent_streams
         self._send_timeout = send_timeout
         self._resets = 0
         self._resets_since = trio.current_time()
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
-        refused: set[int] = set()
-        kept: list[h2.events.Event] = []
         for event in events:
-            if isinstance(event, h2.events.RequestReceived):
-                if len(self.streams) >= self._max_streams:
-                    self.connection.reset_stream(
-                        event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM
-                    )
-                    refused.add(event.stream_id)
-                    if self._count_reset():
-                        await self._calm_down()
-                        return
-                    continue
-            elif isinstance(event, h2.events.StreamReset):
-                if event.remote_reset and self._count_reset():
-                    await self._calm_down()
-                    return
-            elif getattr(event, "stream_id", None) in refused:
-                if isinstance(event, h2.events.DataReceived):
-                    # Give the connection's window back: the refused
-                    # stream's bytes are dropped, not read.
-                    self.connection.increment_flow_control_window(event.flow_controlled_length)
-                continue
-            kept.append(event)
-        await super()._handle_events(kept)
+            reset = isinstance(event, h2.events.StreamReset) and event.remote_reset
+            if reset and self._count_reset():
+                await self._calm_down()
+                return
+        await super()._handle_events(events)
 
     def _count_reset(self) -> bool:
         """Count one reset; True once the connection went over the rate."""

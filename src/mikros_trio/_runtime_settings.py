@@ -103,8 +103,8 @@ class HttpSettings:
     h2_max_concurrent_streams: int = field(
         default=100,
         metadata={
-            "help": "HTTP/2 streams one connection may have open; more are refused "
-            "(REFUSED_STREAM, safe to retry).",
+            "help": "HTTP/2 streams one connection may have open; a client opening more "
+            "loses the connection (GOAWAY).",
             "ge": 1,
             "le": 10000,
         },

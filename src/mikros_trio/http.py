@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import select
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
@@ -285,7 +286,7 @@ def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | N
     """
     if getattr(app, "_mikros_trio_errors", False):
         return
-    from quart import request
+    from quart import has_request_context, has_websocket_context, request
     from werkzeug.exceptions import HTTPException
 
     hub = telemetry or Telemetry(service_name)
@@ -328,6 +329,15 @@ def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | N
                 content_type="application/json",
             )
 
+    log_exception = app.log_exception
+
+    def log_request_exception(exc_info: Any) -> None:
+        # Quart logs a failing before_serving or after_serving as a bare
+        # "Exception" line before re-raising it; the kind reports that
+        # failure itself, its root cause first. Request errors still pass.
+        if has_request_context() or has_websocket_context():
+            log_exception(exc_info)
+
     async def name_call() -> None:
         # The route rule, not the path: a bounded label for metrics and
         # span names. Runs before any other hook, even when nothing matched.
@@ -341,6 +351,7 @@ def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | N
     app.register_error_handler(Exception, unexpected)
     app.before_request_funcs.setdefault(None, []).insert(0, name_call)
     app.handle_request = handle_request_or_fail
+    app.log_exception = log_request_exception
     app._mikros_trio_errors = True
 
 
@@ -430,6 +441,13 @@ class _Connection(TCPServer):
                 trio.current_time() + self.config.keep_alive_timeout if event.idle else math.inf
             )
         elif isinstance(event, Closed):
+            h11_connection = self._h11()
+            if h11_connection is not None and h11_connection.our_state is h11.SEND_BODY:
+                # h11 met bytes it refuses (a request smuggled behind one we
+                # answer with Connection: close) while that answer is going
+                # out: hypercorn would close mid-response and the client
+                # got nothing. The socket closes once the response is done.
+                return
             with trio.CancelScope(shield=True):
                 await self._close()
             # The reader may be parked inside the protocol on a pipelined
@@ -478,16 +496,34 @@ class _Connection(TCPServer):
         """
         if not self._read_loop:
             self.scope.cancel()  # TLS handshake or setup: no request can be in flight
-        elif self._wait is not None:
+        elif self._wait is not None and not self._bytes_waiting():
             self._wait.cancel()
+        # Otherwise bytes sent before the drain began are in the socket:
+        # the reader wakes for them, serves their request, then ends.
+
+    def _bytes_waiting(self) -> bool:
+        """True if the socket holds bytes the reader has not yet been woken for."""
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):
+            return False
+        poll = select.poll()
+        poll.register(stream.socket.fileno(), select.POLLIN)
+        return bool(poll.poll(0))
 
     def _client_owes_bytes(self) -> bool:
         """True while waiting for a request's headers or, on HTTP/1.1, the rest of its body."""
         if self.idle:
             return True
+        connection = self._h11()
+        return connection is not None and connection.their_state is h11.SEND_BODY
+
+    def _h11(self) -> h11.Connection | None:
+        """The h11 state machine, on an HTTP/1.1 connection."""
         inner = getattr(self.protocol, "protocol", None)  # hypercorn's H11Protocol or H2Protocol
         connection = getattr(inner, "connection", None)
-        return isinstance(connection, h11.Connection) and connection.their_state is h11.SEND_BODY
+        return connection if isinstance(connection, h11.Connection) else None
 
     async def _read_data(self) -> None:
         """Feed the protocol until end-of-file, close, read timeout or an idle drain.
@@ -562,7 +598,8 @@ class _Endpoint:
                 ssl_context = self.config.create_ssl_context()
             except (OSError, ssl.SSLError) as error:
                 files = f"certfile {self.config.certfile}, keyfile {self.config.keyfile}"
-                raise OSError(error.errno, f"cannot load the TLS {files}: {error}") from error
+                reason = error.strerror or str(error)
+                raise OSError(error.errno, f"cannot load the TLS {files}: {reason}") from error
         try:
             sockets = await trio.open_tcp_listeners(port, host=host)
         except OSError as error:
@@ -640,7 +677,7 @@ def _hypercorn_config(settings: HttpSettings) -> Config:
     config.keep_alive_timeout = settings.keep_alive_timeout
     config.read_timeout = math.ceil(settings.read_timeout)
     config.h11_max_incomplete_size = 64 * 1024  # request line + headers
-    # Enforced by _http_h2 whether or not the client acknowledges the setting.
+    # Advertised and enforced by h2: more streams end the connection.
     config.h2_max_concurrent_streams = settings.h2_max_concurrent_streams
     config.certfile = settings.certfile
     config.keyfile = settings.keyfile

@@ -12,6 +12,7 @@ regular expression for strings) and ``expect`` (wording for the "expected
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["GrpcSettings", "HttpSettings", "ScriptSettings", "WorkerSettings"]
 
@@ -46,7 +47,9 @@ class ScriptSettings:
     )
 
 
-_SECONDS = {"gt": 0}
+def _seconds(default: float, help: str) -> Any:
+    """A timeout field: seconds, above zero, at most a day (a typo must not disable it)."""
+    return field(default=default, metadata={"help": help, "gt": 0, "le": 86400})
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,33 +75,25 @@ class HttpSettings:
         default=1024 * 1024,
         metadata={"help": "Largest request body accepted, in bytes; larger gets 413.", "gt": 0},
     )
-    read_timeout: float = field(
-        default=30.0,
-        metadata={"help": "Seconds a connection may wait for the next bytes.", **_SECONDS},
+    read_timeout: float = _seconds(
+        30.0,
+        "Seconds a client owing bytes (a request's head or body) may send nothing; "
+        "then the connection closes.",
     )
-    keep_alive_timeout: float = field(
-        default=5.0,
-        metadata={
-            "help": "Seconds an idle keep-alive connection stays open; a request's line and "
-            "headers must arrive within it.",
-            **_SECONDS,
-        },
+    keep_alive_timeout: float = _seconds(
+        5.0,
+        "Seconds an idle keep-alive connection stays open; a request's line and headers "
+        "must arrive within it.",
     )
-    body_timeout: float = field(
-        default=30.0,
-        metadata={
-            "help": "Seconds a handler waits for a whole request body; slower gets 408 "
-            "and the connection closes.",
-            **_SECONDS,
-        },
+    body_timeout: float = _seconds(
+        30.0,
+        "Seconds a handler waits for a whole request body; slower gets 408 and the "
+        "connection closes.",
     )
-    send_timeout: float = field(
-        default=30.0,
-        metadata={
-            "help": "Seconds a response may wait for the client to read (TCP, or an HTTP/2 "
-            "flow-control window); past it the connection (HTTP/2: the stream) is dropped.",
-            **_SECONDS,
-        },
+    send_timeout: float = _seconds(
+        30.0,
+        "Seconds a response may wait for the client to read (TCP, or an HTTP/2 flow-control "
+        "window); past it the connection (HTTP/2: the stream) is dropped.",
     )
     h2_max_concurrent_streams: int = field(
         default=100,

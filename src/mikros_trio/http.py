@@ -464,14 +464,16 @@ class _Connection(TCPServer):
             # hypercorn shields the send but not the wait for the send lock:
             # what followed a cancelled wait (HTTP/2's GOAWAY, then Updated)
             # was lost and the connection lived on to the drain deadline.
-            # The shield has a deadline: a peer that reads nothing for
-            # send_timeout is disconnected instead of holding the task.
+            # The shield has a deadline, re-armed for each slice written: a
+            # peer that reads nothing for send_timeout is disconnected
+            # instead of holding the task; a slow one that reads is not.
+            data = memoryview(event.data)
             try:
-                with trio.CancelScope(
-                    shield=True, deadline=trio.current_time() + self._send_timeout
-                ) as sending:
+                with trio.CancelScope(shield=True) as sending:
                     async with self.send_lock:
-                        await self.stream.send_all(event.data)
+                        for start in range(0, len(data), _SEND_SLICE):
+                            sending.deadline = trio.current_time() + self._send_timeout
+                            await self.stream.send_all(data[start : start + _SEND_SLICE])
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.protocol.handle(Closed())
                 return
@@ -566,6 +568,10 @@ class _Connection(TCPServer):
         if isinstance(stream, trio.SocketStream):
             stream.socket.close()
 
+
+#: Bytes written under one send_timeout deadline: a response of many
+#: slices may take longer in all, as long as the client keeps reading.
+_SEND_SLICE = 64 * 1024
 
 #: Seconds requests cut at the drain deadline get to send their 503 before sockets close.
 _CUT_GRACE = 0.1

@@ -54,6 +54,7 @@ def create_app() -> QuartTrio:
         if mode == "raise":
             raise ValueError("db unreachable")
         if mode == "hang":
+            print("before_serving: hanging", flush=True)
             await trio.sleep_forever()
 
     @app.get("/hello")

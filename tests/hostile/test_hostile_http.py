@@ -233,6 +233,16 @@ def test_app_startup_failing_or_hanging_fails_the_start(
     assert error.startswith(expected), error
 
 
+def test_sigterm_during_a_hanging_startup_ends_the_process(spawn: Spawn, tmp_path: Path) -> None:
+    """SIGTERM while before_serving hangs (start_timeout 30 s) ends the process within 2 s."""
+    toml = write_toml(tmp_path, {}, {"start_timeout": 30.0})
+    child = spawn(sys.executable, TARGET, env=target_env(toml, free_port(), HOSTILE_START="hang"))
+    child.wait_for("before_serving: hanging")
+    sent = child.send(signal.SIGTERM)
+    child.wait(timeout=2.0)
+    assert time.perf_counter() - sent < 2.0
+
+
 # -- SIGTERM under load: nothing accepted is lost ----------------------------------
 
 

@@ -1222,3 +1222,21 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds process ``pid`` has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB (VmRSS from /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def first_error(output: str) -> str:
+    """The ``event`` of the first error-level JSON log line in ``output`` ('' if none)."""
+    for line in output.splitlines():
+        if line.startswith("{") and '"level":"error"' in line:
+            event: str = json.loads(line)["event"]
+            return event
+    return ""

@@ -12,6 +12,7 @@ regular expression for strings) and ``expect`` (wording for the "expected
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["GrpcSettings", "HttpSettings", "ScriptSettings", "WorkerSettings"]
 
@@ -56,7 +57,9 @@ class ScriptSettings:
     )
 
 
-_SECONDS = {"gt": 0, "le": 3600}
+def _seconds(default: float, help: str) -> Any:
+    """A timeout field: seconds, above zero, at most a day (a typo must not disable it)."""
+    return field(default=default, metadata={"help": help, "gt": 0, "le": 86400})
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +89,34 @@ class HttpSettings:
             "le": 2**40,
         },
     )
-    read_timeout: float = field(
-        default=30.0,
-        metadata={"help": "Seconds a connection may wait for the next bytes.", **_SECONDS},
+    read_timeout: float = _seconds(
+        30.0,
+        "Seconds a client owing bytes (a request's head or body) may send nothing; "
+        "then the connection closes.",
     )
-    keep_alive_timeout: float = field(
-        default=5.0,
-        metadata={"help": "Seconds an idle keep-alive connection stays open.", **_SECONDS},
+    keep_alive_timeout: float = _seconds(
+        5.0,
+        "Seconds an idle keep-alive connection stays open; a request's line and headers "
+        "must arrive within it.",
+    )
+    body_timeout: float = _seconds(
+        30.0,
+        "Seconds a handler waits for a whole request body; slower gets 408 and the "
+        "connection closes.",
+    )
+    send_timeout: float = _seconds(
+        30.0,
+        "Seconds a response may wait for the client to read (TCP, or an HTTP/2 flow-control "
+        "window); past it the connection (HTTP/2: the stream) is dropped.",
+    )
+    h2_max_concurrent_streams: int = field(
+        default=100,
+        metadata={
+            "help": "HTTP/2 streams one connection may have open; a client opening more "
+            "loses the connection (GOAWAY).",
+            "ge": 1,
+            "le": 10000,
+        },
     )
     certfile: str | None = field(
         default=None, metadata={"help": "TLS certificate (PEM); TLS is on when set with keyfile."}

@@ -34,6 +34,9 @@ import abc
 import json
 import logging
 import math
+import os
+import select
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
@@ -42,14 +45,17 @@ import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData, Updated
-from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
+from hypercorn.utils import parse_socket_addr
 
 from ._component import Component, Lifetime, Role
 from ._container import BuildContext
 from ._health import Health
+from ._http_h2 import Protocols
+from ._http_lifespan import AppLifespan, app_lifespan
 from ._runtime_settings import HttpSettings
 from ._telemetry import UNMATCHED, Endpoint, Telemetry, current_call
 from ._wire import masked_wire, unexpected_error, wire_error
@@ -132,7 +138,14 @@ class _Front:
                     return await _send_endpoint(send, endpoint)
             if self._app is None:
                 return await _send_json(send, 404, _wire_for_status(404, "no such probe"))
-            if _declared_length(scope) > self._max_body:
+            length, chunked = _framing(scope["headers"])
+            if chunked and length >= 0:
+                # Both framings (RFC 9112 section 6.1): h11 reads the body as
+                # chunked, a proxy in front may have read Content-Length; the
+                # bytes between are a smuggled request. Answer and close.
+                body = _wire_for_status(400, "Content-Length with Transfer-Encoding")
+                return await _send_json(send, 400, body, close=True)
+            if length > self._max_body:
                 # Answer before the app reads anything; close, since the body
                 # the client is still sending would otherwise be parsed as
                 # the next request.
@@ -143,7 +156,12 @@ class _Front:
         elif self._app is None:
             return None  # lifespan on the admin listener: nothing to start
         assert self._app is not None
-        await self._app(scope, receive, send)
+        try:
+            await self._app(scope, receive, send)
+        except BaseException as error:
+            if scope["type"] == "http" and _is_cancellation(error):
+                await _answer_cut(send)
+            raise
         return None
 
     async def _observed(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -159,27 +177,69 @@ class _Front:
             headers=scope["headers"],
         )
         extra = [(name.encode(), value.encode()) for name, value in call.outgoing.items()]
-        status = 500  # what the client gets if the app dies before answering
+        # What the client got: the status sent, or CUT when the response was
+        # cut short (the drain deadline) and no whole answer went out.
+        status = 500  # the app died before answering: hypercorn sends an empty 500
+        complete = False
 
         async def observed_send(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if extra:
                     message["headers"] = [*message["headers"], *extra]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
             await send(message)
 
         token = telemetry.enter(call)
+        outcome = ""
         try:
             await self._app(scope, receive, observed_send)
         except Exception as error:
             call.error = error
             raise
+        except BaseException as error:
+            if _is_cancellation(error) and not complete:
+                outcome = "503" if await _answer_cut(send) else CUT
+            raise
         finally:
             telemetry.leave(token)
             if not call.name:
                 call.name = UNMATCHED
-            telemetry.end(call, str(status), failed=status >= 500)
+            outcome = outcome or str(status)
+            telemetry.end(call, outcome, failed=outcome == CUT or status >= 500)
+
+
+#: The status the access log, metrics and traces record for a request whose
+#: response was cut at the drain deadline after it had started: the client
+#: got a partial response, or none.
+CUT = "cut"
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    """True for Trio's Cancelled, alone or grouped (QuartTrio's request nursery groups it)."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)[1] is None
+    return isinstance(error, trio.Cancelled)
+
+
+async def _answer_cut(send: Any) -> bool:
+    """Answer a request cut at the drain deadline with 503 + close; False if it cannot be.
+
+    Runs shielded, briefly: the connection is being torn down. It cannot
+    once the response has started (the server refuses a second start) or
+    the client is gone.
+    """
+    body = _wire_for_status(503, "the server is shutting down: request cut at the drain deadline")
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + _CUT_GRACE) as scope:
+        try:
+            # No ``Connection: close`` of our own: draining, hypercorn adds it
+            # on HTTP/1.1, and HTTP/2 forbids the header.
+            await _send_json(send, 503, body)
+        except Exception:
+            return False
+    return not scope.cancelled_caught
 
 
 async def _send_endpoint(send: Any, endpoint: Endpoint) -> None:
@@ -192,14 +252,18 @@ async def _send_endpoint(send: Any, endpoint: Endpoint) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _declared_length(scope: dict[str, Any]) -> int:
-    for name, value in scope["headers"]:
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
+    """A request's declared body length (-1 if none) and whether it says Transfer-Encoding."""
+    length, chunked = -1, False
+    for name, value in headers:
         if name == b"content-length":
             try:
-                return int(value)
+                length = int(value)
             except ValueError:
-                return 0
-    return 0
+                length = 0
+        elif name == b"transfer-encoding":
+            chunked = True
+    return length, chunked
 
 
 def _wire_for_status(status: int, message: str) -> dict[str, Any]:
@@ -222,7 +286,7 @@ def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | N
     """
     if getattr(app, "_mikros_trio_errors", False):
         return
-    from quart import request
+    from quart import has_request_context, has_websocket_context, request
     from werkzeug.exceptions import HTTPException
 
     hub = telemetry or Telemetry(service_name)
@@ -239,13 +303,41 @@ def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | N
         # abort(403, description) text is the handler's: it may quote a secret.
         return masked_wire(_wire_for_status(status, error.description or error.name), hub), status
 
-    async def unexpected(error: Exception) -> tuple[dict[str, Any], int]:
+    async def unexpected(error: BaseException) -> tuple[dict[str, Any], int]:
         log.error("unhandled error in an HTTP handler", exc_info=error)
         call = current_call()
         if call is not None:
             call.error_kind = ErrorKind.INTERNAL
             call.error = error
         return wire_error(unexpected_error(error, hub), service_name, hub), 500
+
+    handle_request = app.handle_request
+
+    async def handle_request_or_fail(request: Any) -> Any:
+        # Quart handles Exception only: SystemExit, KeyboardInterrupt or
+        # another BaseException from a handler reached hypercorn, whose
+        # client got an empty 500. Any but Trio's cancellation fails this
+        # request only, as an Exception does.
+        try:
+            return await handle_request(request)
+        except BaseException as error:
+            if isinstance(error, Exception) or _is_cancellation(error):
+                raise
+            body, status = await unexpected(error)
+            return app.response_class(
+                json.dumps(body, separators=(",", ":")),
+                status=status,
+                content_type="application/json",
+            )
+
+    log_exception = app.log_exception
+
+    def log_request_exception(exc_info: Any) -> None:
+        # Quart logs a failing before_serving or after_serving as a bare
+        # "Exception" line before re-raising it; the kind reports that
+        # failure itself, its root cause first. Request errors still pass.
+        if has_request_context() or has_websocket_context():
+            log_exception(exc_info)
 
     async def name_call() -> None:
         # The route rule, not the path: a bounded label for metrics and
@@ -259,6 +351,8 @@ def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | N
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected)
     app.before_request_funcs.setdefault(None, []).insert(0, name_call)
+    app.handle_request = handle_request_or_fail
+    app.log_exception = log_request_exception
     app._mikros_trio_errors = True
 
 
@@ -269,24 +363,69 @@ class _Connection(TCPServer):
     re-arming the keep-alive timer) in the app's task, which QuartTrio
     cancels as soon as its response is out: unshielded, those steps were
     lost, so the keep-alive timer never re-armed after a response and a
-    connection the protocol closed stayed open. They are shielded here;
-    none waits on anything but the socket, and :meth:`abort` (at the drain
-    deadline) ends such a wait. Reading is owned here too: see
-    :meth:`_read_data`.
+    connection the protocol closed stayed open. They are shielded here,
+    each send bounded by ``send_timeout`` (a peer that stops reading is
+    disconnected), and :meth:`abort` (at the drain deadline) ends such a
+    wait. Reading is owned here too: see :meth:`_read_data`.
     """
 
     def __init__(self, endpoint: _Endpoint, stream: trio.abc.Stream) -> None:
         super().__init__(endpoint.app, endpoint.config, endpoint.context, endpoint.state, stream)
         self._endpoint = endpoint
+        self._send_timeout = endpoint.send_timeout
         self.idle = True  # no request yet
         self.scope = trio.CancelScope()
         self._reading = trio.CancelScope()
+        # The reader's current wait for bytes, while there is one (see close_idle).
+        self._wait: trio.CancelScope | None = None
+        self._read_loop = False  # True once the TLS handshake and protocol setup are done
         # One keep-alive timer for the connection's whole life, re-armed by
         # moving its deadline: hypercorn starts a new timer task after every
         # response, which cost ~15% of throughput (bench/http_overhead.py).
         self._keep_alive = trio.CancelScope(
             deadline=trio.current_time() + self.config.keep_alive_timeout
         )
+
+    async def run(self) -> None:
+        # As hypercorn's, with the protocols of _http_h2 (HTTP/2 bounded).
+        try:
+            try:
+                with trio.fail_after(self.config.ssl_handshake_timeout):
+                    await self.stream.do_handshake()  # type: ignore[attr-defined]
+            except (trio.BrokenResourceError, trio.TooSlowError):
+                return  # handshake failed
+            alpn_protocol = self.stream.selected_alpn_protocol()  # type: ignore[attr-defined]
+            socket = self.stream.transport_stream.socket  # type: ignore[attr-defined]
+            ssl = True
+        except AttributeError:  # not TLS
+            alpn_protocol = "http/1.1"
+            socket = self.stream.socket  # type: ignore[attr-defined]
+            ssl = False
+        try:
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = Protocols(
+                    self.app,
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state.copy()),
+                    ssl,
+                    client,
+                    server,
+                    self.protocol_send,
+                    alpn_protocol=alpn_protocol,
+                    send_timeout=self._send_timeout,
+                )
+                await self.protocol.initiate()
+                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
 
     async def _idle_timeout(self) -> None:
         with self._keep_alive:
@@ -298,11 +437,18 @@ class _Connection(TCPServer):
         if isinstance(event, Updated):
             self.idle = event.idle
             if event.idle and self._endpoint.draining:
-                self.scope.cancel()
+                self.close_idle()
             self._keep_alive.deadline = (
                 trio.current_time() + self.config.keep_alive_timeout if event.idle else math.inf
             )
         elif isinstance(event, Closed):
+            h11_connection = self._h11()
+            if h11_connection is not None and h11_connection.our_state is h11.SEND_BODY:
+                # h11 met bytes it refuses (a request smuggled behind one we
+                # answer with Connection: close) while that answer is going
+                # out: hypercorn would close mid-response and the client
+                # got nothing. The socket closes once the response is done.
+                return
             with trio.CancelScope(shield=True):
                 await self._close()
             # The reader may be parked inside the protocol on a pipelined
@@ -319,41 +465,94 @@ class _Connection(TCPServer):
             # hypercorn shields the send but not the wait for the send lock:
             # what followed a cancelled wait (HTTP/2's GOAWAY, then Updated)
             # was lost and the connection lived on to the drain deadline.
+            # The shield has a deadline, re-armed for each slice written: a
+            # peer that reads nothing for send_timeout is disconnected
+            # instead of holding the task; a slow one that reads is not.
+            data = memoryview(event.data)
             try:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True) as sending:
                     async with self.send_lock:
-                        await self.stream.send_all(event.data)
+                        for start in range(0, len(data), _SEND_SLICE):
+                            sending.deadline = trio.current_time() + self._send_timeout
+                            await self.stream.send_all(data[start : start + _SEND_SLICE])
             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+                return
+            if sending.cancelled_caught:
+                log.info(
+                    "closing a connection whose peer read nothing for %g s", self._send_timeout
+                )
+                self.abort()
                 await self.protocol.handle(Closed())
         else:
             await super().protocol_send(event)
+
+    def close_idle(self) -> None:
+        """End this idle connection without losing a request whose bytes were just read.
+
+        Only a wait still parked is cancelled: bytes a wait already
+        received are handled (their request is served, with
+        ``Connection: close``) and the reader then ends the connection,
+        since it is draining. Cancelling the whole connection here, as
+        before, also cancelled a request parsed in that instant: its
+        client got an empty 500.
+        """
+        if not self._read_loop:
+            self.scope.cancel()  # TLS handshake or setup: no request can be in flight
+        elif self._wait is not None and not self._bytes_waiting():
+            self._wait.cancel()
+        # Otherwise bytes sent before the drain began are in the socket:
+        # the reader wakes for them, serves their request, then ends.
+
+    def _bytes_waiting(self) -> bool:
+        """True if the socket holds bytes the reader has not yet been woken for."""
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):
+            return False
+        poll = select.poll()
+        poll.register(stream.socket.fileno(), select.POLLIN)
+        return bool(poll.poll(0))
 
     def _client_owes_bytes(self) -> bool:
         """True while waiting for a request's headers or, on HTTP/1.1, the rest of its body."""
         if self.idle:
             return True
+        connection = self._h11()
+        return connection is not None and connection.their_state is h11.SEND_BODY
+
+    def _h11(self) -> h11.Connection | None:
+        """The h11 state machine, on an HTTP/1.1 connection."""
         inner = getattr(self.protocol, "protocol", None)  # hypercorn's H11Protocol or H2Protocol
         connection = getattr(inner, "connection", None)
-        return isinstance(connection, h11.Connection) and connection.their_state is h11.SEND_BODY
+        return connection if isinstance(connection, h11.Connection) else None
 
     async def _read_data(self) -> None:
-        """Feed the protocol until end-of-file, close or read timeout.
+        """Feed the protocol until end-of-file, close, read timeout or an idle drain.
 
         ``read_timeout`` bounds each wait for bytes the client owes (see
         :meth:`_client_owes_bytes`). hypercorn bounded every read, so a
         handler slower than ``read_timeout`` lost its response; and after a
         timeout it kept the connection open until the keep-alive timer ran
-        out. Idle keep-alive connections are closed by that timer.
+        out. Idle keep-alive connections are closed by that timer, which
+        also bounds a request head that trickles in (the timer re-arms only
+        once a whole request head has arrived).
         """
         read_timeout = self.config.read_timeout or math.inf
+        endpoint = self._endpoint
+        self._read_loop = True
         with self._reading:
-            while True:
+            while not (self.idle and endpoint.draining):
                 limit = read_timeout if self._client_owes_bytes() else math.inf
                 with trio.move_on_after(limit) as waiting:
+                    self._wait = waiting
                     try:
                         data = await self.stream.receive_some(MAX_RECV)
                     except (trio.ClosedResourceError, trio.BrokenResourceError):
                         break
+                    finally:
+                        self._wait = None
                 if waiting.cancelled_caught:
                     break
                 await self.protocol.handle(RawData(bytes(data)))
@@ -371,24 +570,49 @@ class _Connection(TCPServer):
             stream.socket.close()
 
 
+#: Bytes written under one send_timeout deadline: a response of many
+#: slices may take longer in all, as long as the client keeps reading.
+_SEND_SLICE = 64 * 1024
+
+#: Seconds requests cut at the drain deadline get to send their 503 before sockets close.
+_CUT_GRACE = 0.1
+
+
 class _Endpoint:
     """One listening address served by hypercorn's protocols, drainable on demand."""
 
-    def __init__(self, app: Any, config: Config, state: LifespanState) -> None:
+    def __init__(self, app: Any, config: Config, state: LifespanState, send_timeout: float) -> None:
         self.app = ASGIWrapper(app)
         self.config = config
         self.context = WorkerContext(None)
         self.state = ConnectionState(state.copy())
+        self.send_timeout = send_timeout
         self.draining = False
         self._connections: set[_Connection] = set()
+        self._none_left = trio.Event()
         self._accept = trio.CancelScope()
         self._listeners: list[trio.abc.Listener[Any]] = []
 
     async def bind(self, host: str, port: int) -> int:
-        """Open the listening sockets; return the bound port."""
-        sockets = await trio.open_tcp_listeners(port, host=host)
+        """Open the listening sockets; return the bound port.
+
+        Raises ``OSError`` naming the address or the certificate files, so
+        the start fails with the cause on its first line.
+        """
+        ssl_context = None
+        if self.config.certfile is not None:
+            try:
+                ssl_context = self.config.create_ssl_context()
+            except (OSError, ssl.SSLError) as error:
+                files = f"certfile {self.config.certfile}, keyfile {self.config.keyfile}"
+                reason = error.strerror or str(error)
+                raise OSError(error.errno, f"cannot load the TLS {files}: {reason}") from error
+        try:
+            sockets = await trio.open_tcp_listeners(port, host=host)
+        except OSError as error:
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise OSError(error.errno, f"cannot listen on {host}:{port}: {reason}") from error
         bound: int = sockets[0].socket.getsockname()[1]
-        ssl_context = self.config.create_ssl_context()
         if ssl_context is None:
             self._listeners = list(sockets)
         else:
@@ -396,6 +620,13 @@ class _Endpoint:
                 trio.SSLListener(sock, ssl_context, https_compatible=True) for sock in sockets
             ]
         return bound
+
+    def close_listeners(self) -> None:
+        """Close the listening sockets (a start that failed after :meth:`bind`)."""
+        for listener in self._listeners:
+            sock = getattr(listener, "transport_listener", listener)
+            if isinstance(sock, trio.SocketListener):
+                sock.socket.close()
 
     async def serve(self) -> None:
         """Accept until :meth:`drain`, then wait for every connection to end."""
@@ -415,6 +646,9 @@ class _Endpoint:
                 await connection.run()
         finally:
             self._connections.discard(connection)
+            if not self._connections:
+                self._none_left.set()
+                self._none_left = trio.Event()
             # A cancelled run skips hypercorn's own close; never leak the socket.
             await trio.aclose_forcefully(stream)
 
@@ -429,10 +663,18 @@ class _Endpoint:
         await self.context.terminated.set()  # hypercorn stops keeping connections alive
         for connection in list(self._connections):
             if connection.idle:
-                connection.scope.cancel()
+                connection.close_idle()
 
-    def abort(self) -> None:
-        """Close every remaining connection's socket at once (the component is cancelled)."""
+    async def abort(self) -> None:
+        """Close every remaining connection's socket (the component is cancelled).
+
+        Requests cut at the drain deadline first get a moment to answer
+        503 (see ``_Front``), then whatever is left is closed at once.
+        """
+        if self._connections:
+            with trio.move_on_after(_CUT_GRACE) as grace:
+                grace.shield = True
+                await self._none_left.wait()
         for connection in list(self._connections):
             connection.abort()
 
@@ -442,6 +684,8 @@ def _hypercorn_config(settings: HttpSettings) -> Config:
     config.keep_alive_timeout = settings.keep_alive_timeout
     config.read_timeout = math.ceil(settings.read_timeout)
     config.h11_max_incomplete_size = 64 * 1024  # request line + headers
+    # Advertised and enforced by h2: more streams end the connection.
+    config.h2_max_concurrent_streams = settings.h2_max_concurrent_streams
     config.certfile = settings.certfile
     config.keyfile = settings.keyfile
     # The supervisor owns every deadline; hypercorn's own must not fire first.
@@ -468,24 +712,42 @@ class _HttpComponent(Component):
     async def run(
         self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        # The start deadline the supervisor set on this component's scope:
+        # a cancellation at or after it, before any shutdown, is the start
+        # timeout, and the app's hook still running then is named.
+        start_deadline = trio.current_effective_deadline()
         front, lifespan_app = self._front(lifetime)
         config = _hypercorn_config(self._settings)
         state: LifespanState = {}
-        # The app's lifespan task ignores the component's cancellation (see
-        # the end of this method) and is ended through this scope instead.
-        app_scope = trio.CancelScope(shield=True)
+        endpoint = _Endpoint(front, config, state, self._settings.send_timeout)
+        # The listener first: a port in use or a bad certificate fails the
+        # start at once, before the app's startup hooks run.
+        self.port = await endpoint.bind(self._host, self._port)
+        try:
+            async with app_lifespan(cast(Any, front), cast(Any, state)) as lifespan:
+                if lifespan_app is not None:
+                    await _app_startup(lifespan, lifetime, start_deadline)
+                try:
+                    await self._serve(endpoint, lifetime, task_status)
+                finally:
+                    if lifespan_app is not None:
+                        # after_serving runs even when the drain was cut: it
+                        # gets what is left of the drain, at least a short
+                        # grace, shielded so the app's cleanup is not torn
+                        # (and logged as a lifespan error) mid-way.
+                        grace = trio.current_time() + _APP_SHUTDOWN_GRACE
+                        with trio.CancelScope(deadline=max(lifetime.deadline, grace), shield=True):
+                            await lifespan.shutdown()
+        finally:
+            endpoint.close_listeners()
+
+    async def _serve(
+        self, endpoint: _Endpoint, lifetime: Lifetime, task_status: trio.TaskStatus[Any]
+    ) -> None:
+        assert self.port is not None
+        lifetime.publish_address(self._host, self.port)
+        log.info("%s listening on %s:%d", self.name, self._host, self.port)
         async with trio.open_nursery() as nursery:
-            lifespan = None
-            if lifespan_app is not None:
-                # The app's own startup/shutdown (Quart's before_serving /
-                # after_serving) runs inside the component's lifetime.
-                lifespan = Lifespan(ASGIWrapper(cast(Any, front)), config, state)
-                await nursery.start(_shielded, app_scope, lifespan.handle_lifespan)
-                await lifespan.wait_for_startup()
-            endpoint = _Endpoint(front, config, state)
-            self.port = await endpoint.bind(self._host, self._port)
-            lifetime.publish_address(self._host, self.port)
-            log.info("%s listening on %s:%d", self.name, self._host, self.port)
 
             async def drain_on_stop() -> None:
                 try:
@@ -497,37 +759,32 @@ class _HttpComponent(Component):
                     # deadline: then sends hypercorn shields from
                     # cancellation could still block on a client that stopped
                     # reading, and only closing their sockets ends them.
-                    endpoint.abort()
+                    await endpoint.abort()
 
             nursery.start_soon(drain_on_stop)
             task_status.started()
             try:
                 await endpoint.serve()
             finally:
-                if lifespan is not None:
-                    # after_serving runs even when the drain was cut, with a
-                    # short bound of its own, so the app's cleanup is not
-                    # torn (and logged as a lifespan error) mid-way.
-                    with trio.move_on_after(_APP_SHUTDOWN_GRACE) as grace:
-                        grace.shield = True
-                        await lifespan.wait_for_shutdown()
-                app_scope.cancel()
                 nursery.cancel_scope.cancel()
 
 
-#: Seconds the app's after_serving gets once the drain deadline has passed.
+#: Seconds the app's after_serving gets at least, even once the drain deadline has passed.
 _APP_SHUTDOWN_GRACE = 0.5
 
 
-async def _shielded(
-    scope: trio.CancelScope,
-    function: Callable[..., Awaitable[None]],
-    *,
-    task_status: trio.TaskStatus[None],
-) -> None:
-    """Run ``function(task_status=...)`` inside ``scope`` (a shielded one, cancelled by hand)."""
-    with scope:
-        await function(task_status=task_status)
+async def _app_startup(lifespan: AppLifespan, lifetime: Lifetime, start_deadline: float) -> None:
+    """Run the app's before_serving hooks; a hang past the start deadline is named as such."""
+    try:
+        await lifespan.startup()
+    except trio.Cancelled:
+        if lifetime.trigger is None and trio.current_time() >= start_deadline:
+            # As trio.fail_after does: the cancellation becomes the error
+            # that says what was still running.
+            raise TimeoutError(
+                "the app's startup (before_serving) was still running at the start timeout"
+            ) from None
+        raise
 
 
 class HttpServer(_HttpComponent):
@@ -556,6 +813,10 @@ class HttpServer(_HttpComponent):
         install_error_handlers(app, self._service_name, self._telemetry)
         if hasattr(app, "config"):
             app.config["MAX_CONTENT_LENGTH"] = self._settings.max_body_size
+            # Quart's whole-body deadline (408): read_timeout bounds each
+            # wait, so without it a body trickling a byte at a time would
+            # hold a handler for Quart's default 60 s.
+            app.config["BODY_TIMEOUT"] = self._settings.body_timeout
         front = _Front(
             app,
             lifetime.health,

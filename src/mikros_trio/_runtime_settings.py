@@ -58,8 +58,8 @@ class ScriptSettings:
 
 
 def _seconds(default: float, help: str) -> Any:
-    """A timeout field: seconds, above zero, at most a day (a typo must not disable it)."""
-    return field(default=default, metadata={"help": help, "gt": 0, "le": 86400})
+    """A timeout field: seconds, above zero, at most an hour (a typo must not disable it)."""
+    return field(default=default, metadata={"help": help, "gt": 0, "le": 3600})
 
 
 @dataclass(frozen=True, slots=True)

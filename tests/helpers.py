@@ -1,9 +1,10 @@
 """The tests' shared helpers: real processes, in-process services, raw HTTP/2, leaks.
 
 Running the examples and the CLI as real processes (bounded waits, no
-leaked pipes), the echo gRPC test service, traced services, the gateway
-examples, secrets' leak forms and hand-built HTTP/2. Importing this module
-stays cheap: grpcio, trio and the framework are imported by the helpers
+leaked pipes), the echo gRPC test service, the HTTP test app and its
+clients, scraping metrics, traced services, the gateway examples, secrets'
+leak forms and hand-built HTTP/2. Importing this module stays cheap:
+grpcio, quart, httpx, trio and the framework are imported by the helpers
 that use them, when used.
 """
 
@@ -36,7 +37,8 @@ if TYPE_CHECKING:  # grpcio, trio, the framework… are imported by the helpers 
     from opentelemetry.sdk.trace import ReadableSpan
     from quart_trio import QuartTrio
 
-    from mikros_trio import Component, ServiceContainer, Telemetry
+    from mikros_trio import Component, Service, ServiceContainer, Telemetry
+    from mikros_trio.features.metrics import Metrics
     from mikros_trio.features.tracing import Tracing
     from mikros_trio.testing import RunningService, ServiceStarter
 
@@ -313,14 +315,84 @@ def build_feature(
     return telemetry, list(factory(context))
 
 
+# -- in-process test services of any kind: service.toml, starting, lifecycle events --
+
+#: No single wait in the in-process service tests may take longer than this (seconds).
+BOUND = 5.0
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML value (JSON's forms are TOML's for these; a path is its text)."""
+    return json.dumps(str(value) if isinstance(value, Path) else value)
+
+
+def _table(name: str, values: Mapping[str, Any]) -> list[str]:
+    return ["", f"[{name}]", *(f"{key} = {toml_value(v)}" for key, v in values.items())]
+
+
+#: The short ``[lifecycle]`` timeouts of every in-process test service.
+TIMEOUTS = {"start_timeout": 5.0, "drain_timeout": 3.0, "shutdown_timeout": 8.0}
+
+
+def toml_text(top: Mapping[str, Any], tables: Mapping[str, Mapping[str, Any]]) -> str:
+    """A TOML document: the ``top`` keys, then each table in order."""
+    lines = [f"{key} = {toml_value(value)}" for key, value in top.items()]
+    for table, values in tables.items():
+        lines += _table(table, values)
+    return "\n".join(lines) + "\n"
+
+
+def _write_toml(
+    tmp_path: Path,
+    name: str,
+    kind: str,
+    runtime: Mapping[str, Any] | None,
+    lifecycle: Mapping[str, Any] | None,
+    clients: Mapping[str, int | tuple[str, int]] | None = None,
+) -> Path:
+    """``tmp_path``/service.toml for a ``kind`` service on 127.0.0.1 (see :func:`write_toml`)."""
+    tables: dict[str, Mapping[str, Any]] = {
+        f"runtime.{kind}": {"host": "127.0.0.1", **(runtime or {})},
+        "lifecycle": {**TIMEOUTS, **(lifecycle or {})},
+    }
+    for client, target in (clients or {}).items():
+        host, port = target if isinstance(target, tuple) else ("127.0.0.1", target)
+        tables[f"clients.{client}"] = {"host": host, "port": port}
+    path = tmp_path / "service.toml"
+    path.write_text(toml_text({"name": name, "types": [kind], "version": "1.0.0"}, tables))
+    return path
+
+
+async def _start(
+    mikros_service: ServiceStarter,
+    write: Callable[..., Path],
+    default: type[ServiceContainer],
+    tmp_path: Path,
+    options: dict[str, Any],
+) -> RunningService:
+    """Start ``container=`` (else ``default``) with ``write(tmp_path, **options)``, bounded."""
+    import trio
+
+    overrides = options.pop("overrides", None)
+    container = options.pop("container", None) or default
+    path = write(tmp_path, **options)
+    with trio.fail_after(BOUND):
+        return await mikros_service.start(container, path, overrides=overrides)
+
+
+def phase_time(running: RunningService, component: str, phase: str) -> float:
+    """Trio time of the first event where ``component`` reached ``phase``."""
+    for event in running.events:
+        if event.component == component and event.phase == phase:
+            return event.time
+    raise AssertionError(f"{component} never reached {phase}: {running.events}")
+
+
 # -- the echo gRPC test service, in-process: its servicer, containers and grpcio calls -
 #
 # Its classes subclass generated code and its constants hold protobuf and grpcio
 # values, so they are built on first use (module ``__getattr__``, PEP 562):
 # ``from helpers import EchoServicer`` imports grpc then, ``import helpers`` never does.
-
-#: No single wait in the in-process service tests may take longer than this (seconds).
-BOUND = 5.0
 
 #: The echo service's full name, as reflection and health list it.
 ECHO = "mikros.testsvc.v1.Echo"
@@ -347,11 +419,13 @@ _ECHO_NAMES = frozenset(
 
 
 def __getattr__(name: str) -> Any:
-    """The names built on first use: the echo service's and the traced app's."""
+    """The names built on first use: the echo service's, the HTTP test app's, the traced app's."""
     if name in _ECHO_NAMES:
         return _echo_service()[name]
     if name == "TracedContainer":
         return _traced_container()
+    if name in _HTTP_NAMES:
+        return _http_service()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -521,15 +595,6 @@ def _echo_service() -> dict[str, Any]:
     }
 
 
-def toml_value(value: Any) -> str:
-    """``value`` as a TOML value (JSON's forms are TOML's for these; a path is its text)."""
-    return json.dumps(str(value) if isinstance(value, Path) else value)
-
-
-def _table(name: str, values: Mapping[str, Any]) -> list[str]:
-    return ["", f"[{name}]", *(f"{key} = {toml_value(v)}" for key, v in values.items())]
-
-
 def write_toml(
     tmp_path: Path,
     *,
@@ -541,41 +606,18 @@ def write_toml(
 
     ``clients`` maps client names to ports on 127.0.0.1, or to (host, port).
     """
-    timeouts = {"start_timeout": 5.0, "drain_timeout": 3.0, "shutdown_timeout": 8.0}
-    timeouts.update(lifecycle or {})
-    lines = ['name = "echo"', 'types = ["grpc"]', 'version = "1.0.0"']
-    lines += _table("runtime.grpc", {"host": "127.0.0.1", **(grpc or {})})
-    lines += _table("lifecycle", timeouts)
-    for name, target in (clients or {}).items():
-        host, port = target if isinstance(target, tuple) else ("127.0.0.1", target)
-        lines += _table(f"clients.{name}", {"host": host, "port": port})
-    path = tmp_path / "service.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _write_toml(tmp_path, "echo", "grpc", grpc, lifecycle, clients)
 
 
 async def start(mikros_service: ServiceStarter, tmp_path: Path, **options: Any) -> RunningService:
     """Start the echo ``Container`` (or ``container=``) with a service.toml from ``options``."""
-    import trio
-
-    overrides = options.pop("overrides", None)
-    container = options.pop("container", None) or _echo_service()["Container"]
-    path = write_toml(tmp_path, **options)
-    with trio.fail_after(BOUND):
-        return await mikros_service.start(container, path, overrides=overrides)
+    container = _echo_service()["Container"]
+    return await _start(mikros_service, write_toml, container, tmp_path, options)
 
 
 def port(running: RunningService) -> int:
     """The port the service's gRPC server listens on."""
     return running.ports["grpc"]
-
-
-def phase_time(running: RunningService, component: str, phase: str) -> float:
-    """Trio time of the first event where ``component`` reached ``phase``."""
-    for event in running.events:
-        if event.component == component and event.phase == phase:
-            return event.time
-    raise AssertionError(f"{component} never reached {phase}: {running.events}")
 
 
 async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -658,6 +700,336 @@ async def agen(items: list[Any], delay: float = 0.0) -> AsyncIterator[Any]:
             await trio.sleep(delay)
 
 
+# -- the HTTP test service, in-process: its app and container, and HTTP clients -------
+#
+# The container and the error table hold framework values, so they are built on
+# first use (module ``__getattr__``), as the echo service's names are; quart, httpx
+# and trustme are imported by the helpers that use them.
+
+#: The real command-line client the tests drive for h2c, TLS and HTTP/2 drains.
+CURL = "/usr/bin/curl"
+
+#: What :func:`_http_service` builds: ``HTTP_SERVICE_ERRORS``, the error kinds a
+#: handler of :func:`create_app` raises by name, with the HTTP status each must map
+#: to; ``HttpContainer``, the service of that app and its :class:`Store`.
+_HTTP_NAMES = frozenset({"HTTP_SERVICE_ERRORS", "HttpContainer"})
+
+
+@functools.cache
+def _http_service() -> dict[str, Any]:
+    """The names of :data:`_HTTP_NAMES`, built once."""
+    from dependency_injector import providers
+
+    from mikros_trio import (
+        ConditionError,
+        NotFoundError,
+        PermissionDeniedError,
+        ServiceContainer,
+        ValidationError,
+    )
+
+    class HttpContainer(ServiceContainer):
+        store = providers.Singleton(Store)
+        app = providers.Singleton(create_app, store=store)
+
+    return {
+        "HTTP_SERVICE_ERRORS": {
+            "validation": (ValidationError, 400),
+            "permission": (PermissionDeniedError, 403),
+            "not-found": (NotFoundError, 404),
+            "condition": (ConditionError, 412),
+        },
+        "HttpContainer": HttpContainer,
+    }
+
+
+class Store:
+    """The container component the test app's handlers reach: a tiny key-value store."""
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self.items = dict(items or {"greeting": "hello"})
+
+    def get(self, key: str) -> str:
+        from mikros_trio import NotFoundError
+
+        try:
+            return self.items[key]
+        except KeyError:
+            raise NotFoundError(f"no item {key!r}") from None
+
+
+def create_app(store: Store) -> QuartTrio:
+    """The HTTP test app: one route per behaviour the tests pin.
+
+    ``app.entered`` is set whenever a slow handler starts, so a test knows
+    its request is in flight; ``app.finished`` counts slow handlers that ran
+    to their end.
+    """
+    import trio
+    from quart import request
+    from quart_trio import QuartTrio
+
+    service_errors = _http_service()["HTTP_SERVICE_ERRORS"]
+    app = QuartTrio(__name__)
+    app.entered = trio.Event()  # type: ignore[attr-defined]
+    app.finished = 0  # type: ignore[attr-defined]
+
+    @app.get("/hello")
+    async def hello() -> str:
+        return "hello"
+
+    @app.get("/slow")
+    async def slow() -> dict[str, Any]:
+        seconds = float(request.args.get("seconds", "0.5"))
+        app.entered.set()  # type: ignore[attr-defined]
+        await trio.sleep(seconds)
+        app.finished += 1  # type: ignore[attr-defined]
+        return {"slept": seconds, "client_port": request.scope["client"][1]}
+
+    @app.get("/stream")
+    async def stream() -> tuple[AsyncIterator[bytes], int]:
+        async def endless() -> AsyncIterator[bytes]:
+            while True:
+                yield b"x" * 65536
+
+        return endless(), 200
+
+    @app.get("/chunks")
+    async def chunks() -> tuple[AsyncIterator[bytes], int]:
+        count = int(request.args.get("count", "3"))
+        delay = float(request.args.get("delay", "0.1"))
+
+        async def paced() -> AsyncIterator[bytes]:
+            app.entered.set()  # type: ignore[attr-defined]
+            for index in range(count):
+                yield f"chunk {index},".encode()
+                await trio.sleep(delay)
+
+        return paced(), 200
+
+    @app.get("/boom")
+    async def boom() -> str:
+        raise RuntimeError("the handler broke")
+
+    @app.get("/raise/<kind>")
+    async def raise_kind(kind: str) -> str:
+        cls, _ = service_errors[kind]
+        raise cls(f"raised {kind}", code=7)
+
+    @app.post("/echo")
+    async def echo() -> dict[str, Any]:
+        data = await request.get_data()
+        return {"length": len(data)}
+
+    @app.get("/items/<key>")
+    async def item(key: str) -> dict[str, Any]:
+        return {"key": key, "value": store.get(key)}
+
+    return app
+
+
+def write_http_toml(
+    tmp_path: Path,
+    *,
+    http: Mapping[str, Any] | None = None,
+    lifecycle: Mapping[str, Any] | None = None,
+) -> Path:
+    """A service.toml for an http service on 127.0.0.1, written into ``tmp_path``."""
+    return _write_toml(tmp_path, "web", "http", http, lifecycle)
+
+
+async def start_http(
+    mikros_service: ServiceStarter, tmp_path: Path, **options: Any
+) -> RunningService:
+    """Start ``HttpContainer`` (or ``container=``) with a service.toml from ``options``.
+
+    ``options`` are :func:`write_http_toml`'s, and ``overrides``.
+    """
+    container = _http_service()["HttpContainer"]
+    return await _start(mikros_service, write_http_toml, container, tmp_path, options)
+
+
+def http_port(running: RunningService, name: str = "http") -> int:
+    """The port the service's listener ``name`` listens on."""
+    return running.ports[name]
+
+
+def url(running: RunningService, path: str, name: str = "http", scheme: str = "http") -> str:
+    """The URL of ``path`` on the service's listener ``name``."""
+    return f"{scheme}://127.0.0.1:{http_port(running, name)}{path}"
+
+
+def client_for(running: RunningService, name: str = "http", **options: Any) -> httpx.AsyncClient:
+    """An httpx client for one of the service's listeners, deaf to proxy settings."""
+    import httpx
+
+    return httpx.AsyncClient(base_url=url(running, "", name), trust_env=False, **options)
+
+
+async def get(
+    running: RunningService, path: str, name: str = "http", **headers: str
+) -> httpx.Response:
+    """One GET on the service's listener ``name``, on a fresh connection (no pooling), bounded."""
+    import trio
+
+    with trio.fail_after(BOUND):
+        async with client_for(running, name=name) as client:
+            return await client.get(path, headers=headers)
+
+
+async def wait_until(running: RunningService | Service, check: Callable[[], bool]) -> None:
+    """Return once ``check()`` holds; re-checked on every health change, bounded."""
+    import trio
+
+    health = running.health
+    with trio.fail_after(BOUND):
+        version = health.version
+        while not check():
+            version = await health.wait_changed(version)
+
+
+def tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost: (ca, cert, key)."""
+    import trustme
+
+    authority = trustme.CA()
+    server = authority.issue_cert("127.0.0.1", "localhost")
+    ca, cert, key = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    authority.cert_pem.write_to_path(str(ca))
+    server.cert_chain_pems[0].write_to_path(str(cert))
+    for extra in server.cert_chain_pems[1:]:
+        extra.write_to_path(str(cert), append=True)
+    server.private_key_pem.write_to_path(str(key))
+    return ca, cert, key
+
+
+async def curl(*args: str) -> tuple[str, str]:
+    """Run curl with ``args``, bounded; return (body, "<http version> <status>").
+
+    It must exit 0: an HTTP error status is still a success for curl.
+    """
+    import trio
+
+    with trio.fail_after(BOUND):
+        done = await trio.run_process(
+            [
+                CURL,
+                "-sS",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "4",
+                "-w",
+                "\n%{http_version} %{http_code}",
+                *args,
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    body, _, summary = done.stdout.decode().rpartition("\n")
+    return body, summary
+
+
+# -- metrics: services with the feature on, and reading their exposition back -----------
+
+#: ``[features.metrics]`` of a test service: its own listener (if any) on an ephemeral port.
+LOCAL_METRICS = {"host": "127.0.0.1", "port": 0}
+
+#: The samples of an exposition, by (name, labels).
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metrics_toml(
+    *,
+    types: str = "http",
+    metrics: Mapping[str, Any] | None = LOCAL_METRICS,
+    tables: Mapping[str, Mapping[str, Any]] | None = None,
+    name: str = "svc",
+) -> str:
+    """A service.toml on 127.0.0.1 with short timeouts; ``metrics=None`` leaves the feature off."""
+    all_tables: dict[str, Mapping[str, Any]] = {"lifecycle": TIMEOUTS}
+    if types in ("http", "grpc"):
+        all_tables[f"runtime.{types}"] = {"host": "127.0.0.1"}
+    if metrics is not None:
+        all_tables["features.metrics"] = {"enabled": True, **metrics}
+    for table, values in (tables or {}).items():
+        all_tables[table] = {**all_tables.get(table, {}), **values}
+    return toml_text({"name": name, "types": [types], "version": "1.2.3"}, all_tables)
+
+
+def write_metrics_service(tmp_path: Path, **options: Any) -> Path:
+    """:func:`metrics_toml` written to a fresh file under ``tmp_path``."""
+    path = tmp_path / f"{options.get('name', 'svc')}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(metrics_toml(**options))
+    return path
+
+
+def parse(text: str) -> Samples:
+    """Every sample of an exposition, by (name, labels), through prometheus-client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name, frozenset(sample.labels.items())] = sample.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    """The sample called ``name`` with exactly ``labels``, or ``None``."""
+    return samples.get((name, frozenset(labels.items())))
+
+
+def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """Every sample called ``name``, by labels."""
+    return {labels: v for (n, labels), v in samples.items() if n == name}
+
+
+def metrics_of(running: RunningService) -> Metrics:
+    """The running service's :class:`Metrics`."""
+    from mikros_trio.features.metrics import Metrics
+
+    return running.service.telemetry.get(Metrics)
+
+
+async def scrape(port: int, path: str = "/metrics") -> httpx.Response:
+    """One GET on 127.0.0.1:``port`` with a fresh connection, bounded."""
+    import httpx
+    import trio
+
+    with trio.fail_after(BOUND):
+        async with httpx.AsyncClient(trust_env=False) as client:
+            return await client.get(f"http://127.0.0.1:{port}{path}")
+
+
+async def scraped(port: int, path: str = "/metrics") -> Samples:
+    """The samples served at ``path``; the response must be a 200 in the Prometheus format."""
+    import prometheus_client
+
+    response = await scrape(port, path)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == prometheus_client.CONTENT_TYPE_LATEST
+    return parse(response.text)
+
+
+async def settled(running: RunningService, gauge: str) -> None:
+    """Wait until the in-flight ``gauge`` is 0: every call the client saw end was recorded.
+
+    A kind ends a call just after the response went out, so a client can
+    read its response a moment before the call is counted.
+    """
+    import trio
+
+    registry = metrics_of(running).registry
+    with trio.fail_after(BOUND):
+        # Polling: the observer has no event to wait on, and must not grow one for tests.
+        while registry.get_sample_value(gauge) != 0:  # noqa: ASYNC110
+            await trio.sleep(0.001)
+
+
 # -- tracing: traced services with their spans kept in memory, and span ids -----------
 
 #: An incoming W3C parent: trace and span ids, sampled.
@@ -677,21 +1049,14 @@ def service_toml(
 ) -> str:
     """A service.toml on 127.0.0.1 with tracing on (``exporter`` from ``tracing``, default otlp)."""
     tables: dict[str, Mapping[str, Any]] = {
-        "lifecycle": {"start_timeout": 5.0, "drain_timeout": 3.0, "shutdown_timeout": 8.0},
+        "lifecycle": TIMEOUTS,
         "features.tracing": {"enabled": True, **(tracing or {})},
         "features.env": {"secrets": ["API_TOKEN"]},
     }
     if types in ("http", "grpc"):
         tables[f"runtime.{types}"] = {"host": "127.0.0.1"}
-    lines = [
-        f'name = "{name}"',
-        f'types = ["{types}"]',
-        'version = "v1.2.0"',
-        'envs = ["API_TOKEN"]',
-    ]
-    for table, values in tables.items():
-        lines += _table(table, values)
-    return "\n".join(lines) + "\n"
+    top = {"name": name, "types": [types], "version": "v1.2.0", "envs": ["API_TOKEN"]}
+    return toml_text(top, tables)
 
 
 def write_service(tmp_path: Path, **options: Any) -> Path:
@@ -830,17 +1195,6 @@ def _traced_container() -> type[ServiceContainer]:
         app = providers.Singleton(create_traced_app)
 
     return TracedContainer
-
-
-async def get(running: RunningService, path: str, **headers: str) -> httpx.Response:
-    """One GET on the service's HTTP port, on a fresh connection, bounded."""
-    import httpx
-    import trio
-
-    base = f"http://127.0.0.1:{running.ports['http']}"
-    with trio.fail_after(BOUND):
-        async with httpx.AsyncClient(base_url=base, trust_env=False) as client:
-            return await client.get(path, headers=headers)
 
 
 # -- the gateway example calling the grpc example, both in-process -------------------

@@ -1,238 +1,36 @@
 """The HTTP kind, in-process over real sockets: probes through the lifecycle.
 
-Also the shared support of every ``test_http_*`` module: the test app and
-container, service.toml writing, and small client helpers. Every service
+The test app and container, service.toml writing and the client helpers
+every ``test_http_*`` module shares are in ``helpers.py``. Every service
 here starts through ``mikros_service`` (real lifecycle, ephemeral ports on
 127.0.0.1) and every wait is bounded with ``trio.fail_after``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import trio
-import trustme
 from dependency_injector import providers
-from quart import request
-from quart_trio import QuartTrio
 
-from mikros_trio import (
-    ConditionError,
-    NotFoundError,
-    PermissionDeniedError,
-    Service,
-    ServiceContainer,
-    ValidationError,
+from helpers import (
+    BOUND,
+    HttpContainer,
+    client_for,
+    get,
+    phase_time,
+    wait_until,
 )
-from mikros_trio.testing import RunningService, ServiceStarter
-
-#: No single wait in these tests may take longer than this (seconds).
-BOUND = 5.0
-
-#: The real command-line client the tests drive for h2c, TLS and HTTP/2 drains.
-CURL = "/usr/bin/curl"
-
-#: The error kinds a handler may raise by name, with the status each must map to.
-SERVICE_ERRORS = {
-    "validation": (ValidationError, 400),
-    "permission": (PermissionDeniedError, 403),
-    "not-found": (NotFoundError, 404),
-    "condition": (ConditionError, 412),
-}
-
-
-def _toml_value(value: Any) -> str:
-    return json.dumps(str(value) if isinstance(value, Path) else value)
-
-
-def write_toml(
-    tmp_path: Path,
-    *,
-    http: Mapping[str, Any] | None = None,
-    lifecycle: Mapping[str, Any] | None = None,
-) -> Path:
-    """A service.toml for an http service on 127.0.0.1, written into ``tmp_path``."""
-    timeouts = {"start_timeout": 5.0, "drain_timeout": 3.0, "shutdown_timeout": 8.0}
-    timeouts.update(lifecycle or {})
-    lines = ['name = "web"', 'types = ["http"]', 'version = "1.0.0"', "", "[runtime.http]"]
-    lines += [
-        f"{key} = {_toml_value(value)}"
-        for key, value in {"host": "127.0.0.1", **(http or {})}.items()
-    ]
-    lines += ["", "[lifecycle]"]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in timeouts.items()]
-    path = tmp_path / "service.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-class Store:
-    """The container component handlers reach: a tiny key-value store."""
-
-    def __init__(self, items: Mapping[str, str] | None = None) -> None:
-        self.items = dict(items or {"greeting": "hello"})
-
-    def get(self, key: str) -> str:
-        try:
-            return self.items[key]
-        except KeyError:
-            raise NotFoundError(f"no item {key!r}") from None
-
-
-def create_app(store: Store) -> QuartTrio:
-    """The test app: one route per behaviour the tests pin.
-
-    ``app.entered`` is set whenever a slow handler starts, so a test knows
-    its request is in flight; ``app.finished`` counts slow handlers that ran
-    to their end.
-    """
-    app = QuartTrio(__name__)
-    app.entered = trio.Event()  # type: ignore[attr-defined]
-    app.finished = 0  # type: ignore[attr-defined]
-
-    @app.get("/hello")
-    async def hello() -> str:
-        return "hello"
-
-    @app.get("/slow")
-    async def slow() -> dict[str, Any]:
-        seconds = float(request.args.get("seconds", "0.5"))
-        app.entered.set()  # type: ignore[attr-defined]
-        await trio.sleep(seconds)
-        app.finished += 1  # type: ignore[attr-defined]
-        return {"slept": seconds, "client_port": request.scope["client"][1]}
-
-    @app.get("/stream")
-    async def stream() -> tuple[AsyncIterator[bytes], int]:
-        async def endless() -> AsyncIterator[bytes]:
-            while True:
-                yield b"x" * 65536
-
-        return endless(), 200
-
-    @app.get("/chunks")
-    async def chunks() -> tuple[AsyncIterator[bytes], int]:
-        count = int(request.args.get("count", "3"))
-        delay = float(request.args.get("delay", "0.1"))
-
-        async def paced() -> AsyncIterator[bytes]:
-            app.entered.set()  # type: ignore[attr-defined]
-            for index in range(count):
-                yield f"chunk {index},".encode()
-                await trio.sleep(delay)
-
-        return paced(), 200
-
-    @app.get("/boom")
-    async def boom() -> str:
-        raise RuntimeError("the handler broke")
-
-    @app.get("/raise/<kind>")
-    async def raise_kind(kind: str) -> str:
-        cls, _ = SERVICE_ERRORS[kind]
-        raise cls(f"raised {kind}", code=7)
-
-    @app.post("/echo")
-    async def echo() -> dict[str, Any]:
-        data = await request.get_data()
-        return {"length": len(data)}
-
-    @app.get("/items/<key>")
-    async def item(key: str) -> dict[str, Any]:
-        return {"key": key, "value": store.get(key)}
-
-    return app
-
-
-class Container(ServiceContainer):
-    store = providers.Singleton(Store)
-    app = providers.Singleton(create_app, store=store)
-
-
-def port(running: RunningService, name: str = "http") -> int:
-    """The port ``name`` listens on."""
-    return running.ports[name]
-
-
-def url(running: RunningService, path: str, name: str = "http", scheme: str = "http") -> str:
-    return f"{scheme}://127.0.0.1:{port(running, name)}{path}"
-
-
-async def get(running: RunningService, path: str, name: str = "http") -> httpx.Response:
-    """One GET on a fresh connection (no pooling), bounded."""
-    with trio.fail_after(BOUND):
-        async with client_for(running, name=name) as client:
-            return await client.get(path)
-
-
-def client_for(running: RunningService, name: str = "http", **options: Any) -> httpx.AsyncClient:
-    """An httpx client for one of the service's listeners, deaf to proxy settings."""
-    return httpx.AsyncClient(base_url=url(running, "", name), trust_env=False, **options)
-
-
-async def start(mikros_service: ServiceStarter, tmp_path: Path, **options: Any) -> RunningService:
-    """Start :class:`Container` with a service.toml from ``options`` (see :func:`write_toml`)."""
-    overrides = options.pop("overrides", None)
-    container = options.pop("container", Container)
-    path = write_toml(tmp_path, **options)
-    with trio.fail_after(BOUND):
-        return await mikros_service.start(container, path, overrides=overrides)
-
-
-def tls_files(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 / localhost: (ca, cert, key)."""
-    authority = trustme.CA()
-    server = authority.issue_cert("127.0.0.1", "localhost")
-    ca, cert, key = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
-    authority.cert_pem.write_to_path(str(ca))
-    server.cert_chain_pems[0].write_to_path(str(cert))
-    for extra in server.cert_chain_pems[1:]:
-        extra.write_to_path(str(cert), append=True)
-    server.private_key_pem.write_to_path(str(key))
-    return ca, cert, key
-
-
-async def curl(*args: str) -> tuple[str, str]:
-    """Run curl with ``args``, bounded; return (body, "<http version> <status>").
-
-    It must exit 0: an HTTP error status is still a success for curl.
-    """
-    with trio.fail_after(BOUND):
-        done = await trio.run_process(
-            [
-                CURL,
-                "-sS",
-                "--noproxy",
-                "*",
-                "--max-time",
-                "4",
-                "-w",
-                "\n%{http_version} %{http_code}",
-                *args,
-            ],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    assert done.returncode == 0, done.stderr.decode()
-    body, _, summary = done.stdout.decode().rpartition("\n")
-    return body, summary
-
-
-def phase_time(running: RunningService, component: str, phase: str) -> float:
-    """Trio time of the first event where ``component`` reached ``phase``."""
-    for event in running.events:
-        if event.component == component and event.phase == phase:
-            return event.time
-    raise AssertionError(f"{component} never reached {phase}: {running.events}")
-
+from helpers import http_port as port
+from helpers import start_http as start
+from helpers import write_http_toml as write_toml
+from mikros_trio import Service, ServiceContainer
+from mikros_trio.testing import ServiceStarter
 
 # -- probes ------------------------------------------------------------------
 
@@ -262,17 +60,8 @@ class Gate:
         await self.opened.wait()
 
 
-class GatedContainer(Container):
+class GatedContainer(HttpContainer):
     gate = providers.Singleton(Gate)
-
-
-async def wait_until(running: RunningService | Service, check: Callable[[], bool]) -> None:
-    """Return once ``check()`` holds; re-checked on every health change, bounded."""
-    health = running.health
-    with trio.fail_after(BOUND):
-        version = health.version
-        while not check():
-            version = await health.wait_changed(version)
 
 
 class StartGate:
@@ -287,7 +76,7 @@ class StartGate:
         await self.opened.wait()
 
 
-class StartGatedContainer(Container):
+class StartGatedContainer(HttpContainer):
     gate = providers.Singleton(StartGate)
 
 

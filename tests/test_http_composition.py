@@ -14,9 +14,11 @@ from dependency_injector.wiring import Provide, inject
 from quart import Blueprint
 from quart_trio import QuartTrio
 
+from helpers import BOUND, Store, client_for, create_app, get
+from helpers import start_http as start
+from helpers import write_http_toml as write_toml
 from mikros_trio import ConfigError, Service, ServiceContainer, ValidationError
 from mikros_trio.testing import ServiceStarter
-from test_http import BOUND, Store, client_for, create_app, get, start, write_toml
 
 
 @inject

@@ -25,20 +25,20 @@ import httpx
 import pytest
 import trio
 
-from mikros_trio import Call, Observer
-from mikros_trio.testing import RunningService, ServiceStarter
-from test_http import (
+from helpers import (
     BOUND,
     client_for,
     curl,
     get,
     phase_time,
-    port,
-    start,
     tls_files,
     url,
     wait_until,
 )
+from helpers import http_port as port
+from helpers import start_http as start
+from mikros_trio import Call, Observer
+from mikros_trio.testing import RunningService, ServiceStarter
 
 
 async def test_in_flight_request_finishes_and_new_connections_are_refused(

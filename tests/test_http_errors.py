@@ -9,8 +9,9 @@ import httpx
 import pytest
 import trio
 
+from helpers import BOUND, HTTP_SERVICE_ERRORS, client_for, get
+from helpers import start_http as start
 from mikros_trio.testing import ServiceStarter
-from test_http import BOUND, SERVICE_ERRORS, client_for, get, start
 
 
 async def test_unexpected_exception_is_500_internal_error_and_logged(
@@ -41,13 +42,13 @@ async def test_unexpected_exception_is_500_internal_error_and_logged(
     assert "the handler broke" in caplog.text
 
 
-@pytest.mark.parametrize("kind", sorted(SERVICE_ERRORS))
+@pytest.mark.parametrize("kind", sorted(HTTP_SERVICE_ERRORS))
 async def test_service_errors_map_to_their_status(
     mikros_service: ServiceStarter, tmp_path: Path, kind: str
 ) -> None:
     """Each ServiceError subclass answers its HTTP status with kind, message, code and service."""
     running = await start(mikros_service, tmp_path)
-    cls, status = SERVICE_ERRORS[kind]
+    cls, status = HTTP_SERVICE_ERRORS[kind]
     response = await get(running, f"/raise/{kind}")
     assert response.status_code == status
     assert response.json() == {

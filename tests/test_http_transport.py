@@ -15,8 +15,10 @@ import httpx
 import pytest
 import trio
 
+from helpers import BOUND, client_for, curl, tls_files, url
+from helpers import http_port as port
+from helpers import start_http as start
 from mikros_trio.testing import RunningService, ServiceStarter
-from test_http import BOUND, client_for, curl, port, start, tls_files, url
 
 
 async def exchange(running: RunningService, data: bytes) -> tuple[bytes, float]:

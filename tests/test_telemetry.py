@@ -19,16 +19,18 @@ import pytest
 import trio
 from dependency_injector import providers
 
-import test_http
 from helpers import (
     BOUND,
     UNARY,
     ClientContainer,
     EchoRequest,
+    Store,
+    create_app,
     grpcio_server,
     in_thread,
     rpc_error,
     unary,
+    write_http_toml,
 )
 from helpers import (
     Container as GrpcContainer,
@@ -209,8 +211,8 @@ class SeenCall:
     call: Call | None = None
 
 
-def http_app(store: test_http.Store) -> Any:
-    app = test_http.create_app(store)
+def http_app(store: Store) -> Any:
+    app = create_app(store)
 
     @app.get("/records/<key>")
     async def record(key: str) -> str:
@@ -221,14 +223,14 @@ def http_app(store: test_http.Store) -> Any:
 
 
 class HttpContainer(ServiceContainer):
-    store = providers.Singleton(test_http.Store)
+    store = providers.Singleton(Store)
     app = providers.Singleton(http_app, store)
 
 
 async def start_http(
     mikros_service: ServiceStarter, tmp_path: Path, **http: Any
 ) -> tuple[RunningService, httpx.AsyncClient]:
-    path = test_http.write_toml(tmp_path, http=http)
+    path = write_http_toml(tmp_path, http=http)
     with trio.fail_after(BOUND):
         running = await mikros_service.start(HttpContainer, path, registry=REGISTRY)
     client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.ports['http']}")

@@ -4,14 +4,12 @@ The first half drives the feature's observer through a real
 :class:`~mikros_trio._telemetry.Telemetry`, exactly as the kinds do
 (``begin`` / ``end`` and lifecycle events), and reads the exposition back
 with prometheus-client's own parser. The second half starts real HTTP
-services (the app of ``tests/test_http.py``) with ``mikros_service`` and
-scrapes them with httpx. Also the shared helpers of ``test_metrics_*``.
+services (the HTTP test app of ``helpers.py``) with ``mikros_service`` and
+scrapes them with httpx; the helpers it shares with ``test_metrics_*`` are in ``helpers.py``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,21 @@ import pytest
 import trio
 from dependency_injector import providers
 from prometheus_client import Counter
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import build_feature
+from helpers import (
+    BOUND,
+    HttpContainer,
+    build_feature,
+    metrics_of,
+    parse,
+    scrape,
+    scraped,
+    series,
+    settled,
+    value,
+)
+from helpers import metrics_toml as service_toml
+from helpers import write_metrics_service as write_service
 from mikros_trio import (
     ConfigError,
     LifecycleEvent,
@@ -34,105 +44,8 @@ from mikros_trio._telemetry import Call, Telemetry
 from mikros_trio.errors import ErrorKind
 from mikros_trio.features.metrics import Metrics, MetricsListener
 from mikros_trio.testing import RunningService, ServiceStarter
-from test_http import Container as HttpContainer
-
-#: No single wait in these tests may take longer than this (seconds).
-BOUND = 5.0
-
-#: ``[features.metrics]`` of a test service: its own listener (if any) on an ephemeral port.
-LOCAL = {"host": "127.0.0.1", "port": 0}
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
 
 # -- helpers -------------------------------------------------------------------
-
-
-def _value(value: Any) -> str:
-    return json.dumps(str(value) if isinstance(value, Path) else value)
-
-
-def service_toml(
-    *,
-    types: str = "http",
-    metrics: Mapping[str, Any] | None = LOCAL,
-    tables: Mapping[str, Mapping[str, Any]] | None = None,
-    name: str = "svc",
-) -> str:
-    """A service.toml on 127.0.0.1 with short timeouts; ``metrics=None`` leaves the feature off."""
-    lines = [f'name = "{name}"', f'types = ["{types}"]', 'version = "1.2.3"']
-    all_tables: dict[str, Mapping[str, Any]] = {
-        "lifecycle": {"start_timeout": 5.0, "drain_timeout": 3.0, "shutdown_timeout": 8.0},
-    }
-    if types in ("http", "grpc"):
-        all_tables[f"runtime.{types}"] = {"host": "127.0.0.1"}
-    if metrics is not None:
-        all_tables["features.metrics"] = {"enabled": True, **metrics}
-    for table, values in (tables or {}).items():
-        all_tables[table] = {**all_tables.get(table, {}), **values}
-    for table, values in all_tables.items():
-        lines += ["", f"[{table}]", *(f"{k} = {_value(v)}" for k, v in values.items())]
-    return "\n".join(lines) + "\n"
-
-
-def write_service(tmp_path: Path, **options: Any) -> Path:
-    """:func:`service_toml` written to a fresh file under ``tmp_path``."""
-    path = tmp_path / f"{options.get('name', 'svc')}.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(service_toml(**options))
-    return path
-
-
-def parse(text: str) -> Samples:
-    """Every sample of an exposition, by (name, labels), through prometheus-client's parser."""
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[sample.name, frozenset(sample.labels.items())] = sample.value
-    return out
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    """The sample called ``name`` with exactly ``labels``, or ``None``."""
-    return samples.get((name, frozenset(labels.items())))
-
-
-def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
-    """Every sample called ``name``, by labels."""
-    return {labels: v for (n, labels), v in samples.items() if n == name}
-
-
-def metrics_of(running: RunningService) -> Metrics:
-    """The running service's :class:`Metrics`."""
-    return running.service.telemetry.get(Metrics)
-
-
-async def scrape(port: int, path: str = "/metrics") -> httpx.Response:
-    """One GET on 127.0.0.1:``port`` with a fresh connection, bounded."""
-    with trio.fail_after(BOUND):
-        async with httpx.AsyncClient(trust_env=False) as client:
-            return await client.get(f"http://127.0.0.1:{port}{path}")
-
-
-async def scraped(port: int, path: str = "/metrics") -> Samples:
-    """The samples served at ``path``; the response must be a 200 in the Prometheus format."""
-    response = await scrape(port, path)
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"] == prometheus_client.CONTENT_TYPE_LATEST
-    return parse(response.text)
-
-
-async def settled(running: RunningService, gauge: str) -> None:
-    """Wait until the in-flight ``gauge`` is 0: every call the client saw end was recorded.
-
-    A kind ends a call just after the response went out, so a client can
-    read its response a moment before the call is counted.
-    """
-    registry = metrics_of(running).registry
-    with trio.fail_after(BOUND):
-        # Polling: the observer has no event to wait on, and must not grow one for tests.
-        while registry.get_sample_value(gauge) != 0:  # noqa: ASYNC110
-            await trio.sleep(0.001)
 
 
 def built(toml: str) -> tuple[Telemetry, Metrics, list[Any]]:
@@ -373,7 +286,7 @@ def test_http_services_get_an_endpoint_and_others_a_listener() -> None:
 async def start_http(
     mikros_service: ServiceStarter, tmp_path: Path, **options: Any
 ) -> RunningService:
-    """Start the app of tests/test_http.py with a service.toml from ``options``."""
+    """Start the HTTP test app (``HttpContainer``) with a service.toml from ``options``."""
     path = write_service(tmp_path, types="http", **options)
     with trio.fail_after(BOUND):
         return await mikros_service.start(HttpContainer, path)

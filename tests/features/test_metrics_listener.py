@@ -23,35 +23,33 @@ import trio
 import trio.testing
 from dependency_injector import providers
 from prometheus_client.parser import text_string_to_metric_families
-from test_metrics import (
+
+from helpers import (
     BOUND,
+    UNARY,
+    ClientContainer,
+    EchoRequest,
+    HttpContainer,
     Samples,
+    curl,
+    grpc_channel,
+    in_thread,
     metrics_of,
     parse,
+    rpc_error,
     scrape,
     scraped,
     series,
     settled,
-    value,
-    write_service,
-)
-
-from helpers import (
-    UNARY,
-    ClientContainer,
-    EchoRequest,
-    grpc_channel,
-    in_thread,
-    rpc_error,
     unary,
+    value,
 )
 from helpers import Container as GrpcContainer
+from helpers import write_metrics_service as write_service
 from mikros_trio import ConfigError, Lifetime, ServiceContainer
 from mikros_trio.features.metrics import MAX_CONNECTIONS, MAX_HEAD, PORT_ENV, TIMEOUT
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_grpc, testsvc_pb2_grpc
-from test_http import CURL
-from test_http import Container as HttpContainer
 
 
 class Idle:
@@ -142,28 +140,9 @@ async def test_listener_answers_wrong_paths_methods_and_head(
     head, _, body = answer.partition(b"\r\n\r\n")
     assert body == b""
     assert int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]) > 0
-    body, summary = await curl_get(f"http://127.0.0.1:{port}/metrics")
+    body, summary = await curl(f"http://127.0.0.1:{port}/metrics")
     assert summary == "1.1 200"
     assert list(text_string_to_metric_families(body))
-
-
-#: curl, bounded and deaf to proxy settings, printing "<http version> <status>" last.
-CURL_ARGS = (CURL, "-sS", "--noproxy", "*", "--max-time", "4")
-CURL_ARGS += ("-w", "\n%{http_version} %{http_code}")
-
-
-async def curl_get(target: str) -> tuple[str, str]:
-    """GET ``target`` with the real curl; (body, "<http version> <status>")."""
-    with trio.fail_after(BOUND):
-        done = await trio.run_process(
-            [*CURL_ARGS, target],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    assert done.returncode == 0, done.stderr.decode()
-    body, _, summary = done.stdout.decode().rpartition("\n")
-    return body, summary
 
 
 @pytest.mark.parametrize(

@@ -321,12 +321,6 @@ async def test_http2_connection_is_closed_by_the_server_after_its_last_stream(
     assert took < 1.0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="hypercorn 0.17.3 h2: StreamBuffer.drain() returns once the last chunk is popped, "
-    "so the GOAWAY sent when the drained connection goes idle can precede the stream's "
-    "END_STREAM, which h2 then refuses (connection state CLOSED): about half of the runs",
-)
 async def test_http2_in_flight_stream_gets_its_end_of_stream(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:

@@ -83,6 +83,26 @@ async def test_chunked_body_over_the_limit_is_413(
     assert over.json()["kind"] == "ValidationError"
 
 
+async def test_declared_oversize_body_over_http2_is_413_and_the_connection_lives(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """Over HTTP/2 a Content-Length over max_body_size gets 413 JSON; the connection serves on."""
+    running = await start(mikros_service, tmp_path, http={"max_body_size": 1024})
+    async with client_for(running, http1=False, http2=True) as client:
+        with trio.fail_after(BOUND):
+            over = await client.post("/echo", content=b"x" * 2000)
+            after = await client.post("/echo", content=b"x" * 1024)
+    assert (over.http_version, over.status_code) == ("HTTP/2", 413)
+    # The front's Connection: close is HTTP/1.1's; h2 strips it from HTTP/2 headers.
+    assert "connection" not in over.headers
+    assert over.json() == {
+        "code": 0,
+        "kind": "ValidationError",
+        "message": "request body over 1024 bytes",
+    }
+    assert (after.status_code, after.json()) == (200, {"length": 1024})
+
+
 @pytest.mark.parametrize(
     "garbage",
     [b"GARBAGE\r\n\r\n", b"GET /hello HTTP/1.1\r\nHost: t\r\nBad Header Line\r\n\r\n"],

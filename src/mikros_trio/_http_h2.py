@@ -16,6 +16,15 @@ error), but leaves two costs to the client:
   while never counting against the stream limit. More than
   :data:`MAX_RESETS_PER_SECOND` resets from the client in a second end the
   connection with GOAWAY ENHANCE_YOUR_CALM.
+
+It also fixes an ordering race of hypercorn's: a response's end
+(``EndBody``) returned once the send task had *taken* the last bytes from
+the stream's buffer, before that task sent END_STREAM. The ``StreamClosed``
+that follows could then, on a draining connection gone idle, send GOAWAY
+and close the h2 connection first; h2 refused the END_STREAM after it, and
+the client saw its stream never end (about half of the runs). Here the end
+of a response returns only once the send task has sent END_STREAM and
+dropped the stream's buffer.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ __all__ = ["MAX_RESETS_PER_SECOND", "Protocols"]
 MAX_RESETS_PER_SECOND = 200
 
 _BODY_EVENTS = (Body, Data, EndBody, EndData)
+_END_EVENTS = (EndBody, EndData)
 
 
 class BoundedH2Protocol(H2Protocol):
@@ -52,6 +62,20 @@ class BoundedH2Protocol(H2Protocol):
         self._send_timeout = send_timeout
         self._resets = 0
         self._resets_since = trio.current_time()
+        # Streams whose response's end waits for the send task to send
+        # END_STREAM and drop the stream's buffer; set when it has.
+        self._buffer_dropped: dict[int, trio.Event] = {}
+
+    async def handle(self, event: Event) -> None:
+        try:
+            await super().handle(event)
+        finally:
+            if isinstance(event, Closed):
+                # The send task stops at its next step without dropping the
+                # buffers left: nothing is sent any more, so no end waits.
+                for dropped in self._buffer_dropped.values():
+                    dropped.set()
+                self._buffer_dropped.clear()
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         for event in events:
@@ -81,9 +105,33 @@ class BoundedH2Protocol(H2Protocol):
         # stream buffer holds two frames, then the handler waits).
         with trio.move_on_after(self._send_timeout) as waiting:
             await super().stream_send(event)
+            if isinstance(event, _END_EVENTS):
+                # hypercorn's end returns when the last bytes leave the
+                # buffer, not when END_STREAM is sent: the StreamClosed
+                # that follows must not overtake it (see the module's
+                # docstring). Bounded by the same send_timeout.
+                await self._until_buffer_dropped(event.stream_id)
         if waiting.cancelled_caught:
             await self._give_up(event.stream_id)
         return None
+
+    async def _until_buffer_dropped(self, stream_id: int) -> None:
+        """Wait until the send task has ended ``stream_id`` and dropped its buffer."""
+        if self.closed or stream_id not in self.stream_buffers:
+            return
+        dropped = self._buffer_dropped.setdefault(stream_id, trio.Event())
+        await dropped.wait()
+
+    async def _send_data(self, stream_id: int) -> None:
+        # The send task's one step for a stream: it drops the buffer after
+        # END_STREAM is flushed (or once the stream is found closed).
+        try:
+            await super()._send_data(stream_id)
+        finally:
+            if stream_id not in self.stream_buffers:
+                dropped = self._buffer_dropped.pop(stream_id, None)
+                if dropped is not None:
+                    dropped.set()
 
     async def _give_up(self, stream_id: int) -> None:
         """Reset a stream whose peer stopped reading, and free what it buffered."""

@@ -300,6 +300,34 @@ async def test_streams_opened_after_goaway_are_refused_not_run(
     assert client.headers[3][-1]["grpc-status"] == "0"
 
 
+async def test_a_connection_h2_has_closed_does_not_stop_the_drain(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A connection whose client sent GOAWAY (h2 then sends nothing more, PINGs included) gets
+    no drain PING; the drain goes on to the other connections and the service exits 0."""
+    running = await start(mikros_service, tmp_path)
+    servicer = running.container.echo()
+    body = grpc_frame(EchoRequest(text="busy", delay=0.3).SerializeToString())
+    async with (
+        await trio.open_tcp_stream("127.0.0.1", port(running)) as leaving,
+        await trio.open_tcp_stream("127.0.0.1", port(running)) as busy,
+    ):
+        gone = RawClient(leaving)
+        await leaving.send_all(gone.PREFACE + GoAwayFrame(0, last_stream_id=0).serialize())
+        client = RawClient(busy)
+        await busy.send_all(client.PREFACE + client.request(1, UNARY, body))
+        with trio.fail_after(BOUND):
+            await servicer.entered.wait()
+        running.service.stop("test")
+        await client.until_eof()
+        with trio.fail_after(BOUND):
+            assert await running.wait() == 0
+    assert client.headers[1][-1]["grpc-status"] == "0"
+    finals = [f.last_stream_id for f in client.frames if isinstance(f, GoAwayFrame)]
+    assert finals == [2**31 - 1, 1]
+    assert not [f for f in gone.frames if isinstance(f, PingFrame)]
+
+
 async def test_client_cancelled_streams_cancel_their_handlers(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 import trio
-from hyperframe.frame import DataFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame, WindowUpdateFrame
 
 from helpers import (
     BOUND,
@@ -225,3 +225,28 @@ async def test_oversized_message_on_a_raw_stream(
         await stream.send_all(DataFrame(1, b"\x00" * 500, flags=["END_STREAM"]).serialize())
         await stream.send_all(client.request(3, UNARY, grpc_frame(b"")))
         assert (await client.trailers(3))["grpc-status"] == "0"
+
+
+async def test_window_update_and_reset_on_a_stream_h2_forgot_are_ignored(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """WINDOW_UPDATE and RST_STREAM on a stream the server has answered, arriving after the
+    next call's HEADERS (h2 forgets closed streams when one opens), are ignored: no GOAWAY,
+    the next calls on the connection are answered."""
+    running = await start(mikros_service, tmp_path)
+    body = grpc_frame(EchoRequest(text="x").SerializeToString())
+    async with busy_neighbour(running), await raw_connection(running) as stream:
+        client = RawClient(stream)
+        await stream.send_all(client.PREFACE + client.request(1, UNARY, body))
+        assert (await client.trailers(1))["grpc-status"] == "0"
+        # grpcio's window update for the response's DATA crossed the trailers on the
+        # wire, behind another call it had started meanwhile.
+        await stream.send_all(
+            client.request(3, UNARY, body)
+            + WindowUpdateFrame(1, window_increment=5).serialize()
+            + RstStreamFrame(1, error_code=0x8).serialize()
+        )
+        assert (await client.trailers(3))["grpc-status"] == "0"
+        await stream.send_all(client.request(5, UNARY, body))
+        assert (await client.trailers(5))["grpc-status"] == "0"
+    assert not [f for f in client.frames if isinstance(f, GoAwayFrame)]

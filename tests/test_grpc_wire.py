@@ -12,9 +12,10 @@ import h2.config
 import h2.connection
 import pytest
 import trio
+from hyperframe.frame import RstStreamFrame, WindowUpdateFrame
 from purerpc.grpclib.config import GRPCConfiguration
 
-from mikros_trio._grpc_wire import _Abuse, _ServerConnection
+from mikros_trio._grpc_wire import _Abuse, _ClientConnection, _ServerConnection
 from mikros_trio._runtime_settings import GrpcSettings
 
 
@@ -116,3 +117,34 @@ async def test_resets_over_the_budget_per_second_are_abuse(autojump_clock: trio.
             server.receive_data(client.data_to_send())
     with pytest.raises(_Abuse, match="too_many_resets"):
         server.receive_data(client.data_to_send())
+
+
+def test_client_ignores_frames_on_a_stream_h2_forgot() -> None:
+    """A server's RST_STREAM after its trailers (grpcio and grpc-go send one), or a late
+    WINDOW_UPDATE, arriving once the client opened another stream (h2 then forgets the
+    ended one) is ignored, not a connection error that ends every call."""
+    client = _ClientConnection(GRPCConfiguration(client_side=True))
+    client.initiate_connection()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    request = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/mikros.testsvc.v1.Echo/Unary"),
+        (":authority", "test"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    client.h2_connection.send_headers(1, request, end_stream=True)
+    server.receive_data(client.data_to_send())
+    server.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
+    server.send_headers(1, [("grpc-status", "0")], end_stream=True)
+    client.receive_data(server.data_to_send())
+    client.h2_connection.send_headers(3, request, end_stream=True)  # h2 forgets stream 1
+    server.receive_data(client.data_to_send())
+    late = RstStreamFrame(1, error_code=0).serialize()
+    late += WindowUpdateFrame(1, window_increment=5).serialize()
+    assert client.receive_data(late) == []
+    assert client.data_to_send() == b""  # no GOAWAY, no RST_STREAM

@@ -24,6 +24,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import trio
+from h2.connection import ConnectionInputs, ConnectionState
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
@@ -364,7 +365,42 @@ class _Abuse(Exception):
         self.reason = reason
 
 
-class _ServerH2(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is untyped
+class _H2(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is untyped
+    """h2's connection, ignoring WINDOW_UPDATE and RST_STREAM on a stream it has forgotten.
+
+    After an endpoint ends a stream, its peer may still send WINDOW_UPDATE
+    or RST_STREAM frames that crossed the END_STREAM; RFC 9113 section 5.1
+    says they MUST be ignored. h2 3.2 ignores them only while the closed
+    stream is still in ``streams`` (purerpc's monkeypatch of its stream
+    state machine). h2 forgets closed streams whenever a new one opens;
+    after that, such a frame makes ``_get_stream_by_id`` raise
+    StreamClosedError, which h2 turns into a connection error (GOAWAY
+    STREAM_CLOSED) unless the stream had been reset, and every RPC on the
+    connection dies. grpcio sends a WINDOW_UPDATE on a stream as it reads
+    the response's DATA: one that crosses the trailers, arriving after
+    another call's HEADERS, was enough.
+    """
+
+    def _forgotten(self, stream_id: int) -> bool:
+        """True for a stream that was opened (its id is not above the highest) and is gone."""
+        if stream_id == 0 or stream_id in self.streams:
+            return False
+        if self._stream_id_is_outbound(stream_id):
+            return bool(stream_id <= self.highest_outbound_stream_id)
+        return bool(stream_id <= self.highest_inbound_stream_id)
+
+    def _receive_window_update_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        if self._forgotten(frame.stream_id):
+            return [], self.state_machine.process_input(ConnectionInputs.RECV_WINDOW_UPDATE)
+        return super()._receive_window_update_frame(frame)  # type: ignore[no-any-return]
+
+    def _receive_rst_stream_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        if self._forgotten(frame.stream_id):
+            return [], self.state_machine.process_input(ConnectionInputs.RECV_RST_STREAM)
+        return super()._receive_rst_stream_frame(frame)  # type: ignore[no-any-return]
+
+
+class _ServerH2(_H2):
     """h2's server connection, refusing streams over the limit as it parses them.
 
     h2 parses a whole read before purerpc sees an event: refusing later
@@ -414,8 +450,8 @@ class _ServerH2(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is unty
         return frames, events
 
     def _receive_rst_stream_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
-        self.spend("too_many_resets")
-        return super()._receive_rst_stream_frame(frame)  # type: ignore[no-any-return]
+        self.spend("too_many_resets")  # a reset of a forgotten stream costs the budget too
+        return super()._receive_rst_stream_frame(frame)
 
     def _receive_ping_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         if "ACK" not in frame.flags:
@@ -732,8 +768,19 @@ class ServerSocket(_Reader):
     def refuse(self, stream_id: int, error_code: Any) -> None:
         self.protocol.refuse(stream_id, error_code)
 
-    async def ping(self, data: bytes) -> trio.Event:
-        """Send a PING; the event is set when the client answers it."""
+    @property
+    def closed(self) -> bool:
+        """True once h2 sends nothing more here (it ended the connection, or the client left)."""
+        return bool(self.protocol.h2_connection.state_machine.state is ConnectionState.CLOSED)
+
+    async def ping(self, data: bytes) -> trio.Event | None:
+        """Send a PING; the event is set when the client answers it (None if h2 is closed).
+
+        h2 raises for a PING on a closed connection; a drain or a keepalive
+        timer reaching a connection h2 has just ended must not fail on it.
+        """
+        if self.closed:
+            return None
         answered = self._pings[data] = trio.Event()
         self.protocol.h2_connection.ping(data)
         await self._socket.flush()
@@ -787,7 +834,19 @@ def abandon_streams(socket: GRPCProtoSocket) -> None:
 
 
 class _ClientConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
-    """purerpc's client protocol state; a stream the server resets is reported, not ignored."""
+    """purerpc's client protocol state; a stream the server resets is reported, not ignored.
+
+    Its h2 connection is :class:`_H2`: a server's RST_STREAM that follows
+    its trailers (grpcio and grpc-go send one when the client has not ended
+    its side) must not end every other call once h2 has forgotten the stream.
+    """
+
+    def __init__(self, config: GRPCConfiguration) -> None:
+        super().__init__(config)
+        # purerpc's h2 connection, replaced by ours with the same configuration.
+        self.h2_connection = _H2(vars(self)["h2_connection"].config)
+        self.h2_connection.clear_outbound_data_buffer()
+        self._set_h2_connection_local_settings()
 
     def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)

@@ -271,6 +271,9 @@ class _Connection:
                 due = socket.last_read + keepalive
                 if now >= due:
                     ping = await socket.ping(KEEPALIVE_PING)
+                    if ping is None:  # h2 sends nothing more here: no call on it can answer
+                        self.scope.cancel()
+                        return
                     ping_due = now + settings.keepalive_timeout
                     continue
                 deadlines.append(due)

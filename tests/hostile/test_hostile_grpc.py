@@ -180,7 +180,14 @@ CALLERS = 32
 
 
 def load(port: int, stop: threading.Event, calls: dict[str, tuple[str, int]]) -> None:
-    """32 grpcio callers (half unary, half 5-item server streams) on 4 connections until ``stop``.
+    """32 grpcio callers (a quarter unary, the rest 10-item server streams) on 4 connections
+    until ``stop``.
+
+    Every connection carries both kinds, mostly streams of many small
+    messages: grpcio sends a WINDOW_UPDATE on a stream as it reads response
+    messages, so many of them cross the server's trailers, behind other
+    calls' HEADERS (h2 3.2 ended the whole connection on such a frame,
+    losing every call on it, in most runs of this test under coverage).
 
     Each call carries its own x-request-id; ``calls`` gets (code, items) by id.
     """
@@ -197,11 +204,11 @@ def load(port: int, stop: threading.Event, calls: dict[str, tuple[str, int]]) ->
             rid = f"load-{number}-{index}"
             metadata = (("x-request-id", rid),)
             try:
-                if number % 2:
+                if number // 4 % 4 == 3:  # callers 12-15 and 28-31: two per connection
                     stub.Unary(EchoRequest(delay=0.01), timeout=PATIENCE, metadata=metadata)
                     calls[rid] = ("OK", 1)
                 else:
-                    request = EchoRequest(count=5, delay=0.02)
+                    request = EchoRequest(count=10, delay=0.01)
                     got = stub.ServerStream(request, timeout=PATIENCE, metadata=metadata)
                     items = 0
                     try:
@@ -249,7 +256,7 @@ def test_sigterm_under_load_loses_no_dispatched_rpc(
     lost = {
         rid: (calls.get(rid), status)
         for rid, status in dispatched.items()
-        if status != "OK" or calls.get(rid, ("?", 0)) not in {("OK", 1), ("OK", 5)}
+        if status != "OK" or calls.get(rid, ("?", 0)) not in {("OK", 1), ("OK", 10)}
     }
     assert lost == {}, f"{len(lost)} of {len(dispatched)} dispatched calls lost"
     refused = {code for rid, (code, _) in calls.items() if rid not in dispatched}

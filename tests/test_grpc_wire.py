@@ -79,6 +79,21 @@ async def test_pings_on_an_idle_connection_need_permission(
         await trio.sleep(301)
 
 
+def open_and_reset(client: h2.connection.H2Connection, stream: int) -> None:
+    """Open ``stream`` with a gRPC request's headers, then reset it (one unit of the budget)."""
+    client.send_headers(
+        stream,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/a/b"),
+            (":authority", "t"),
+            ("content-type", "application/grpc"),
+        ],
+    )
+    client.reset_stream(stream)
+
+
 async def test_resets_over_the_budget_per_second_are_abuse(autojump_clock: trio.abc.Clock) -> None:
     """max_resets_per_second 5: five resets a second, second after second, are fine; six in one
     second cut the client off."""
@@ -86,32 +101,12 @@ async def test_resets_over_the_budget_per_second_are_abuse(autojump_clock: trio.
     stream = 1
     for _ in range(3):
         for _ in range(5):
-            client.send_headers(
-                stream,
-                [
-                    (":method", "POST"),
-                    (":scheme", "http"),
-                    (":path", "/a/b"),
-                    (":authority", "t"),
-                    ("content-type", "application/grpc"),
-                ],
-            )
-            client.reset_stream(stream)
+            open_and_reset(client, stream)
             server.receive_data(client.data_to_send())
             stream += 2
         await trio.sleep(1)
     for n in range(6):
-        client.send_headers(
-            stream,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", "/a/b"),
-                (":authority", "t"),
-                ("content-type", "application/grpc"),
-            ],
-        )
-        client.reset_stream(stream)
+        open_and_reset(client, stream)
         stream += 2
         if n < 5:
             server.receive_data(client.data_to_send())

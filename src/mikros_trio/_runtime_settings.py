@@ -23,7 +23,6 @@ _PORT = {"help": "TCP port to listen on; 0 picks a free one.", "ge": 0, "le": 65
 _WEEK = 7 * 24 * 3600
 # Connection lifetimes (gRPC's max_connection_age, keepalive) may span days.
 _MAX_SECONDS = 30 * 24 * 3600.0
-_TIMEOUT = {"gt": 0, "le": _MAX_SECONDS}
 # gRPC's own largest message and flow-control window.
 _MAX_BYTES = 2**31 - 1
 
@@ -57,9 +56,9 @@ class ScriptSettings:
     )
 
 
-def _seconds(default: float, help: str) -> Any:
-    """A timeout field: seconds, above zero, at most an hour (a typo must not disable it)."""
-    return field(default=default, metadata={"help": help, "gt": 0, "le": 3600})
+def _seconds(default: float | None, help: str, *, most: float = 3600) -> Any:
+    """A timeout field: seconds above zero, at most ``most`` (a typo must not disable it)."""
+    return field(default=default, metadata={"help": help, "gt": 0, "le": most})
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,53 +173,41 @@ class GrpcSettings:
             "le": 1_000_000,
         },
     )
-    send_stall_timeout: float = field(
-        default=30.0,
-        metadata={
-            "help": "Seconds a response may wait for a client that stopped reading "
-            "(flow-control window closed) before its stream is reset.",
-            **_TIMEOUT,
-        },
+    send_stall_timeout: float = _seconds(
+        30.0,
+        "Seconds a response may wait for a client that stopped reading "
+        "(flow-control window closed) before its stream is reset.",
+        most=_MAX_SECONDS,
     )
     # Connection management, after grpc-go's keepalive.ServerParameters and EnforcementPolicy.
-    max_connection_idle: float | None = field(
-        default=300.0,
-        metadata={
-            "help": "Seconds a connection may go with no RPC in flight before the server "
-            "closes it (GOAWAY first; clients reconnect on their next call).",
-            **_TIMEOUT,
-        },
+    max_connection_idle: float | None = _seconds(
+        300.0,
+        "Seconds a connection may go with no RPC in flight before the server "
+        "closes it (GOAWAY first; clients reconnect on their next call).",
+        most=_MAX_SECONDS,
     )
-    max_connection_age: float | None = field(
-        default=None,
-        metadata={
-            "help": "Seconds (with 10% jitter) after which a connection is drained "
-            "(GOAWAY; new RPCs go to a new connection): spreads clients over replicas.",
-            **_TIMEOUT,
-        },
+    max_connection_age: float | None = _seconds(
+        None,
+        "Seconds (with 10% jitter) after which a connection is drained "
+        "(GOAWAY; new RPCs go to a new connection): spreads clients over replicas.",
+        most=_MAX_SECONDS,
     )
-    max_connection_age_grace: float = field(
-        default=30.0,
-        metadata={
-            "help": "Seconds RPCs in flight get after max_connection_age before the "
-            "connection is closed under them.",
-            **_TIMEOUT,
-        },
+    max_connection_age_grace: float = _seconds(
+        30.0,
+        "Seconds RPCs in flight get after max_connection_age before the "
+        "connection is closed under them.",
+        most=_MAX_SECONDS,
     )
-    keepalive_time: float | None = field(
-        default=120.0,
-        metadata={
-            "help": "Seconds without receiving anything after which the server pings the "
-            "client to see that it is still there.",
-            **_TIMEOUT,
-        },
+    keepalive_time: float | None = _seconds(
+        120.0,
+        "Seconds without receiving anything after which the server pings the "
+        "client to see that it is still there.",
+        most=_MAX_SECONDS,
     )
-    keepalive_timeout: float = field(
-        default=20.0,
-        metadata={
-            "help": "Seconds the server waits for the ping's answer before closing the connection.",
-            **_TIMEOUT,
-        },
+    keepalive_timeout: float = _seconds(
+        20.0,
+        "Seconds the server waits for the ping's answer before closing the connection.",
+        most=_MAX_SECONDS,
     )
     keepalive_min_time: float = field(
         default=300.0,

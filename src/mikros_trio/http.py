@@ -54,27 +54,21 @@ from hypercorn.utils import parse_socket_addr
 from ._component import Component, Lifetime, Role
 from ._container import BuildContext
 from ._health import Health
+from ._http_apps import (
+    HTTP_STATUS,
+    adapt_app,
+    install_error_handlers,
+    is_cancellation,
+    wire_for_status,
+)
 from ._http_h2 import Protocols
 from ._http_lifespan import AppLifespan, app_lifespan
 from ._runtime_settings import HttpSettings
-from ._telemetry import UNMATCHED, Endpoint, Telemetry, current_call
-from ._wire import masked_wire, unexpected_error, wire_error
-from .errors import ErrorKind, ServiceError
+from ._telemetry import UNMATCHED, Endpoint, Telemetry
 
 __all__ = ["HTTP_STATUS", "AdminServer", "HttpServer", "build_http", "install_error_handlers"]
 
 log = logging.getLogger("mikros_trio.http")
-
-#: HTTP status for each Mikros error kind.
-HTTP_STATUS: dict[ErrorKind, int] = {
-    ErrorKind.VALIDATION: 400,
-    ErrorKind.PERMISSION: 403,
-    ErrorKind.NOT_FOUND: 404,
-    ErrorKind.CONDITION: 412,
-    ErrorKind.INTERNAL: 500,
-    ErrorKind.RPC: 500,
-    ErrorKind.CUSTOM: 500,
-}
 
 # Probe paths (Kubernetes conventions).
 LIVEZ, READYZ, HEALTHZ = "/livez", "/readyz", "/healthz"
@@ -137,19 +131,19 @@ class _Front:
                 if endpoint is not None:
                     return await _send_endpoint(send, endpoint)
             if self._app is None:
-                return await _send_json(send, 404, _wire_for_status(404, "no such probe"))
+                return await _send_json(send, 404, wire_for_status(404, "no such probe"))
             length, chunked = _framing(scope["headers"])
             if chunked and length >= 0:
                 # Both framings (RFC 9112 section 6.1): h11 reads the body as
                 # chunked, a proxy in front may have read Content-Length; the
                 # bytes between are a smuggled request. Answer and close.
-                body = _wire_for_status(400, "Content-Length with Transfer-Encoding")
+                body = wire_for_status(400, "Content-Length with Transfer-Encoding")
                 return await _send_json(send, 400, body, close=True)
             if length > self._max_body:
                 # Answer before the app reads anything; close, since the body
                 # the client is still sending would otherwise be parsed as
                 # the next request.
-                body = _wire_for_status(413, f"request body over {self._max_body} bytes")
+                body = wire_for_status(413, f"request body over {self._max_body} bytes")
                 return await _send_json(send, 413, body, close=True)
             if self._telemetry.observers:
                 return await self._observed(scope, receive, send)
@@ -159,7 +153,7 @@ class _Front:
         try:
             await self._app(scope, receive, send)
         except BaseException as error:
-            if scope["type"] == "http" and _is_cancellation(error):
+            if scope["type"] == "http" and is_cancellation(error):
                 await _answer_cut(send)
             raise
         return None
@@ -200,7 +194,7 @@ class _Front:
             call.error = error
             raise
         except BaseException as error:
-            if _is_cancellation(error) and not complete:
+            if is_cancellation(error) and not complete:
                 outcome = "503" if await _answer_cut(send) else CUT
             raise
         finally:
@@ -217,13 +211,6 @@ class _Front:
 CUT = "cut"
 
 
-def _is_cancellation(error: BaseException) -> bool:
-    """True for Trio's Cancelled, alone or grouped (QuartTrio's request nursery groups it)."""
-    if isinstance(error, BaseExceptionGroup):
-        return error.split(trio.Cancelled)[1] is None
-    return isinstance(error, trio.Cancelled)
-
-
 async def _answer_cut(send: Any) -> bool:
     """Answer a request cut at the drain deadline with 503 + close; False if it cannot be.
 
@@ -231,7 +218,7 @@ async def _answer_cut(send: Any) -> bool:
     once the response has started (the server refuses a second start) or
     the client is gone.
     """
-    body = _wire_for_status(503, "the server is shutting down: request cut at the drain deadline")
+    body = wire_for_status(503, "the server is shutting down: request cut at the drain deadline")
     with trio.CancelScope(shield=True, deadline=trio.current_time() + _CUT_GRACE) as scope:
         try:
             # No ``Connection: close`` of our own: draining, hypercorn adds it
@@ -264,96 +251,6 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
         elif name == b"transfer-encoding":
             chunked = True
     return length, chunked
-
-
-def _wire_for_status(status: int, message: str) -> dict[str, Any]:
-    """The Mikros error body for a plain HTTP error status."""
-    kind = {
-        403: ErrorKind.PERMISSION,
-        404: ErrorKind.NOT_FOUND,
-        412: ErrorKind.CONDITION,
-    }.get(status, ErrorKind.VALIDATION if status < 500 else ErrorKind.INTERNAL)
-    return {"code": 0, "kind": kind.value, "message": message}
-
-
-def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | None = None) -> None:
-    """Make ``app`` answer every error with Mikros JSON, and name calls by route (once per app).
-
-    Registered on the user's Quart app so its own, more specific handlers
-    still win. ``telemetry`` (the service's hub) decides whether an
-    unexpected error's text is sent (``[features.errors] expose_details``)
-    and masks secrets in what is.
-    """
-    if getattr(app, "_mikros_trio_errors", False):
-        return
-    from quart import has_request_context, has_websocket_context, request
-    from werkzeug.exceptions import HTTPException
-
-    hub = telemetry or Telemetry(service_name)
-
-    async def service_error(error: ServiceError) -> tuple[dict[str, Any], int]:
-        call = current_call()
-        if call is not None:
-            call.error_kind = error.kind
-            call.error = error
-        return wire_error(error, service_name, hub), HTTP_STATUS[error.kind]
-
-    async def http_error(error: HTTPException) -> tuple[dict[str, Any], int]:
-        status = error.code or 500
-        # abort(403, description) text is the handler's: it may quote a secret.
-        return masked_wire(_wire_for_status(status, error.description or error.name), hub), status
-
-    async def unexpected(error: BaseException) -> tuple[dict[str, Any], int]:
-        log.error("unhandled error in an HTTP handler", exc_info=error)
-        call = current_call()
-        if call is not None:
-            call.error_kind = ErrorKind.INTERNAL
-            call.error = error
-        return wire_error(unexpected_error(error, hub), service_name, hub), 500
-
-    handle_request = app.handle_request
-
-    async def handle_request_or_fail(request: Any) -> Any:
-        # Quart handles Exception only: SystemExit, KeyboardInterrupt or
-        # another BaseException from a handler reached hypercorn, whose
-        # client got an empty 500. Any but Trio's cancellation fails this
-        # request only, as an Exception does.
-        try:
-            return await handle_request(request)
-        except BaseException as error:
-            if isinstance(error, Exception) or _is_cancellation(error):
-                raise
-            body, status = await unexpected(error)
-            return app.response_class(
-                json.dumps(body, separators=(",", ":")),
-                status=status,
-                content_type="application/json",
-            )
-
-    log_exception = app.log_exception
-
-    def log_request_exception(exc_info: Any) -> None:
-        # Quart logs a failing before_serving or after_serving as a bare
-        # "Exception" line before re-raising it; the kind reports that
-        # failure itself, its root cause first. Request errors still pass.
-        if has_request_context() or has_websocket_context():
-            log_exception(exc_info)
-
-    async def name_call() -> None:
-        # The route rule, not the path: a bounded label for metrics and
-        # span names. Runs before any other hook, even when nothing matched.
-        call = current_call()
-        if call is not None:
-            rule = request.url_rule
-            call.name = rule.rule if rule is not None else UNMATCHED
-
-    app.register_error_handler(ServiceError, service_error)
-    app.register_error_handler(HTTPException, http_error)
-    app.register_error_handler(Exception, unexpected)
-    app.before_request_funcs.setdefault(None, []).insert(0, name_call)
-    app.handle_request = handle_request_or_fail
-    app.log_exception = log_request_exception
-    app._mikros_trio_errors = True
 
 
 class _Connection(TCPServer):
@@ -809,14 +706,7 @@ class HttpServer(_HttpComponent):
         self._probes = probes
 
     def _front(self, lifetime: Lifetime) -> tuple[_Front, Any]:
-        app = self._app_provider()
-        install_error_handlers(app, self._service_name, self._telemetry)
-        if hasattr(app, "config"):
-            app.config["MAX_CONTENT_LENGTH"] = self._settings.max_body_size
-            # Quart's whole-body deadline (408): read_timeout bounds each
-            # wait, so without it a body trickling a byte at a time would
-            # hold a handler for Quart's default 60 s.
-            app.config["BODY_TIMEOUT"] = self._settings.body_timeout
+        app = adapt_app(self._app_provider(), self._settings, self._service_name, self._telemetry)
         front = _Front(
             app,
             lifetime.health,

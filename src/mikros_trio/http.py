@@ -62,6 +62,7 @@ from ._http_apps import (
     wire_for_status,
 )
 from ._http_h2 import Protocols
+from ._http_h11 import SEND_SLICE, H11Connection
 from ._http_lifespan import AppLifespan, app_lifespan
 from ._runtime_settings import HttpSettings
 from ._telemetry import UNMATCHED, Endpoint, Telemetry
@@ -266,9 +267,13 @@ class _Connection(TCPServer):
     wait. Reading is owned here too: see :meth:`_read_data`.
     """
 
-    def __init__(self, endpoint: _Endpoint, stream: trio.abc.Stream) -> None:
-        super().__init__(endpoint.app, endpoint.config, endpoint.context, endpoint.state, stream)
+    def __init__(self, endpoint: _Endpoint, stream: trio.abc.Stream, initial: bytes = b"") -> None:
+        super().__init__(
+            endpoint.app, endpoint.config, endpoint.context, ConnectionState(endpoint.state), stream
+        )
         self._endpoint = endpoint
+        # Bytes the HTTP/1.1 path read before handing the connection over.
+        self._initial = initial
         self._send_timeout = endpoint.send_timeout
         self.idle = True  # no request yet
         self.scope = trio.CancelScope()
@@ -369,9 +374,9 @@ class _Connection(TCPServer):
             try:
                 with trio.CancelScope(shield=True) as sending:
                     async with self.send_lock:
-                        for start in range(0, len(data), _SEND_SLICE):
+                        for start in range(0, len(data), SEND_SLICE):
                             sending.deadline = trio.current_time() + self._send_timeout
-                            await self.stream.send_all(data[start : start + _SEND_SLICE])
+                            await self.stream.send_all(data[start : start + SEND_SLICE])
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.protocol.handle(Closed())
                 return
@@ -436,10 +441,12 @@ class _Connection(TCPServer):
         also bounds a request head that trickles in (the timer re-arms only
         once a whole request head has arrived).
         """
-        read_timeout = self.config.read_timeout or math.inf
+        read_timeout = self._endpoint.read_timeout
         endpoint = self._endpoint
         self._read_loop = True
         with self._reading:
+            if self._initial:
+                await self.protocol.handle(RawData(self._initial))
             while not (self.idle and endpoint.draining):
                 limit = read_timeout if self._client_owes_bytes() else math.inf
                 with trio.move_on_after(limit) as waiting:
@@ -467,10 +474,6 @@ class _Connection(TCPServer):
             stream.socket.close()
 
 
-#: Bytes written under one send_timeout deadline: a response of many
-#: slices may take longer in all, as long as the client keeps reading.
-_SEND_SLICE = 64 * 1024
-
 #: Seconds requests cut at the drain deadline get to send their 503 before sockets close.
 _CUT_GRACE = 0.1
 
@@ -478,14 +481,21 @@ _CUT_GRACE = 0.1
 class _Endpoint:
     """One listening address served by hypercorn's protocols, drainable on demand."""
 
-    def __init__(self, app: Any, config: Config, state: LifespanState, send_timeout: float) -> None:
+    def __init__(
+        self, app: Any, config: Config, state: LifespanState, settings: HttpSettings
+    ) -> None:
+        self.front = app
         self.app = ASGIWrapper(app)
         self.config = config
         self.context = WorkerContext(None)
-        self.state = ConnectionState(state.copy())
-        self.send_timeout = send_timeout
+        # The app's lifespan state, filled by its startup: each request
+        # gets a shallow copy (ASGI), so it must be read after startup.
+        self.state: dict[str, Any] = state
+        self.read_timeout = settings.read_timeout
+        self.keep_alive_timeout = settings.keep_alive_timeout
+        self.send_timeout = settings.send_timeout
         self.draining = False
-        self._connections: set[_Connection] = set()
+        self._connections: set[_Connection | H11Connection] = set()
         self._none_left = trio.Event()
         self._accept = trio.CancelScope()
         self._listeners: list[trio.abc.Listener[Any]] = []
@@ -534,13 +544,26 @@ class _Endpoint:
                 )
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
-        connection = _Connection(self, stream)
+        # Plain-text connections start on the lean HTTP/1.1 path; TLS
+        # (ALPN may pick HTTP/2) and what that path hands over go through
+        # hypercorn's protocols.
+        connection: _Connection | H11Connection
+        if isinstance(stream, trio.SocketStream):
+            connection = H11Connection(self, stream, self.front)
+        else:
+            connection = _Connection(self, stream)
         self._connections.add(connection)
         try:
             with connection.scope:
                 if self.draining:
                     return  # accepted in the same instant draining began
-                await connection.run()
+                handoff = await connection.run()
+            if handoff is not None:
+                self._connections.discard(connection)
+                connection = _Connection(self, stream, handoff)
+                self._connections.add(connection)
+                with connection.scope:
+                    await connection.run()
         finally:
             self._connections.discard(connection)
             if not self._connections:
@@ -616,7 +639,7 @@ class _HttpComponent(Component):
         front, lifespan_app = self._front(lifetime)
         config = _hypercorn_config(self._settings)
         state: LifespanState = {}
-        endpoint = _Endpoint(front, config, state, self._settings.send_timeout)
+        endpoint = _Endpoint(front, config, state, self._settings)
         # The listener first: a port in use or a bad certificate fails the
         # start at once, before the app's startup hooks run.
         self.port = await endpoint.bind(self._host, self._port)

@@ -255,13 +255,14 @@ class LoadResult:
     after_ok: int = 0  # requests sent after SIGTERM and served 200
     after_refused: int = 0  # ... refused cleanly: connection closed before any byte, or 503 JSON
     bad: list[str] = field(default_factory=list)  # anything else: lost or malformed
+    # One lock for every client thread: ``+=`` on a shared counter is not atomic.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def keep_alive_client(
     port: int, path: str, stop: threading.Event, signalled: list[float], result: LoadResult
 ) -> None:
     """Send requests back to back on one keep-alive connection until it closes."""
-    lock = threading.Lock()
     try:
         sock = connect(port)
     except OSError:
@@ -282,7 +283,7 @@ def keep_alive_client(
                 return  # closed by the server before we sent: nothing was accepted
             sent_before = not signalled
             status, body, got_bytes = _read_response(sock, client)
-            with lock:
+            with result.lock:
                 if sent_before:
                     result.before += 1
                 if status == 200:

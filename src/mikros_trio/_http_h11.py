@@ -23,9 +23,12 @@ a protocol upgrade (h2c, WebSocket). TLS connections never come here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import re
 import select
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
@@ -38,7 +41,7 @@ import trio
 
 from ._http_apps import wire_for_status
 
-__all__ = ["H11Connection", "error_response"]
+__all__ = ["Deadlines", "H11Connection", "error_response"]
 
 log = logging.getLogger("mikros_trio.http")
 
@@ -101,6 +104,41 @@ def error_response(status: int, message: str) -> bytes:
     )
 
 
+class Deadlines:
+    """The timeouts of an endpoint's connections, enforced by one task.
+
+    A connection waiting on its client (for a request head, a body's next
+    bytes, or to take a response's next slice) sets :attr:`H11Connection.deadline`,
+    a plain number; this task closes the socket of each connection past its
+    deadline, which ends the wait. No timer or cancel scope is made per wait:
+    on the request path that bookkeeping cost more than the deadlines
+    themselves. Deadlines are met within :data:`TICK` seconds.
+    """
+
+    def __init__(self) -> None:
+        self.connections: set[H11Connection] = set()
+        self._arrived = trio.Event()
+
+    def add(self, connection: H11Connection) -> None:
+        self.connections.add(connection)
+        self._arrived.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self.connections:
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+            await trio.sleep(TICK)
+            now = trio.current_time()
+            for connection in self.connections:
+                if connection.deadline <= now:
+                    connection.expire()
+
+
+#: How often :class:`Deadlines` looks: the precision of every HTTP/1.1 timeout.
+TICK = 0.1
+
+
 class H11Connection:
     """One plain-text HTTP/1.1 connection, served until it closes or hands off.
 
@@ -108,23 +146,36 @@ class H11Connection:
     speaks HTTP/2 or asks for an upgrade, ``None`` when the connection is
     done. The endpoint reads :attr:`idle` and calls :meth:`close_idle` and
     :meth:`abort` while draining, as it does for hypercorn's connections.
+
+    h11 parses requests (strictly); responses are written here, since h11's
+    validation of a response costs more than the rest of the path. A fresh
+    h11 state machine per request is cheaper than h11 sending the response.
     """
 
     __slots__ = (
         "_app",
         "_body_done",
         "_client",
+        "_close",
         "_complete",
+        "_continue",
+        "_deaf",
         "_endpoint",
         "_extra",
+        "_framing",
         "_gone",
         "_h11",
         "_head",
         "_head_sent",
+        "_http10",
         "_method",
+        "_parked",
+        "_pipelined",
+        "_remaining",
         "_server",
         "_started",
-        "_wait",
+        "_writing",
+        "deadline",
         "idle",
         "scope",
         "stream",
@@ -137,18 +188,27 @@ class H11Connection:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.idle = True  # no request in progress
         self.scope = trio.CancelScope()
-        # The wait for a request head while one is parked (see close_idle).
-        self._wait: trio.CancelScope | None = None
+        self.deadline = math.inf  # see Deadlines
+        self._parked = False  # waiting for a request head (see close_idle)
+        self._deaf = False  # reading was shut down (see _stop_reading)
+        self._writing = False
         self._client: tuple[str, int] | None = None
         self._server: tuple[str, int] | None = None
         self._reset_request()
 
     def _reset_request(self) -> None:
         self._method = b"GET"
+        self._http10 = False
+        self._close = False  # the connection ends after this response
+        self._continue = False  # the client waits for 100 Continue
         self._head: tuple[int, list[tuple[bytes, bytes]]] | None = None
         self._started = False  # http.response.start received
         self._head_sent = False  # the response's head written
-        self._complete = False  # the whole response written
+        self._framing = _LENGTH
+        self._remaining = 0  # body bytes the response still owes (framing _LENGTH)
+        self._complete = False  # the whole response given by the app
+        # Whether the next request came before this response was whole.
+        self._pipelined: bool | None = None
         self._body_done = False  # the whole request body given to the app
         self._gone = False  # the client left, or the connection broke: sends are dropped
         self._extra = 0  # bytes read past the request while waiting for a disconnect
@@ -162,7 +222,6 @@ class H11Connection:
             self._server = _address(sock.getsockname())
         except OSError:
             return None  # the client left before we looked
-        conn = self._h11
         endpoint = self._endpoint
         deadline = trio.current_time() + endpoint.keep_alive_timeout
         first = await self._first_bytes(deadline)
@@ -170,37 +229,52 @@ class H11Connection:
             return None
         if first.startswith(b"PRI"):
             return first  # HTTP/2 with prior knowledge
-        conn.receive_data(first)
+        self._h11.receive_data(first)
         while True:
             request = await self._next_request(deadline)
             if request is None:
                 return None
             if _asks_upgrade(request):
-                return _replay(request, conn.trailing_data[0])
+                return _replay(request, self._h11.trailing_data[0])
             self.idle = False
             await self._serve(request)
             if not self._reusable():
-                await self._close()
+                await self._finish()
                 return None
-            conn.start_next_cycle()
-            self._reset_request()
+            if endpoint.draining and self._pipelined:
+                # A request pipelined behind one in flight when the drain
+                # began is not served: the client retries it elsewhere. One
+                # sent after that response (which promised keep-alive) is.
+                await self._finish()
+                return None
+            self._next_cycle()
             self.idle = True
-            if endpoint.draining:
-                # A request pipelined behind one answered while draining is
-                # not served: the client retries it elsewhere.
-                await self._close()
-                return None
             deadline = trio.current_time() + endpoint.keep_alive_timeout
+
+    def _next_cycle(self) -> None:
+        """A fresh parser for the next request, fed what the client already sent."""
+        data, closed = self._h11.trailing_data
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if data:
+            self._h11.receive_data(data)
+        if closed:
+            self._h11.receive_data(b"")
+        self._reset_request()
 
     async def _first_bytes(self, deadline: float) -> bytes | None:
         """The connection's first bytes: enough of them to tell HTTP/2's preface apart."""
         endpoint = self._endpoint
         data = b""
-        while len(data) < 3 and _PREFACE.startswith(data):
-            chunk = await self._receive(min(deadline, trio.current_time() + endpoint.read_timeout))
-            if not chunk:
-                return None
-            data += chunk
+        self._parked = True
+        try:
+            while len(data) < 3 and _PREFACE.startswith(data):
+                limit = min(deadline, trio.current_time() + endpoint.read_timeout)
+                chunk = await self._receive(limit)
+                if not chunk:
+                    return None
+                data += chunk
+        finally:
+            self._parked = False
         return data
 
     async def _next_request(self, deadline: float) -> h11.Request | None:
@@ -217,7 +291,11 @@ class H11Connection:
                 if endpoint.draining and not self._bytes_waiting():
                     return None
                 limit = min(deadline, trio.current_time() + endpoint.read_timeout)
-                data = await self._receive(limit)
+                self._parked = True
+                try:
+                    data = await self._receive(limit)
+                finally:
+                    self._parked = False
                 if data is None:
                     return None
                 conn.receive_data(data)
@@ -228,9 +306,9 @@ class H11Connection:
 
     def _reusable(self) -> bool:
         """True if the connection may carry another request."""
-        conn = self._h11
-        if self._gone or not self._complete or conn.our_state is not h11.DONE:
+        if self._gone or self._close or not self._complete:
             return False
+        conn = self._h11
         while conn.their_state is h11.SEND_BODY:
             # The app answered without reading the whole body: skip what
             # has already arrived; waiting for more is not worth a request.
@@ -244,22 +322,36 @@ class H11Connection:
 
     async def _serve(self, request: h11.Request) -> None:
         """Run the app for one request and make sure the client gets an answer."""
-        target = request.target
-        path, _, query = target.partition(b"?")
+        path, _, query = request.target.partition(b"?")
         raw_path = path.decode("ascii")
         method = request.method
         self._method = method
+        headers = []
+        for _, name, value in request.headers._full_items:
+            headers.append((name, value))
+            if name == b"connection":
+                self._close = b"close" in value.lower()
+            elif name == b"expect":
+                self._continue = value.lower() == b"100-continue"
+        if request.http_version == b"1.1":
+            version = "1.1"
+        else:
+            # HTTP/1.0: no chunked responses and no keep-alive to rely on.
+            version = "1.0"
+            self._http10 = True
+            self._close = True
+            self._continue = False
         scope = {
             "type": "http",
             "asgi": _ASGI,
-            "http_version": "1.1" if request.http_version == b"1.1" else "1.0",
+            "http_version": version,
             "method": method.decode("ascii"),
             "scheme": "http",
             "path": unquote(raw_path) if "%" in raw_path else raw_path,
             "raw_path": path,
             "query_string": query,
             "root_path": "",
-            "headers": [(name, value) for _, name, value in request.headers._full_items],
+            "headers": headers,
             "client": self._client,
             "server": self._server,
             "state": self._endpoint.state.copy(),
@@ -279,8 +371,8 @@ class H11Connection:
     async def _fail(self) -> None:
         """End a request the app could not answer: 500 if nothing was sent, else cut."""
         if not self._head_sent and not self._gone:
-            body = error_response(500, "the app ended without a response")
-            await self._write(body)
+            self._head_sent = True
+            await self._write(error_response(500, "the app ended without a response"))
         self._gone = True
 
     # -- ASGI receive ----------------------------------------------------------------
@@ -310,9 +402,9 @@ class H11Connection:
                 if parts:
                     body = b"".join(parts)
                     return {"type": "http.request", "body": body, "more_body": True}
-                if conn.they_are_waiting_for_100_continue:
-                    informational = h11.InformationalResponse(status_code=100, headers=[])
-                    await self._write(conn.send(informational))
+                if self._continue and not self._head_sent:
+                    self._continue = False
+                    await self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 endpoint = self._endpoint
                 data = await self._receive(trio.current_time() + endpoint.read_timeout)
                 if not data:
@@ -328,9 +420,11 @@ class H11Connection:
         """Block until the client goes: ASGI's ``http.disconnect`` after the whole body."""
         conn = self._h11
         while not self._gone:
-            if self._extra > MAX_HEAD:
-                # A client pipelining more than a request head while this
-                # one is served: stop reading it (not buffering without bound).
+            if self._extra > MAX_HEAD or self._deaf:
+                # Stop reading: past a request head pipelined while this
+                # one is served (not buffering without bound); or once
+                # reading was stopped, where end of file is ours, not the
+                # client's, and the response is still wanted.
                 await trio.sleep_forever()
             data = await self._receive(math.inf)
             if not data:
@@ -348,7 +442,7 @@ class H11Connection:
             if self._started:
                 raise RuntimeError("http.response.start sent twice")
             self._started = True
-            self._head = (message["status"], list(message.get("headers", ())))
+            self._head = (message["status"], message.get("headers", ()))
             return
         if kind != "http.response.body":
             return  # extensions this path does not offer
@@ -359,80 +453,146 @@ class H11Connection:
             self._complete = True
         if self._gone:
             return
-        conn = self._h11
         body = message.get("body", b"")
-        out = b""
-        if not self._head_sent:
+        if self._head_sent:
+            out = self._framed(body, more)
+        else:
             out = self._response_head(body, more)
             self._head_sent = True
-        if body and conn.our_state is h11.SEND_BODY and not self._bodiless():
-            out += conn.send(h11.Data(data=body))
-        if not more:
-            out += conn.send(h11.EndOfMessage())
+            out += self._framed(body, more)
         if out:
+            if self._pipelined is None and (
+                not more or (self._framing is _LENGTH and self._remaining == 0)
+            ):
+                # The write that completes the response for the client:
+                # bytes already read past the request were sent before it,
+                # pipelined (see run).
+                self._pipelined = bool(self._h11.trailing_data[0])
             await self._write(out)
 
-    def _bodiless(self) -> bool:
-        assert self._head is not None
-        return self._method == b"HEAD" or self._head[0] in _NO_BODY_STATUS
-
     def _response_head(self, body: bytes, more: bool) -> bytes:
+        """The response's status line and headers, checked as h11 would, and its framing."""
         assert self._head is not None
         status, headers = self._head
-        if not more and not self._bodiless():
-            for name, _ in headers:
-                if name.lower() in (b"content-length", b"transfer-encoding"):
-                    break
-            else:
-                # A whole body in one message: say its length rather than
-                # letting h11 chunk it.
-                headers.append((b"content-length", b"%d" % len(body)))
-        if self._endpoint.draining:
-            headers.append((b"connection", b"close"))
-        headers.append((b"date", _Date.now()))
-        try:
-            return self._h11.send(
-                h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
-            )
-        except h11.LocalProtocolError as error:
-            raise RuntimeError(f"the app's response is not valid HTTP/1.1: {error}") from None
+        lines = [_status_line(status)]
+        length = None
+        has_date = False
+        for name, value in headers:
+            lower = _NAMES.get(name) or _check_name(name)
+            if _BAD_VALUE.search(value) is not None:
+                raise RuntimeError(f"invalid value for response header {name!r}: {value!r}")
+            if lower == b"content-length":
+                if length is not None or not value.isdigit() or len(value) > 19:
+                    raise RuntimeError(f"invalid response Content-Length {value!r}")
+                length = int(value)
+            elif lower == b"transfer-encoding":
+                continue  # the framing is ours to choose
+            elif lower == b"connection":
+                self._close = self._close or b"close" in value.lower()
+                continue  # said again below if the connection ends
+            elif lower == b"date":
+                has_date = True
+            lines.append(b"%s: %s\r\n" % (name, value))
+        if self._method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:
+            self._framing = _NONE
+        elif length is not None:
+            self._framing, self._remaining = _LENGTH, length
+        elif not more:
+            self._framing, self._remaining = _LENGTH, len(body)
+            lines.append(b"content-length: %d\r\n" % len(body))
+        elif self._http10:
+            self._framing = _UNTIL_CLOSE
+        else:
+            self._framing = _CHUNKED
+            lines.append(b"transfer-encoding: chunked\r\n")
+        if self._endpoint.draining or self._framing is _UNTIL_CLOSE:
+            self._close = True
+        if self._close:
+            lines.append(b"connection: close\r\n")
+        if not has_date:
+            lines.append(b"date: %s\r\n" % _Date.now())
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def _framed(self, body: bytes, more: bool) -> bytes:
+        """``body`` as the response's framing puts it on the wire."""
+        framing = self._framing
+        if framing is _LENGTH:
+            self._remaining -= len(body)
+            if self._remaining < 0 or (not more and self._remaining > 0):
+                # More or less body than the app's Content-Length: the
+                # response is broken, so the connection must not be reused.
+                self._close = True
+                if self._remaining < 0:
+                    raise RuntimeError("the app sent more body than its Content-Length")
+            return body
+        if framing is _CHUNKED:
+            chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+            return chunk if more else chunk + b"0\r\n\r\n"
+        if framing is _UNTIL_CLOSE:
+            return body
+        return b""
 
     # -- the socket --------------------------------------------------------------------
 
     async def _receive(self, deadline: float) -> bytes | None:
         """Bytes from the client, b"" at end of file, None on a timeout or a broken socket."""
-        with trio.CancelScope(deadline=deadline) as wait:
-            self._wait = wait
-            try:
-                return await self.stream.receive_some(_RECV)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return None
-            finally:
-                self._wait = None
-        return None
+        self.deadline = deadline
+        try:
+            data = await self.stream.receive_some(_RECV)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        finally:
+            self.deadline = math.inf
+        # After _stop_reading, end of file is ours (a timeout, the drain),
+        # not the client's: no answer is owed to a request cut short.
+        return None if not data and self._deaf else data
 
     async def _write(self, data: bytes) -> None:
         """Write to the client, each slice bounded by ``send_timeout``; a failure ends it."""
         timeout = self._endpoint.send_timeout
         done = False
+        self._writing = True
         try:
-            view = memoryview(data)
-            for start in range(0, len(view), SEND_SLICE):
-                with trio.move_on_after(timeout) as sending:
-                    await self.stream.send_all(view[start : start + SEND_SLICE])
-                if sending.cancelled_caught:
-                    log.info("closing a connection whose peer read nothing for %g s", timeout)
-                    self.abort()
-                    break
+            if len(data) <= SEND_SLICE:
+                self.deadline = trio.current_time() + timeout
+                await self.stream.send_all(data)
             else:
-                done = True
+                view = memoryview(data)
+                for start in range(0, len(view), SEND_SLICE):
+                    self.deadline = trio.current_time() + timeout
+                    await self.stream.send_all(view[start : start + SEND_SLICE])
+            done = True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            self.deadline = math.inf
+            self._writing = False
             # A write cut short (the peer, a deadline, a cancellation) leaves
             # the client a partial response: nothing more may follow it.
             if not done:
                 self._gone = True
+
+    def expire(self) -> None:
+        """The deadline passed (see :class:`Deadlines`): end the wait."""
+        if self._writing:
+            timeout = self._endpoint.send_timeout
+            log.info("closing a connection whose peer read nothing for %g s", timeout)
+            self.abort()
+        else:
+            self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        """Make the reader's wait end as at end of file, keeping the socket writable.
+
+        Closing the socket instead would lose a request whose bytes the
+        reader has just taken: trio yields once more after a successful
+        read, and in that instant the reader still looks parked.
+        """
+        self.deadline = math.inf
+        self._deaf = True
+        with contextlib.suppress(OSError):
+            self.stream.socket.shutdown(socket.SHUT_RD)
 
     async def _reject(self, status: int, message: str) -> None:
         """Answer a request h11 refuses, then close (nothing after it is parsed)."""
@@ -440,9 +600,9 @@ class H11Connection:
             self._head_sent = True
             await self._write(error_response(status, message))
         self._gone = True
-        await self._close(linger=True)
+        await self._finish(linger=True)
 
-    async def _close(self, *, linger: bool = False) -> None:
+    async def _finish(self, *, linger: bool = False) -> None:
         """Close after the response, reading what the client still sends (bounded) first.
 
         Bytes left unread in the socket when it closes make the kernel send
@@ -456,15 +616,17 @@ class H11Connection:
         if not linger and self._h11.their_state is h11.DONE and not self._bytes_waiting():
             return
         read = 0
-        with trio.move_on_after(_LINGER_SECONDS):
+        self.deadline = trio.current_time() + _LINGER_SECONDS
+        try:
             while read < _LINGER_BYTES:
-                try:
-                    data = await stream.receive_some(_RECV)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    break
+                data = await stream.receive_some(_RECV)
                 if not data:
                     break
                 read += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.deadline = math.inf
 
     def _bytes_waiting(self) -> bool:
         """True if the socket holds bytes the reader has not yet read."""
@@ -484,13 +646,43 @@ class H11Connection:
         (with ``Connection: close``); the connection then ends, since the
         endpoint is draining.
         """
-        if self._wait is not None and not self._bytes_waiting():
-            self._wait.cancel()
+        if self._parked and not self._bytes_waiting():
+            self._stop_reading()
 
     def abort(self) -> None:
-        """Close the socket now, waking any send blocked on it."""
+        """Close the socket now, waking any wait on it."""
         self._gone = True
         self.stream.socket.close()
+
+
+#: How a response's body goes on the wire.
+_LENGTH, _CHUNKED, _UNTIL_CLOSE, _NONE = "length", "chunked", "until-close", "none"
+
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")
+#: Response header names already checked, by their lower-case form (bounded).
+_NAMES: dict[bytes, bytes] = {}
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _check_name(name: bytes) -> bytes:
+    if _TOKEN.fullmatch(name) is None:
+        raise RuntimeError(f"invalid response header name {name!r}")
+    lower = name.lower()
+    if len(_NAMES) < 1024:
+        _NAMES[name] = lower
+    return lower
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        if not 100 <= status <= 999:
+            raise RuntimeError(f"invalid response status {status!r}")
+        line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
+        if len(_STATUS_LINES) < 1024:
+            _STATUS_LINES[status] = line
+    return line
 
 
 def _address(address: Any) -> tuple[str, int] | None:

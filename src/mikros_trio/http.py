@@ -62,7 +62,7 @@ from ._http_apps import (
     wire_for_status,
 )
 from ._http_h2 import Protocols
-from ._http_h11 import SEND_SLICE, H11Connection
+from ._http_h11 import SEND_SLICE, Deadlines, H11Connection
 from ._http_lifespan import AppLifespan, app_lifespan
 from ._runtime_settings import HttpSettings
 from ._telemetry import UNMATCHED, Endpoint, Telemetry
@@ -496,6 +496,7 @@ class _Endpoint:
         self.send_timeout = settings.send_timeout
         self.draining = False
         self._connections: set[_Connection | H11Connection] = set()
+        self._deadlines = Deadlines()
         self._none_left = trio.Event()
         self._accept = trio.CancelScope()
         self._listeners: list[trio.abc.Listener[Any]] = []
@@ -537,11 +538,14 @@ class _Endpoint:
 
     async def serve(self) -> None:
         """Accept until :meth:`drain`, then wait for every connection to end."""
-        async with trio.open_nursery() as connections:
-            with self._accept:
-                await trio.serve_listeners(
-                    self._handle, self._listeners, handler_nursery=connections
-                )
+        async with trio.open_nursery() as timers:
+            timers.start_soon(self._deadlines.run)
+            async with trio.open_nursery() as connections:
+                with self._accept:
+                    await trio.serve_listeners(
+                        self._handle, self._listeners, handler_nursery=connections
+                    )
+            timers.cancel_scope.cancel()
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         # Plain-text connections start on the lean HTTP/1.1 path; TLS
@@ -550,6 +554,7 @@ class _Endpoint:
         connection: _Connection | H11Connection
         if isinstance(stream, trio.SocketStream):
             connection = H11Connection(self, stream, self.front)
+            self._deadlines.add(connection)
         else:
             connection = _Connection(self, stream)
         self._connections.add(connection)
@@ -560,12 +565,15 @@ class _Endpoint:
                 handoff = await connection.run()
             if handoff is not None:
                 self._connections.discard(connection)
+                self._deadlines.connections.discard(cast(H11Connection, connection))
                 connection = _Connection(self, stream, handoff)
                 self._connections.add(connection)
                 with connection.scope:
                     await connection.run()
         finally:
             self._connections.discard(connection)
+            if isinstance(connection, H11Connection):
+                self._deadlines.connections.discard(connection)
             if not self._connections:
                 self._none_left.set()
                 self._none_left = trio.Event()

@@ -255,13 +255,20 @@ class LoadResult:
     after_ok: int = 0  # requests sent after SIGTERM and served 200
     after_refused: int = 0  # ... refused cleanly: connection closed before any byte, or 503 JSON
     bad: list[str] = field(default_factory=list)  # anything else: lost or malformed
-    # One lock for every client thread: ``+=`` on a shared counter is not atomic.
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def keep_alive_client(
-    port: int, path: str, stop: threading.Event, signalled: list[float], result: LoadResult
-) -> None:
+@dataclass(frozen=True)
+class Exchange:
+    """One request of the load: when its last byte was sent, and what came back."""
+
+    path: str
+    sent: float  # perf_counter() once sendall returned
+    status: int | None
+    body: bytes
+    got_bytes: bool
+
+
+def keep_alive_client(port: int, path: str, stop: threading.Event, seen: list[Exchange]) -> None:
     """Send requests back to back on one keep-alive connection until it closes."""
     try:
         sock = connect(port)
@@ -281,20 +288,12 @@ def keep_alive_client(
                 sock.sendall(request or b"")
             except OSError:
                 return  # closed by the server before we sent: nothing was accepted
-            sent_before = not signalled
+            # Classified against the signal's time afterwards: a flag read
+            # here could be stale, since the thread that sends the signal
+            # may wait for the GIL between the signal and setting it.
+            sent = time.perf_counter()
             status, body, got_bytes = _read_response(sock, client)
-            with result.lock:
-                if sent_before:
-                    result.before += 1
-                if status == 200:
-                    result.before_ok += sent_before
-                    result.after_ok += not sent_before
-                elif not sent_before and (
-                    (status is None and not got_bytes) or (status == 503 and body.startswith(b"{"))
-                ):
-                    result.after_refused += 1
-                else:
-                    result.bad.append(f"{path}: {status} {body[:80]!r} before={sent_before}")
+            seen.append(Exchange(path, sent, status, body, got_bytes))
             if status is None or client.our_state is not h11.DONE:
                 return
             if client.their_state is not h11.DONE:
@@ -303,6 +302,26 @@ def keep_alive_client(
                 client.start_next_cycle()
             except h11.LocalProtocolError:
                 return  # the server said Connection: close
+
+
+def classify(seen: list[Exchange], signalled: float) -> LoadResult:
+    """What the clients saw, split by whether the request was sent before the signal."""
+    result = LoadResult()
+    for exchange in seen:
+        before = exchange.sent < signalled
+        status, body = exchange.status, exchange.body
+        if before:
+            result.before += 1
+        if status == 200:
+            result.before_ok += before
+            result.after_ok += not before
+        elif not before and (
+            (status is None and not exchange.got_bytes) or (status == 503 and body.startswith(b"{"))
+        ):
+            result.after_refused += 1
+        else:
+            result.bad.append(f"{exchange.path}: {status} {body[:80]!r} before={before}")
+    return result
 
 
 def _read_response(sock: socket.socket, client: h11.Connection) -> tuple[int | None, bytes, bool]:
@@ -343,14 +362,13 @@ def sigterm_under_load(spawn: Spawn, tmp_path: Path, clients: int = 24) -> tuple
     toml = write_toml(tmp_path, {"keep_alive_timeout": 5.0})
     child = spawn(sys.executable, TARGET, env=target_env(toml, port))
     wait_until_ok(child, port)
-    result = LoadResult()
+    seen: list[Exchange] = []  # list.append is atomic: the threads share it
     stop = threading.Event()
-    signalled: list[float] = []
     paths = ["/hello", "/hello", "/work?ms=30", "/work?ms=5"]
     threads = [
         threading.Thread(
             target=keep_alive_client,
-            args=(port, paths[i % len(paths)], stop, signalled, result),
+            args=(port, paths[i % len(paths)], stop, seen),
             daemon=True,
         )
         for i in range(clients)
@@ -358,12 +376,12 @@ def sigterm_under_load(spawn: Spawn, tmp_path: Path, clients: int = 24) -> tuple
     for thread in threads:
         thread.start()
     time.sleep(0.3)
-    signalled.append(child.send(signal.SIGTERM))
+    signalled = child.send(signal.SIGTERM)
     code = child.wait()
     stop.set()
     for thread in threads:
         thread.join(PATIENCE)
-    return result, code
+    return classify(seen, signalled), code
 
 
 def test_sigterm_under_load_loses_nothing(spawn: Spawn, tmp_path: Path) -> None:

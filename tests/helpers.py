@@ -766,7 +766,7 @@ def create_app(store: Store) -> QuartTrio:
     to their end.
     """
     import trio
-    from quart import request
+    from quart import request, websocket
     from quart_trio import QuartTrio
 
     service_errors = _http_service()["HTTP_SERVICE_ERRORS"]
@@ -825,6 +825,11 @@ def create_app(store: Store) -> QuartTrio:
     async def item(key: str) -> dict[str, Any]:
         return {"key": key, "value": store.get(key)}
 
+    @app.websocket("/ws")
+    async def echo_socket() -> None:
+        while True:
+            await websocket.send(await websocket.receive())
+
     return app
 
 
@@ -847,6 +852,70 @@ async def start_http(
     """
     container = _http_service()["HttpContainer"]
     return await _start(mikros_service, write_http_toml, container, tmp_path, options)
+
+
+async def raw_exchange(port: int, data: bytes) -> tuple[bytes, float]:
+    """Send ``data`` on a fresh connection to ``port`` and read until the server closes it.
+
+    Returns what was read and how long the server took to close; fails
+    if it does not close within :data:`BOUND`.
+    """
+    import trio
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    began = trio.current_time()
+    received = b""
+    async with stream:
+        await stream.send_all(data)
+        with trio.fail_after(BOUND):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    return received, trio.current_time() - began
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    """One HTTP/1.x response as it came off the wire (parsed with h11)."""
+
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+
+
+def parse_responses(raw: bytes, methods: Sequence[bytes] = ()) -> list[RawResponse]:
+    """Every whole response in ``raw``, in order; ``methods`` are the requests' (GET if absent)."""
+    import h11
+
+    client = h11.Connection(h11.CLIENT)
+    client.receive_data(raw)
+    client.receive_data(b"")
+    found: list[RawResponse] = []
+    index = 0
+    while True:
+        method = methods[index] if index < len(methods) else b"GET"
+        client.send(h11.Request(method=method, target="/", headers=[("Host", "t")]))
+        client.send(h11.EndOfMessage())
+        head: h11.Response | None = None
+        body = b""
+        while True:
+            try:
+                event = client.next_event()
+            except h11.RemoteProtocolError:
+                return found  # the bytes end inside a response, or before one
+            if isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                return found
+        assert head is not None
+        found.append(RawResponse(head.status_code, dict(head.headers), body))
+        if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
+            return found
+        client.start_next_cycle()
+        index += 1
 
 
 def http_port(running: RunningService, name: str = "http") -> int:

@@ -15,27 +15,14 @@ import httpx
 import pytest
 import trio
 
-from helpers import BOUND, client_for, curl, tls_files, url
+from helpers import BOUND, client_for, curl, raw_exchange, tls_files, url
 from helpers import http_port as port
 from helpers import start_http as start
 from mikros_trio.testing import RunningService, ServiceStarter
 
 
 async def exchange(running: RunningService, data: bytes) -> tuple[bytes, float]:
-    """Send ``data`` on a fresh connection and read until the server closes it.
-
-    Returns what was read and how long the server took to close; fails
-    if it does not close within :data:`BOUND`.
-    """
-    stream = await trio.open_tcp_stream("127.0.0.1", port(running))
-    began = trio.current_time()
-    received = b""
-    async with stream:
-        await stream.send_all(data)
-        with trio.fail_after(BOUND):
-            while chunk := await stream.receive_some(65536):
-                received += chunk
-    return received, trio.current_time() - began
+    return await raw_exchange(port(running), data)
 
 
 def status_of(raw: bytes) -> int:

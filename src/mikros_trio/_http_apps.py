@@ -141,6 +141,8 @@ def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | N
 
 def adapt_app(app: Any, settings: HttpSettings, service_name: str, telemetry: Telemetry) -> Any:
     """Prepare the container's app to be served: Mikros errors, call names, body limits."""
+    if not hasattr(app, "register_error_handler"):
+        return app  # a plain ASGI callable: the HTTP path answers its failures
     install_error_handlers(app, service_name, telemetry)
     if hasattr(app, "config"):
         app.config["MAX_CONTENT_LENGTH"] = settings.max_body_size

@@ -20,7 +20,7 @@ from dependency_injector import providers
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from helpers import BOUND, client_for, get, wait_until, write_http_toml
@@ -101,15 +101,6 @@ async def echo(request: Request) -> Response:
     return JSONResponse({"length": len(await request.body())})
 
 
-async def stream(request: Request) -> Response:
-    async def endless() -> AsyncIterator[bytes]:
-        while True:
-            yield b"x" * 65536
-            await trio.sleep(0)
-
-    return StreamingResponse(endless())
-
-
 def slow_route(events: Events) -> Callable[[Request], Any]:
     async def slow(request: Request) -> Response:
         seconds = float(request.query_params.get("seconds", "0.5"))
@@ -131,7 +122,6 @@ def starlette_app(events: Events) -> Starlette:
         Route("/abort", abort),
         Route("/refuse", refuse),
         Route("/echo", echo, methods=["POST"]),
-        Route("/stream", stream),
         Route("/slow", slow_route(events)),
     ]
     app = Starlette(routes=routes, lifespan=lifespan_of(events))
@@ -145,7 +135,6 @@ def fastapi_app(events: Events) -> Any:
 
     app = FastAPI(lifespan=lifespan_of(events))
     app.add_api_route("/hello", hello)
-    app.add_api_route("/stream", stream)
     for path, endpoint in [
         ("/items/{key}", item),
         ("/raise/{kind}", raise_kind),

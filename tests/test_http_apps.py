@@ -23,7 +23,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from helpers import BOUND, client_for, get, wait_until, write_http_toml
+from helpers import (
+    BOUND,
+    Store,
+    client_for,
+    create_app,
+    get,
+    start_http,
+    wait_until,
+    write_http_toml,
+)
 from helpers import http_port as port
 from mikros_trio import (
     Call,
@@ -166,9 +175,12 @@ class Names(Observer):
 
     def __init__(self) -> None:
         self.seen: dict[str, tuple[str, str]] = {}
+        self.ended = trio.Event()  # set at each call's end
 
     def finished(self, call: Call) -> None:
         self.seen[call.target] = (call.name, call.status)
+        self.ended.set()
+        self.ended = trio.Event()
 
 
 @pytest.fixture(name="framework", params=sorted(FRAMEWORKS))
@@ -527,3 +539,52 @@ async def test_requests_cut_at_the_drain_deadline_get_503(
     assert b"connection: close" in answers[0].lower()
     assert names.seen["/slow"][1] == "503"
     assert events.finished == 0
+
+
+# -- QuartTrio: the handler runs in the request's task, and behaves as before ----------
+
+
+async def test_quart_handler_is_cancelled_when_its_client_disconnects(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A QuartTrio handler still waiting when its client leaves is cancelled, not left running."""
+    running = await start_http(mikros_service, tmp_path)
+    app = running.container.app()
+    names = Names()
+    running.service.telemetry.add_observer(names)
+    with trio.fail_after(BOUND):
+        async with await trio.open_tcp_stream("127.0.0.1", port(running)) as stream:
+            await stream.send_all(b"GET /slow?seconds=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+            await app.entered.wait()
+        while "/slow" not in names.seen:  # the call ends only once its handler has
+            await names.ended.wait()
+    assert app.finished == 0
+    assert (await get(running, "/hello")).status_code == 200
+
+
+async def test_quart_app_with_its_own_connection_class_keeps_it(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """An app built with its own asgi_http_class is served through it, unchanged."""
+    from quart_trio.asgi import TrioASGIHTTPConnection
+
+    class Counting(TrioASGIHTTPConnection):
+        calls = 0
+
+        async def __call__(self, receive: Any, send: Any) -> None:
+            Counting.calls += 1
+            await super().__call__(receive, send)
+
+    def counting_app(store: Store) -> Any:
+        app = create_app(store)
+        app.asgi_http_class = Counting
+        return app
+
+    class Container(ServiceContainer):
+        store = providers.Singleton(Store)
+        app = providers.Singleton(counting_app, store=store)
+
+    running = await start_http(mikros_service, tmp_path, container=Container)
+    assert running.container.app().asgi_http_class is Counting
+    assert (await get(running, "/hello")).text == "hello"
+    assert Counting.calls == 1

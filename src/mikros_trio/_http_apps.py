@@ -17,6 +17,7 @@ handling lives in :mod:`mikros_trio.http`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -381,6 +382,38 @@ def _install_starlette_handlers(app: Any, answers: _Answers) -> Callable[[int, s
     return refuse
 
 
+def _inline_request_handler(app: Any) -> None:
+    """Run a QuartTrio request's handler in the request's own task, not in a task of its own.
+
+    QuartTrio spawns two tasks per request into a nursery of its own: one
+    reads the body and waits for a disconnect, one runs the handler; each
+    cancels the nursery when done. Running the handler as the nursery's
+    body instead keeps every behaviour (the reader still cancels it on a
+    disconnect, its errors are grouped the same way, it still cancels the
+    reader when done) and saves one task spawn and its steps per request
+    (see bench/quart_cost.py). An app with its own connection class keeps it.
+    """
+    from quart_trio.asgi import TrioASGIHTTPConnection
+
+    if app.asgi_http_class is TrioASGIHTTPConnection:
+        app.asgi_http_class = _inline_connection_class()
+
+
+@functools.cache
+def _inline_connection_class() -> type[Any]:
+    """QuartTrio's HTTP connection, its handler run in the request's task (built once)."""
+    from quart_trio.asgi import TrioASGIHTTPConnection
+
+    class InlineHTTPConnection(TrioASGIHTTPConnection):
+        async def __call__(self, receive: Any, send: Any) -> None:
+            request = self._create_request_from_scope(send)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.handle_messages, nursery, request, receive)
+                await self.handle_request(nursery, request, send)
+
+    return InlineHTTPConnection
+
+
 def _framework(app: Any) -> str:
     """``quart``, ``starlette`` (FastAPI too) or ``asgi``, from the app's classes' modules."""
     for cls in type(app).__mro__:
@@ -397,6 +430,7 @@ def adapt_app(app: Any, settings: HttpSettings, service_name: str, telemetry: Te
     framework = _framework(app)
     if framework == "quart":
         install_error_handlers(app, service_name, telemetry)
+        _inline_request_handler(app)
         app.config["MAX_CONTENT_LENGTH"] = settings.max_body_size
         # Quart's whole-body deadline (408): read_timeout bounds each
         # wait, so without it a body trickling a byte at a time would

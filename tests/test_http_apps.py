@@ -588,3 +588,65 @@ async def test_quart_app_with_its_own_connection_class_keeps_it(
     assert running.container.app().asgi_http_class is Counting
     assert (await get(running, "/hello")).text == "hello"
     assert Counting.calls == 1
+
+
+# -- any other ASGI 3 app: served as is, with the kind's last-resort answers -----------
+
+
+def raw_asgi_app() -> Any:
+    """A bare ASGI callable: /boom raises, /abort raises a BaseException, /echo reads the body."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["path"] == "/boom":
+            raise RuntimeError("the raw app broke")
+        if scope["path"] == "/abort":
+            raise Abort("out")
+        size, more = 0, True
+        while more:
+            message = await receive()
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b'{"length":%d}' % size
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+async def test_any_asgi_app_gets_mikros_answers_for_what_escapes_it(
+    mikros_service: ServiceStarter, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bare ASGI app: its errors are 500 Mikros JSON, a chunked body over the limit 413."""
+
+    class Container(ServiceContainer):
+        app = providers.Object(raw_asgi_app())
+
+    path = write_http_toml(tmp_path, http={"max_body_size": 1024})
+    with trio.fail_after(BOUND):
+        running = await mikros_service.start(Container, path)
+
+    async def chunks(count: int) -> AsyncIterator[bytes]:
+        for _ in range(count):
+            yield b"x" * 512
+
+    with caplog.at_level(logging.CRITICAL, logger="mikros_trio.http"):
+        boom = await get(running, "/boom")
+        abort = await get(running, "/abort")
+    async with client_for(running) as client:
+        with trio.fail_after(BOUND):
+            under = await client.post("/echo", content=chunks(2))
+            over = await client.post("/echo", content=chunks(4))
+    assert boom.status_code == 500
+    assert boom.json()["details"] == "RuntimeError: the raw app broke"
+    assert (abort.status_code, abort.json()["kind"]) == (500, "InternalError")
+    assert under.json() == {"length": 1024}
+    assert over.status_code == 413
+    assert over.headers["connection"] == "close"
+    assert over.json()["message"] == "request body over 1024 bytes"
+    assert running.health.ready

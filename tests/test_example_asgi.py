@@ -2,7 +2,7 @@
 
 In-process tests start each example through the ``mikros_service`` fixture
 and talk to its real listener with httpx; process tests run it the way
-users do (``python examples/<name>/main.py``, the port from
+users do (``mikros-trio run examples/<name>/main.py``, the port from
 ``MIKROS_HTTP_PORT``) and stop it with SIGTERM: the app's lifespan starts
 before the service is ready and ends after the drain. Every wait is bounded.
 """
@@ -19,7 +19,7 @@ from types import ModuleType
 import httpx
 import pytest
 
-from helpers import PATIENCE, REPO, Spawn, free_port, import_example, wait_until_ok
+from helpers import MIKROS_TRIO, PATIENCE, REPO, Spawn, free_port, import_example, wait_until_ok
 from mikros_trio.testing import ServiceStarter
 
 STARLETTE = REPO / "examples" / "starlette"
@@ -60,13 +60,9 @@ async def test_starlette_notes_round_trip_and_errors(
         missing = await http.get("/notes/9")
         metrics = (await http.get("/metrics")).text
     assert (empty.status_code, empty.json()["kind"]) == (400, "ValidationError")
-    assert missing.status_code == 404
-    assert missing.json() == {
-        "code": 0,
-        "kind": "NotFoundError",
-        "message": "note 9 does not exist",
-        "service_name": "notes",
-    }
+    assert (missing.status_code, missing.json()["kind"]) == (404, "NotFoundError")
+    assert missing.json()["message"] == "note 9 does not exist"
+    assert missing.json()["service_name"] == "notes"
     assert 'route="/notes/{note_id:int}"' in metrics
 
 
@@ -98,9 +94,9 @@ async def test_fastapi_orders_round_trip_and_errors(
 def test_example_process_runs_its_lifespan_around_serving(
     spawn: Spawn, example: Path, route: str, app: str
 ) -> None:
-    """Started as users do, it is ready after its lifespan starts; SIGTERM drains it, exit 0."""
+    """Run by the CLI, it is ready after its lifespan starts; SIGTERM drains it, exit 0."""
     port = free_port()
-    child = spawn(sys.executable, example / "main.py", env={"MIKROS_HTTP_PORT": str(port)})
+    child = spawn(MIKROS_TRIO, "run", example / "main.py", env={"MIKROS_HTTP_PORT": str(port)})
     wait_until_ok(child, port)
     wait_until_ok(child, port, "/livez")
     missing = httpx.get(f"http://127.0.0.1:{port}/{app}/1", timeout=PATIENCE, trust_env=False)

@@ -194,14 +194,19 @@ async def start(
     framework: str,
     *,
     fail_startup: bool = False,
+    tables: str = "",
     **options: Any,
 ) -> RunningService:
-    """Start a service serving ``framework``'s test app, with ``options`` for service.toml."""
+    """Start a service serving ``framework``'s test app, with ``options`` for service.toml.
+
+    ``tables`` is TOML appended to the file (features' tables).
+    """
 
     class Container(ServiceContainer):
         app = providers.Singleton(FRAMEWORKS[framework], Events(fail_startup))
 
     path = write_http_toml(tmp_path, **options)
+    path.write_text(path.read_text() + tables)
     with trio.fail_after(BOUND):
         return await mikros_service.start(Container, path)
 
@@ -242,59 +247,40 @@ async def test_unexpected_exception_is_500_internal_error_logged_once(
     framework: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A handler's RuntimeError answers 500 InternalError JSON; its traceback is logged once."""
+    """An Exception or a BaseException (not cancellation) from a handler: 500 JSON, logged once.
+
+    The service goes on serving.
+    """
     running = await start(mikros_service, tmp_path, framework)
     with caplog.at_level(logging.ERROR):
         response = await get(running, "/boom")
         after = await get(running, "/hello")
-    assert response.status_code == 500
-    assert response.headers["content-type"] == "application/json"
-    assert response.json() == {
-        "code": 0,
-        "kind": "InternalError",
-        "message": "internal error",
-        "details": "RuntimeError: the handler broke",
-        "service_name": "web",
-    }
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    with caplog.at_level(logging.CRITICAL, logger="mikros_trio.http"):
+        aborted = await get(running, "/abort")
+    body = response.json()
+    assert (response.status_code, response.headers["content-type"]) == (500, "application/json")
+    assert (body["kind"], body["message"]) == ("InternalError", "internal error")
+    assert (body["details"], body["service_name"]) == ("RuntimeError: the handler broke", "web")
     assert [(r.name, r.exc_info and r.exc_info[0]) for r in errors] == [
         ("mikros_trio.http", RuntimeError)
     ]
     assert after.status_code == 200
+    assert (aborted.status_code, aborted.json()["kind"]) == (500, "InternalError")
+    assert (await get(running, "/hello")).status_code == 200
+    assert running.health.ready
 
 
 async def test_details_hidden_when_expose_details_is_off(
     mikros_service: ServiceStarter, tmp_path: Path, framework: str
 ) -> None:
     """With [features.errors] expose_details = false the 500 body carries no exception text."""
-
-    class Container(ServiceContainer):
-        app = providers.Singleton(FRAMEWORKS[framework], Events())
-
-    path = write_http_toml(tmp_path)
-    path.write_text(path.read_text() + "\n[features.errors]\nexpose_details = false\n")
-    with trio.fail_after(BOUND):
-        running = await mikros_service.start(Container, path)
+    hidden = "\n[features.errors]\nexpose_details = false\n"
+    running = await start(mikros_service, tmp_path, framework, tables=hidden)
     response = await get(running, "/boom")
     assert response.status_code == 500
     assert "details" not in response.json()
     assert "broke" not in response.text
-
-
-async def test_base_exception_fails_only_its_request(
-    mikros_service: ServiceStarter,
-    tmp_path: Path,
-    framework: str,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """A BaseException (not cancellation) from a handler is a 500 JSON answer; serving goes on."""
-    running = await start(mikros_service, tmp_path, framework)
-    with caplog.at_level(logging.CRITICAL, logger="mikros_trio.http"):
-        response = await get(running, "/abort")
-    assert response.status_code == 500
-    assert response.json()["kind"] == "InternalError"
-    assert (await get(running, "/hello")).status_code == 200
-    assert running.health.ready
 
 
 @pytest.mark.parametrize("kind", sorted(ERRORS))
@@ -306,12 +292,7 @@ async def test_service_errors_map_to_their_status(
     cls, status = ERRORS[kind]
     response = await get(running, f"/raise/{kind}")
     assert response.status_code == status
-    assert response.json() == {
-        "code": 7,
-        "kind": cls.kind.value,
-        "message": f"raised {kind}",
-        "service_name": "web",
-    }
+    assert response.json() == {**cls(f"raised {kind}", code=7).to_wire(), "service_name": "web"}
     missing = await get(running, "/items/nope")
     assert missing.status_code == 404
     assert missing.json()["kind"] == "NotFoundError"
@@ -377,14 +358,8 @@ async def test_route_names_reach_the_metrics(
     mikros_service: ServiceStarter, tmp_path: Path, framework: str
 ) -> None:
     """The metrics feature labels requests by route template, not by path."""
-
-    class Container(ServiceContainer):
-        app = providers.Singleton(FRAMEWORKS[framework], Events())
-
-    path = write_http_toml(tmp_path)
-    path.write_text(path.read_text() + "\n[features.metrics]\nenabled = true\n")
-    with trio.fail_after(BOUND):
-        running = await mikros_service.start(Container, path)
+    metrics = "\n[features.metrics]\nenabled = true\n"
+    running = await start(mikros_service, tmp_path, framework, tables=metrics)
     for key in ("a", "b", "c"):
         await get(running, f"/items/{key}")
     exposition = (await get(running, "/metrics")).text

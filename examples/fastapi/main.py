@@ -2,7 +2,7 @@
 
 Run it from the repository root, then call it from another shell:
 
-    python examples/fastapi/main.py
+    mikros-trio run examples/fastapi/main.py     # Container, service.toml beside it
     curl -s localhost:8080/orders -H 'content-type: application/json' \
         -d '{"item": "pen", "quantity": 2}'              # 201, the new order
     curl -s localhost:8080/orders/1                     # one order, or 404 Mikros JSON
@@ -19,14 +19,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-import trio
 from dependency_injector import providers
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-import mikros_trio
 from mikros_trio import NotFoundError, ServiceContainer
 
 
@@ -57,16 +54,19 @@ class Orders:
             raise NotFoundError(f"order {order_id} does not exist") from None
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Around serving: starts before the first request, ends once the last has drained."""
+    orders: Orders = app.state.orders
+    print("orders: serving", flush=True)
+    yield
+    print(f"orders: drained with {len(orders.orders)} orders", flush=True)
+
+
 def create_app(orders: Orders) -> FastAPI:
     """The FastAPI app; the framework adds probes, limits and JSON errors around it."""
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        print("orders: serving", flush=True)
-        yield
-        print(f"orders: drained with {len(orders.orders)} orders", flush=True)
-
     app = FastAPI(lifespan=lifespan)
+    app.state.orders = orders
 
     @app.post("/orders", status_code=201)
     async def place(new: NewOrder) -> Order:
@@ -82,11 +82,3 @@ def create_app(orders: Orders) -> FastAPI:
 class Container(ServiceContainer):
     orders = providers.Singleton(Orders)
     app = providers.Singleton(create_app, orders=orders)
-
-
-async def main() -> None:
-    await mikros_trio.run(Container, Path(__file__).with_name("service.toml"))
-
-
-if __name__ == "__main__":
-    trio.run(main)

@@ -2,7 +2,7 @@
 
 Run it from the repository root, then call it from another shell:
 
-    python examples/starlette/main.py
+    mikros-trio run examples/starlette/main.py     # Container, service.toml beside it
     curl -s localhost:8080/notes -d 'buy ink'        # 201, the new note
     curl -s localhost:8080/notes/1                   # one note, or 404 Mikros JSON
     curl -s localhost:8080/readyz                    # probes come built in
@@ -20,16 +20,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-import trio
 from dependency_injector import providers
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-import mikros_trio
 from mikros_trio import NotFoundError, ServiceContainer, ValidationError
 
 
@@ -47,10 +44,10 @@ class Notebook:
         return note_id
 
     def read(self, note_id: int) -> str:
-        try:
-            return self.notes[note_id]
-        except KeyError:
-            raise NotFoundError(f"note {note_id} does not exist") from None
+        text = self.notes.get(note_id)
+        if text is None:
+            raise NotFoundError(f"note {note_id} does not exist")
+        return text
 
 
 def create_app(notebook: Notebook) -> Starlette:
@@ -80,11 +77,3 @@ def create_app(notebook: Notebook) -> Starlette:
 class Container(ServiceContainer):
     notebook = providers.Singleton(Notebook)
     app = providers.Singleton(create_app, notebook=notebook)
-
-
-async def main() -> None:
-    await mikros_trio.run(Container, Path(__file__).with_name("service.toml"))
-
-
-if __name__ == "__main__":
-    trio.run(main)

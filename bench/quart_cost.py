@@ -17,6 +17,9 @@ parser, only what the app and its adaptation do. Variants:
   applied: see the report);
 - ``starlette`` / ``starlette-adapted`` and ``fastapi`` / ``fastapi-adapted``:
   the same for the other frameworks (the adaptation's cost per request);
+  ``starlette-base-middleware``: Starlette with one pass-through
+  ``BaseHTTPMiddleware``, what an adaptation by middleware would cost
+  instead of handlers registered on the app;
 - ``asgi``: a bare ASGI callable answering the same JSON: the floor.
 
 Method: every variant runs ``--requests`` requests per round, in an order
@@ -88,12 +91,32 @@ def _muted_signals(app: Any) -> Any:
     return app
 
 
+def _with_base_http_middleware(app: Any) -> Any:
+    """The adaptation as a Starlette BaseHTTPMiddleware would wrap it (the road not taken)."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    async def dispatch(request: Any, call_next: Any) -> Any:
+        return await call_next(request)
+
+    app.add_middleware(BaseHTTPMiddleware, dispatch=dispatch)
+    return app
+
+
 def _bare_asgi() -> ASGIApp:
     body = json.dumps({"items": PEER_ITEMS}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # shutdown: never asked here, cancelled at the end
+            return
+        status = 200
+        if scope["method"] == "POST":
+            await receive()  # the body, whole in one message here
+            status = 201
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     return app
@@ -107,6 +130,7 @@ VARIANTS: dict[str, Callable[[], ASGIApp]] = {
     "quart-muted-signals": lambda: _muted_signals(PEER_APPS["quart"]()),
     "starlette": lambda: PEER_APPS["starlette"](),
     "starlette-adapted": lambda: _adapted(PEER_APPS["starlette"]()),
+    "starlette-base-middleware": lambda: _with_base_http_middleware(PEER_APPS["starlette"]()),
     "fastapi": lambda: PEER_APPS["fastapi"](),
     "fastapi-adapted": lambda: _adapted(PEER_APPS["fastapi"]()),
     "asgi": _bare_asgi,
@@ -247,6 +271,9 @@ def main() -> None:
             "quart": round(medians["quart-adapted"] - medians["quart"], 1),
             "starlette": round(medians["starlette-adapted"] - medians["starlette"], 1),
             "fastapi": round(medians["fastapi-adapted"] - medians["fastapi"], 1),
+            "starlette_by_base_middleware": round(
+                medians["starlette-base-middleware"] - medians["starlette"], 1
+            ),
         },
         "noise": {name: round(min(values) / max(values), 3) for name, values in results.items()},
         "python": sys.version.split()[0],

@@ -158,7 +158,7 @@ def summarise(
                     continue
                 medians[name] = statistics.median(result.rate for _, result, _ in loads)
                 latencies = [r.p99_ms for _, r, _ in loads if r.p99_ms is not None]
-                p99[name] = statistics.median(latencies) if latencies else None
+                p99[name] = round(statistics.median(latencies), 1) if latencies else None
                 cpus = [value for _, _, value in loads if value is not None]
                 cpu[name] = round(statistics.median(cpus)) if cpus else None
                 errors[name] = sum(result.errors for _, result, _ in loads)

@@ -625,3 +625,34 @@ async def test_any_asgi_app_gets_mikros_answers_for_what_escapes_it(
     assert over.headers["connection"] == "close"
     assert over.json()["message"] == "request body over 1024 bytes"
     assert running.health.ready
+
+
+async def test_fastapi_startup_and_shutdown_handlers_run_around_serving(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """FastAPI's on_startup and on_shutdown handlers run as its lifespan: before and after."""
+    from fastapi import FastAPI
+
+    steps: list[str] = []
+
+    async def opened() -> None:
+        steps.append("startup")
+
+    async def closed() -> None:
+        steps.append("shutdown")
+
+    def handlers_app() -> Any:
+        app = FastAPI(on_startup=[opened], on_shutdown=[closed])
+        app.add_api_route("/hello", hello)
+        return app
+
+    class Container(ServiceContainer):
+        app = providers.Singleton(handlers_app)
+
+    with trio.fail_after(BOUND):
+        running = await mikros_service.start(Container, write_http_toml(tmp_path))
+    assert steps == ["startup"]
+    assert (await get(running, "/hello")).text == "hello"
+    with trio.fail_after(BOUND):
+        assert await running.stop() == 0
+    assert steps == ["startup", "shutdown"]

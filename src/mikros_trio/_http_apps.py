@@ -198,8 +198,8 @@ class _BodyReader:
     arrives, not with a cancel scope around each wait: the connection's
     read_timeout already bounds every wait, so a trickling body is cut at
     most one read_timeout past body_timeout, and a body read at once (the
-    common case) costs no scope (a scope per read was 70 % of what
-    Starlette spends on a small POST: bench/quart_cost.py). Once the body is
+    common case) costs no scope: a scope per read was most of what the
+    adaptation added to a small Starlette POST (bench/quart_cost.py). Once the body is
     whole, ``receive`` waits for the disconnect, unbounded.
     """
 

@@ -76,7 +76,18 @@ def bench(session: nox.Session) -> None:
             success_codes=list(range(256)),  # best effort: the benchmarks fall back without wrk
         )
     # Every feature the examples enable (the overhead targets are with all of them on).
-    session.install("-e", ".[http,grpc,metrics,tracing]", "uvicorn", "starlette", "grpcio>=1.60")
+    # http_peers runs uvicorn (h11) with the ecosystem's equivalents of our
+    # features: starlette-exporter and opentelemetry-instrumentation-asgi.
+    session.install(
+        "-e",
+        ".[http,grpc,metrics,tracing]",
+        "uvicorn",
+        "starlette",
+        "fastapi",
+        "starlette-exporter",
+        "opentelemetry-instrumentation-asgi",
+        "grpcio>=1.60",
+    )
     scripts = sorted((ROOT / "bench").glob("*.py"))
     for script in scripts:
         if not script.name.startswith("_"):

@@ -12,6 +12,13 @@ the HTTP example's ``ItemStore`` with the same handler body:
 - ``uvicorn``: uvicorn + Starlette with the same handler body, for reference
   only: ``python bench/_http_apps.py uvicorn PORT``.
 
+The peer apps (``bench/http_peers.py``, ``bench/quart_cost.py``): one small
+API (``GET /items``, three fixed items; ``POST /items``, a JSON item checked
+and echoed with 201) written for QuartTrio, Starlette and FastAPI
+(:data:`PEER_APPS`), served by our HTTP kind (``peer-ours``), by uvicorn
+(``peer-uvicorn``, h11, one process) or by bare hypercorn-trio
+(``peer-bare``, QuartTrio only), each with features off or every feature on.
+
 Load: ``wrk`` when installed, else :func:`python_load`, a bounded
 single-process keep-alive client. The fallback is the weaker instrument: it
 needs a core of its own, so the server runs below saturation and per-request
@@ -37,6 +44,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "http"
@@ -245,6 +253,7 @@ class LoadResult:
     rate: float
     count: int
     errors: int  # failed units: socket errors, non-2xx answers, failed calls
+    p99_ms: float | None = None  # wrk's 99th-percentile latency, when measured
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -254,13 +263,25 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
-def wrk_load(port: int, *, connections: int, seconds: float, threads: int = 2) -> LoadResult:
-    """``wrk -t{threads} -c{connections} -d{seconds}s`` on ``GET /items``."""
+def wrk_load(
+    port: int,
+    *,
+    connections: int,
+    seconds: float,
+    threads: int = 2,
+    script: Path | None = None,
+) -> LoadResult:
+    """``wrk -t{threads} -c{connections} -d{seconds}s --latency`` on ``GET /items``.
+
+    ``script`` is a wrk Lua script (a POST body, say); the result carries
+    wrk's 99th-percentile latency.
+    """
     wrk = wrk_path()
     assert wrk is not None
     url = f"http://127.0.0.1:{port}{ROUTE}"
+    extra = ["-s", str(script)] if script is not None else []
     done = subprocess.run(
-        [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", url],
+        [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", *extra, url],
         capture_output=True,
         text=True,
         timeout=seconds + PATIENCE_S,
@@ -274,7 +295,12 @@ def wrk_load(port: int, *, connections: int, seconds: float, threads: int = 2) -
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors += int(non_2xx.group(1)) if non_2xx else 0
-    return LoadResult(float(rate.group(1)), int(total.group(1)), errors)
+    p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+    p99_ms = float(p99.group(1)) * _TO_MS[p99.group(2)] if p99 else None
+    return LoadResult(float(rate.group(1)), int(total.group(1)), errors, p99_ms)
+
+
+_TO_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
 def python_load(port: int, *, connections: int, seconds: float) -> LoadResult:
@@ -349,27 +375,10 @@ def nearest_rank(values: Sequence[float], fraction: float) -> float:
 
 def _serve_bare(port: int) -> None:
     """The example's QuartTrio app on ``hypercorn.trio.serve``; SIGTERM triggers shutdown."""
-    import trio
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
     sys.path.insert(0, str(EXAMPLE))
     from main import ItemStore, create_app  # the example's app, handler and store
 
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None  # as the framework: no access log
-
-    async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
-
-            async def sigterm() -> None:
-                async for _ in signals:
-                    return
-
-            await serve(create_app(ItemStore()), config, shutdown_trigger=sigterm)
-
-    trio.run(main)
+    _serve_hypercorn(create_app(ItemStore()), port, None)
 
 
 def _serve_uvicorn(port: int) -> None:
@@ -410,6 +419,232 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+# -- the peer apps: one API in three frameworks, and the servers that serve them ----
+
+#: What ``GET /items`` answers, in every framework.
+PEER_ITEMS = [
+    {"id": 1, "name": "pen", "price": 1.5},
+    {"id": 2, "name": "ink", "price": 3.0},
+    {"id": 3, "name": "pad", "price": 2.25},
+]
+
+#: The body every ``POST /items`` of the benchmarks sends.
+PEER_POST_BODY = '{"name": "pen", "price": 1.5}'
+
+
+def peer_item(body: Any) -> dict[str, Any]:
+    """The item a POST creates (id 4, not stored: the store stays the same), or ValueError."""
+    if not isinstance(body, dict):
+        raise ValueError("expected a JSON object")
+    name, price = body.get("name"), body.get("price")
+    if not isinstance(name, str) or isinstance(price, bool) or not isinstance(price, int | float):
+        raise ValueError("expected name (string) and price (number)")
+    return {"id": 4, "name": name, "price": float(price)}
+
+
+def quart_peer_app() -> Any:
+    """The peer API on QuartTrio."""
+    from quart import request
+    from quart_trio import QuartTrio
+
+    app = QuartTrio("peer")
+
+    @app.get(ROUTE)
+    async def list_items() -> dict[str, Any]:
+        return {"items": PEER_ITEMS}
+
+    @app.post(ROUTE)
+    async def create_item() -> tuple[dict[str, Any], int]:
+        return peer_item(await request.get_json(force=True)), 201
+
+    return app
+
+
+def starlette_peer_app() -> Any:
+    """The peer API on Starlette."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def list_items(request: Request) -> JSONResponse:
+        return JSONResponse({"items": PEER_ITEMS})
+
+    async def create_item(request: Request) -> JSONResponse:
+        return JSONResponse(peer_item(await request.json()), status_code=201)
+
+    routes = [
+        Route(ROUTE, list_items, methods=["GET"]),
+        Route(ROUTE, create_item, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def fastapi_peer_app() -> Any:
+    """The peer API on FastAPI, its POST body a pydantic model as FastAPI apps write it."""
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+
+    class NewItem(BaseModel):
+        name: str
+        price: float
+
+    app = FastAPI()
+
+    @app.get(ROUTE)
+    async def list_items() -> dict[str, Any]:
+        return {"items": PEER_ITEMS}
+
+    async def create_item(item: NewItem) -> dict[str, Any]:
+        return {"id": 4, **item.model_dump()}
+
+    # This module's annotations are strings (``from __future__``) and NewItem
+    # is local: FastAPI would not resolve it and read ``item`` from the query.
+    create_item.__annotations__["item"] = NewItem
+    app.post(ROUTE, status_code=201)(create_item)
+    return app
+
+
+PEER_APPS = {"quart": quart_peer_app, "starlette": starlette_peer_app, "fastapi": fastapi_peer_app}
+
+
+def peer_config(directory: Path, features: bool) -> Path:
+    """A service.toml for the peer apps on our kind: features off, or every feature on.
+
+    Off: the logger (always on) writes to a file and no access line;
+    metrics and tracing off. On: the access log to a file, metrics, and
+    tracing with the no-op exporter (spans made, sampled and ended).
+    """
+    log = json.dumps(str(directory / "ours.log"))
+    text = (
+        'name = "peer"\ntypes = ["http"]\nversion = "1.0.0"\n'
+        f'[runtime.http]\nhost = "127.0.0.1"\n[features.logger]\noutput = {log}\n'
+        f"access_log = {'true' if features else 'false'}\n"
+    )
+    if features:
+        text += "[features.metrics]\nenabled = true\n"
+        text += '[features.tracing]\nenabled = true\nexporter = "none"\n'
+    path = directory / f"peer-{'on' if features else 'off'}.toml"
+    path.write_text(text)
+    return path
+
+
+def peer_ours(framework: str, port: int, config: Path) -> ServerSpec:
+    args = (sys.executable, __file__, "peer-ours", framework, str(port), str(config))
+    return ServerSpec(f"ours-{framework}", port, args, {"MIKROS_HTTP_PORT": str(port)}, "/readyz")
+
+
+def peer_uvicorn(framework: str, port: int, log: Path | None) -> ServerSpec:
+    """uvicorn (h11, one process) serving a peer app; ``log`` turns every feature on."""
+    args = (sys.executable, __file__, "peer-uvicorn", framework, str(port), str(log or ""))
+    return ServerSpec(f"uvicorn-{framework}", port, args, {}, ROUTE)
+
+
+def peer_bare(port: int, log: Path | None) -> ServerSpec:
+    """hypercorn-trio + the QuartTrio peer app; ``log`` is hypercorn's access log."""
+    args = (sys.executable, __file__, "peer-bare", str(port), str(log or ""))
+    return ServerSpec("bare-quart", port, args, {}, ROUTE)
+
+
+def _serve_peer_ours(framework: str, port_text: str, config: str) -> None:
+    """The peer app as a mikros_trio service, started as users start one (port from the env)."""
+    import trio
+    from dependency_injector import providers
+
+    import mikros_trio
+
+    class Container(mikros_trio.ServiceContainer):
+        app = providers.Singleton(PEER_APPS[framework])
+
+    trio.run(mikros_trio.run, Container, config)
+
+
+def _serve_peer_uvicorn(framework: str, port_text: str, log: str) -> None:
+    """uvicorn with the ecosystem's usual equivalents of our features when ``log`` is set.
+
+    Its access log to ``log``, starlette-exporter's Prometheus middleware
+    (requests by method, route template and status; ``/metrics``), and
+    opentelemetry-instrumentation-asgi with a tracer provider that exports
+    nothing (spans made, sampled and ended, as our "none" exporter), one
+    span per request as ours (its spans per receive and send excluded).
+    """
+    import uvicorn
+
+    app = PEER_APPS[framework]()
+    log_config: dict[str, Any] | None = None
+    if log:
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+        from opentelemetry.sdk.trace import TracerProvider
+        from starlette_exporter import PrometheusMiddleware, handle_metrics
+
+        app.add_middleware(PrometheusMiddleware, group_paths=True)
+        app.add_route("/metrics", handle_metrics)
+        app = OpenTelemetryMiddleware(
+            app, tracer_provider=TracerProvider(), exclude_spans=["receive", "send"]
+        )
+        log_config = {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {
+                "access": {
+                    "()": "uvicorn.logging.AccessFormatter",
+                    "fmt": '%(asctime)s %(client_addr)s "%(request_line)s" %(status_code)s',
+                    "use_colors": False,
+                }
+            },
+            "handlers": {
+                "access": {"class": "logging.FileHandler", "filename": log, "formatter": "access"}
+            },
+            "loggers": {
+                "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False}
+            },
+        }
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=int(port_text),
+        http="h11",
+        workers=1,
+        log_level="warning" if not log else "info",
+        access_log=bool(log),
+        log_config=log_config,
+    )
+
+
+def _serve_peer_bare(port_text: str, log: str) -> None:
+    """hypercorn-trio serving the QuartTrio peer app (today's stack without our kind)."""
+    _serve_hypercorn(quart_peer_app(), int(port_text), log or None)
+
+
+def _serve_hypercorn(app: Any, port: int, accesslog: str | None) -> None:
+    """``app`` on ``hypercorn.trio.serve`` at 127.0.0.1:``port``; SIGTERM triggers shutdown."""
+    import trio
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = accesslog  # None, as the framework with features off: no access log
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+
+            async def sigterm() -> None:
+                async for _ in signals:
+                    return
+
+            await serve(app, config, shutdown_trigger=sigterm)
+
+    trio.run(main)
+
+
 if __name__ == "__main__":
-    kind, port_text = sys.argv[1:3]
-    {"bare": _serve_bare, "uvicorn": _serve_uvicorn}[kind](int(port_text))
+    kind, *rest = sys.argv[1:]
+    servers: dict[str, Any] = {
+        "bare": lambda port: _serve_bare(int(port)),
+        "uvicorn": lambda port: _serve_uvicorn(int(port)),
+        "peer-ours": _serve_peer_ours,
+        "peer-uvicorn": _serve_peer_uvicorn,
+        "peer-bare": _serve_peer_bare,
+    }
+    servers[kind](*rest)

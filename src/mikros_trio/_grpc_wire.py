@@ -738,7 +738,12 @@ class _Reader(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                 elif isinstance(event, _Reset):
                     stream.reset(event.error_code)
                 else:
-                    await stream._incoming_events[0].send(event)
+                    # Never blocks (the queue is unbounded; what one read can
+                    # put in it is bounded by the windows). purerpc's awaited
+                    # send checkpoints per event: three scheduler passes per
+                    # unary call for nothing, the recv above is this loop's
+                    # checkpoint.
+                    stream._incoming_events[0].send_nowait(event)
                     if isinstance(event, RequestReceived):
                         yield stream
                     elif isinstance(event, RequestEnded | ResponseEnded):

@@ -112,6 +112,10 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
     _reset = False
     #: Client side: told the call's final status code name, once (telemetry).
     on_end: Callable[[str], None] | None = None
+    #: Server side: take an event already queued without a checkpoint (the
+    #: dispatcher sets it while the events left are few and bounded: a
+    #: unary request's headers, message and end).
+    eager = False
 
     def _ended(self, code: str) -> None:
         on_end, self.on_end = self.on_end, None
@@ -121,8 +125,17 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
     async def receive_event(self) -> Any:
         # purerpc's GRPCProtoStream.receive_event over GRPCStream._receive,
         # plus the queue's end and the _TooLarge event.
+        queue = self._incoming_events[1]
         try:
-            event = await self._incoming_events[1].receive()
+            if self.eager:
+                # anyio's receive checkpoints even with an event waiting: a
+                # scheduler pass per event, most of a unary call's passes.
+                try:
+                    event = queue.receive_nowait()
+                except anyio.WouldBlock:
+                    event = await queue.receive()
+            else:
+                event = await queue.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             self.release()
             if self.client_side:  # the connection ended before the response did

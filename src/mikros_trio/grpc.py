@@ -305,8 +305,7 @@ class _Dispatcher:
         # The request's events are read without checkpoints (eager): a call
         # cancelled before it began (the client reset it, the connection or
         # the drain ended) is cancelled here, as at the checkpoint of a read.
-        if trio.current_effective_deadline() <= trio.current_time():
-            await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         stream.eager = True
         event = await stream.receive_event()
         if not isinstance(event, RequestReceived):

@@ -86,6 +86,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Final, TypeAlias
@@ -503,6 +504,7 @@ class LogPipeline:
         event: str,
         ids: dict[str, str],
         fields: Sequence[tuple[str, str | float]],
+        keys: AbstractSet[str] | None = None,
     ) -> None:
         """Write a line of plain fields (strings and floats) after the head and ``ids``.
 
@@ -510,7 +512,8 @@ class LogPipeline:
         rendered straight to JSON text: no dict, no encoder object. It is
         the access line's road (one per call), so it stays short: the
         console format, and keys that would repeat another field, take
-        :meth:`emit`'s.
+        :meth:`emit`'s. ``keys``, when given, holds every key ``fields``
+        may use (a caller's fixed vocabulary: one set test per line).
         """
         masker = self.telemetry.masker
         # One scan of every value at once (NUL is in no form of a secret, so
@@ -521,7 +524,9 @@ class LogPipeline:
         )
         if ids and not slow:
             # An id named like another field of the line: emit's road too.
-            slow = not self._taken.isdisjoint(ids) or any(key in ids for key, _ in fields)
+            slow = not self._taken.isdisjoint(ids) or (
+                any(key in ids for key, _ in fields) if keys is None else not keys.isdisjoint(ids)
+            )
         if slow:
             line = self.head(levelno, logger, event, time.time())
             line.update(ids)
@@ -936,6 +941,13 @@ _HOOKS = _Hooks()
 # -- the observer: request ids, access lines, lifecycle lines ---------------
 
 
+#: Every key of an access line after the ids (see ``_LogObserver.finished``).
+_ACCESS_FIELDS: Final = frozenset(
+    {"kind", "side", "name", "method", "target", "path", "status", "duration_ms"}
+    | {"error_kind", "error"}
+)
+
+
 def _new_request_id() -> str:
     """A fresh random request id: 32 lower-case hex digits.
 
@@ -1012,7 +1024,7 @@ class _LogObserver(Observer):
         error = call.error
         if error is not None:
             fields.append(("error", f"{type(error).__name__}: {error}"))
-        pipeline.write_plain(levelno, ACCESS_LOGGER, event, ids, fields)
+        pipeline.write_plain(levelno, ACCESS_LOGGER, event, ids, fields, _ACCESS_FIELDS)
 
     def event(self, event: LifecycleEvent) -> None:
         pipeline = self._pipeline

@@ -506,6 +506,14 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
         # purerpc's h2 connection, replaced by ours with the same configuration.
         self.h2_connection = _ServerH2(vars(self)["h2_connection"].config)
         self.h2_connection.max_streams = settings.max_concurrent_streams
+        # A server sends only header blocks it builds itself (":status",
+        # content-type, grpc-status, a percent-encoded grpc-message; handlers
+        # cannot add metadata): h2's chains of per-header generators that
+        # lower-case and re-validate them on every response found nothing to
+        # do. What clients send is validated as before.
+        config = self.h2_connection.config
+        config.normalize_outbound_headers = False
+        config.validate_outbound_headers = False
         self.h2_connection.budget = settings.max_resets_per_second
         self.h2_connection.clear_outbound_data_buffer()
         self._set_h2_connection_local_settings()

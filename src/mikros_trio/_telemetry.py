@@ -164,9 +164,8 @@ class Call:
         forms = _HEADER_FORMS.get(name)
         if forms is None:
             forms = _header_forms(name)
-        raw, text = forms
         for key, value in self._headers:
-            if key == raw or key == text:
+            if key in forms:
                 return value.decode("latin-1") if isinstance(value, bytes) else str(value)
         return None
 

@@ -538,14 +538,14 @@ class LogPipeline:
         head = self._heads.get((levelno, logger, event))
         if head is None:
             head = self._head(levelno, logger, event)
-        keys = _KEYS_JSON
+        known = _KEYS_JSON
         parts = ['{"timestamp":"', _CLOCK.format(time.time()), head[0]]
         append = parts.append
         for key, text in ids.items():
-            append(keys.get(key) or _key_json(key))
+            append(known.get(key) or _key_json(key))
             append(_encode_str(text))
         for key, value in fields:
-            append(keys.get(key) or _key_json(key))
+            append(known.get(key) or _key_json(key))
             # float.__repr__ is what the JSON encoder writes for a float.
             append(_encode_str(value) if isinstance(value, str) else float.__repr__(value))
         append("}")

@@ -86,7 +86,6 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, MutableMapping, Sequence
-from collections.abc import Set as AbstractSet
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Final, TypeAlias
@@ -504,7 +503,7 @@ class LogPipeline:
         event: str,
         ids: dict[str, str],
         fields: Sequence[tuple[str, str | float]],
-        keys: AbstractSet[str] | None = None,
+        keys: frozenset[str] | None = None,
     ) -> None:
         """Write a line of plain fields (strings and floats) after the head and ``ids``.
 

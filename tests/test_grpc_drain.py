@@ -328,6 +328,26 @@ async def test_a_connection_h2_has_closed_does_not_stop_the_drain(
     assert not [f for f in gone.frames if isinstance(f, PingFrame)]
 
 
+async def test_a_call_reset_in_the_read_that_opened_it_never_runs(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A unary request and the client's RST_STREAM of it arriving in one read: its handler
+    never runs (nor answers), though the request's events are read without checkpoints; the
+    connection's next call is served."""
+    running = await start(mikros_service, tmp_path)
+    servicer = running.container.echo()
+    body = grpc_frame(EchoRequest(text="gone").SerializeToString())
+    after = grpc_frame(EchoRequest(text="after").SerializeToString())
+    async with await trio.open_tcp_stream("127.0.0.1", port(running)) as stream:
+        client = RawClient(stream)
+        reset = RstStreamFrame(1, error_code=0x8).serialize()  # CANCEL
+        await stream.send_all(client.PREFACE + client.request(1, UNARY, body) + reset)
+        await stream.send_all(client.request(3, UNARY, after))
+        assert (await client.trailers(3))["grpc-status"] == "0"
+    assert servicer.finished == 1  # the call after, only
+    assert not any(isinstance(f, DataFrame) and f.stream_id == 1 for f in client.frames)
+
+
 async def test_client_cancelled_streams_cancel_their_handlers(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:

@@ -38,7 +38,7 @@ from helpers import (
 from helpers import write_toml as grpc_toml
 from mikros_trio import Call, Observer, ServiceContainer, Telemetry, current_call
 from mikros_trio._registry import FeatureSpec, Registry, default_registry
-from mikros_trio._telemetry import redact_current
+from mikros_trio._telemetry import _HEADER_FORMS, redact_current
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_grpc
 
@@ -200,6 +200,14 @@ def test_call_header_reads_bytes_and_text_pairs() -> None:
     assert grpc_call.header("TRACEPARENT") == "00-2"
     assert grpc_call.header("k-bin") == "\x01"
     assert grpc_call.header("missing") is None
+
+
+def test_call_header_name_forms_stay_bounded() -> None:
+    """Looking up ever new header names keeps a bounded table of their forms, and finds each."""
+    for index in range(1000):
+        call = Call("grpc", "server", "", headers=[(f"x-name-{index}", "v")])
+        assert call.header(f"X-Name-{index}") == "v"
+    assert len(_HEADER_FORMS) <= 64
 
 
 # -- HTTP ---------------------------------------------------------------------

@@ -112,6 +112,10 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
     _reset = False
     #: Client side: told the call's final status code name, once (telemetry).
     on_end: Callable[[str], None] | None = None
+    #: Server side: take an event already queued without a checkpoint (the
+    #: dispatcher sets it while the events left are few and bounded: a
+    #: unary request's headers, message and end).
+    eager = False
 
     def _ended(self, code: str) -> None:
         on_end, self.on_end = self.on_end, None
@@ -121,8 +125,17 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
     async def receive_event(self) -> Any:
         # purerpc's GRPCProtoStream.receive_event over GRPCStream._receive,
         # plus the queue's end and the _TooLarge event.
+        queue = self._incoming_events[1]
         try:
-            event = await self._incoming_events[1].receive()
+            if self.eager:
+                # anyio's receive checkpoints even with an event waiting: a
+                # scheduler pass per event, most of a unary call's passes.
+                try:
+                    event = queue.receive_nowait()
+                except anyio.WouldBlock:
+                    event = await queue.receive()
+            else:
+                event = await queue.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             self.release()
             if self.client_side:  # the connection ended before the response did
@@ -493,6 +506,14 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is unt
         # purerpc's h2 connection, replaced by ours with the same configuration.
         self.h2_connection = _ServerH2(vars(self)["h2_connection"].config)
         self.h2_connection.max_streams = settings.max_concurrent_streams
+        # A server sends only header blocks it builds itself (":status",
+        # content-type, grpc-status, a percent-encoded grpc-message; handlers
+        # cannot add metadata): h2's chains of per-header generators that
+        # lower-case and re-validate them on every response found nothing to
+        # do. What clients send is validated as before.
+        config = self.h2_connection.config
+        config.normalize_outbound_headers = False
+        config.validate_outbound_headers = False
         self.h2_connection.budget = settings.max_resets_per_second
         self.h2_connection.clear_outbound_data_buffer()
         self._set_h2_connection_local_settings()
@@ -738,7 +759,12 @@ class _Reader(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
                 elif isinstance(event, _Reset):
                     stream.reset(event.error_code)
                 else:
-                    await stream._incoming_events[0].send(event)
+                    # Never blocks (the queue is unbounded; what one read can
+                    # put in it is bounded by the windows). purerpc's awaited
+                    # send checkpoints per event: three scheduler passes per
+                    # unary call for nothing, the recv above is this loop's
+                    # checkpoint.
+                    stream._incoming_events[0].send_nowait(event)
                     if isinstance(event, RequestReceived):
                         yield stream
                     elif isinstance(event, RequestEnded | ResponseEnded):

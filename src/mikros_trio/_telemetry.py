@@ -83,6 +83,18 @@ def redact_current(text: str) -> str:
     return text if telemetry is None else telemetry.redact(text)
 
 
+#: Header name -> its lower-case forms (bytes, text): the few names observers look up.
+_HEADER_FORMS: dict[str, tuple[bytes, str]] = {}
+
+
+def _header_forms(name: str) -> tuple[bytes, str]:
+    text = name.lower()
+    forms = (text.encode("latin-1"), text)
+    if len(_HEADER_FORMS) < 64:  # bounded, whoever calls header()
+        _HEADER_FORMS[name] = forms
+    return forms
+
+
 class Call:
     """One unit of work, as observers see it.
 
@@ -149,10 +161,11 @@ class Call:
         and HTTP/2) and gRPC metadata deliver them, so no header is decoded
         just to be compared.
         """
-        text = name.lower()
-        raw = text.encode("latin-1")
+        forms = _HEADER_FORMS.get(name)
+        if forms is None:
+            forms = _header_forms(name)
         for key, value in self._headers:
-            if key in (raw, text):
+            if key in forms:
                 return value.decode("latin-1") if isinstance(value, bytes) else str(value)
         return None
 

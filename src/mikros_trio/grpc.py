@@ -67,6 +67,7 @@ from purerpc.grpclib.exceptions import (
     RpcFailedError,
 )
 from purerpc.grpclib.status import Status, StatusCode
+from purerpc.rpc import Cardinality
 
 from ._component import Component, Lifetime, Role
 from ._container import BuildContext, ServiceContainer, container_class, provided_type
@@ -127,6 +128,9 @@ SERVER_FAULTS = frozenset(
     }
 )
 
+
+#: Cardinalities whose request is one message.
+_UNARY_REQUEST = frozenset({Cardinality.UNARY_UNARY, Cardinality.UNARY_STREAM})
 
 #: Error kinds that are the server's fault (the others are the caller's).
 INTERNAL_KINDS = frozenset({ErrorKind.INTERNAL, ErrorKind.RPC, ErrorKind.CUSTOM})
@@ -298,6 +302,11 @@ class _Dispatcher:
 
     async def __call__(self, stream: Any) -> None:
         await stream.start_response()
+        # The request's events are read without checkpoints (eager): a call
+        # cancelled before it began (the client reset it, the connection or
+        # the drain ended) is cancelled here, as at the checkpoint of a read.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        stream.eager = True
         event = await stream.receive_event()
         if not isinstance(event, RequestReceived):
             await stream.close(Status(StatusCode.INTERNAL, "expected request headers"))
@@ -334,8 +343,12 @@ class _Dispatcher:
             return StatusCode.UNIMPLEMENTED
         call = functools.partial(method.method_fn, request=event)
         stream.expect_message_type(method.signature.request_type)
+        cardinality = method.signature.cardinality
+        # A request stream may hold many messages: a checkpoint each, so one
+        # call never holds the loop (see _Stream.eager).
+        stream.eager = cardinality in _UNARY_REQUEST
         try:
-            await CALLERS[method.signature.cardinality](call, stream)
+            await CALLERS[cardinality](call, stream)
             return StatusCode.OK
         # RpcFailedError and ProtocolError are GRPCErrors too: they come first.
         except RpcFailedError as error:

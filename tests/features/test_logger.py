@@ -39,7 +39,7 @@ from helpers import REPO, Examples, Spawn, start_greeter_and_gateway
 from mikros_trio import ConfigError, ServiceContainer, parse_definition
 from mikros_trio._container import BuildContext
 from mikros_trio._telemetry import Telemetry
-from mikros_trio.features.logger import LogPipeline, build_logger, show_debug
+from mikros_trio.features.logger import _HEADS_KEPT, LogPipeline, build_logger, show_debug
 from mikros_trio.features.settings import LoggerSettings
 from mikros_trio.testing import RunningService, ServiceStarter
 
@@ -296,6 +296,20 @@ def test_an_id_named_like_a_field_keeps_the_line_valid(tmp_path: Path) -> None:
     keys = [key for key, _ in pairs]
     assert len(keys) == len(set(keys))
     assert dict(pairs)["status"] == "200"
+
+
+def test_rendered_heads_stay_bounded_however_many_events(tmp_path: Path) -> None:
+    """Plain lines whose events never repeat (raw paths) keep at most _HEADS_KEPT rendered
+    heads, and every line is still written whole."""
+    pipeline, _ = built(tmp_path)
+    count = _HEADS_KEPT * 3
+    fields: list[tuple[str, str | float]] = [("status", "200")]
+    for index in range(count):
+        pipeline.write_plain(logging.INFO, "x", f"GET /item/{index} 200", {}, fields)
+    assert len(pipeline._heads) <= _HEADS_KEPT
+    pipeline.close()
+    lines = read_lines(log_path(tmp_path, "unit"))
+    assert [line["event"] for line in lines] == [f"GET /item/{i} 200" for i in range(count)]
 
 
 def test_failed_call_is_an_error_line_with_its_exception(tmp_path: Path) -> None:

@@ -160,6 +160,9 @@ _SANE_ID = re.compile(r"[\w.:/+=@-]{1,128}", re.ASCII)
 # Characters some line readers break lines at, which the JSON encoder leaves raw.
 _JSON_LINE_BREAKS: Final = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085"}
 
+# Plain-line heads (level, logger, event) a pipeline keeps rendered.
+_HEADS_KEPT: Final = 1024
+
 # Levels whose lines may wait for the periodic flush; others are flushed at once.
 _DEFERRABLE: Final = frozenset({"debug", "info"})
 
@@ -354,8 +357,12 @@ class LogPipeline:
             static["version"] = telemetry.version
         static.update(attributes or {})
         self._static = static
-        # The same fields rendered once, for lines written by write_plain().
+        # The same fields rendered once, for lines written by write_plain(),
+        # and the keys an id must not repeat there.
         self._static_json = "," + _encode_json(static)[1:-1] if static else ""
+        self._taken = frozenset((*_HEAD, *static))
+        # (level, logger, event) -> write_plain's rendering of them (see _head).
+        self._heads: dict[tuple[int, str, str], tuple[str, bool]] = {}
 
     def _is_terminal(self) -> bool:
         if self.output not in ("stdout", "stderr"):
@@ -496,6 +503,7 @@ class LogPipeline:
         event: str,
         ids: dict[str, str],
         fields: Sequence[tuple[str, str | float]],
+        keys: frozenset[str] | None = None,
     ) -> None:
         """Write a line of plain fields (strings and floats) after the head and ``ids``.
 
@@ -503,19 +511,22 @@ class LogPipeline:
         rendered straight to JSON text: no dict, no encoder object. It is
         the access line's road (one per call), so it stays short: the
         console format, and keys that would repeat another field, take
-        :meth:`emit`'s.
+        :meth:`emit`'s. ``keys``, when given, holds every key ``fields``
+        may use (a caller's fixed vocabulary: one set test per line).
         """
         masker = self.telemetry.masker
-        if (
-            self._console is not None
-            or not self._static.keys().isdisjoint(ids)
-            or any(key in ids for key in _HEAD)
-            or any(key in ids for key, _ in fields)
-            # One scan of every value at once (NUL is in no form of a secret,
-            # so none spans two values): a line showing a secret takes
-            # emit's road, which masks each value before encoding it.
-            or (masker is not None and masker.shows(_joined(event, ids, fields)))
-        ):
+        # One scan of every value at once (NUL is in no form of a secret, so
+        # none spans two values): a line showing a secret takes emit's road,
+        # which masks each value before encoding it.
+        slow = self._console is not None or (
+            masker is not None and masker.shows(_joined(event, ids, fields))
+        )
+        if ids and not slow:
+            # An id named like another field of the line: emit's road too.
+            slow = not self._taken.isdisjoint(ids) or (
+                any(key in ids for key, _ in fields) if keys is None else not keys.isdisjoint(ids)
+            )
+        if slow:
             line = self.head(levelno, logger, event, time.time())
             line.update(ids)
             line.update(fields)
@@ -523,26 +534,37 @@ class LogPipeline:
             return
         # The rest of the line is the code's own text (names, keys, the
         # configured identity): nothing else to mask.
-        name = _level_name(levelno)
-        parts = [
-            '{"timestamp":"',
-            _CLOCK.format(time.time()),
-            '","level":',
-            _encode_str(name),
-            ',"logger":',
-            _encode_str(logger),
-            ',"event":',
-            _encode_str(event),
-            self._static_json,
-        ]
+        head = self._heads.get((levelno, logger, event))
+        if head is None:
+            head = self._head(levelno, logger, event)
+        known = _KEYS_JSON
+        parts = ['{"timestamp":"', _CLOCK.format(time.time()), head[0]]
+        append = parts.append
         for key, text in ids.items():
-            parts += (_key_json(key), _encode_str(text))
+            append(known.get(key) or _key_json(key))
+            append(_encode_str(text))
         for key, value in fields:
+            append(known.get(key) or _key_json(key))
             # float.__repr__ is what the JSON encoder writes for a float.
-            rendered = _encode_str(value) if isinstance(value, str) else float.__repr__(value)
-            parts += (_key_json(key), rendered)
-        parts.append("}")
-        self._write("".join(parts), name not in _DEFERRABLE)
+            append(_encode_str(value) if isinstance(value, str) else float.__repr__(value))
+        append("}")
+        self._write("".join(parts), head[1])
+
+    def _head(self, levelno: int, logger: str, event: str) -> tuple[str, bool]:
+        """A plain line's text from the level to the identity fields, and whether it is urgent.
+
+        Kept for the next line alike (access lines repeat their method and
+        status), up to a bound: an event holding a raw path may never repeat.
+        """
+        name = _level_name(levelno)
+        text = (
+            f'","level":{_encode_str(name)},"logger":{_encode_str(logger)},'
+            f'"event":{_encode_str(event)}{self._static_json}'
+        )
+        head = (text, name not in _DEFERRABLE)
+        if len(self._heads) < _HEADS_KEPT:
+            self._heads[levelno, logger, event] = head
+        return head
 
     def emit(self, line: dict[str, Any], exc_info: _ExcInfo | None = None) -> None:
         """Render ``line`` (and the exception, per ``[log] error_stack_trace``) and write it."""
@@ -918,6 +940,13 @@ _HOOKS = _Hooks()
 # -- the observer: request ids, access lines, lifecycle lines ---------------
 
 
+#: Every key of an access line after the ids (see ``_LogObserver.finished``).
+_ACCESS_FIELDS: Final = frozenset(
+    {"kind", "side", "name", "method", "target", "path", "status", "duration_ms"}
+    | {"error_kind", "error"}
+)
+
+
 def _new_request_id() -> str:
     """A fresh random request id: 32 lower-case hex digits.
 
@@ -994,7 +1023,7 @@ class _LogObserver(Observer):
         error = call.error
         if error is not None:
             fields.append(("error", f"{type(error).__name__}: {error}"))
-        pipeline.write_plain(levelno, ACCESS_LOGGER, event, ids, fields)
+        pipeline.write_plain(levelno, ACCESS_LOGGER, event, ids, fields, _ACCESS_FIELDS)
 
     def event(self, event: LifecycleEvent) -> None:
         pipeline = self._pipeline

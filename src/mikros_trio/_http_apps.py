@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
@@ -407,6 +408,7 @@ def _inline_request_handler(app: Any) -> None:
 @functools.cache
 def _inline_connection_class() -> type[Any]:
     """QuartTrio's HTTP connection, its handler run in the request's task (built once)."""
+    from quart.wrappers.response import DataBody, Response
     from quart_trio.asgi import TrioASGIHTTPConnection
 
     class InlineHTTPConnection(TrioASGIHTTPConnection):
@@ -416,7 +418,38 @@ def _inline_connection_class() -> type[Any]:
                 nursery.start_soon(self.handle_messages, nursery, request, receive)
                 await self.handle_request(nursery, request, send)
 
+        async def handle_request(  # type: ignore[override]  # as QuartTrio's own
+            self, nursery: trio.Nursery, request: Any, send: Any
+        ) -> None:
+            # As QuartTrio's, but a response whose body is in memory and at
+            # most one write is sent without Quart's RESPONSE_TIMEOUT scope
+            # when that timeout is no shorter than send_timeout: the kind
+            # already bounds that one write by send_timeout, so the scope
+            # could never fire first, and it cost a cancel scope a request.
+            response = await self.app.handle_request(request)
+            if isinstance(response, Response) and response.timeout != Ellipsis:
+                timeout = response.timeout
+            else:
+                timeout = self.app.config["RESPONSE_TIMEOUT"]
+            body = getattr(response, "response", None)
+            bounded = (
+                isinstance(body, DataBody)
+                and len(body.data) <= _ONE_WRITE
+                and timeout is not None
+                and timeout >= getattr(self.app, "_mikros_trio_send_timeout", math.inf)
+            )
+            if timeout is None or bounded:
+                await self._send_response(send, response)
+            else:
+                with trio.move_on_after(timeout):
+                    await self._send_response(send, response)
+            nursery.cancel_scope.cancel()
+
     return InlineHTTPConnection
+
+
+#: A body the HTTP kind writes under one send_timeout deadline (its send slice).
+_ONE_WRITE = 64 * 1024
 
 
 def _framework(app: Any) -> str:
@@ -436,6 +469,7 @@ def adapt_app(app: Any, settings: HttpSettings, service_name: str, telemetry: Te
     if framework == "quart":
         install_error_handlers(app, service_name, telemetry)
         _inline_request_handler(app)
+        app._mikros_trio_send_timeout = settings.send_timeout
         app.config["MAX_CONTENT_LENGTH"] = settings.max_body_size
         # Quart's whole-body deadline (408): read_timeout bounds each
         # wait, so without it a body trickling a byte at a time would

@@ -107,10 +107,10 @@ def error_response(status: int, message: str) -> bytes:
 class Deadlines:
     """The timeouts of an endpoint's connections, enforced by one task.
 
-    A connection waiting on its client (for a request head, a body's next
-    bytes, or to take a response's next slice) sets :attr:`H11Connection.deadline`,
-    a plain number; this task closes the socket of each connection past its
-    deadline, which ends the wait. No timer or cancel scope is made per wait:
+    A connection waiting on its client (for a request head or a body's next
+    bytes; to take a response's next slice) sets its read or write deadline,
+    a plain number (two, since the app may read and write at once from two
+    tasks); this task ends each wait past its deadline. No timer or cancel scope is made per wait:
     on the request path that bookkeeping cost more than the deadlines
     themselves. Deadlines are met within :data:`TICK` seconds.
     """
@@ -131,8 +131,10 @@ class Deadlines:
             await trio.sleep(TICK)
             now = trio.current_time()
             for connection in self.connections:
-                if connection.deadline <= now:
-                    connection.expire()
+                if connection.read_deadline <= now:
+                    connection.expire_read()
+                if connection.write_deadline <= now:
+                    connection.expire_write()
 
 
 #: How often :class:`Deadlines` looks: the precision of every HTTP/1.1 timeout.
@@ -174,11 +176,11 @@ class H11Connection:
         "_remaining",
         "_server",
         "_started",
-        "_writing",
-        "deadline",
         "idle",
+        "read_deadline",
         "scope",
         "stream",
+        "write_deadline",
     )
 
     def __init__(self, endpoint: Endpoint, stream: trio.SocketStream, app: ASGIApp) -> None:
@@ -188,10 +190,10 @@ class H11Connection:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.idle = True  # no request in progress
         self.scope = trio.CancelScope()
-        self.deadline = math.inf  # see Deadlines
+        self.read_deadline = math.inf  # see Deadlines
+        self.write_deadline = math.inf
         self._parked = False  # waiting for a request head (see close_idle)
         self._deaf = False  # reading was shut down (see _stop_reading)
-        self._writing = False
         self._client: tuple[str, int] | None = None
         self._server: tuple[str, int] | None = None
         self._reset_request()
@@ -537,13 +539,13 @@ class H11Connection:
 
     async def _receive(self, deadline: float) -> bytes | None:
         """Bytes from the client, b"" at end of file, None on a timeout or a broken socket."""
-        self.deadline = deadline
+        self.read_deadline = deadline
         try:
             data = await self.stream.receive_some(_RECV)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None
         finally:
-            self.deadline = math.inf
+            self.read_deadline = math.inf
         # After _stop_reading, end of file is ours (a timeout, the drain),
         # not the client's: no answer is owed to a request cut short.
         return None if not data and self._deaf else data
@@ -552,35 +554,34 @@ class H11Connection:
         """Write to the client, each slice bounded by ``send_timeout``; a failure ends it."""
         timeout = self._endpoint.send_timeout
         done = False
-        self._writing = True
         try:
             if len(data) <= SEND_SLICE:
-                self.deadline = trio.current_time() + timeout
+                self.write_deadline = trio.current_time() + timeout
                 await self.stream.send_all(data)
             else:
                 view = memoryview(data)
                 for start in range(0, len(view), SEND_SLICE):
-                    self.deadline = trio.current_time() + timeout
+                    self.write_deadline = trio.current_time() + timeout
                     await self.stream.send_all(view[start : start + SEND_SLICE])
             done = True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            self.deadline = math.inf
-            self._writing = False
+            self.write_deadline = math.inf
             # A write cut short (the peer, a deadline, a cancellation) leaves
             # the client a partial response: nothing more may follow it.
             if not done:
                 self._gone = True
 
-    def expire(self) -> None:
-        """The deadline passed (see :class:`Deadlines`): end the wait."""
-        if self._writing:
-            timeout = self._endpoint.send_timeout
-            log.info("closing a connection whose peer read nothing for %g s", timeout)
-            self.abort()
-        else:
-            self._stop_reading()
+    def expire_read(self) -> None:
+        """The read deadline passed (see :class:`Deadlines`): end the wait."""
+        self._stop_reading()
+
+    def expire_write(self) -> None:
+        """The write deadline passed: the peer reads nothing; drop the connection."""
+        timeout = self._endpoint.send_timeout
+        log.info("closing a connection whose peer read nothing for %g s", timeout)
+        self.abort()
 
     def _stop_reading(self) -> None:
         """Make the reader's wait end as at end of file, keeping the socket writable.
@@ -589,7 +590,7 @@ class H11Connection:
         reader has just taken: trio yields once more after a successful
         read, and in that instant the reader still looks parked.
         """
-        self.deadline = math.inf
+        self.read_deadline = math.inf
         self._deaf = True
         with contextlib.suppress(OSError):
             self.stream.socket.shutdown(socket.SHUT_RD)
@@ -616,7 +617,7 @@ class H11Connection:
         if not linger and self._h11.their_state is h11.DONE and not self._bytes_waiting():
             return
         read = 0
-        self.deadline = trio.current_time() + _LINGER_SECONDS
+        self.read_deadline = trio.current_time() + _LINGER_SECONDS
         try:
             while read < _LINGER_BYTES:
                 data = await stream.receive_some(_RECV)
@@ -626,7 +627,7 @@ class H11Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            self.deadline = math.inf
+            self.read_deadline = math.inf
 
     def _bytes_waiting(self) -> bool:
         """True if the socket holds bytes the reader has not yet read."""

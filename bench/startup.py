@@ -24,6 +24,9 @@ Each round starts every server once, in an order shuffled per round
   make one ``GET /items`` and stay open, wait 0.3 s, RSS delta / count
   (every connection is checked to be still open after the reading).
 
+Then each server is started once more under ``-X importtime``: the ms its
+imports took, by package (each module's own time, counted to its package).
+
 Reported: per server the median of each figure, ours/uvicorn ratios from
 the pooled medians and per round, and the noise: each server's start → ready
 interquartile range over its median (the spread of one server against
@@ -40,6 +43,7 @@ Run: ``python bench/startup.py [-n 5] [--connections 200]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -52,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -68,6 +72,8 @@ PATIENCE_S = 15.0
 POLL_S = 0.002
 SETTLE_S = 0.3
 TARGET = 2.0
+#: Packages listed in each server's import profile, by time spent.
+IMPORTS_SHOWN = 12
 
 #: Optional stacks a worker service has no use for, by top-level module.
 HEAVY = (
@@ -215,12 +221,17 @@ class Sample:
     per_connection_kb: float
 
 
-def measure(peer: Peer, connections: int, log: IO[str]) -> Sample:
-    """Start ``peer``, time it to ready, read its memory idle and with idle connections; stop it."""
+@contextlib.contextmanager
+def started(
+    peer: Peer, log: IO[str], *flags: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int, float]]:
+    """Start ``peer`` (``flags`` go to its interpreter); yield it once ready, with its port
+    and the ms from ``Popen`` to ready; SIGTERM it on the way out."""
     port = free_port()
-    started = time.perf_counter()
+    executable, *rest = peer.command(port)
+    began = time.perf_counter()
     proc = subprocess.Popen(
-        peer.command(port),
+        [executable, *flags, *rest],
         cwd=ROOT,
         env=_environ(peer.env(port)),
         stdin=subprocess.DEVNULL,
@@ -228,12 +239,25 @@ def measure(peer: Peer, connections: int, log: IO[str]) -> Sample:
         stderr=log,
     )
     try:
-        deadline = started + PATIENCE_S
+        deadline = began + PATIENCE_S
         while not _ready(port):
             if proc.poll() is not None or time.perf_counter() > deadline:
                 raise RuntimeError(f"{peer.name} never got ready (exit code {proc.poll()})")
             time.sleep(POLL_S)
-        ready_ms = (time.perf_counter() - started) * 1000
+        yield proc, port, (time.perf_counter() - began) * 1000
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(PATIENCE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def measure(peer: Peer, connections: int, log: IO[str]) -> Sample:
+    """Start ``peer``, time it to ready, read its memory idle and with idle connections; stop it."""
+    with started(peer, log) as (proc, port, ready_ms):
         time.sleep(SETTLE_S)
         idle = rss_kb(proc.pid)
         opened = keep_alive_connections(port, connections)
@@ -246,15 +270,24 @@ def measure(peer: Peer, connections: int, log: IO[str]) -> Sample:
         finally:
             for sock in opened:
                 sock.close()
-        return Sample(ready_ms, idle / 1024, (loaded - idle) / connections)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(PATIENCE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return Sample(ready_ms, idle / 1024, (loaded - idle) / connections)
+
+
+def import_profile(peer: Peer, scratch: Path) -> dict[str, float]:
+    """ms of import a start to ready spends in each top-level package (``-X importtime``).
+
+    Each module's own time is counted to its own package, whoever imported
+    it: what the process paid for each package. ``total`` is the sum of all.
+    """
+    trace = scratch / f"{peer.name}.importtime"
+    with open(trace, "w") as log, started(peer, log, "-X", "importtime"):
+        pass
+    spent: dict[str, float] = {}
+    for match in re.finditer(r"^import time:\s+(\d+) \|\s+\d+ \| +(\S+)$", trace.read_text(), re.M):
+        package = match.group(2).split(".")[0]
+        spent[package] = spent.get(package, 0.0) + int(match.group(1)) / 1000
+    top = sorted(spent.items(), key=lambda item: -item[1])[:IMPORTS_SHOWN]
+    return {"total": round(sum(spent.values()), 1)} | {name: round(ms, 1) for name, ms in top}
 
 
 def _iqr_over_median(values: Sequence[float]) -> float:
@@ -283,6 +316,7 @@ def http_startup(rounds: int, connections: int) -> dict[str, Any]:
                     f"{sample.per_connection_kb:5.1f} KB per idle connection"
                 )
             round_ratios.append(samples["ours"][-1].ready_ms / samples["uvicorn"][-1].ready_ms)
+        imports = {peer.name: import_profile(peer, Path(scratch)) for peer in servers}
 
     def medians(field: str) -> dict[str, float]:
         return {
@@ -309,6 +343,7 @@ def http_startup(rounds: int, connections: int) -> dict[str, Any]:
             per_connection["ours"] / per_connection["uvicorn"], 2
         ),
         "per_round_ratios": [round(r, 2) for r in round_ratios],
+        "imports_ms": imports,
         "noise": {
             name: round(_iqr_over_median([s.ready_ms for s in runs]), 3)
             for name, runs in samples.items()
@@ -465,6 +500,9 @@ def main() -> None:
         f"idle RSS {http['ratio_rss_ours_over_uvicorn']:.2f}x, "
         f"per connection {http['ratio_per_connection_ours_over_uvicorn']:.2f}x; {http['uvicorn']}"
     )
+    for name, spent in http["imports_ms"].items():
+        packages = ", ".join(f"{package} {ms:.0f}" for package, ms in spent.items())
+        print(f"import ms of {name}: {packages}")
     worker = worker_startup(args.n)
     summary: dict[str, Any] = {
         "benchmark": "startup",

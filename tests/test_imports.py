@@ -20,30 +20,10 @@ import pytest
 import mikros_trio
 from helpers import PATIENCE, REPO, Spawn
 
-#: Never imported by ``import mikros_trio``: it imports no dependency at all.
-NOT_AT_IMPORT = (
-    "dependency_injector",
-    "fastapi",
-    "h11",
-    "h2",
-    "hypercorn",
-    "opentelemetry",
-    "prometheus_client",
-    "purerpc",
-    "pydantic",
-    "quart",
-    "quart_trio",
-    "starlette",
-    "structlog",
-    "trio",
-    "werkzeug",
-)
-
-#: Never imported by a worker or script service: network stacks, unused
-#: features, and dependency-injector's wiring (which drags in FastAPI).
-NOT_IN_WORKER_OR_SCRIPT = (
+#: The optional stacks: the HTTP and gRPC kinds', the metrics and tracing
+#: features', and FastAPI's (which dependency-injector's wiring imports).
+OPTIONAL_STACKS = (
     "anyio",
-    "dependency_injector.wiring",
     "fastapi",
     "flask",
     "grpc",
@@ -59,6 +39,10 @@ NOT_IN_WORKER_OR_SCRIPT = (
     "werkzeug",
     "wsproto",
 )
+#: Never imported by ``import mikros_trio``: it imports no dependency at all.
+NOT_AT_IMPORT = (*OPTIONAL_STACKS, "dependency_injector", "pydantic", "structlog", "trio")
+#: Never imported by a worker or script service (nor the wiring module: nothing wires).
+NOT_IN_WORKER_OR_SCRIPT = (*OPTIONAL_STACKS, "dependency_injector.wiring")
 
 # Runs an example as `python main.py` does, and writes every module the
 # process imported (on the way out too) to the file named in argv[2].
@@ -131,27 +115,23 @@ def test_worker_and_script_services_never_import_network_stacks(
     assert _loaded(modules, NOT_IN_WORKER_OR_SCRIPT) == []
 
 
-_WIRED = """
-from dependency_injector import providers
-from dependency_injector.wiring import Provide, inject
-
-@inject
-def greeting(name: str = Provide["name"]) -> str:
-    return f"hello {name}"
-"""
-
-_FASTAPI_WIRED = """
-from dependency_injector.wiring import Provide, inject
-from fastapi import Depends
-
-@inject
-def greeting(name: str = Depends(Provide["name"])) -> str:
-    return f"hello {name}"
-"""
+_MARKERS = {
+    "provide": 'Provide["name"]',
+    # FastAPI's marker around dependency-injector's: the wiring module's
+    # FastAPI integration must be there when it is used.
+    "fastapi-depends": 'Depends(Provide["name"])',
+}
 
 
-def _wiring_check(tmp_path: Path, handlers: str, container_body: str, before: str = "") -> None:
-    (tmp_path / "handlers.py").write_text(handlers)
+def _wiring_check(tmp_path: Path, marker: str, body: str, before: str = "") -> None:
+    """Run ``body`` after a handlers module with an ``@inject`` function and a container exist."""
+    (tmp_path / "handlers.py").write_text(
+        "from dependency_injector.wiring import Provide, inject\n"
+        "from fastapi import Depends\n"
+        "@inject\n"
+        f"def greeting(name: str = {marker}) -> str:\n"
+        '    return f"hello {name}"\n'
+    )
     _python(
         f"""
         import sys
@@ -163,7 +143,7 @@ def _wiring_check(tmp_path: Path, handlers: str, container_body: str, before: st
 
         class Container(ServiceContainer):
             name = providers.Object("world")
-        {container_body}
+        {body}
         """,
         cwd=tmp_path,
     )
@@ -173,11 +153,11 @@ def test_a_container_with_wiring_config_still_wires(tmp_path: Path) -> None:
     """``wiring_config`` auto-wires with dependency-injector's own wiring; ``@inject`` works."""
     _wiring_check(
         tmp_path,
-        _WIRED,
+        _MARKERS["provide"],
         """
             wiring_config = containers.WiringConfiguration(modules=["handlers"])
 
-        assert not wiring_before  # nothing had wired yet: the module was not imported
+        assert not wiring_before  # nothing had wired: mikros_trio did not import the module
         container = Container()
         assert handlers.greeting() == "hello world"
         container.unwire()
@@ -186,12 +166,17 @@ def test_a_container_with_wiring_config_still_wires(tmp_path: Path) -> None:
     )
 
 
-def test_explicit_wire_and_unwire_reach_the_real_wiring(tmp_path: Path) -> None:
-    """``container.wire()`` / ``unwire()`` (the containers module's own names) do wire."""
+@pytest.mark.parametrize("marker", sorted(_MARKERS))
+@pytest.mark.parametrize("imported_first", [False, True], ids=["lazy", "wiring-imported-first"])
+def test_wire_and_unwire_reach_the_real_wiring(
+    tmp_path: Path, marker: str, imported_first: bool
+) -> None:
+    """``container.wire()`` / ``unwire()`` inject and stop injecting, whoever imported wiring."""
     _wiring_check(
         tmp_path,
-        _WIRED,
-        """
+        _MARKERS[marker],
+        f"""
+        assert wiring_before is {imported_first}
         container = Container()
         container.wire(modules=[handlers])
         assert handlers.greeting() == "hello world"
@@ -200,35 +185,7 @@ def test_explicit_wire_and_unwire_reach_the_real_wiring(tmp_path: Path) -> None:
         container.unwire()
         assert handlers.greeting() != "hello override"
         """,
-    )
-
-
-def test_fastapi_depends_markers_still_wire(tmp_path: Path) -> None:
-    """With FastAPI in use, ``Depends(Provide[...])`` is injected, as without mikros_trio."""
-    _wiring_check(
-        tmp_path,
-        _FASTAPI_WIRED,
-        """
-        container = Container()
-        container.wire(modules=[handlers])
-        assert handlers.greeting() == "hello world"
-        """,
-    )
-
-
-def test_wiring_imported_first_is_used_as_is(tmp_path: Path) -> None:
-    """A process that imported the wiring module before mikros_trio wires through it unchanged."""
-    _wiring_check(
-        tmp_path,
-        _WIRED,
-        """
-        import dependency_injector.wiring as wiring
-        assert wiring_before and containers.wire is wiring.wire
-        container = Container()
-        container.wire(modules=[handlers])
-        assert handlers.greeting() == "hello world"
-        """,
-        before="import dependency_injector.wiring",
+        before="import dependency_injector.wiring" if imported_first else "",
     )
 
 
@@ -245,8 +202,7 @@ def test_lazy_exports_match_the_type_checkers_imports() -> None:
         assert isinstance(node, ast.ImportFrom)
         for alias in node.names:
             static[alias.name] = "." * node.level + (node.module or "")
-    lazy = {name: module for module, names in mikros_trio._FROM.items() for name in names}
-    assert lazy == static
+    assert static == mikros_trio._MODULE_OF
     assert set(static) == set(mikros_trio.__all__)
     assert set(mikros_trio.__all__) <= set(dir(mikros_trio))
     for name, module in static.items():

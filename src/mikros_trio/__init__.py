@@ -15,8 +15,8 @@ the public API; everything is importable from here.
 
 Each name is imported on first use (PEP 562 ``__getattr__``), so
 ``import mikros_trio`` itself imports no dependency: a service pays for the
-modules its kinds and features use, and tools that only read a name or two
-(``mikros-trio schema``, a test) pay for those. Type checkers read the
+modules its kinds and features use, and code that needs a name or two (the
+errors, the definition) pays for those alone. Type checkers read the
 imports below as ordinary ones.
 """
 

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import trio
-from dependency_injector import containers, providers
 
 from ._component import Component, Lifetime, Role
 from ._definition import Definition
 from ._graph import NodeSpec
+from ._injector import containers, providers
 from ._registry import Registry
 from ._telemetry import Telemetry
 from .errors import ConfigError, ConfigIssue

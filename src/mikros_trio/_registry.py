@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
@@ -211,6 +211,9 @@ def load_registry() -> Registry:
     (does not import, is not a spec, or takes a name already in use).
     """
     issues: list[ConfigIssue] = []
+    # One scan of the installed distributions serves both groups (each scan
+    # reads every distribution's metadata; it runs at every service start).
+    installed = entry_points()
     kinds: dict[str, KindSpec] = {spec.name: spec for spec in _BUILTIN_KINDS}
     # Every name a kind answers to (name or alias) -> who claimed it.
     kind_names: dict[str, str] = {
@@ -218,7 +221,7 @@ def load_registry() -> Registry:
         for spec in _BUILTIN_KINDS
         for name in (spec.name, *spec.aliases)
     }
-    for entry in _entry_points(KINDS_GROUP):
+    for entry in installed.select(group=KINDS_GROUP):
         kind = _load_spec(entry, KINDS_GROUP, KindSpec, issues)
         if kind is None:
             continue
@@ -236,7 +239,7 @@ def load_registry() -> Registry:
             kind_names[name] = _describe(entry, KINDS_GROUP)
     features: dict[str, FeatureSpec] = {spec.name: spec for spec in _BUILTIN_FEATURES}
     feature_owner = {spec.name: f"the built-in feature {spec.name!r}" for spec in _BUILTIN_FEATURES}
-    for entry in _entry_points(FEATURES_GROUP):
+    for entry in installed.select(group=FEATURES_GROUP):
         feature = _load_spec(entry, FEATURES_GROUP, FeatureSpec, issues)
         if feature is None:
             continue
@@ -276,10 +279,6 @@ def default_registry() -> Registry:
     reload, or :func:`load_registry` for an uncached copy.
     """
     return load_registry()
-
-
-def _entry_points(group: str) -> Iterable[EntryPoint]:
-    return entry_points(group=group)
 
 
 def _distribution(entry: EntryPoint) -> str:

@@ -205,9 +205,9 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def keep_alive_connections(port: int, count: int) -> list[socket.socket]:
-    """``count`` connections that each made one ``GET /items`` and stay open, idle."""
-    request = f"GET {ROUTE} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+def keep_alive_connections(port: int, count: int, route: str = ROUTE) -> list[socket.socket]:
+    """``count`` connections that each made one ``GET route`` and stay open, idle."""
+    request = f"GET {route} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
     opened: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -221,7 +221,7 @@ def keep_alive_connections(port: int, count: int) -> list[socket.socket]:
                     raise RuntimeError("the server closed a keep-alive connection")
                 buffer += chunk
             if not buffer.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"GET {ROUTE}: {bytes(buffer[:40])!r}")
+                raise RuntimeError(f"GET {route}: {bytes(buffer[:40])!r}")
     except BaseException:
         for sock in opened:
             sock.close()

@@ -9,6 +9,10 @@ started as its users start it, each answering the same routes and the same
   a bare Starlette app; the logger feature is always on);
 - ``ours_all``: the same with every feature the example enables (access log
   to a file, metrics, tracing with the no-op exporter);
+- ``ours_starlette``: ``examples/starlette`` (a Starlette app on our kind)
+  the same way, features off as for ``ours``: the like-for-like peer of
+  uvicorn + Starlette, since a QuartTrio app alone imports more than all of
+  uvicorn + Starlette;
 - ``uvicorn``: ``python -m uvicorn --factory _startup_apps:starlette_app``
   (h11 and asyncio unless httptools and uvloop are installed: stated in the
   output);
@@ -25,7 +29,7 @@ Each round starts every server once, in an order shuffled per round
   the wall time;
 - idle RSS: ``VmRSS`` from ``/proc/PID/status`` 0.3 s after ready;
 - per idle keep-alive connection: open ``CONNECTIONS`` connections that each
-  make one ``GET /items`` and stay open, wait 0.3 s, RSS delta / count
+  make one ``GET /readyz`` and stay open, wait 0.3 s, RSS delta / count
   (every connection is checked to be still open after the reading).
 
 Then each server is started once more under ``-X importtime``: the ms its
@@ -70,6 +74,7 @@ from _http_apps import all_features_config, free_port, keep_alive_connections
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 EXAMPLE = ROOT / "examples" / "http"
+STARLETTE = ROOT / "examples" / "starlette"
 WORKER = ROOT / "examples" / "worker" / "main.py"
 READY = "ticker: running"
 PATIENCE_S = 15.0
@@ -113,6 +118,17 @@ sys.argv = [{worker!r}]
 runpy.run_path({worker!r}, run_name="__main__")
 """
 
+_STARLETTE_OFF = """\
+# The Starlette example with metrics off and no access log.
+name = "notes"
+types = ["http:8080"]
+version = "v0.1.0"
+
+[features.logger]
+output = "stdout"
+access_log = false
+"""
+
 _FEATURES_OFF = """\
 # The HTTP example with metrics and tracing off and no access log.
 name = "items"
@@ -153,13 +169,16 @@ def peers(scratch: Path) -> list[Peer]:
     every = all_features_config(EXAMPLE, scratch)
     main = str(EXAMPLE / "main.py")
 
-    def ours(config: Path) -> Callable[[int], Sequence[str]]:
+    starlette_off = scratch / "starlette_off.toml"
+    starlette_off.write_text(_STARLETTE_OFF)
+
+    def ours(config: Path, target: str = main) -> Callable[[int], Sequence[str]]:
         return lambda port: (
             sys.executable,
             "-m",
             "mikros_trio.cli",
             "run",
-            main,
+            target,
             "--config",
             str(config),
         )
@@ -170,6 +189,7 @@ def peers(scratch: Path) -> list[Peer]:
     return [
         Peer("ours", ours(off), port_env),
         Peer("ours_all", ours(every), port_env),
+        Peer("ours_starlette", ours(starlette_off, str(STARLETTE / "main.py")), port_env),
         Peer(
             "uvicorn",
             lambda port: (
@@ -291,7 +311,9 @@ def measure(peer: Peer, connections: int, log: IO[str]) -> Sample:
     with started(peer, log) as ready:
         time.sleep(SETTLE_S)
         idle = rss_kb(ready.proc.pid)
-        opened = keep_alive_connections(ready.port, connections)
+        # /readyz: the one route every peer answers alike (the Starlette
+        # example has no /items).
+        opened = keep_alive_connections(ready.port, connections, "/readyz")
         try:
             time.sleep(SETTLE_S)
             loaded = rss_kb(ready.proc.pid)
@@ -383,6 +405,9 @@ def http_startup(rounds: int, connections: int) -> dict[str, Any]:
         "per_connection_kb": per_connection,
         "ratio_ready_ours_over_uvicorn": round(ratio, 2),
         "ratio_ready_ours_all_over_uvicorn": round(ready["ours_all"] / ready["uvicorn"], 2),
+        "ratio_ready_ours_starlette_over_uvicorn": round(
+            ready["ours_starlette"] / ready["uvicorn"], 2
+        ),
         "ratio_ready_ours_over_hypercorn": round(ready["ours"] / ready["hypercorn"], 2),
         "ratio_ready_cpu_ours_over_uvicorn": round(cpu["ours"] / cpu["uvicorn"], 2),
         "ratio_rss_ours_over_uvicorn": round(rss["ours"] / rss["uvicorn"], 2),

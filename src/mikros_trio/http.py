@@ -1,26 +1,27 @@
-"""The HTTP kind (``types = ["http"]``): a QuartTrio app on hypercorn's protocol stack.
+"""The HTTP kind (``types = ["http"]``): an ASGI app (QuartTrio, Starlette, FastAPI) on Trio.
 
 The container provides the app (``[runtime.http] app``, default ``app``);
-this module serves it as a supervisor component. It reuses hypercorn's
-protocol layer (``TCPServer``: HTTP/1.1, h2c upgrade, HTTP/2 over TLS) but
-owns the listener and the set of connections, because hypercorn's own
-``serve`` waits its whole ``graceful_timeout`` when a keep-alive connection
-sits idle (3 s measured). Owning them gives the shutdown the design asks for:
+this module serves it as a supervisor component and owns the listener and
+the set of connections. Plain-text HTTP/1.1 connections are served by
+:mod:`._http_h11` (one task per connection, the app called in it); TLS,
+HTTP/2 and protocol upgrades go through hypercorn's protocol layer
+(:mod:`._http_hyper`, imported on the first such connection). Owning the
+connections gives the shutdown the design asks for:
 
 1. readiness turns 503 (the supervisor's health, read by the probes);
 2. after the readiness delay the component is asked to stop: the listener
    closes (new connections are refused), idle connections close at once,
-   busy ones finish their request and close (hypercorn answers it with
+   busy ones finish their request and close (its answer says
    ``Connection: close``);
 3. at the drain deadline the supervisor cancels whatever is left.
 
 Probes (``/livez``, ``/readyz``, ``/healthz``) and request-size limits sit in
 a thin ASGI layer in front of the app, so they cost one dict lookup per
-request and never reach Quart routing. With ``admin_port`` set, probes move
+request and never reach the app's routing. With ``admin_port`` set, probes move
 to a second listener that starts before the main one and stops after it.
 
-Errors: a :class:`~mikros_trio.ServiceError` raised by a handler becomes its
-HTTP status with the Mikros JSON body; any other exception becomes 500 with
+Errors (see :mod:`._http_apps`): a :class:`~mikros_trio.ServiceError` raised
+by a handler becomes its HTTP status with the Mikros JSON body; any other exception becomes 500 with
 an ``InternalError`` body and its traceback logged; unknown routes and other
 HTTP errors get JSON bodies too. The service keeps serving.
 
@@ -33,23 +34,12 @@ from __future__ import annotations
 import abc
 import json
 import logging
-import math
 import os
-import select
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import h11
 import trio
-from hypercorn.app_wrappers import ASGIWrapper
-from hypercorn.config import Config
-from hypercorn.events import Closed, RawData, Updated
-from hypercorn.trio.task_group import TaskGroup
-from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState, LifespanState
-from hypercorn.utils import parse_socket_addr
 
 from ._component import Component, Lifetime, Role
 from ._container import BuildContext
@@ -61,11 +51,13 @@ from ._http_apps import (
     is_cancellation,
     wire_for_status,
 )
-from ._http_h2 import Protocols
-from ._http_h11 import SEND_SLICE, Deadlines, H11Connection
+from ._http_h11 import Deadlines, H11Connection
 from ._http_lifespan import AppLifespan, app_lifespan
 from ._runtime_settings import HttpSettings
 from ._telemetry import UNMATCHED, Endpoint, Telemetry
+
+if TYPE_CHECKING:  # hypercorn is imported on the first connection it serves
+    from ._http_hyper import HyperConnection, Hypercorn
 
 __all__ = ["HTTP_STATUS", "AdminServer", "HttpServer", "build_http", "install_error_handlers"]
 
@@ -254,226 +246,6 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
     return length, chunked
 
 
-class _Connection(TCPServer):
-    """hypercorn's connection handler, told when it is idle so shutdown can close it.
-
-    hypercorn runs connection steps (sending bytes, closing the socket,
-    re-arming the keep-alive timer) in the app's task, which QuartTrio
-    cancels as soon as its response is out: unshielded, those steps were
-    lost, so the keep-alive timer never re-armed after a response and a
-    connection the protocol closed stayed open. They are shielded here,
-    each send bounded by ``send_timeout`` (a peer that stops reading is
-    disconnected), and :meth:`abort` (at the drain deadline) ends such a
-    wait. Reading is owned here too: see :meth:`_read_data`.
-    """
-
-    def __init__(self, endpoint: _Endpoint, stream: trio.abc.Stream, initial: bytes = b"") -> None:
-        super().__init__(
-            endpoint.app, endpoint.config, endpoint.context, ConnectionState(endpoint.state), stream
-        )
-        self._endpoint = endpoint
-        # Bytes the HTTP/1.1 path read before handing the connection over.
-        self._initial = initial
-        self._send_timeout = endpoint.send_timeout
-        self.idle = True  # no request yet
-        self.scope = trio.CancelScope()
-        self._reading = trio.CancelScope()
-        # The reader's current wait for bytes, while there is one (see close_idle).
-        self._wait: trio.CancelScope | None = None
-        self._read_loop = False  # True once the TLS handshake and protocol setup are done
-        # One keep-alive timer for the connection's whole life, re-armed by
-        # moving its deadline: hypercorn starts a new timer task after every
-        # response, which cost ~15% of throughput (bench/http_overhead.py).
-        self._keep_alive = trio.CancelScope(
-            deadline=trio.current_time() + self.config.keep_alive_timeout
-        )
-
-    async def run(self) -> None:
-        # As hypercorn's, with the protocols of _http_h2 (HTTP/2 bounded).
-        try:
-            try:
-                with trio.fail_after(self.config.ssl_handshake_timeout):
-                    await self.stream.do_handshake()  # type: ignore[attr-defined]
-            except (trio.BrokenResourceError, trio.TooSlowError):
-                return  # handshake failed
-            alpn_protocol = self.stream.selected_alpn_protocol()  # type: ignore[attr-defined]
-            socket = self.stream.transport_stream.socket  # type: ignore[attr-defined]
-            ssl = True
-        except AttributeError:  # not TLS
-            alpn_protocol = "http/1.1"
-            socket = self.stream.socket  # type: ignore[attr-defined]
-            ssl = False
-        try:
-            client = parse_socket_addr(socket.family, socket.getpeername())
-            server = parse_socket_addr(socket.family, socket.getsockname())
-            async with TaskGroup() as task_group:
-                self._task_group = task_group
-                self.protocol = Protocols(
-                    self.app,
-                    self.config,
-                    self.context,
-                    task_group,
-                    ConnectionState(self.state.copy()),
-                    ssl,
-                    client,
-                    server,
-                    self.protocol_send,
-                    alpn_protocol=alpn_protocol,
-                    send_timeout=self._send_timeout,
-                )
-                await self.protocol.initiate()
-                await self.idle_task.restart(self._task_group, self._idle_timeout)
-                await self._read_data()
-        except OSError:
-            pass
-        finally:
-            await self._close()
-
-    async def _idle_timeout(self) -> None:
-        with self._keep_alive:
-            await trio.sleep_forever()
-        with trio.CancelScope(shield=True):
-            await self._initiate_server_close()
-
-    async def protocol_send(self, event: Any) -> None:
-        if isinstance(event, Updated):
-            self.idle = event.idle
-            if event.idle and self._endpoint.draining:
-                self.close_idle()
-            self._keep_alive.deadline = (
-                trio.current_time() + self.config.keep_alive_timeout if event.idle else math.inf
-            )
-        elif isinstance(event, Closed):
-            h11_connection = self._h11()
-            if h11_connection is not None and h11_connection.our_state is h11.SEND_BODY:
-                # h11 met bytes it refuses (a request smuggled behind one we
-                # answer with Connection: close) while that answer is going
-                # out: hypercorn would close mid-response and the client
-                # got nothing. The socket closes once the response is done.
-                return
-            with trio.CancelScope(shield=True):
-                await self._close()
-            # The reader may be parked inside the protocol on a pipelined
-            # request (h11 pauses until this response is done): with the
-            # socket closed, nothing would ever wake it.
-            self._reading.cancel()
-            await self.protocol.handle(Closed())
-        elif isinstance(event, RawData):
-            if not event.data:
-                # h11 emits empty chunks (a body's end under Content-Length):
-                # half of all sends; nothing to write, so skip the lock and
-                # the shielded scope.
-                return
-            # hypercorn shields the send but not the wait for the send lock:
-            # what followed a cancelled wait (HTTP/2's GOAWAY, then Updated)
-            # was lost and the connection lived on to the drain deadline.
-            # The shield has a deadline, re-armed for each slice written: a
-            # peer that reads nothing for send_timeout is disconnected
-            # instead of holding the task; a slow one that reads is not.
-            data = memoryview(event.data)
-            try:
-                with trio.CancelScope(shield=True) as sending:
-                    async with self.send_lock:
-                        for start in range(0, len(data), SEND_SLICE):
-                            sending.deadline = trio.current_time() + self._send_timeout
-                            await self.stream.send_all(data[start : start + SEND_SLICE])
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self.protocol.handle(Closed())
-                return
-            if sending.cancelled_caught:
-                log.info(
-                    "closing a connection whose peer read nothing for %g s", self._send_timeout
-                )
-                self.abort()
-                await self.protocol.handle(Closed())
-        else:
-            await super().protocol_send(event)
-
-    def close_idle(self) -> None:
-        """End this idle connection without losing a request whose bytes were just read.
-
-        Only a wait still parked is cancelled: bytes a wait already
-        received are handled (their request is served, with
-        ``Connection: close``) and the reader then ends the connection,
-        since it is draining. Cancelling the whole connection here, as
-        before, also cancelled a request parsed in that instant: its
-        client got an empty 500.
-        """
-        if not self._read_loop:
-            self.scope.cancel()  # TLS handshake or setup: no request can be in flight
-        elif self._wait is not None and not self._bytes_waiting():
-            self._wait.cancel()
-        # Otherwise bytes sent before the drain began are in the socket:
-        # the reader wakes for them, serves their request, then ends.
-
-    def _bytes_waiting(self) -> bool:
-        """True if the socket holds bytes the reader has not yet been woken for."""
-        stream = self.stream
-        if isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if not isinstance(stream, trio.SocketStream):
-            return False
-        poll = select.poll()
-        poll.register(stream.socket.fileno(), select.POLLIN)
-        return bool(poll.poll(0))
-
-    def _client_owes_bytes(self) -> bool:
-        """True while waiting for a request's headers or, on HTTP/1.1, the rest of its body."""
-        if self.idle:
-            return True
-        connection = self._h11()
-        return connection is not None and connection.their_state is h11.SEND_BODY
-
-    def _h11(self) -> h11.Connection | None:
-        """The h11 state machine, on an HTTP/1.1 connection."""
-        inner = getattr(self.protocol, "protocol", None)  # hypercorn's H11Protocol or H2Protocol
-        connection = getattr(inner, "connection", None)
-        return connection if isinstance(connection, h11.Connection) else None
-
-    async def _read_data(self) -> None:
-        """Feed the protocol until end-of-file, close, read timeout or an idle drain.
-
-        ``read_timeout`` bounds each wait for bytes the client owes (see
-        :meth:`_client_owes_bytes`). hypercorn bounded every read, so a
-        handler slower than ``read_timeout`` lost its response; and after a
-        timeout it kept the connection open until the keep-alive timer ran
-        out. Idle keep-alive connections are closed by that timer, which
-        also bounds a request head that trickles in (the timer re-arms only
-        once a whole request head has arrived).
-        """
-        read_timeout = self._endpoint.read_timeout
-        endpoint = self._endpoint
-        self._read_loop = True
-        with self._reading:
-            if self._initial:
-                await self.protocol.handle(RawData(self._initial))
-            while not (self.idle and endpoint.draining):
-                limit = read_timeout if self._client_owes_bytes() else math.inf
-                with trio.move_on_after(limit) as waiting:
-                    self._wait = waiting
-                    try:
-                        data = await self.stream.receive_some(MAX_RECV)
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
-                        break
-                    finally:
-                        self._wait = None
-                if waiting.cancelled_caught:
-                    break
-                await self.protocol.handle(RawData(bytes(data)))
-                if not data:
-                    break
-        await self.idle_task.stop()  # nothing left to time: end the connection now
-        await self.protocol.handle(Closed())
-
-    def abort(self) -> None:
-        """Close the socket now, waking any send blocked on it (hypercorn shields sends)."""
-        stream = self.stream
-        if isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if isinstance(stream, trio.SocketStream):
-            stream.socket.close()
-
-
 #: Seconds requests cut at the drain deadline get to send their 503 before sockets close.
 _CUT_GRACE = 0.1
 
@@ -481,13 +253,10 @@ _CUT_GRACE = 0.1
 class _Endpoint:
     """One listening address served by hypercorn's protocols, drainable on demand."""
 
-    def __init__(
-        self, app: Any, config: Config, state: LifespanState, settings: HttpSettings
-    ) -> None:
+    def __init__(self, app: Any, state: dict[str, Any], settings: HttpSettings) -> None:
         self.front = app
-        self.app = ASGIWrapper(app)
-        self.config = config
-        self.context = WorkerContext(None)
+        self._settings = settings
+        self._hyper: Hypercorn | None = None
         # The app's lifespan state, filled by its startup: each request
         # gets a shallow copy (ASGI), so it must be read after startup.
         self.state: dict[str, Any] = state
@@ -495,7 +264,7 @@ class _Endpoint:
         self.keep_alive_timeout = settings.keep_alive_timeout
         self.send_timeout = settings.send_timeout
         self.draining = False
-        self._connections: set[_Connection | H11Connection] = set()
+        self._connections: set[HyperConnection | H11Connection] = set()
         self._deadlines = Deadlines()
         self._none_left = trio.Event()
         self._accept = trio.CancelScope()
@@ -508,11 +277,11 @@ class _Endpoint:
         the start fails with the cause on its first line.
         """
         ssl_context = None
-        if self.config.certfile is not None:
+        if self._settings.certfile is not None:
             try:
-                ssl_context = self.config.create_ssl_context()
+                ssl_context = self._hypercorn().config.create_ssl_context()
             except (OSError, ssl.SSLError) as error:
-                files = f"certfile {self.config.certfile}, keyfile {self.config.keyfile}"
+                files = f"certfile {self._settings.certfile}, keyfile {self._settings.keyfile}"
                 reason = error.strerror or str(error)
                 raise OSError(error.errno, f"cannot load the TLS {files}: {reason}") from error
         try:
@@ -551,12 +320,12 @@ class _Endpoint:
         # Plain-text connections start on the lean HTTP/1.1 path; TLS
         # (ALPN may pick HTTP/2) and what that path hands over go through
         # hypercorn's protocols.
-        connection: _Connection | H11Connection
+        connection: HyperConnection | H11Connection
         if isinstance(stream, trio.SocketStream):
             connection = H11Connection(self, stream, self.front)
             self._deadlines.add(connection)
         else:
-            connection = _Connection(self, stream)
+            connection = await self._hyper_connection(stream, b"")
         self._connections.add(connection)
         try:
             with connection.scope:
@@ -566,7 +335,7 @@ class _Endpoint:
             if handoff is not None:
                 self._connections.discard(connection)
                 self._deadlines.connections.discard(cast(H11Connection, connection))
-                connection = _Connection(self, stream, handoff)
+                connection = await self._hyper_connection(stream, handoff)
                 self._connections.add(connection)
                 with connection.scope:
                     await connection.run()
@@ -580,15 +349,28 @@ class _Endpoint:
             # A cancelled run skips hypercorn's own close; never leak the socket.
             await trio.aclose_forcefully(stream)
 
+    def _hypercorn(self) -> Hypercorn:
+        """hypercorn's share of this endpoint, made (and hypercorn imported) on first use."""
+        if self._hyper is None:
+            from ._http_hyper import Hypercorn
+
+            self._hyper = Hypercorn(self.front, self._settings)
+        return self._hyper
+
+    async def _hyper_connection(self, stream: trio.abc.Stream, initial: bytes) -> HyperConnection:
+        from ._http_hyper import HyperConnection
+
+        hyper = self._hypercorn()
+        if self.draining:
+            await hyper.drain()  # made after the drain began
+        return HyperConnection(self, hyper, stream, initial)
+
     async def drain(self) -> None:
         """Stop accepting; close idle connections now and busy ones after their request."""
         self.draining = True
-        # hypercorn adds ``Connection: close`` to an HTTP/1.1 response only
-        # past keep_alive_max_requests; zero makes every response still to
-        # come say so, so clients do not reuse a connection about to close.
-        self.config.keep_alive_max_requests = 0
         self._accept.cancel()  # serve_listeners closes the listeners on the way out
-        await self.context.terminated.set()  # hypercorn stops keeping connections alive
+        if self._hyper is not None:
+            await self._hyper.drain()
         for connection in list(self._connections):
             if connection.idle:
                 connection.close_idle()
@@ -605,22 +387,6 @@ class _Endpoint:
                 await self._none_left.wait()
         for connection in list(self._connections):
             connection.abort()
-
-
-def _hypercorn_config(settings: HttpSettings) -> Config:
-    config = Config()
-    config.keep_alive_timeout = settings.keep_alive_timeout
-    config.read_timeout = math.ceil(settings.read_timeout)
-    config.h11_max_incomplete_size = 64 * 1024  # request line + headers
-    # Advertised and enforced by h2: more streams end the connection.
-    config.h2_max_concurrent_streams = settings.h2_max_concurrent_streams
-    config.certfile = settings.certfile
-    config.keyfile = settings.keyfile
-    # The supervisor owns every deadline; hypercorn's own must not fire first.
-    config.graceful_timeout = 0
-    config.accesslog = None
-    config.errorlog = log
-    return config
 
 
 class _HttpComponent(Component):
@@ -645,9 +411,8 @@ class _HttpComponent(Component):
         # timeout, and the app's hook still running then is named.
         start_deadline = trio.current_effective_deadline()
         front, lifespan_app = self._front(lifetime)
-        config = _hypercorn_config(self._settings)
-        state: LifespanState = {}
-        endpoint = _Endpoint(front, config, state, self._settings)
+        state: dict[str, Any] = {}
+        endpoint = _Endpoint(front, state, self._settings)
         # The listener first: a port in use or a bad certificate fails the
         # start at once, before the app's startup hooks run.
         self.port = await endpoint.bind(self._host, self._port)

@@ -32,9 +32,11 @@ here is imported unless a service's types include ``http``.
 from __future__ import annotations
 
 import abc
+import errno
 import json
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -246,6 +248,15 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
     return length, chunked
 
 
+#: Connections accepted per wake of a listener, at most: then others run.
+_ACCEPT_BATCH = 64
+#: accept(2) failures that say the system is out of a resource (descriptors,
+#: memory), and the seconds to wait before accepting again.
+_ACCEPT_CAPACITY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_BACKOFF = 0.1
+#: accept(2) failures about the one connection, not the listener.
+_ACCEPT_RETRY = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
 #: Seconds requests cut at the drain deadline get to send their 503 before sockets close.
 _CUT_GRACE = 0.1
 
@@ -268,7 +279,8 @@ class _Endpoint:
         self._deadlines = Deadlines()
         self._none_left = trio.Event()
         self._accept = trio.CancelScope()
-        self._listeners: list[trio.abc.Listener[Any]] = []
+        self._listeners: list[trio.SocketListener] = []
+        self._ssl_context: ssl.SSLContext | None = None
 
     async def bind(self, host: str, port: int) -> int:
         """Open the listening sockets; return the bound port.
@@ -290,31 +302,65 @@ class _Endpoint:
             reason = os.strerror(error.errno) if error.errno else str(error)
             raise OSError(error.errno, f"cannot listen on {host}:{port}: {reason}") from error
         bound: int = sockets[0].socket.getsockname()[1]
-        if ssl_context is None:
-            self._listeners = list(sockets)
-        else:
-            self._listeners = [
-                trio.SSLListener(sock, ssl_context, https_compatible=True) for sock in sockets
-            ]
+        self._listeners = list(sockets)
+        self._ssl_context = ssl_context
         return bound
 
     def close_listeners(self) -> None:
         """Close the listening sockets (a start that failed after :meth:`bind`)."""
         for listener in self._listeners:
-            sock = getattr(listener, "transport_listener", listener)
-            if isinstance(sock, trio.SocketListener):
-                sock.socket.close()
+            listener.socket.close()
 
     async def serve(self) -> None:
         """Accept until :meth:`drain`, then wait for every connection to end."""
         async with trio.open_nursery() as timers:
             timers.start_soon(self._deadlines.run)
             async with trio.open_nursery() as connections:
-                with self._accept:
-                    await trio.serve_listeners(
-                        self._handle, self._listeners, handler_nursery=connections
-                    )
+                try:
+                    with self._accept:
+                        async with trio.open_nursery() as accepting:
+                            for listener in self._listeners:
+                                accepting.start_soon(self._accept_all, listener, connections)
+                finally:
+                    self.close_listeners()
             timers.cancel_scope.cancel()
+
+    async def _accept_all(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        """Accept every connection waiting each time the listener wakes, not one per wake.
+
+        trio's listener accepts one connection per scheduler pass, so under
+        load a burst of new clients waited one pass each (the last of 256
+        waited seconds). Accepting runs on a duplicate of the listening
+        socket, since trio lets one task at a time wait on a socket.
+        """
+        trio_socket = listener.socket
+        with socket.fromfd(trio_socket.fileno(), trio_socket.family, trio_socket.type) as sock:
+            sock.setblocking(False)
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                for _ in range(_ACCEPT_BATCH):
+                    try:
+                        accepted, _ = sock.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as error:
+                        if error.errno in _ACCEPT_RETRY:
+                            continue  # the client gave up while queued
+                        if error.errno not in _ACCEPT_CAPACITY:
+                            raise
+                        # Out of descriptors or memory: connections already
+                        # open keep being served; accept again shortly.
+                        log.error("cannot accept a connection: %s", os.strerror(error.errno))
+                        await trio.sleep(_ACCEPT_BACKOFF)
+                        break
+                    stream: trio.abc.Stream = trio.SocketStream(
+                        trio.socket.from_stdlib_socket(accepted)
+                    )
+                    if self._ssl_context is not None:
+                        stream = trio.SSLStream(
+                            stream, self._ssl_context, server_side=True, https_compatible=True
+                        )
+                    connections.start_soon(self._handle, stream)
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         # Plain-text connections start on the lean HTTP/1.1 path; TLS

@@ -29,6 +29,7 @@ from helpers import (
     client_for,
     create_app,
     get,
+    raw_exchange,
     start_http,
     wait_until,
     write_http_toml,
@@ -535,6 +536,23 @@ async def test_quart_handler_is_cancelled_when_its_client_disconnects(
             await names.ended.wait()
     assert app.finished == 0
     assert (await get(running, "/hello")).status_code == 200
+
+
+async def test_quart_response_timeout_still_cuts_a_streamed_response(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """RESPONSE_TIMEOUT is skipped only for a body in memory: a slow stream is still cut."""
+    running = await start_http(mikros_service, tmp_path)
+    running.container.app().config["RESPONSE_TIMEOUT"] = 0.3
+    raw, took = await raw_exchange(
+        port(running), b"GET /chunks?count=3&delay=5 HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert b"chunk 0," in raw
+    assert b"chunk 1," not in raw
+    assert took < 3.0
+    # A body in memory is answered whole, the short timeout notwithstanding.
+    assert (await get(running, "/hello")).text == "hello"
 
 
 async def test_quart_app_with_its_own_connection_class_keeps_it(

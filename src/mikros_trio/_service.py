@@ -296,6 +296,7 @@ async def run(
     config: str | os.PathLike[str] = "service.toml",
     *,
     verbose: bool | None = None,
+    workers: int | None = None,
 ) -> NoReturn:
     """Run a service until it stops, then exit the process with its exit code.
 
@@ -304,6 +305,10 @@ async def run(
     ``start_timeout`` or ``shutdown_timeout`` (plus 1 s), prints
     configuration errors without a traceback (exit 2), and prints the
     lifecycle event log when ``verbose`` (or ``MIKROS_TRIO_VERBOSE=1``).
+    ``workers`` overrides ``[lifecycle] workers``: above 1, this process
+    becomes the parent of that many worker processes, each started as
+    ``mikros-trio run`` of ``container``'s class (its module, or the script
+    run as ``__main__``), which must then be a class, not an instance.
     Call it from ``trio.run``::
 
         async def main() -> None:
@@ -312,6 +317,18 @@ async def run(
         if __name__ == "__main__":
             trio.run(main)
     """
+    await run_process(container, config, verbose=verbose, workers=workers, target=None)
+
+
+async def run_process(
+    container: ServiceContainer | type[ServiceContainer],
+    config: str | os.PathLike[str],
+    *,
+    verbose: bool | None,
+    workers: int | None,
+    target: str | None,
+) -> NoReturn:
+    """:func:`run`, with the command-line ``target`` workers are started from (None: derive it)."""
     if verbose is None:
         verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
     service = Service(
@@ -325,6 +342,16 @@ async def run(
     except ConfigError as error:
         report_config_error(error)
         raise SystemExit(2) from None
+    from ._workers import worker_count, worker_link
+
+    link = worker_link()
+    count = (
+        1
+        if link is not None
+        else worker_count(service.definition.lifecycle.workers if workers is None else workers)
+    )
+    if count > 1:
+        raise SystemExit(await _parent(container, config, service, count, verbose, target))
     if verbose:
         # The logger feature owns logging; --verbose only opens it to debug lines.
         from .features.logger import show_debug
@@ -336,5 +363,54 @@ async def run(
         # stop of large graphs (bench/graph_scale.py). What start builds is
         # frozen once the service is ready (_gc).
         gc.freeze()
-    code = await service.run()
+    code = await (service.run() if link is None else link.run(service))
     raise SystemExit(code)
+
+
+async def _parent(
+    container: ServiceContainer | type[ServiceContainer],
+    config: str | os.PathLike[str],
+    service: Service,
+    count: int,
+    verbose: bool,
+    target: str | None,
+) -> int:
+    """Become the parent of ``count`` workers (see :mod:`._workers`); the exit code."""
+    from ._workers import run_workers
+
+    if target is None:
+        try:
+            target = _target_of(container)
+        except ValueError as error:
+            print(f"mikros-trio: {error}", file=sys.stderr)
+            return 2
+    on_event = event_printer() if verbose else None
+    command = _worker_command(target, config, verbose)
+    return await run_workers(command, service.definition, count, on_event=on_event)
+
+
+def _worker_command(target: str, config: str | os.PathLike[str], verbose: bool) -> list[str]:
+    command = [sys.executable, "-m", "mikros_trio.cli", "run", target]
+    command += ["--config", os.path.abspath(config)]
+    return [*command, "--verbose"] if verbose else command
+
+
+def _target_of(container: ServiceContainer | type[ServiceContainer]) -> str:
+    """``module:Class`` (or ``path/to/main.py:Class``) a worker imports ``container`` from."""
+    if not isinstance(container, type):
+        raise ValueError(
+            "workers > 1 start each worker from the container class: "
+            "pass the class to mikros_trio.run, not an instance"
+        )
+    module = container.__module__
+    if module == "__main__":
+        main = sys.modules["__main__"]
+        spec = getattr(main, "__spec__", None)
+        if spec is not None and spec.name:
+            module = spec.name  # run with python -m
+        else:
+            path = getattr(main, "__file__", None)
+            if path is None:
+                raise ValueError("workers > 1 need the container in a file or module")
+            return f"{Path(path).resolve()}:{container.__qualname__}"
+    return f"{module}:{container.__qualname__}"

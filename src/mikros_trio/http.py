@@ -63,6 +63,7 @@ from ._http_apps import (
 )
 from ._http_h2 import Protocols
 from ._http_lifespan import AppLifespan, app_lifespan
+from ._listen import open_tcp_listeners
 from ._runtime_settings import HttpSettings
 from ._telemetry import UNMATCHED, Endpoint, Telemetry
 
@@ -505,7 +506,7 @@ class _Endpoint:
                 reason = error.strerror or str(error)
                 raise OSError(error.errno, f"cannot load the TLS {files}: {reason}") from error
         try:
-            sockets = await trio.open_tcp_listeners(port, host=host)
+            sockets = await open_tcp_listeners(port, host=host)
         except OSError as error:
             reason = os.strerror(error.errno) if error.errno else str(error)
             raise OSError(error.errno, f"cannot listen on {host}:{port}: {reason}") from error

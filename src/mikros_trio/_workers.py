@@ -629,8 +629,6 @@ async def run_workers(
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(pool.on_signal, signum)
 
-        # Installed for the rest of the process (never restored): a signal
-        # arriving as the run ends must not kill the parent with no word said.
         for signum in SIGNALS:
             signal.signal(signum, handler)
         try:
@@ -644,3 +642,9 @@ async def run_workers(
             return await pool.run()
         finally:
             pool.cleanup()
+            # Every worker has ended: a signal from now on has nothing to
+            # stop, and must not kill the parent before it exits with the
+            # workers' code (Python's finalization puts back the default
+            # action of handled signals, not of ignored ones).
+            for signum in SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)

@@ -36,7 +36,8 @@ def create_app() -> QuartTrio:
             except FileExistsError:
                 return  # another worker holds
             with trio.move_on_after(20):
-                while not Path(hold, "go").exists():
+                # Another process creates the file: there is no event to wait on.
+                while not await trio.Path(hold, "go").exists():  # noqa: ASYNC110
                     await trio.sleep(0.02)
 
     @app.get("/pid")

@@ -40,24 +40,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# Run as a script, bench/ is on sys.path: the shared modules import directly.
+import _http_apps as apps
 from _compare import compare, replicated, verdict
-
-# Run as a script, bench/ is on sys.path: the shared module imports directly.
-from _http_apps import (
-    EXAMPLE,
-    PATIENCE_S,
-    LoadResult,
-    Server,
-    all_features_config,
-    cpu_seconds,
-    framework,
-    free_port,
-    wrk_load,
-    wrk_path,
-)
 
 TARGET_RATIO = 1.8
 CONNECTIONS = 32
@@ -65,7 +54,13 @@ CONNECTIONS = 32
 WRK_USAGE = {"cpu": 0.0, "requests": 0}
 
 
-def tree_cpu(server: Server) -> float | None:
+def workers_spec(count: int, folder: Path) -> apps.ServerSpec:
+    """The HTTP example, every feature on (logs in ``folder``), run with ``--workers count``."""
+    spec = apps.framework(apps.free_port(), config=apps.all_features_config(apps.EXAMPLE, folder))
+    return dataclasses.replace(spec, args=(*spec.args, "--workers", str(count)))
+
+
+def tree_cpu(server: apps.Server) -> float | None:
     """CPU seconds of the server's process and its live children (the workers)."""
     parent = server.proc.pid
     pids = [parent]
@@ -77,19 +72,24 @@ def tree_cpu(server: Server) -> float | None:
                 continue
             if int(fields[1]) == parent:
                 pids.append(int(entry.name))
-    values = [cpu_seconds(pid) for pid in pids]
+    values = [apps.cpu_seconds(pid) for pid in pids]
     return sum(v for v in values if v is not None)
 
 
-def load(port: int, seconds: float) -> LoadResult:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = wrk_load(port, connections=CONNECTIONS, seconds=seconds, threads=1)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if seconds > 1.0:  # the warm-up is not counted
-        spent = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        WRK_USAGE["cpu"] += spent
-        WRK_USAGE["requests"] += result.count
-    return result
+def counted_load(counted_seconds: float) -> Callable[[int, float], apps.LoadResult]:
+    """wrk on a port; loads of ``counted_seconds`` (not the warm-ups) add to WRK_USAGE."""
+
+    def load(port: int, seconds: float) -> apps.LoadResult:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = apps.wrk_load(port, connections=CONNECTIONS, seconds=seconds, threads=1)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if seconds == counted_seconds:
+            spent = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            WRK_USAGE["cpu"] += spent
+            WRK_USAGE["requests"] += result.count
+        return result
+
+    return load
 
 
 def scrape_ms(port: int, times: int = 20) -> float:
@@ -97,7 +97,7 @@ def scrape_ms(port: int, times: int = 20) -> float:
     spent = []
     for _ in range(times):
         began = time.perf_counter()
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=PATIENCE_S)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=apps.PATIENCE_S)
         try:
             connection.request("GET", "/metrics")
             response = connection.getresponse()
@@ -142,33 +142,30 @@ def main() -> None:
     parser.add_argument("-n", "--rounds", type=int, default=4, help="shuffled rounds (default 4)")
     parser.add_argument("--seconds", type=float, default=3.0, help="load per measurement (3)")
     args = parser.parse_args()
-    if wrk_path() is None:
+    if apps.wrk_path() is None:
         # The Python fallback client needs a core of its own: it cannot load two workers.
         print("wrk is not installed: this benchmark needs it")
         print(json.dumps({"benchmark": "workers", "skipped": "wrk is not installed"}))
         return
     scratch = tempfile.TemporaryDirectory(prefix="bench-workers-")
 
-    def start(folder: Path) -> dict[str, Server]:
-        config = all_features_config(EXAMPLE, folder)
-        servers = {}
-        for name, count in (("framework", 2), ("bare", 1)):
-            spec = framework(free_port(), config=config)
-            spec = dataclasses.replace(spec, args=(*spec.args, "--workers", str(count)))
-            servers[name] = Server(spec)
-        return servers
+    def start(folder: Path) -> dict[str, apps.Server]:
+        return {
+            "framework": apps.Server(workers_spec(2, folder)),
+            "bare": apps.Server(workers_spec(1, folder)),
+        }
 
     servers = replicated(start, Path(scratch.name))
     scrapes: dict[str, float] = {}
 
     figures = compare(
         servers,
-        rounds=args.rounds,
-        load=load,
-        seconds=args.seconds,
+        load=counted_load(args.seconds),
+        cpu=tree_cpu,
         unit="request",
         target=TARGET_RATIO,
-        cpu=tree_cpu,
+        rounds=args.rounds,
+        seconds=args.seconds,
     )
     cpu = figures["cpu_us_per_request"]
     wrk_us = WRK_USAGE["cpu"] / max(WRK_USAGE["requests"], 1) * 1e6
@@ -176,11 +173,13 @@ def main() -> None:
     ceiling = 2 * server_us / (server_us + wrk_us) if server_us else None
     # Scrape cost: fresh servers (compare closed its own), one of each setting.
     for name, count in (("workers_2", 2), ("workers_1", 1)):
-        spec = framework(free_port(), config=all_features_config(EXAMPLE, Path(scratch.name)))
-        server = Server(dataclasses.replace(spec, args=(*spec.args, "--workers", str(count))))
+        spec = apps.framework(
+            apps.free_port(), config=apps.all_features_config(apps.EXAMPLE, Path(scratch.name))
+        )
+        server = apps.Server(dataclasses.replace(spec, args=(*spec.args, "--workers", str(count))))
         try:
             server.wait_ready()
-            wrk_load(server.port, connections=CONNECTIONS, seconds=1.0, threads=1)
+            apps.wrk_load(server.port, connections=CONNECTIONS, seconds=1.0, threads=1)
             scrapes[name] = round(scrape_ms(server.port), 2)
         finally:
             server.close()

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MIKROS_TRIO, PATIENCE, REPO, Child, Spawn, free_port, wait_until_ok
+from helpers import (
+    GRPC,
+    MIKROS_TRIO,
+    PATIENCE,
+    REPO,
+    Child,
+    Spawn,
+    free_port,
+    wait_until_ok,
+    wait_until_serving,
+)
 
 ASSET = REPO / "tests" / "assets" / "workers"
 MAIN = ASSET / "main.py"
@@ -126,6 +137,30 @@ def test_workers_serve_from_their_own_processes(spawn: Spawn) -> None:
     assert len(pids) == 2, child.report()
     assert pids == workers_of(child.proc.pid)
     child.wait_for("all 2 workers ready", stream="stderr")
+
+
+def test_programmatic_run_starts_workers_from_the_script(spawn: Spawn) -> None:
+    """``python main.py`` calling mikros_trio.run: workers are started from that file."""
+    port = free_port()
+    child = spawn(sys.executable, MAIN, env={"MIKROS_HTTP_PORT": str(port)})
+    wait_until_ok(child, port)
+    assert len(pids_serving(port, 2)) == 2
+    child.send(signal.SIGTERM)
+    assert child.wait(BOUND) == 0
+
+
+def test_grpc_service_under_workers(spawn: Spawn) -> None:
+    """The gRPC example with --workers 2: health SERVING from both, drained by SIGTERM."""
+    port = free_port()
+    env = {"MIKROS_GRPC_PORT": str(port), "MIKROS_METRICS_PORT": "0"}
+    child = spawn(MIKROS_TRIO, "run", GRPC / "main.py", "--workers", "2", env=env)
+    wait_until_serving(child, port)
+    child.wait_for("all 2 workers ready", stream="stderr")
+    pids = workers_of(child.proc.pid)
+    assert len(pids) == 2
+    child.send(signal.SIGTERM)
+    assert child.wait(PATIENCE + 3.0) == 0
+    assert gone(pids)
 
 
 def test_cli_flag_overrides_the_file(spawn: Spawn) -> None:

@@ -10,6 +10,7 @@ Switches, from the environment (each worker inherits it):
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from dependency_injector import providers
 from quart import request
 from quart_trio import QuartTrio
 
+import mikros_trio
 from mikros_trio import ServiceContainer
 
 
@@ -54,3 +56,9 @@ def create_app() -> QuartTrio:
 
 class Container(ServiceContainer):
     app = providers.Singleton(create_app)
+
+
+if __name__ == "__main__":
+    # As a service's own main.py: the parent starts its workers from this file.
+    config = Path(__file__).with_name("service.toml")
+    trio.run(functools.partial(mikros_trio.run, Container, config))

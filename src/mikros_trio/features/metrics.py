@@ -59,6 +59,13 @@ rather than on h11, which a gRPC-only install does not have; it reads one
 bounded request head per connection, answers, and closes. ``MIKROS_METRICS_PORT``
 overrides its port, as ``MIKROS_HTTP_PORT`` does the HTTP one.
 
+Under ``workers = N`` each worker records into prometheus-client's
+multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the parent before
+the worker starts) and any worker's scrape serves the sum of all of them:
+counters and histograms add up, in-flight gauges sum the live workers, the
+other gauges show the largest value; ``process_*``, ``python_*`` and any
+custom collector describe one process and are left out of it.
+
 A script's metrics are final only once it has ended, moments before the
 process exits: Prometheus scrapes suit long-running services, and a script
 that must report its run belongs behind a Pushgateway (push

@@ -60,10 +60,9 @@ def workers_spec(count: int, folder: Path) -> apps.ServerSpec:
     return dataclasses.replace(spec, args=(*spec.args, "--workers", str(count)))
 
 
-def tree_cpu(server: apps.Server) -> float | None:
-    """CPU seconds of the server's process and its live children (the workers)."""
-    parent = server.proc.pid
-    pids = [parent]
+def children(parent: int) -> list[int]:
+    """Pids of the live processes whose parent is ``parent`` (Linux /proc)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -71,9 +70,14 @@ def tree_cpu(server: apps.Server) -> float | None:
             except OSError:
                 continue
             if int(fields[1]) == parent:
-                pids.append(int(entry.name))
-    values = [apps.cpu_seconds(pid) for pid in pids]
-    return sum(v for v in values if v is not None)
+                found.append(int(entry.name))
+    return found
+
+
+def tree_cpu(server: apps.Server) -> float | None:
+    """CPU seconds of the server's process and its live children (the workers)."""
+    pids = [server.proc.pid, *children(server.proc.pid)]
+    return sum(apps.cpu_seconds(pid) or 0.0 for pid in pids)
 
 
 def counted_load(counted_seconds: float) -> Callable[[int, float], apps.LoadResult]:
@@ -171,15 +175,19 @@ def main() -> None:
     wrk_us = WRK_USAGE["cpu"] / max(WRK_USAGE["requests"], 1) * 1e6
     server_us = cpu["bare"]
     ceiling = 2 * server_us / (server_us + wrk_us) if server_us else None
-    # Scrape cost: fresh servers (compare closed its own), one of each setting.
+    # Scrape cost, on fresh servers (compare closed its own), and how the
+    # kernel spread a load over the two workers (each one's CPU share).
+    split: list[float] = []
     for name, count in (("workers_2", 2), ("workers_1", 1)):
-        spec = apps.framework(
-            apps.free_port(), config=apps.all_features_config(apps.EXAMPLE, Path(scratch.name))
-        )
-        server = apps.Server(dataclasses.replace(spec, args=(*spec.args, "--workers", str(count))))
+        server = apps.Server(workers_spec(count, Path(scratch.name)))
         try:
             server.wait_ready()
-            apps.wrk_load(server.port, connections=CONNECTIONS, seconds=1.0, threads=1)
+            workers = children(server.proc.pid) or [server.proc.pid]
+            before = [apps.cpu_seconds(pid) or 0.0 for pid in workers]
+            apps.wrk_load(server.port, connections=CONNECTIONS, seconds=args.seconds, threads=1)
+            spent = [(apps.cpu_seconds(p) or 0.0) - b for p, b in zip(workers, before, strict=True)]
+            if count == 2:
+                split = [round(x / (sum(spent) or 1.0), 3) for x in spent]
             scrapes[name] = round(scrape_ms(server.port), 2)
         finally:
             server.close()
@@ -202,6 +210,7 @@ def main() -> None:
         "wrk_cpu_us_per_request": round(wrk_us, 1),
         "ceiling": round(ceiling, 3) if ceiling else None,
         "scrape_ms": scrapes,
+        "worker_cpu_split": split,
         "metrics_observe_us": observe,
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
@@ -215,6 +224,7 @@ def main() -> None:
         f"ceiling on {os.cpu_count()} cores ≈ {summary['ceiling']}"
     )
     print(f"GET /metrics: {scrapes} ms; one observation: {observe} µs")
+    print(f"CPU split between the two workers under one load: {split}")
     print(json.dumps(summary))
 
 

@@ -246,7 +246,7 @@ def test_sigterm_drains_every_worker_and_exits_0(spawn: Spawn) -> None:
 def test_worker_that_cannot_start_ends_the_parent(spawn: Spawn) -> None:
     """A start that fails in every worker: exit 1 with the cause, no restart loop."""
     child, _ = start(spawn, env={"WORKERS_TEST_FAIL_START": "1"})
-    assert child.wait(BOUND) == 1
+    assert child.wait(PATIENCE + BOUND) == 1  # the workers' start, their failure, the stop
     giving_up = [line for line in child.stderr.splitlines() if "giving up" in line]
     assert len(giving_up) == 1, child.report()
     assert "the test app refuses to start" in giving_up[0]

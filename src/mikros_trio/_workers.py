@@ -25,7 +25,8 @@ starts), then:
    forwarded too, and forces the workers out as it forces a single
    process; workers still alive ``shutdown_timeout`` + :data:`KILL_MARGIN`
    after the first signal are killed (their code counts as 124);
-6. exits with the largest exit code of its workers' last runs.
+6. exits with the largest exit code of its workers' last runs, or with the
+   code of the worker it gave up on.
 
 A worker that exits 0 on its own (its work is done, or someone sent it
 SIGTERM directly) ends the service as a single process would end.
@@ -303,6 +304,10 @@ class _Pool:
         self.reason: str | None = None  # why the shutdown began, once it has
         self.signal: int | None = None  # the signal that began the shutdown
         self.forced = False
+        # The code of a worker the parent gave up on: the service's, whatever
+        # the others make of the SIGTERM that follows (one already failing
+        # takes it as a second signal, 143).
+        self.verdict: int | None = None
         self.folder = Path(tempfile.mkdtemp(prefix="mikros-trio-"))
         self.board = Board.create(self.folder / "board", count)
         self.metrics = self.folder / "metrics" if metrics_enabled(definition) else None
@@ -359,6 +364,8 @@ class _Pool:
 
     @property
     def exit_code(self) -> int:
+        if self.verdict is not None:
+            return self.verdict
         return max(slot.code for slot in self.slots)
 
     async def _keep(self, slot: _Slot) -> None:
@@ -395,6 +402,7 @@ class _Pool:
                         f" ({cause})" if cause else "",
                         code,
                     )
+                    self.verdict = code
                     self.begin_shutdown(f"worker {slot.index} could not start", None)
                     return
             lived = trio.current_time() - started

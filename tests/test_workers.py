@@ -7,6 +7,7 @@ are bounded by ``PATIENCE``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -113,6 +114,13 @@ def ask(connection: http.client.HTTPConnection, path: str) -> tuple[int, dict[st
     return response.status, json.loads(response.read())
 
 
+@pytest.fixture(name="stack")
+def fixture_stack() -> Iterator[contextlib.ExitStack]:
+    """What a test opens (client connections) is closed at teardown, pass or fail."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
 @pytest.fixture(name="held")
 def fixture_held(tmp_path: Path) -> Iterator[Path]:
     """A folder for ``WORKERS_TEST_HOLD``; ``go`` is created at teardown so no worker waits."""
@@ -200,19 +208,20 @@ def test_ready_only_when_every_worker_is_ready(spawn: Spawn, held: Path) -> None
     child.wait_for("all 2 workers ready", stream="stderr")
 
 
-def test_killed_worker_is_restarted_and_service_keeps_serving(spawn: Spawn) -> None:
+def test_killed_worker_is_restarted_and_service_keeps_serving(
+    spawn: Spawn, stack: contextlib.ExitStack
+) -> None:
     """kill -9 of a worker in the middle of a request: it is replaced, the service serves on."""
     child, port = start(spawn)
     wait_until_ok(child, port)
     first = workers_of(child.proc.pid)
     victim = min(first)
-    connection = connection_to(port, victim)
+    connection = stack.enter_context(contextlib.closing(connection_to(port, victim)))
     connection.request("GET", "/slow?seconds=5")
     time.sleep(0.2)
     os.kill(victim, signal.SIGKILL)
     with pytest.raises((OSError, http.client.HTTPException)):
         connection.getresponse().read()
-    connection.close()
     child.wait_for("was killed by SIGKILL; restarting it", stream="stderr")
     wait_until_ok(child, port)
     now = workers_of(child.proc.pid)
@@ -223,12 +232,12 @@ def test_killed_worker_is_restarted_and_service_keeps_serving(spawn: Spawn) -> N
     assert child.wait(BOUND) == 0
 
 
-def test_sigterm_drains_every_worker_and_exits_0(spawn: Spawn) -> None:
+def test_sigterm_drains_every_worker_and_exits_0(spawn: Spawn, stack: contextlib.ExitStack) -> None:
     """SIGTERM: a request in flight on each worker finishes, then the parent exits 0 in time."""
     child, port = start(spawn)
     wait_until_ok(child, port)
     pids = workers_of(child.proc.pid)
-    connections = [connection_to(port, pid) for pid in pids]
+    connections = [stack.enter_context(contextlib.closing(connection_to(port, p))) for p in pids]
     for connection in connections:
         connection.request("GET", "/slow?seconds=1")
     time.sleep(0.2)
@@ -271,16 +280,15 @@ def test_second_signal_forces_the_exit(spawn: Spawn) -> None:
     child, port = start(spawn)
     wait_until_ok(child, port)
     pids = workers_of(child.proc.pid)
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=PATIENCE)
-    connection.request("GET", "/slow?seconds=30")
-    time.sleep(0.2)
-    child.send(signal.SIGTERM)
-    child.wait_for("shutting down", stream="stderr")
-    sent = child.send(signal.SIGTERM)
-    assert child.wait(BOUND) == 128 + signal.SIGTERM
-    assert time.perf_counter() - sent < 2.0
-    assert gone(pids)
-    connection.close()
+    with contextlib.closing(http.client.HTTPConnection("127.0.0.1", port, timeout=PATIENCE)) as c:
+        c.request("GET", "/slow?seconds=30")
+        time.sleep(0.2)
+        child.send(signal.SIGTERM)
+        child.wait_for("shutting down", stream="stderr")
+        sent = child.send(signal.SIGTERM)
+        assert child.wait(BOUND) == 128 + signal.SIGTERM
+        assert time.perf_counter() - sent < 2.0
+        assert gone(pids)
 
 
 def test_metrics_add_up_every_worker(spawn: Spawn) -> None:
@@ -312,13 +320,15 @@ def test_metrics_add_up_every_worker(spawn: Spawn) -> None:
         assert counts == [total], text
 
 
-def test_readiness_turns_off_in_every_worker_when_one_begins_shutdown(spawn: Spawn) -> None:
+def test_readiness_turns_off_in_every_worker_when_one_begins_shutdown(
+    spawn: Spawn, stack: contextlib.ExitStack
+) -> None:
     """SIGTERM to one worker with a request in flight: the other's /readyz says 503 at once."""
     child, port = start(spawn)
     wait_until_ok(child, port)
     stopping, other = sorted(workers_of(child.proc.pid))
-    busy = connection_to(port, stopping)
-    watcher = connection_to(port, other)
+    busy = stack.enter_context(contextlib.closing(connection_to(port, stopping)))
+    watcher = stack.enter_context(contextlib.closing(connection_to(port, other)))
     assert ask(watcher, "/readyz")[0] == 200
     busy.request("GET", "/slow?seconds=2")
     time.sleep(0.2)
@@ -331,8 +341,6 @@ def test_readiness_turns_off_in_every_worker_when_one_begins_shutdown(spawn: Spa
     health = ask(watcher, "/healthz")[1]
     assert health["status"] == "serving"  # the other worker itself still serves
     assert busy.getresponse().status == 200  # the drain finished the request
-    busy.close()
-    watcher.close()
     # A worker that stopped cleanly ends the service: everything exits 0.
     assert child.wait(BOUND) == 0
 

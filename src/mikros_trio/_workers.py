@@ -23,7 +23,7 @@ starts), then:
 5. on SIGTERM, SIGINT or SIGHUP turns readiness off in every worker at
    once, stops restarting, and forwards the signal; a second one is
    forwarded too, and forces the workers out as it forces a single
-   process; workers still alive ``shutdown_timeout`` + :data:`KILL_MARGIN`
+   process (the parent then exits 128 + N); workers still alive ``shutdown_timeout`` + :data:`KILL_MARGIN`
    after the first signal are killed (their code counts as 124);
 6. exits with the largest exit code of its workers' last runs, or with the
    code of the worker it gave up on.
@@ -303,7 +303,7 @@ class _Pool:
         self.ever_ready = False
         self.reason: str | None = None  # why the shutdown began, once it has
         self.signal: int | None = None  # the signal that began the shutdown
-        self.forced = False
+        self.forced: int | None = None  # the second signal, once one came
         # The code of a worker the parent gave up on: the service's, whatever
         # the others make of the SIGTERM that follows (one already failing
         # takes it as a second signal, 143).
@@ -366,7 +366,10 @@ class _Pool:
     def exit_code(self) -> int:
         if self.verdict is not None:
             return self.verdict
-        return max(slot.code for slot in self.slots)
+        worst = max(slot.code for slot in self.slots)
+        # Forced, as a single process is: 128 + N even if every worker
+        # happened to end cleanly before the signal reached it.
+        return worst if self.forced is None else max(worst, 128 + self.forced)
 
     async def _keep(self, slot: _Slot) -> None:
         """Run slot's worker; restart it while the service goes on."""
@@ -509,7 +512,7 @@ class _Pool:
         signum = -returncode
         # Killed by the very signal it was asked to stop with: it had not yet
         # set up its handlers (it was starting), and stopped as asked.
-        if self.stopping() and not self.forced and signum == self.signal:
+        if self.stopping() and self.forced is None and signum == self.signal:
             return 0
         return 128 + signum
 
@@ -545,7 +548,7 @@ class _Pool:
             self.begin_shutdown(signal.Signals(signum).name, signum)
             return
         # A second signal: the workers force their exit as a single process does.
-        self.forced = True
+        self.forced = signum
         log.warning("forced exit by %s: forwarding it to every worker", signal.Signals(signum).name)
         self.event("forced", signal.Signals(signum).name)
         self._signal_all(signum)

@@ -252,6 +252,19 @@ def test_sigterm_drains_every_worker_and_exits_0(spawn: Spawn, stack: contextlib
     assert gone(pids)
 
 
+def test_worker_that_cannot_stop_is_killed_at_the_bound(spawn: Spawn) -> None:
+    """A frozen worker (SIGSTOP: its watchdog cannot run) is killed; exit 124 within the bound."""
+    child, port = start(spawn)
+    wait_until_ok(child, port)
+    frozen, other = sorted(workers_of(child.proc.pid))
+    os.kill(frozen, signal.SIGSTOP)
+    sent = child.send(signal.SIGTERM)
+    assert child.wait(BOUND + 1.0) == 124
+    assert SHUTDOWN_TIMEOUT < time.perf_counter() - sent < BOUND
+    assert "still running" in child.stderr
+    assert gone({frozen, other})
+
+
 def test_worker_that_cannot_start_ends_the_parent(spawn: Spawn) -> None:
     """A start that fails in every worker: exit 1 with the cause, no restart loop."""
     child, _ = start(spawn, env={"WORKERS_TEST_FAIL_START": "1"})

@@ -326,10 +326,17 @@ def test_metrics_add_up_every_worker(spawn: Spawn) -> None:
             if body["pid"] == pid:
                 break
             connection.close()
-        connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
+        # The /pid just answered is counted once its task finishes, which
+        # may be after the next request on the connection is read: scrapes
+        # (never counted themselves) until it is, bounded.
+        for _ in range(50):
+            connection.request("GET", "/metrics")
+            text = connection.getresponse().read().decode()
+            counts = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)]
+            if counts == [total]:
+                break
+            time.sleep(0.01)
         connection.close()
-        counts = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)]
         assert counts == [total], text
 
 

@@ -394,7 +394,9 @@ def test_signal_storm_ends_in_bounded_time(spawn: Spawn) -> None:
     thread.start()
     code = child.wait(BOUND)
     thread.join(PATIENCE)
-    assert code in (0, 128 + signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGHUP)
+    assert code in (0, 128 + signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGHUP), (
+        child.report()
+    )
     assert gone(pids | workers_of(child.proc.pid))
     assert "Traceback" not in child.stderr
 

@@ -24,6 +24,7 @@ from ._container import ServiceContainer, build_components, container_class
 from ._definition import Definition, env_forms, load_definition
 from ._gc import GcTuning
 from ._health import Health
+from ._listen import WORKER_ENV
 from ._registry import Registry, default_registry
 from ._supervisor import LifecycleEvent, Supervisor, Timeouts
 from ._telemetry import Telemetry, redact_current
@@ -342,16 +343,21 @@ async def run_process(
     except ConfigError as error:
         report_config_error(error)
         raise SystemExit(2) from None
-    from ._workers import worker_count, worker_link
+    # _workers is imported only by a parent or a worker: a single process
+    # does not pay for it at start.
+    in_worker = WORKER_ENV in os.environ
+    count = service.definition.lifecycle.workers if workers is None else workers
+    if count != 1 and not in_worker:
+        from ._workers import worker_count
 
-    link = worker_link()
-    count = (
-        1
-        if link is not None
-        else worker_count(service.definition.lifecycle.workers if workers is None else workers)
-    )
-    if count > 1:
-        raise SystemExit(await _parent(container, config, service, count, verbose, target))
+        count = worker_count(count)
+        if count > 1:
+            raise SystemExit(await _parent(container, config, service, count, verbose, target))
+    link = None
+    if in_worker:
+        from ._workers import worker_link
+
+        link = worker_link()
     if verbose:
         # The logger feature owns logging; --verbose only opens it to debug lines.
         from .features.logger import show_debug

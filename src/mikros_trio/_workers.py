@@ -23,8 +23,9 @@ starts), then:
 5. on SIGTERM, SIGINT or SIGHUP turns readiness off in every worker at
    once, stops restarting, and forwards the signal; a second one is
    forwarded too, and forces the workers out as it forces a single
-   process (the parent then exits 128 + N); workers still alive ``shutdown_timeout`` + :data:`KILL_MARGIN`
-   after the first signal are killed (their code counts as 124);
+   process (the parent then exits 128 + N); workers still alive
+   ``shutdown_timeout`` + :data:`KILL_MARGIN` after the first signal are
+   killed (their code counts as 124);
 6. exits with the largest exit code of its workers' last runs, or with the
    code of the worker it gave up on.
 
@@ -96,6 +97,9 @@ MAX_START_FAILURES = 3
 #: Seconds past shutdown_timeout the parent waits before killing a worker:
 #: the worker's own watchdog acts at shutdown_timeout + MARGIN.
 KILL_MARGIN = 2 * MARGIN
+
+#: Seconds between repeats of a forcing signal to the workers still alive.
+FORCE_REPEAT = 0.05
 
 _PHASE_BYTES = {Phase.STARTING: 0, Phase.SERVING: 1, Phase.DRAINING: 2, Phase.STOPPED: 3}
 _PARENT_SERVING, _PARENT_STOPPING = 1, 2
@@ -315,6 +319,7 @@ class _Pool:
             self.metrics.mkdir()
         self._wake_backoff = trio.Event()
         self._kill_at = trio.CancelScope()
+        self._outer: trio.Nursery | None = None
 
     def stopping(self) -> bool:
         """Has the shutdown begun? (A method: it changes under every await.)"""
@@ -354,11 +359,13 @@ class _Pool:
 
     async def run(self) -> int:
         async with trio.open_nursery() as outer:
+            self._outer = outer
             outer.start_soon(self._kill_late)
             async with trio.open_nursery() as nursery:
                 for slot in self.slots:
                     nursery.start_soon(self._keep, slot)
             outer.cancel_scope.cancel()
+        self._outer = None  # closed: a signal from now on has no worker to force
         self.event("stopped", f"exit code {self.exit_code}")
         return self.exit_code
 
@@ -548,10 +555,25 @@ class _Pool:
             self.begin_shutdown(signal.Signals(signum).name, signum)
             return
         # A second signal: the workers force their exit as a single process does.
+        if self.forced is not None:
+            return  # already forcing
         self.forced = signum
         log.warning("forced exit by %s: forwarding it to every worker", signal.Signals(signum).name)
         self.event("forced", signal.Signals(signum).name)
-        self._signal_all(signum)
+        if self._outer is not None:
+            self._outer.start_soon(self._force_all, signum)
+
+    async def _force_all(self, signum: int) -> None:
+        """Send ``signum`` to every worker until all have ended (the kill deadline bounds it).
+
+        Once is not enough: a signal sent while the same one is still
+        pending in a worker (the forwarded first one) merges with it, and
+        the worker would see one signal, a graceful stop. Any signal after
+        a worker's shutdown began forces it, so repeating is harmless.
+        """
+        while any(s.process is not None and s.process.returncode is None for s in self.slots):
+            self._signal_all(signum)
+            await trio.sleep(FORCE_REPEAT)
 
     def _signal_all(self, signum: int) -> None:
         for slot in self.slots:

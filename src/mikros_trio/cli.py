@@ -32,7 +32,6 @@ from ._definition import Definition, definition_schema, load_definition
 from ._graph import NodeSpec, plan
 from ._registry import default_registry
 from ._service import Service, report_config_error, run_process, validate_with_envs
-from ._workers import MAX_WORKERS
 from .errors import ConfigError
 
 __all__ = ["main"]
@@ -111,6 +110,8 @@ def _run(args: argparse.Namespace) -> NoReturn:
 
 
 def _workers_count(text: str) -> int:
+    from ._workers import MAX_WORKERS  # only with the flag: a parent imports it anyway
+
     if not (text.isascii() and text.isdigit()) or int(text) > MAX_WORKERS:
         raise argparse.ArgumentTypeError(
             f"expected a number of processes 0-{MAX_WORKERS}, got {text!r}"

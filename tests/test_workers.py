@@ -181,6 +181,28 @@ def test_cli_flag_overrides_the_file(spawn: Spawn) -> None:
     assert len(workers_of(three.proc.pid)) == 3
 
 
+def test_zero_is_one_worker_per_cpu(spawn: Spawn) -> None:
+    """--workers 0 starts as many workers as CPUs this process may use (a parent if over 1)."""
+    cpus = len(os.sched_getaffinity(0))
+    child, port = start(spawn, "--workers", "0")
+    wait_until_ok(child, port)
+    if cpus > 1:
+        assert len(workers_of(child.proc.pid)) == cpus
+    else:
+        assert pids_serving(port, 2, tries=10) == {child.proc.pid}
+
+
+def test_workers_above_the_bound_is_a_config_error(spawn: Spawn, tmp_path: Path) -> None:
+    """[lifecycle] workers = 257 in service.toml: exit 2 naming the key, before anything starts."""
+    config = tmp_path / "service.toml"
+    text = (ASSET / "service.toml").read_text().replace("workers = 2", "workers = 257")
+    config.write_text(text)
+    child = spawn(MIKROS_TRIO, "run", MAIN, "--config", config)
+    assert child.wait() == 2
+    assert "lifecycle.workers" in child.stderr
+    assert "Traceback" not in child.stderr
+
+
 def test_bad_workers_flag_is_a_usage_error(spawn: Spawn) -> None:
     """--workers above the bound exits 2, no traceback."""
     child = spawn(MIKROS_TRIO, "run", MAIN, "--workers", "257")

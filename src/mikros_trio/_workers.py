@@ -666,12 +666,13 @@ async def run_workers(
             signal.signal(signum, handler)
         try:
             try:
-                pool.open_sockets()
+                ports = pool.open_sockets()
             except OSError as error:
                 log.error("%s", error.strerror or error)
                 return 1
             pool.event("starting", f"{count} workers")
-            log.info("starting %d workers", count)
+            where = ", ".join(f"{key.rsplit(':', 1)[0]}:{port}" for key, port in ports.items())
+            log.info("starting %d workers%s", count, f" on {where}" if where else "")
             return await pool.run()
         finally:
             pool.cleanup()

@@ -9,8 +9,9 @@ the address it was configured with (``host:port`` as written, port 0
 included). So:
 
 - the kernel spreads new connections over the workers (SO_REUSEPORT hashes
-  each connection to one socket of the group), which measured steadier
-  than one socket all workers accept from;
+  each connection to one socket of the group); with one socket shared by
+  all, every worker is woken for each connection and whichever accepts
+  first takes it, which spread connection-per-request load unevenly;
 - a worker that dies loses only the connections it had accepted: those
   queued on its socket wait there for its replacement, which inherits the
   same socket;

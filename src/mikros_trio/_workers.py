@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -71,6 +71,9 @@ from ._runtime_settings import GrpcSettings, HttpSettings
 from ._supervisor import SIGNALS, LifecycleEvent
 from ._watchdog import EXIT_CODE, MARGIN
 from .features.settings import METRICS_PORT_ENV, MetricsSettings
+
+if TYPE_CHECKING:
+    from ._service import Service
 
 __all__ = [
     "MAX_WORKERS",
@@ -192,7 +195,7 @@ class WorkerLink:
     board_path: Path
     channel: int  # file descriptor of this worker's end of the socket pair
 
-    async def run(self, service: Any) -> int:
+    async def run(self, service: Service) -> int:
         """Run ``service`` as worker ``slot``: health joined to the board, the parent watched."""
         sender = socket.socket(fileno=os.dup(self.channel))
         sender.setblocking(False)
@@ -207,7 +210,7 @@ class WorkerLink:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_parent, service)
-                code: int = await service.run()
+                code = await service.run()
                 nursery.cancel_scope.cancel()
         finally:
             sender.close()
@@ -218,7 +221,7 @@ class WorkerLink:
                 self.board_path.with_name(f"failure-{self.slot}").write_text(str(failure))
         return code
 
-    async def _watch_parent(self, service: Any) -> None:
+    async def _watch_parent(self, service: Service) -> None:
         channel = trio.socket.from_stdlib_socket(socket.socket(fileno=self.channel))
         with channel:
             while True:

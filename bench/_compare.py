@@ -55,13 +55,19 @@ def compare(
     seconds: float,
     unit: str,
     target: float,
+    cpu: Callable[[Any], float | None] | None = None,
 ) -> dict[str, Any]:
     """Run the rounds; return rates, medians, the framework/bare ratio, noise and CPU per unit.
 
     ``servers`` maps a name to its replicas and must hold ``framework`` and
     ``bare``; others are references. Every replica is closed on the way out
-    (exit codes included).
+    (exit codes included). ``cpu(server)`` gives the CPU seconds a server
+    has used (default: its process's; a server of several processes
+    passes its own).
     """
+
+    cpu_of = cpu if cpu is not None else _process_cpu
+
     replicas = [
         (name, index, server)
         for name, group in servers.items()
@@ -80,10 +86,9 @@ def compare(
             random.Random(number).shuffle(order)
             this_round: dict[str, list[float]] = {name: [] for name in servers}
             for name, index, server in order:
-                pid = server.proc.pid
-                before = cpu_seconds(pid)
+                before = cpu_of(server)
                 result = load(server.port, seconds)
-                after = cpu_seconds(pid)
+                after = cpu_of(server)
                 results[name].append(result)
                 by_replica[name, index].append(result.rate)
                 this_round[name].append(result.rate)
@@ -128,6 +133,10 @@ def compare(
         "errors": errors,
         "exit_codes": codes,
     }
+
+
+def _process_cpu(server: Any) -> float | None:
+    return cpu_seconds(server.proc.pid)
 
 
 def verdict(figures: Mapping[str, Any]) -> str:

@@ -66,6 +66,8 @@ _PORT_EXPECTED: Final = f"an integer between 0 and {_PORT_MAX}"
 # garbage piles up for minutes on a busy server; CPython's own limit is a C
 # int, and a larger number crashed the start.
 _GC_THRESHOLD_MAX: Final = 1_000_000
+# Worker processes: each holds a share of every listening socket in the parent.
+_WORKERS_MAX: Final = 256
 
 # Keys of [clients.*] name other services (Mikros names may hold "-");
 # keys of [components.*] name container providers, so Python identifiers.
@@ -170,6 +172,15 @@ class LifecycleSettings:
             "help": "Pause between readiness off and draining, for load balancers to notice.",
             "ge": 0,
             "lt": 30,
+        },
+    )
+    workers: int = field(
+        default=1,
+        metadata={
+            "help": "Processes serving the service, each running all of it on shared "
+            "listening sockets: 1 is one process, 0 one per CPU the process may use.",
+            "ge": 0,
+            "le": _WORKERS_MAX,
         },
     )
     gc_freeze: bool = field(

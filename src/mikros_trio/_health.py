@@ -4,6 +4,14 @@ The supervisor is the only writer; HTTP probes and ``grpc.health.v1`` are
 readers. Readers that stream changes (gRPC ``Watch``) wait on
 :meth:`Health.wait_changed`, which costs nothing while nobody waits: the
 event is created lazily and only set when someone holds it.
+
+Under ``workers = N`` each worker process has its own supervisor and
+health, and probes must answer for the whole service: the worker's health
+is then joined to :class:`Peers` (a status block shared by all workers,
+see :mod:`._workers`), and ready only while every worker serves and the
+parent is not shutting down. A worker that begins shutting down writes so
+into the block before anything else, so every other worker's next probe
+already says not ready.
 """
 
 from __future__ import annotations
@@ -11,11 +19,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
-__all__ = ["ComponentState", "Health", "Phase"]
+__all__ = ["ComponentState", "Health", "Peers", "Phase"]
 
 
 class Phase(enum.Enum):
@@ -44,6 +52,23 @@ class ComponentState(enum.Enum):
     FAILED = "failed"
 
 
+class Peers(Protocol):
+    """The other workers of the service, as this worker's health sees them."""
+
+    @property
+    def ready(self) -> bool:
+        """Every worker serving, and the parent not shutting down."""
+        ...
+
+    def publish(self, phase: Phase) -> None:
+        """Tell the others this worker's phase (called on every change, first)."""
+        ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready view of every worker, for ``/healthz``."""
+        ...
+
+
 class Health:
     """Health of a service: overall :class:`Phase` and each component's state.
 
@@ -52,13 +77,14 @@ class Health:
     :attr:`phase` is ``SERVING``.
     """
 
-    __slots__ = ("_changed", "_components", "_phase", "_version")
+    __slots__ = ("_changed", "_components", "_peers", "_phase", "_version")
 
     def __init__(self) -> None:
         self._phase = Phase.STARTING
         self._components: dict[str, ComponentState] = {}
         self._version = 0
         self._changed: trio.Event | None = None
+        self._peers: Peers | None = None
 
     @property
     def phase(self) -> Phase:
@@ -67,8 +93,12 @@ class Health:
 
     @property
     def ready(self) -> bool:
-        """True only while serving: what ``/readyz`` and gRPC ``SERVING`` report."""
-        return self._phase is Phase.SERVING
+        """True only while serving: what ``/readyz`` and gRPC ``SERVING`` report.
+
+        Under workers, only while every worker serves (see :class:`Peers`).
+        """
+        peers = self._peers
+        return self._phase is Phase.SERVING and (peers is None or peers.ready)
 
     @property
     def live(self) -> bool:
@@ -87,10 +117,13 @@ class Health:
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready view for ``/healthz``: overall phase and each component."""
-        return {
+        snapshot: dict[str, Any] = {
             "status": self._phase.value,
             "components": {name: state.value for name, state in self._components.items()},
         }
+        if self._peers is not None:
+            snapshot["workers"] = self._peers.snapshot()
+        return snapshot
 
     async def wait_changed(self, since: int) -> int:
         """Wait until the version moves past ``since``; return the new version."""
@@ -106,9 +139,20 @@ class Health:
 
     # -- writer side: the supervisor only ---------------------------------
 
+    def _share(self, peers: Peers) -> None:
+        """Answer for every worker from now on (a worker process, before it runs)."""
+        self._peers = peers
+        peers.publish(self._phase)
+
+    def _peers_changed(self) -> None:
+        """Another worker (or the parent) changed: wake the readers that stream changes."""
+        self._bump()
+
     def _set_phase(self, phase: Phase) -> None:
         if phase is not self._phase:
             self._phase = phase
+            if self._peers is not None:
+                self._peers.publish(phase)
             self._bump()
 
     def _set_component(self, name: str, state: ComponentState) -> None:

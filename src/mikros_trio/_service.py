@@ -24,6 +24,7 @@ from ._container import ServiceContainer, build_components, container_class
 from ._definition import Definition, env_forms, load_definition
 from ._gc import GcTuning
 from ._health import Health
+from ._listen import WORKER_ENV
 from ._registry import Registry, default_registry
 from ._supervisor import LifecycleEvent, Supervisor, Timeouts
 from ._telemetry import Telemetry, redact_current
@@ -324,6 +325,7 @@ async def run(
     config: str | os.PathLike[str] = "service.toml",
     *,
     verbose: bool | None = None,
+    workers: int | None = None,
 ) -> NoReturn:
     """Run a service until it stops, then exit the process with its exit code.
 
@@ -332,6 +334,10 @@ async def run(
     ``start_timeout`` or ``shutdown_timeout`` (plus 1 s), prints
     configuration errors without a traceback (exit 2), and prints the
     lifecycle event log when ``verbose`` (or ``MIKROS_TRIO_VERBOSE=1``).
+    ``workers`` overrides ``[lifecycle] workers``: above 1, this process
+    becomes the parent of that many worker processes, each started as
+    ``mikros-trio run`` of ``container``'s class (its module, or the script
+    run as ``__main__``), which must then be a class, not an instance.
     Call it from ``trio.run``::
 
         async def main() -> None:
@@ -340,9 +346,23 @@ async def run(
         if __name__ == "__main__":
             trio.run(main)
     """
+    await run_process(container, config, verbose=verbose, workers=workers, target=None)
+
+
+async def run_process(
+    container: ServiceContainer | type[ServiceContainer],
+    config: str | os.PathLike[str],
+    *,
+    verbose: bool | None,
+    workers: int | None,
+    target: str | None,
+) -> NoReturn:
+    """:func:`run`, with the command-line ``target`` workers are started from (None: derive it)."""
     if verbose is None:
         verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
     pause_collection()
+    parent_of = 0  # workers to start as their parent, or 0: serve in this process
+    link = None
     try:
         service = Service(
             container,
@@ -355,12 +375,26 @@ async def run(
         except ConfigError as error:
             report_config_error(error)
             raise SystemExit(2) from None
-        if verbose:
+        # _workers is imported only by a parent or a worker: a single process
+        # does not pay for it at start.
+        in_worker = WORKER_ENV in os.environ
+        count = service.definition.lifecycle.workers if workers is None else workers
+        if count != 1 and not in_worker:
+            from ._workers import worker_count
+
+            count = worker_count(count)
+            if count > 1:
+                parent_of = count
+        if in_worker:
+            from ._workers import worker_link
+
+            link = worker_link()
+        if verbose and not parent_of:
             # The logger feature owns logging; --verbose only opens it to debug lines.
             from .features.logger import show_debug
 
             show_debug(service.telemetry)
-        if service.definition.lifecycle.gc_freeze:
+        if service.definition.lifecycle.gc_freeze and not parent_of:
             # Everything built so far lives as long as the process: move it out
             # of the collector's sight, which halves GC time during start and
             # stop of large graphs (bench/graph_scale.py). What start builds is
@@ -368,5 +402,56 @@ async def run(
             gc.freeze()
     finally:
         _resume_collection()
-    code = await service.run()
+    if parent_of:
+        raise SystemExit(await _parent(container, config, service, parent_of, verbose, target))
+    code = await (service.run() if link is None else link.run(service))
     raise SystemExit(code)
+
+
+async def _parent(
+    container: ServiceContainer | type[ServiceContainer],
+    config: str | os.PathLike[str],
+    service: Service,
+    count: int,
+    verbose: bool,
+    target: str | None,
+) -> int:
+    """Become the parent of ``count`` workers (see :mod:`._workers`); the exit code."""
+    from ._workers import run_workers
+
+    if target is None:
+        try:
+            target = _target_of(container)
+        except ValueError as error:
+            print(f"mikros-trio: {error}", file=sys.stderr)
+            return 2
+    on_event = event_printer() if verbose else None
+    command = _worker_command(target, config, verbose)
+    return await run_workers(command, service.definition, count, on_event=on_event)
+
+
+def _worker_command(target: str, config: str | os.PathLike[str], verbose: bool) -> list[str]:
+    command = [sys.executable, "-m", "mikros_trio.cli", "run", target]
+    command += ["--config", os.path.abspath(config)]
+    return [*command, "--verbose"] if verbose else command
+
+
+def _target_of(container: ServiceContainer | type[ServiceContainer]) -> str:
+    """``module:Class`` (or ``path/to/main.py:Class``) a worker imports ``container`` from."""
+    if not isinstance(container, type):
+        raise ValueError(
+            "workers > 1 start each worker from the container class: "
+            "pass the class to mikros_trio.run, not an instance"
+        )
+    module = container.__module__
+    if module == "__main__":
+        main = sys.modules["__main__"]
+        spec = getattr(main, "__spec__", None)
+        if spec is not None and spec.name:
+            module = spec.name  # run with python -m
+        else:
+            path = getattr(main, "__file__", None)
+            if path is None:
+                raise ValueError("workers > 1 need the container in a file or module")
+            return f"{Path(path).resolve()}:{container.__qualname__}"
+    return f"{module}:{container.__qualname__}"

@@ -31,7 +31,7 @@ from ._container import ServiceContainer, container_class
 from ._definition import Definition, definition_schema, load_definition
 from ._graph import NodeSpec, plan
 from ._registry import default_registry
-from ._service import Service, report_config_error, run, validate_with_envs
+from ._service import Service, report_config_error, run_process, validate_with_envs
 from .errors import ConfigError
 
 __all__ = ["main"]
@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("target", help="container: path/to/main.py[:Container] or module[:Container]")
     run.add_argument("--config", type=Path, help="service.toml (default: beside the target)")
     run.add_argument("--verbose", "-v", action="store_true", help="print lifecycle events")
+    run.add_argument(
+        "--workers",
+        type=_workers_count,
+        metavar="N",
+        help="processes serving the service (0: one per CPU); overrides [lifecycle] workers",
+    )
     run.set_defaults(handler=_run)
 
     check = commands.add_parser(
@@ -90,8 +96,27 @@ def _run(args: argparse.Namespace) -> NoReturn:
     # run() owns the process from here: signals, logging, and the exit
     # code, which it raises as SystemExit exactly as `python main.py` would.
     # --verbose turns the event log on; without it MIKROS_TRIO_VERBOSE still decides.
-    trio.run(functools.partial(run, container, config, verbose=args.verbose or None))
+    trio.run(
+        functools.partial(
+            run_process,
+            container,
+            config,
+            verbose=args.verbose or None,
+            workers=args.workers,
+            target=args.target,
+        )
+    )
     raise AssertionError("mikros_trio.run() returned")  # it always raises SystemExit
+
+
+def _workers_count(text: str) -> int:
+    from ._workers import MAX_WORKERS  # only with the flag: a parent imports it anyway
+
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of processes 0-{MAX_WORKERS}, got {text!r}"
+        )
+    return int(text)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -83,6 +83,7 @@ from ._grpc_wire import (
     only,
     stream_gone,
 )
+from ._listen import open_anyio_listener
 from ._runtime_settings import GrpcSettings
 from ._telemetry import Telemetry, current_call
 from ._wire import unexpected_error, wire_error
@@ -453,9 +454,7 @@ class GrpcServer(Component):
         self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
         dispatcher = _Dispatcher(self._services(lifetime), self._service_name, self._telemetry)
-        listener = await anyio.create_tcp_listener(
-            local_host=self._settings.host, local_port=self._port
-        )
+        listener = await open_anyio_listener(self._port, host=self._settings.host)
         self.port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
         lifetime.publish_address(self._settings.host, self.port)
         log.info("grpc listening on %s:%d", self._settings.host, self.port)

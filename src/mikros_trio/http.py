@@ -55,6 +55,7 @@ from ._http_apps import (
 )
 from ._http_h11 import Deadlines, H11Connection
 from ._http_lifespan import AppLifespan, app_lifespan
+from ._listen import open_tcp_listeners
 from ._runtime_settings import HttpSettings
 from ._telemetry import UNMATCHED, Endpoint, Telemetry
 
@@ -297,7 +298,7 @@ class _Endpoint:
                 reason = error.strerror or str(error)
                 raise OSError(error.errno, f"cannot load the TLS {files}: {reason}") from error
         try:
-            sockets = await trio.open_tcp_listeners(port, host=host)
+            sockets = await open_tcp_listeners(port, host=host)
         except OSError as error:
             reason = os.strerror(error.errno) if error.errno else str(error)
             raise OSError(error.errno, f"cannot listen on {host}:{port}: {reason}") from error
@@ -414,7 +415,7 @@ class _Endpoint:
     async def drain(self) -> None:
         """Stop accepting; close idle connections now and busy ones after their request."""
         self.draining = True
-        self._accept.cancel()  # serve_listeners closes the listeners on the way out
+        self._accept.cancel()  # the accept loops end and serve() closes the listeners
         if self._hyper is not None:
             await self._hyper.drain()
         for connection in list(self._connections):

@@ -59,6 +59,13 @@ rather than on h11, which a gRPC-only install does not have; it reads one
 bounded request head per connection, answers, and closes. ``MIKROS_METRICS_PORT``
 overrides its port, as ``MIKROS_HTTP_PORT`` does the HTTP one.
 
+Under ``workers = N`` each worker records into prometheus-client's
+multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the parent before
+the worker starts) and any worker's scrape serves the sum of all of them:
+counters and histograms add up, in-flight gauges sum the live workers, the
+other gauges show the largest value; ``process_*``, ``python_*`` and any
+custom collector describe one process and are left out of it.
+
 A script's metrics are final only once it has ended, moments before the
 process exits: Prometheus scrapes suit long-running services, and a script
 that must report its run belongs behind a Pushgateway (push
@@ -68,6 +75,7 @@ that must report its run belongs behind a Pushgateway (push
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,10 +92,12 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from mikros_trio._component import Component, Lifetime, Role
 from mikros_trio._container import BuildContext
 from mikros_trio._definition import parse_port
+from mikros_trio._listen import open_tcp_listeners
 from mikros_trio._supervisor import SERVICE, LifecycleEvent
 from mikros_trio._telemetry import HTTP_METHODS, UNMATCHED, Call, Observer
 from mikros_trio.errors import ConfigError, ConfigIssue
@@ -97,6 +107,10 @@ from mikros_trio.features.settings import MetricsSettings
 __all__ = ["PORT_ENV", "Metrics", "MetricsListener", "build_metrics"]
 
 log = logging.getLogger("mikros_trio.metrics")
+
+#: Set (by the workers' parent) before prometheus-client is imported, it makes
+#: every value live in files of this folder, which a scrape adds up.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -123,14 +137,22 @@ class Metrics:
     :func:`mikros_trio.current_telemetry`.
     """
 
-    __slots__ = ("registry",)
+    __slots__ = ("_exposed", "registry")
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, multiprocess_dir: str | None = None) -> None:
         self.registry = registry
+        self._exposed = registry
+        if multiprocess_dir is not None:
+            # Under workers every process records into its own files in this
+            # folder; any one of them serves the sum of all (collectors that
+            # are not values, as process_* and python_gc_*, describe one
+            # process and are left out).
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed, path=multiprocess_dir)  # type: ignore[no-untyped-call]
 
     def render(self) -> bytes:
         """Every metric of the registry in the Prometheus text exposition format."""
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
 
     def scrape(self) -> tuple[int, str, bytes]:
         """What a scrape gets: ``(status, content type, body)``; 500 if a collector broke.
@@ -168,7 +190,10 @@ class _Recorder(Observer):
             registry=r,
         )
         self._http_flight = Gauge(
-            "http_requests_in_flight", "HTTP requests being served now.", registry=r
+            "http_requests_in_flight",
+            "HTTP requests being served now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self._grpc_total = Counter(
             "grpc_server_handled_total",
@@ -184,7 +209,10 @@ class _Recorder(Observer):
             registry=r,
         )
         self._grpc_flight = Gauge(
-            "grpc_server_in_flight", "gRPC calls being served now.", registry=r
+            "grpc_server_in_flight",
+            "gRPC calls being served now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self._client_total = Counter(
             "grpc_client_handled_total",
@@ -219,32 +247,42 @@ class _Recorder(Observer):
             registry=r,
         )
         self._script_seconds = Gauge(
-            "script_duration_seconds", "How long the script ran (set when it ends).", registry=r
+            "script_duration_seconds",
+            "How long the script ran (set when it ends).",
+            registry=r,
+            multiprocess_mode="max",
         )
         self._script_success = Gauge(
-            "script_success", "1 if the script succeeded, 0 if it failed.", registry=r
+            "script_success",
+            "1 if the script succeeded, 0 if it failed.",
+            registry=r,
+            multiprocess_mode="min",
         )
         self._service_start = Gauge(
             "service_start_duration_seconds",
             "From the first component starting to the service being ready.",
             registry=r,
+            multiprocess_mode="max",
         )
         self._service_shutdown = Gauge(
             "service_shutdown_duration_seconds",
             "From the shutdown trigger to the service having stopped.",
             registry=r,
+            multiprocess_mode="max",
         )
         self._component_start = Gauge(
             "component_start_duration_seconds",
             "How long each component took to report ready.",
             ["component"],
             registry=r,
+            multiprocess_mode="max",
         )
         self._component_stop = Gauge(
             "component_stop_duration_seconds",
             "How long each component took to drain and stop.",
             ["component"],
             registry=r,
+            multiprocess_mode="max",
         )
         # Child caches: label tuple -> (counter child, histogram child).
         self._http: dict[tuple[str, str, str], _Pair] = {}
@@ -371,6 +409,7 @@ def _new_registry(service: str, version: str) -> CollectorRegistry:
         "The service's name and version; the value is always 1.",
         ["service", "version"],
         registry=registry,
+        multiprocess_mode="max",
     )
     info.labels(service, version).set(1)
     return registry
@@ -385,7 +424,9 @@ def build_metrics(context: BuildContext) -> Sequence[Component]:
     """
     settings: MetricsSettings = context.settings
     definition = context.definition
-    metrics = Metrics(_new_registry(definition.name, definition.version))
+    metrics = Metrics(
+        _new_registry(definition.name, definition.version), os.environ.get(MULTIPROCESS_ENV)
+    )
     telemetry = context.telemetry
     telemetry.publish(metrics)
     telemetry.add_observer(_Recorder(metrics.registry, settings.buckets))
@@ -468,7 +509,7 @@ class MetricsListener(Component):
     async def run(
         self, lifetime: Lifetime, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners = await trio.open_tcp_listeners(self._port, host=self._host or None)
+        listeners = await open_tcp_listeners(self._port, host=self._host or None)
         try:
             host, port = listeners[0].socket.getsockname()[:2]
             lifetime.publish_address(host, port)

@@ -13,19 +13,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mikros_trio._definition import (
+from mikros_trio import (
     ClientSettings,
     ComponentSettings,
     Definition,
     FeatureConfig,
+    FeatureSpec,
     LifecycleSettings,
     LogSettings,
+    Registry,
     ServiceType,
+    default_registry,
     definition_schema,
     load_definition,
     parse_definition,
 )
-from mikros_trio._registry import FeatureSpec, Registry, default_registry
 from mikros_trio._runtime_settings import GrpcSettings, HttpSettings, WorkerSettings
 from mikros_trio.errors import ConfigError, ConfigIssue
 

@@ -95,8 +95,8 @@ class HyperConnection(TCPServer):
         self._wait: trio.CancelScope | None = None
         self._read_loop = False  # True once the TLS handshake and protocol setup are done
         # One keep-alive timer for the connection's whole life, re-armed by
-        # moving its deadline: hypercorn starts a new timer task after every
-        # response, which cost ~15% of throughput (bench/http_overhead.py).
+        # moving its deadline, where hypercorn spawns a timer task after
+        # every response.
         self._keep_alive = trio.CancelScope(
             deadline=trio.current_time() + self.config.keep_alive_timeout
         )

@@ -376,10 +376,10 @@ def test_readiness_turns_off_in_every_worker_when_one_begins_shutdown(
     time.sleep(0.2)
     os.kill(stopping, signal.SIGTERM)
     deadline = time.monotonic() + 1.0
-    status = 200
+    status, body = 200, {}
     while status == 200 and time.monotonic() < deadline:
-        status, _ = ask(watcher, "/readyz")
-    assert status == 503
+        status, body = ask(watcher, "/readyz")
+    assert (status, body) == (503, {"status": "waiting for other workers"})
     health = ask(watcher, "/healthz")[1]
     assert health["status"] == "serving"  # the other worker itself still serves
     assert busy.getresponse().status == 200  # the drain finished the request

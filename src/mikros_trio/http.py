@@ -45,7 +45,7 @@ import trio
 
 from ._component import Component, Lifetime, Role
 from ._container import BuildContext
-from ._health import Health
+from ._health import Health, Phase
 from ._http_apps import (
     HTTP_STATUS,
     adapt_app,
@@ -116,7 +116,7 @@ class _Front:
                 path = scope["path"]
                 if path == READYZ:
                     ready = self._health.ready
-                    body = {"status": "ready" if ready else self._health.phase.value}
+                    body = {"status": "ready" if ready else _not_ready(self._health)}
                     return await _send_json(send, 200 if ready else 503, body)
                 if path == LIVEZ:
                     live = self._health.live
@@ -199,6 +199,12 @@ class _Front:
                 call.name = UNMATCHED
             outcome = outcome or str(status)
             telemetry.end(call, outcome, failed=outcome == CUT or status >= 500)
+
+
+def _not_ready(health: Health) -> str:
+    """Why ``/readyz`` says 503: the phase, or, serving under workers, the other workers."""
+    phase = health.phase
+    return "waiting for other workers" if phase is Phase.SERVING else phase.value
 
 
 #: The status the access log, metrics and traces record for a request whose

@@ -193,6 +193,19 @@ async def no_lifespan(scope: dict[str, Any], receive: Any, send: Any) -> bool:
     return True
 
 
+async def get_closing(running: RunningService, path: bytes) -> bytes:
+    """``GET path`` with ``Connection: close`` on a fresh connection: all the server sent."""
+    request = b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % path
+    raw, _ = await raw_exchange(http_port(running), request)
+    return raw
+
+
+async def answer(send: Any, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """A raw app's 200 answer: ``headers`` as given, then ``body`` whole."""
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def test_app_failures_get_a_500_json_answer(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:
@@ -206,10 +219,7 @@ async def test_app_failures_get_a_500_json_answer(
 
     running = await start_raw(mikros_service, tmp_path, app)
     for path in (b"/raise", b"/silent"):
-        raw, _ = await raw_exchange(
-            http_port(running), b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % path
-        )
-        [response] = parse_responses(raw)
+        [response] = parse_responses(await get_closing(running, path))
         assert response.status == 500
         assert response.headers[b"content-type"] == b"application/json"
         assert json.loads(response.body)["kind"] == "InternalError"
@@ -229,14 +239,11 @@ async def test_a_header_carrying_a_line_break_is_never_written(
             "/name": (b"x-user\r\nSet-Cookie", b"stolen=1"),
             "/length": (b"content-length", b"5, 6"),
         }[scope["path"]]
-        await send({"type": "http.response.start", "status": 200, "headers": [(name, value)]})
-        await send({"type": "http.response.body", "body": b"hello"})
+        await answer(send, [(name, value)], b"hello")
 
     running = await start_raw(mikros_service, tmp_path, app)
     for path in (b"/value", b"/name", b"/length"):
-        raw, _ = await raw_exchange(
-            http_port(running), b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % path
-        )
+        raw = await get_closing(running, path)
         assert b"stolen" not in raw
         [response] = parse_responses(raw)
         assert response.status == 500
@@ -250,9 +257,7 @@ async def test_a_body_shorter_than_its_content_length_ends_the_connection(
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if await no_lifespan(scope, receive, send):
             return
-        headers = [(b"content-length", b"10")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"hello"})
+        await answer(send, [(b"content-length", b"10")], b"hello")
 
     running = await start_raw(mikros_service, tmp_path, app)
     raw, _ = await raw_exchange(http_port(running), GET_HELLO + GET_HELLO)
@@ -276,9 +281,7 @@ async def test_lifespan_state_reaches_every_request(
             return
         body = scope["state"].get("pool", "missing").encode()
         scope["state"]["pool"] = "changed by a request"
-        headers = [(b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await answer(send, [(b"content-length", b"%d" % len(body))], body)
 
     running = await start_raw(mikros_service, tmp_path, app)
     raw, _ = await raw_exchange(

@@ -411,6 +411,8 @@ def _inline_connection_class() -> type[Any]:
     from quart.wrappers.response import DataBody, Response
     from quart_trio.asgi import TrioASGIHTTPConnection
 
+    from ._http_h11 import SEND_SLICE
+
     class InlineHTTPConnection(TrioASGIHTTPConnection):
         async def __call__(self, receive: Any, send: Any) -> None:
             request = self._create_request_from_scope(send)
@@ -434,7 +436,7 @@ def _inline_connection_class() -> type[Any]:
             body = getattr(response, "response", None)
             bounded = (
                 isinstance(body, DataBody)
-                and len(body.data) <= _ONE_WRITE
+                and len(body.data) <= SEND_SLICE
                 and timeout is not None
                 and timeout >= getattr(self.app, "_mikros_trio_send_timeout", math.inf)
             )
@@ -446,10 +448,6 @@ def _inline_connection_class() -> type[Any]:
             nursery.cancel_scope.cancel()
 
     return InlineHTTPConnection
-
-
-#: A body the HTTP kind writes under one send_timeout deadline (its send slice).
-_ONE_WRITE = 64 * 1024
 
 
 def _framework(app: Any) -> str:

@@ -24,6 +24,7 @@ a protocol upgrade (h2c, WebSocket). TLS connections never come here.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import re
@@ -41,7 +42,7 @@ import trio
 
 from ._http_apps import wire_for_status
 
-__all__ = ["Deadlines", "H11Connection", "error_response"]
+__all__ = ["SEND_SLICE", "Deadlines", "H11Connection", "error_response", "socket_has_bytes"]
 
 log = logging.getLogger("mikros_trio.http")
 
@@ -94,8 +95,6 @@ class _Date:
 
 def error_response(status: int, message: str) -> bytes:
     """A whole HTTP/1.1 error response with a Mikros JSON body and ``Connection: close``."""
-    import json
-
     body = json.dumps(wire_for_status(status, message), separators=(",", ":")).encode()
     reason = _REASONS.get(status, b"")
     return (
@@ -178,7 +177,6 @@ class H11Connection:
         "_started",
         "idle",
         "read_deadline",
-        "scope",
         "stream",
         "write_deadline",
     )
@@ -189,7 +187,6 @@ class H11Connection:
         self._app = app
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.idle = True  # no request in progress
-        self.scope = trio.CancelScope()
         self.read_deadline = math.inf  # see Deadlines
         self.write_deadline = math.inf
         self._parked = False  # waiting for a request head (see close_idle)
@@ -369,7 +366,7 @@ class H11Connection:
             return
         if not self._complete and not self._gone:
             # The app returned without a whole response: the client must
-            # not wait for one (hypercorn sent an empty 500).
+            # not wait for one.
             await self._fail()
 
     async def _fail(self) -> None:
@@ -632,13 +629,7 @@ class H11Connection:
             self.read_deadline = math.inf
 
     def _bytes_waiting(self) -> bool:
-        """True if the socket holds bytes the reader has not yet read."""
-        poll = select.poll()
-        try:
-            poll.register(self.stream.socket.fileno(), select.POLLIN)
-        except ValueError:
-            return False  # closed
-        return bool(poll.poll(0))
+        return socket_has_bytes(self.stream.socket)
 
     # -- the endpoint's controls -------------------------------------------------------
 
@@ -686,6 +677,16 @@ def _status_line(status: int) -> bytes:
         if len(_STATUS_LINES) < 1024:
             _STATUS_LINES[status] = line
     return line
+
+
+def socket_has_bytes(sock: trio.socket.SocketType) -> bool:
+    """True if ``sock`` holds bytes no reader has taken yet (False once it is closed)."""
+    poll = select.poll()
+    try:
+        poll.register(sock.fileno(), select.POLLIN)
+    except ValueError:
+        return False  # closed: fileno() is -1
+    return bool(poll.poll(0))
 
 
 def _address(address: Any) -> tuple[str, int] | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import select
 from typing import Any
 
 import h11
@@ -24,7 +23,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr
 
 from ._http_h2 import Protocols
-from ._http_h11 import MAX_HEAD, SEND_SLICE, Endpoint
+from ._http_h11 import MAX_HEAD, SEND_SLICE, Endpoint, socket_has_bytes
 from ._runtime_settings import HttpSettings
 
 __all__ = ["HyperConnection", "Hypercorn", "hypercorn_config"]
@@ -224,11 +223,7 @@ class HyperConnection(TCPServer):
         stream = self.stream
         if isinstance(stream, trio.SSLStream):
             stream = stream.transport_stream
-        if not isinstance(stream, trio.SocketStream):
-            return False
-        poll = select.poll()
-        poll.register(stream.socket.fileno(), select.POLLIN)
-        return bool(poll.poll(0))
+        return isinstance(stream, trio.SocketStream) and socket_has_bytes(stream.socket)
 
     def _client_owes_bytes(self) -> bool:
         """True while waiting for a request's headers or, on HTTP/1.1, the rest of its body."""

@@ -336,8 +336,8 @@ class _Endpoint:
         """Accept every connection waiting each time the listener wakes, not one per wake.
 
         trio's listener accepts one connection per scheduler pass, so under
-        load a burst of new clients waited one pass each (the last of 256
-        waited seconds). Accepting runs on a duplicate of the listening
+        load each client of a burst waited one pass per client accepted
+        before it. Accepting runs on a duplicate of the listening
         socket, since trio lets one task at a time wait on a socket.
         """
         trio_socket = listener.socket
@@ -381,17 +381,18 @@ class _Endpoint:
             connection = await self._hyper_connection(stream, b"")
         self._connections.add(connection)
         try:
-            with connection.scope:
-                if self.draining:
-                    return  # accepted in the same instant draining began
+            if self.draining:
+                return  # accepted in the same instant draining began
+            if isinstance(connection, H11Connection):
                 handoff = await connection.run()
-            if handoff is not None:
+                self._deadlines.connections.discard(connection)
+                if handoff is None:
+                    return
                 self._connections.discard(connection)
-                self._deadlines.connections.discard(cast(H11Connection, connection))
                 connection = await self._hyper_connection(stream, handoff)
                 self._connections.add(connection)
-                with connection.scope:
-                    await connection.run()
+            with connection.scope:
+                await connection.run()
         finally:
             self._connections.discard(connection)
             if isinstance(connection, H11Connection):

@@ -233,10 +233,10 @@ class H11Connection:
             request = await self._next_request(deadline)
             if request is None:
                 return None
-            if _asks_upgrade(request):
-                return _replay(request, self._h11.trailing_data[0])
             self.idle = False
-            await self._serve(request)
+            if not await self._serve(request):
+                # A protocol upgrade (h2c, WebSocket): hypercorn's to serve.
+                return _replay(request, self._h11.trailing_data[0])
             if not self._reusable():
                 await self._finish()
                 return None
@@ -319,8 +319,11 @@ class H11Connection:
                 return False
         return conn.their_state is h11.DONE
 
-    async def _serve(self, request: h11.Request) -> None:
-        """Run the app for one request and make sure the client gets an answer."""
+    async def _serve(self, request: h11.Request) -> bool:
+        """Run the app for one request and make sure the client gets an answer.
+
+        False, before anything runs, for a request asking to switch protocols.
+        """
         path, _, query = request.target.partition(b"?")
         raw_path = path.decode("ascii")
         method = request.method
@@ -334,6 +337,8 @@ class H11Connection:
                 self._close = b"close" in value.lower()
             elif name == b"expect":
                 self._continue = value.lower() == b"100-continue"
+            elif name == b"upgrade":
+                return False
         if request.http_version == b"1.1":
             version = "1.1"
         else:
@@ -363,11 +368,12 @@ class H11Connection:
         except Exception:
             log.exception("unhandled error in the ASGI app")
             await self._fail()
-            return
+            return True
         if not self._complete and not self._gone:
             # The app returned without a whole response: the client must
             # not wait for one.
             await self._fail()
+        return True
 
     async def _fail(self) -> None:
         """End a request the app could not answer: 500 if nothing was sent, else cut."""
@@ -693,11 +699,6 @@ def _address(address: Any) -> tuple[str, int] | None:
     if isinstance(address, tuple) and len(address) >= 2:
         return (str(address[0]), int(address[1]))
     return None
-
-
-def _asks_upgrade(request: h11.Request) -> bool:
-    """True for a request asking to switch protocols (h2c, WebSocket)."""
-    return any(name == b"upgrade" for _, name, _ in request.headers._full_items)
 
 
 def _replay(request: h11.Request, rest: bytes) -> bytes:

@@ -37,6 +37,8 @@ __all__ = [
     "adapt_app",
     "install_error_handlers",
     "is_cancellation",
+    "json_bytes",
+    "send_json",
     "wire_for_status",
 ]
 
@@ -108,8 +110,19 @@ class _Answers:
         return wire_error(internal, self.service_name, self.hub), 500
 
 
-def _json(body: dict[str, Any]) -> bytes:
+def json_bytes(body: Any) -> bytes:
+    """``body`` as compact JSON, the form every answer of the kind takes."""
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def send_json(send: Any, status: int, body: Any, *, close: bool = False) -> None:
+    """Answer with ``body`` as JSON, whole; ``close`` adds ``Connection: close``."""
+    payload = json_bytes(body)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | None = None) -> None:
@@ -149,7 +162,9 @@ def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | N
             if isinstance(error, Exception) or is_cancellation(error):
                 raise
             body, status = answers.unexpected(error)
-            return app.response_class(_json(body), status=status, content_type="application/json")
+            return app.response_class(
+                json_bytes(body), status=status, content_type="application/json"
+            )
 
     log_exception = app.log_exception
 
@@ -300,15 +315,10 @@ class _Served:
 
 async def _try_answer(send: Any, status: int, body: dict[str, Any], *, close: bool) -> bool:
     """Send a whole JSON answer; False if the response had already started (or the peer left)."""
-    payload = _json(body)
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
-    if close:
-        headers.append((b"connection", b"close"))
     try:
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send_json(send, status, body, close=close)
     except Exception:
         return False
-    await send({"type": "http.response.body", "body": payload})
     return True
 
 
@@ -337,7 +347,7 @@ def _install_starlette_handlers(app: Any, answers: _Answers) -> Callable[[int, s
 
     def respond(answer: tuple[dict[str, Any], int], headers: Any = None) -> Response:
         body, status = answer
-        return Response(_json(body), status, headers, media_type="application/json")
+        return Response(json_bytes(body), status, headers, media_type="application/json")
 
     async def service_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, ServiceError)

@@ -24,7 +24,6 @@ a protocol upgrade (h2c, WebSocket). TLS connections never come here.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import re
@@ -40,7 +39,7 @@ from urllib.parse import unquote
 import h11
 import trio
 
-from ._http_apps import wire_for_status
+from ._http_apps import json_bytes, wire_for_status
 
 __all__ = ["SEND_SLICE", "Deadlines", "H11Connection", "error_response", "socket_has_bytes"]
 
@@ -95,7 +94,7 @@ class _Date:
 
 def error_response(status: int, message: str) -> bytes:
     """A whole HTTP/1.1 error response with a Mikros JSON body and ``Connection: close``."""
-    body = json.dumps(wire_for_status(status, message), separators=(",", ":")).encode()
+    body = json_bytes(wire_for_status(status, message))
     reason = _REASONS.get(status, b"")
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import abc
 import errno
-import json
 import logging
 import os
 import socket
@@ -51,6 +50,7 @@ from ._http_apps import (
     adapt_app,
     install_error_handlers,
     is_cancellation,
+    send_json,
     wire_for_status,
 )
 from ._http_h11 import Deadlines, H11Connection
@@ -70,16 +70,6 @@ log = logging.getLogger("mikros_trio.http")
 LIVEZ, READYZ, HEALTHZ = "/livez", "/readyz", "/healthz"
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
-_JSON = [(b"content-type", b"application/json")]
-
-
-async def _send_json(send: Any, status: int, body: Any, *, close: bool = False) -> None:
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    headers = [*_JSON, (b"content-length", str(len(payload)).encode())]
-    if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
 
 
 class _Front:
@@ -117,30 +107,30 @@ class _Front:
                 if path == READYZ:
                     ready = self._health.ready
                     body = {"status": "ready" if ready else _not_ready(self._health)}
-                    return await _send_json(send, 200 if ready else 503, body)
+                    return await send_json(send, 200 if ready else 503, body)
                 if path == LIVEZ:
                     live = self._health.live
-                    return await _send_json(send, 200 if live else 503, {"status": "live"})
+                    return await send_json(send, 200 if live else 503, {"status": "live"})
                 if path == HEALTHZ:
-                    return await _send_json(send, 200, self._health.snapshot())
+                    return await send_json(send, 200, self._health.snapshot())
                 endpoint = self._endpoints.get(path)
                 if endpoint is not None:
                     return await _send_endpoint(send, endpoint)
             if self._app is None:
-                return await _send_json(send, 404, wire_for_status(404, "no such probe"))
+                return await send_json(send, 404, wire_for_status(404, "no such probe"))
             length, chunked = _framing(scope["headers"])
             if chunked and length >= 0:
                 # Both framings (RFC 9112 section 6.1): h11 reads the body as
                 # chunked, a proxy in front may have read Content-Length; the
                 # bytes between are a smuggled request. Answer and close.
                 body = wire_for_status(400, "Content-Length with Transfer-Encoding")
-                return await _send_json(send, 400, body, close=True)
+                return await send_json(send, 400, body, close=True)
             if length > self._max_body:
                 # Answer before the app reads anything; close, since the body
                 # the client is still sending would otherwise be parsed as
                 # the next request.
                 body = wire_for_status(413, f"request body over {self._max_body} bytes")
-                return await _send_json(send, 413, body, close=True)
+                return await send_json(send, 413, body, close=True)
             if self._telemetry.observers:
                 return await self._observed(scope, receive, send)
         elif self._app is None:
@@ -225,7 +215,7 @@ async def _answer_cut(send: Any) -> bool:
         try:
             # No ``Connection: close`` of our own: draining, hypercorn adds it
             # on HTTP/1.1, and HTTP/2 forbids the header.
-            await _send_json(send, 503, body)
+            await send_json(send, 503, body)
         except Exception:
             return False
     return not scope.cancelled_caught

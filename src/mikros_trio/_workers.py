@@ -367,8 +367,11 @@ class _Pool:
             async with trio.open_nursery() as nursery:
                 for slot in self.slots:
                     nursery.start_soon(self._keep, slot)
+            # Every worker has ended: a signal from now on has none to force.
+            # Cleared before the nursery closes, since a signal's handler
+            # runs between any two steps, the nursery's own exit included.
+            self._outer = None
             outer.cancel_scope.cancel()
-        self._outer = None  # closed: a signal from now on has no worker to force
         self.event("stopped", f"exit code {self.exit_code}")
         return self.exit_code
 

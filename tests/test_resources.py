@@ -12,7 +12,7 @@ import pytest
 import trio
 from dependency_injector import providers, resources
 
-from helpers import Spawn
+from helpers import Spawn, client_for, start_http
 from mikros_trio import ConfigError, Lifetime, Service, ServiceContainer
 from mikros_trio.testing import ServiceStarter
 
@@ -267,6 +267,30 @@ async def test_warmup_runs_before_ready_and_health_gates_readiness(
     assert running.health.ready
     assert await running.stop() == 0
     assert "checks" not in running.health.snapshot()
+
+
+async def test_http_probes_and_grpc_health_read_a_resource_health(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """/readyz says 503 naming the resource while its health is not ok; /healthz shows it."""
+    from helpers import HttpContainer
+
+    class Container(HttpContainer):  # type: ignore[misc, valid-type]
+        pool = providers.Resource(warm_resource)
+
+    running = await start_http(mikros_service, tmp_path, container=Container)
+    pool: Warm = running.container.pool()
+    async with client_for(running) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        pool.ok = False
+        answer = await client.get("/readyz")
+        assert (answer.status_code, answer.json()) == (503, {"status": "unhealthy: pool"})
+        checks = (await client.get("/healthz")).json()["checks"]
+        assert checks == {"pool": {"ok": False, "in_use": 0}}
+        assert (await client.get("/livez")).status_code == 200  # liveness does not follow it
+        pool.ok = True
+        assert (await client.get("/readyz")).status_code == 200
+    await running.stop()
 
 
 class Broken(Warm):

@@ -100,10 +100,17 @@ class Health:
         """True only while serving: what ``/readyz`` and gRPC ``SERVING`` report.
 
         Under workers, only while every worker serves (see :class:`Peers`);
-        never while a resource's health check (:attr:`failing`) says not ok.
+        never while a resource's health check (:attr:`failing`) says not ok
+        (read at each call).
         """
         peers = self._peers
-        return self._phase is Phase.SERVING and not self._failing and (peers is None or peers.ready)
+        if self._phase is not Phase.SERVING or (peers is not None and not peers.ready):
+            return False
+        # Read now, so a probe never answers from a stale reading; the
+        # resource's own poll wakes the readers that stream changes.
+        for name in self._checks:
+            self._poll_check(name)
+        return not self._failing
 
     @property
     def failing(self) -> frozenset[str]:

@@ -416,6 +416,20 @@ def test_an_inline_resource_is_a_config_error(config: Path) -> None:
     assert "declare it as an attribute" in str(caught.value)
 
 
+def test_what_a_kind_runs_cannot_be_a_resource(config: Path) -> None:
+    """The worker kind's provider as a Resource is refused, saying what to do instead."""
+
+    async def worker_resource() -> AsyncIterator[object]:
+        yield idle
+
+    class Container(ServiceContainer):
+        worker = providers.Resource(worker_resource)
+
+    with pytest.raises(ConfigError) as caught:
+        Service(Container, config).build()
+    assert "Container.worker: is what a service kind serves" in str(caught.value)
+
+
 async def test_overriding_a_resource_with_a_fake_starts_no_resource(
     mikros_service: ServiceStarter, config: Path, autojump_clock: trio.abc.Clock
 ) -> None:

@@ -244,6 +244,15 @@ def discover(
     resources: dict[str, providers.Provider[Any]] = {}
     for name, provider in container.providers.items():
         if name in skip:
+            if name not in _RESERVED and is_resource(provider):
+                issues.append(
+                    ConfigIssue(
+                        "<container>",
+                        f"{container_name}.{name}",
+                        "is what a service kind serves, so it cannot be a providers.Resource: "
+                        "make it a Singleton and inject the resource into it",
+                    )
+                )
             continue
         if is_resource(provider):
             issue = check_resource(name, provider, f"{container_name}.{name}")

@@ -12,25 +12,14 @@ import pytest
 import trio
 from dependency_injector import providers, resources
 
-from helpers import Spawn, client_for, start_http
+from helpers import Spawn, client_for, start_http, write_worker_toml
 from mikros_trio import ConfigError, Lifetime, Service, ServiceContainer
 from mikros_trio.testing import ServiceStarter
-
-WORKER_TOML = """
-name = "svc"
-types = ["worker"]
-version = "1.0.0"
-[lifecycle]
-drain_timeout = 1.0
-shutdown_timeout = 3.0
-"""
 
 
 @pytest.fixture(name="config")
 def _config(tmp_path: Path) -> Path:
-    path = tmp_path / "service.toml"
-    path.write_text(WORKER_TOML)
-    return path
+    return write_worker_toml(tmp_path)
 
 
 #: What every test's resources and components did, in order (reset per test).
@@ -243,16 +232,21 @@ async def idle(lifetime: Lifetime) -> None:
     await lifetime.wait_stopping()
 
 
-class IdleContainer(ServiceContainer):
-    pool = providers.Resource(warm_resource)
-    worker = providers.Object(idle)
+def idle_with(init: Any) -> type[ServiceContainer]:
+    """A worker service that only waits, with ``init`` as its ``pool`` resource."""
+
+    class Container(ServiceContainer):
+        pool = providers.Resource(init)
+        worker = providers.Object(idle)
+
+    return Container
 
 
 async def test_warmup_runs_before_ready_and_health_gates_readiness(
     mikros_service: ServiceStarter, config: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     """The value's warmup finishes before ready; while its health says not ok, not ready."""
-    running = await mikros_service.start(IdleContainer, config)
+    running = await mikros_service.start(idle_with(warm_resource), config)
     pool: Warm = running.container.pool()
     assert pool.warmed
     assert running.health.ready
@@ -307,10 +301,7 @@ async def test_a_health_check_that_raises_reads_as_not_ok(
 ) -> None:
     """A resource whose health() raises is not ok, and probes still answer."""
 
-    class Container(ServiceContainer):
-        pool = providers.Resource(broken_resource)
-        worker = providers.Object(idle)
-
+    Container = idle_with(broken_resource)
     running = await mikros_service.start(Container, config)
     assert not running.health.ready
     assert running.health.snapshot()["checks"]["pool"] == {"ok": False, "error": "OSError"}
@@ -334,10 +325,7 @@ async def test_a_stuck_shutdown_is_cut_at_the_deadline_and_its_finally_runs(
 ) -> None:
     """A resource whose close hangs is cancelled at the stop deadline; its cleanup still runs."""
 
-    class Container(ServiceContainer):
-        pool = providers.Resource(stuck_close)
-        worker = providers.Object(idle)
-
+    Container = idle_with(stuck_close)
     running = await mikros_service.start(Container, config)
     began = trio.current_time()
     await running.stop()
@@ -360,10 +348,7 @@ async def test_a_generator_that_never_yields_fails_the_start_by_name(
 ) -> None:
     """A start failure names the resource and what it did wrong; exit 1."""
 
-    class Container(ServiceContainer):
-        pool = providers.Resource(no_yield)
-        worker = providers.Object(idle)
-
+    Container = idle_with(no_yield)
     service = Service(Container, config)
     assert await service.run() == 1
     assert str(service.supervisor.failures[0]) == (
@@ -376,10 +361,7 @@ async def test_a_generator_that_yields_twice_is_a_stop_failure(
 ) -> None:
     """A second yield at shutdown is reported against the resource, and the exit code says so."""
 
-    class Container(ServiceContainer):
-        pool = providers.Resource(yields_twice)
-        worker = providers.Object(idle)
-
+    Container = idle_with(yields_twice)
     service = Service(Container, config)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(service.run)

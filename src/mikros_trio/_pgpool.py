@@ -55,6 +55,7 @@ _OK = pq.ConnStatus.OK
 _IDLE = pq.TransactionStatus.IDLE
 _INTRANS = pq.TransactionStatus.INTRANS
 _INERROR = pq.TransactionStatus.INERROR
+_EMPTY_QUERY = pq.ExecStatus.EMPTY_QUERY
 _WAIT_R = psycopg.waiting.Wait.R
 
 #: How often housekeeping looks at idle connections (a poll, no I/O) and tops up.
@@ -395,24 +396,33 @@ class Pool:
         self._counts["closed"] += 1
 
     @staticmethod
-    def _alive(slot: _Slot) -> bool:
-        """Whether an idle connection's socket still looks open (a poll, no I/O)."""
+    def _alive(slot: _Slot) -> bool | None:
+        """Whether an idle connection still looks open: a poll, no I/O.
+
+        ``None`` when the server sent something while it was idle: a
+        notification, or the goodbye of a terminated backend, which libpq
+        does not always turn into a bad status at once. Then only a ping
+        tells.
+        """
         conn = slot.conn
         if conn.closed or conn.pgconn.status != _OK:
             return False
         try:
-            if _ready_now(conn.pgconn.socket, _WAIT_R):
-                # Idle, yet the server sent something: a notice, or its goodbye.
-                conn.pgconn.consume_input()
+            if not _ready_now(conn.pgconn.socket, _WAIT_R):
+                return True
+            conn.pgconn.consume_input()
         except (psycopg.Error, OSError):
             return False
-        return conn.pgconn.status == _OK
+        return None if conn.pgconn.status == _OK else False
 
-    def _usable_now(self, slot: _Slot, now: float) -> bool:
-        """Whether an idle connection may be handed out (idle past ``max_idle`` is tidied apart)."""
+    async def _check(self, slot: _Slot, now: float) -> bool:
+        """Whether an idle connection may be handed out: alive, young enough, pinged if due."""
         if now - slot.created > self.max_lifetime:
             return False
-        return self._alive(slot)
+        alive = self._alive(slot)
+        if alive is None or (alive and now - slot.used > self.check_interval):
+            return await self._ping(slot)
+        return alive
 
     async def _ping(self, slot: _Slot) -> bool:
         """An empty query (no transaction) within ``connect_timeout``: the server answers."""
@@ -420,10 +430,12 @@ class Pool:
         with trio.move_on_after(self.connect_timeout):
             try:
                 conn.pgconn.send_query(b"")
-                await conn.wait(generators.execute(conn.pgconn))
+                results = await conn.wait(generators.execute(conn.pgconn))
             except (psycopg.Error, OSError):
                 return False
-            return conn.pgconn.transaction_status == _IDLE
+            return conn.pgconn.transaction_status == _IDLE and all(
+                result.status == _EMPTY_QUERY for result in results
+            )
         return False
 
     # -- leases ----------------------------------------------------------------
@@ -482,9 +494,7 @@ class Pool:
         now = trio.current_time()
         while self._idle:
             slot = self._idle.pop()
-            if self._usable_now(slot, now) and (
-                now - slot.used <= self.check_interval or await self._ping(slot)
-            ):
+            if await self._check(slot, now):
                 return slot
             self._discard(slot)
         return await self._open_until(trio.current_time() + self.timeout)
@@ -596,7 +606,7 @@ class Pool:
         while self._idle:  # oldest first
             slot = self._idle.popleft()
             if (
-                not self._alive(slot)
+                self._alive(slot) is False
                 or now - slot.created > self.max_lifetime
                 or (
                     now - slot.used > self.max_idle
@@ -607,8 +617,11 @@ class Pool:
             else:
                 kept.append(slot)
         self._idle.extendleft(reversed(kept))
-        # Ping the longest idle one when it is due: a dead server shows up in health.
-        if self._idle and now - self._idle[0].used > self.check_interval:
+        # Ping the longest idle one when it is due, or when the server spoke to
+        # it: a dead server shows up in health without waiting for a lease.
+        if self._idle and (
+            now - self._idle[0].used > self.check_interval or self._alive(self._idle[0]) is None
+        ):
             slot = self._idle.popleft()
             if await self._ping(slot):
                 slot.used = trio.current_time()

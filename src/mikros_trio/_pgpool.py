@@ -387,7 +387,13 @@ class Pool:
                         f"postgres pool {self.name!r}: could not connect to {self._where} "
                         f"within {self.timeout:g} s: {self._scrub(str(error))}"
                     ) from None
-                log.warning("postgres pool %r: connecting failed, retrying", self.name)
+                log.warning(
+                    "postgres pool %r: connecting to %s failed (%s), retrying in %.2f s",
+                    self.name,
+                    self._where,
+                    type(error).__name__,
+                    backoff,
+                )
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
 

@@ -154,7 +154,11 @@ def _end(telemetry: Telemetry, call: Any, error: BaseException) -> None:
     # The message can quote values (an invalid input, a duplicate key's
     # DETAIL): observers get the type and the SQLSTATE only.
     sqlstate = getattr(error, "sqlstate", None)
-    shown = type(error)(f"SQLSTATE {sqlstate}" if sqlstate else type(error).__name__)
+    text = f"SQLSTATE {sqlstate}" if sqlstate else "(message not shown)"
+    try:
+        shown: BaseException = type(error)(text)
+    except Exception:  # a type that wants other arguments: its name says enough
+        shown = RuntimeError(f"{type(error).__name__}: {text}")
     telemetry.end(call, "error", failed=True, error=shown)
 
 
@@ -283,6 +287,7 @@ class Pool:
         self._counts = {"opened": 0, "closed": 0, "failed_connects": 0, "timeouts": 0}
         self._telemetry = current_telemetry()
         self._observed: _Observed | None = None
+        self._cursor: type[TracedCursor] = TracedCursor
         if self._telemetry is not None and self._password:
             self._telemetry.add_secrets([self._password], name=f"the {name} pool's password")
 
@@ -371,8 +376,9 @@ class Pool:
             info = conn.info
             self._observed = _Observed(telemetry, info.dbname, (info.host, info.port))
             self._observed.gauges = _gauges(telemetry, self.name)
-        cursor = type(f"TracedCursor_{id(self)}", (TracedCursor,), {"_observed": self._observed})
-        conn.cursor_factory = cursor
+            # One cursor class per pool, carrying what its calls report.
+            self._cursor = type("TracedCursor", (TracedCursor,), {"_observed": self._observed})
+        conn.cursor_factory = self._cursor
 
     async def _open_until(self, deadline: float) -> _Slot:
         """Open a connection, retrying with bounded backoff until ``deadline`` (Trio time)."""
@@ -625,11 +631,22 @@ class Pool:
         self._idle.extendleft(reversed(kept))
         # Ping the longest idle one when it is due, or when the server spoke to
         # it: a dead server shows up in health without waiting for a lease.
-        if self._idle and (
-            now - self._idle[0].used > self.check_interval or self._alive(self._idle[0]) is None
+        # The ping holds a unit, as a lease would: the connection is out of the
+        # idle list meanwhile, and a lease must not open one more in its place.
+        if (
+            self._idle
+            and self._capacity.value
+            and (
+                now - self._idle[0].used > self.check_interval or self._alive(self._idle[0]) is None
+            )
         ):
             slot = self._idle.popleft()
-            if await self._ping(slot):
+            self._capacity.acquire_nowait()
+            try:
+                healthy = await self._ping(slot)
+            finally:
+                self._capacity.release()
+            if healthy and not self._closed:
                 slot.used = trio.current_time()
                 self._idle.append(slot)
             else:

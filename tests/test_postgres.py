@@ -360,6 +360,48 @@ async def test_a_connection_terminated_mid_query_fails_that_query_only(
         assert pool.health()["ok"]
 
 
+async def test_a_connection_past_max_lifetime_is_replaced(postgres_dsn: str) -> None:
+    """max_lifetime elapsed: the next lease gets a new backend."""
+    async with postgres.Pool(postgres_dsn, min_size=1, max_size=1, max_lifetime=0.3) as pool:
+        (pid,) = await pool.fetchone("SELECT pg_backend_pid()")
+        await trio.sleep(0.4)
+        assert await pool.fetchone("SELECT pg_backend_pid() <> %s", (pid,)) == (True,)
+
+
+async def test_idle_connections_beyond_min_size_are_closed_after_max_idle(
+    postgres_dsn: str,
+) -> None:
+    """Three opened by a burst, idle past max_idle: housekeeping closes down to min_size."""
+    async with postgres.Pool(postgres_dsn, min_size=1, max_size=3, max_idle=0.2) as pool:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(pool.execute, "SELECT pg_sleep(0.1)")
+        assert pool.stats()["size"] == 3
+        await until(lambda: pool.stats()["size"] == 1)
+        assert pool.stats()["closed"] == 2
+
+
+async def test_an_idle_connection_to_a_frozen_backend_fails_its_ping_and_is_replaced(
+    postgres_dsn: str,
+) -> None:
+    """Idle past check_interval, its backend stopped: the ping times out, a new one serves."""
+    async with postgres.Pool(
+        postgres_dsn, min_size=1, max_size=1, check_interval=0.1, connect_timeout=0.3
+    ) as pool:
+        (pid,) = await pool.fetchone("SELECT pg_backend_pid()")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await trio.sleep(0.2)
+            began = trio.current_time()
+            (new_pid,) = await pool.fetchone("SELECT pg_backend_pid()")
+            took = trio.current_time() - began
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert new_pid != pid
+        assert took < 0.3 + 1.0  # closed at the ping's timeout, no cancel waited for
+        assert pool.stats()["closed"] == 1
+
+
 @pytest.fixture(name="own_cluster")
 def _own_cluster() -> Iterator[Cluster]:
     """A cluster of this test's own, which it may stop and start."""

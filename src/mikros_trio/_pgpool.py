@@ -41,7 +41,7 @@ import trio
 from psycopg import generators, pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from ._pgconn import CANCEL_TIMEOUT, TrioConnection, _ready_now
+from ._pgconn import CANCEL_TIMEOUT, TrioConnection, _ready_now, wait_fd
 from ._telemetry import Telemetry, current_telemetry
 
 if TYPE_CHECKING:
@@ -437,15 +437,19 @@ class Pool:
         return alive
 
     async def _ping(self, slot: _Slot) -> bool:
-        """An empty query (no transaction) within ``connect_timeout``: the server answers."""
-        conn = slot.conn
+        """An empty query (no transaction) answered within ``connect_timeout``.
+
+        Driven without the connection's cancel handling: a connection that
+        does not answer a ping is closed, not cancelled and waited for.
+        """
+        pgconn = slot.conn.pgconn
         with trio.move_on_after(self.connect_timeout):
             try:
-                conn.pgconn.send_query(b"")
-                results = await conn.wait(generators.execute(conn.pgconn))
+                pgconn.send_query(b"")
+                results = await wait_fd(generators.execute(pgconn), pgconn.socket)
             except (psycopg.Error, OSError):
                 return False
-            return conn.pgconn.transaction_status == _IDLE and all(
+            return pgconn.transaction_status == _IDLE and all(
                 result.status == _EMPTY_QUERY for result in results
             )
         return False
@@ -506,7 +510,12 @@ class Pool:
         now = trio.current_time()
         while self._idle:
             slot = self._idle.pop()
-            if await self._check(slot, now):
+            try:
+                usable = await self._check(slot, now)
+            except BaseException:  # cancelled mid-ping: its state is unknown
+                self._discard(slot)
+                raise
+            if usable:
                 return slot
             self._discard(slot)
         return await self._open_until(trio.current_time() + self.timeout)
@@ -644,6 +653,9 @@ class Pool:
             self._capacity.acquire_nowait()
             try:
                 healthy = await self._ping(slot)
+            except BaseException:  # cancelled mid-ping (the pool closing)
+                self._discard(slot)
+                raise
             finally:
                 self._capacity.release()
             if healthy and not self._closed:

@@ -163,34 +163,33 @@ async def test_transactions_commit_on_success_and_roll_back_on_error(
         assert await pool.fetchall("SELECT id, balance FROM accounts") == [(1, 100)]
 
 
-async def test_a_transaction_cancelled_between_statements_is_rolled_back(
-    postgres_dsn: str,
-) -> None:
-    """A Trio cancel inside pool.transaction() (not in a query) rolls it back; pool stays usable."""
-    async with postgres.Pool(postgres_dsn, min_size=1, max_size=1) as pool:
-        await pool.execute("CREATE TABLE t (id int)")
-        with trio.move_on_after(0.2) as scope:
-            async with pool.transaction() as conn:
-                await conn.execute("INSERT INTO t VALUES (1)")
-                await trio.sleep_forever()
-        assert scope.cancelled_caught
-        assert await pool.fetchone("SELECT count(*) FROM t") == (0,)
-        assert pool.stats()["closed"] == 0  # rolled back, not thrown away
+async def sleep_forever(conn: psycopg.AsyncConnection[Any]) -> None:
+    await trio.sleep_forever()
 
 
-async def test_a_transaction_cancelled_in_a_query_is_rolled_back_on_the_server(
-    postgres_dsn: str, observer: postgres.Pool
+async def sleep_on_the_server(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.execute("SELECT pg_sleep(30)")
+
+
+@pytest.mark.parametrize("wait", [sleep_forever, sleep_on_the_server])
+async def test_a_cancelled_transaction_is_rolled_back(
+    postgres_dsn: str, observer: postgres.Pool, wait: Callable[[Any], Awaitable[None]]
 ) -> None:
-    """Cancelled while its query runs: the query stops on the server, the transaction is undone."""
+    """A Trio cancel inside pool.transaction(), between statements or in a query: undone.
+
+    The query stops on the server, and the connection is rolled back and
+    kept rather than thrown away.
+    """
     async with postgres.Pool(postgres_dsn, min_size=1, max_size=1) as pool:
         await pool.execute("CREATE TABLE t (id int)")
         with trio.move_on_after(0.3) as scope:
             async with pool.transaction() as conn:
                 await conn.execute("INSERT INTO t VALUES (1)")
-                await conn.execute("SELECT pg_sleep(30)")
+                await wait(conn)
         assert scope.cancelled_caught
         assert await sleeping(observer) == []
         assert await pool.fetchone("SELECT count(*) FROM t") == (0,)
+        assert pool.stats()["closed"] == 0
 
 
 # -- cancellation on the server ---------------------------------------------------------

@@ -33,7 +33,6 @@ import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -716,12 +715,7 @@ class Pool:
         await self.warmup()
         return self
 
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
 
@@ -752,12 +746,7 @@ class _Lease:
                 raise
         return slot.conn
 
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, kind: type[BaseException] | None, *exc_info: object) -> None:
         slot, self._slot = self._slot, None
         if slot is not None:
             await self._pool._release(slot, commit=kind is None)
@@ -782,15 +771,8 @@ async def pool(dsn: str | Secret, **options: Any) -> AsyncIterator[Pool]:
     ``options`` are :class:`Pool`'s. The service warms it up (opens
     ``min_size`` connections) before it reports ready, shows its
     :meth:`~Pool.health` on ``/healthz``, and closes it after everything
-    using it has drained::
-
-        class Container(ServiceContainer):
-            db = providers.Resource(
-                postgres.pool,
-                dsn=ServiceContainer.env.provided.secret.call("DATABASE_URL"),
-                min_size=2,
-                max_size=10,
-            )
+    using it has drained (see :mod:`mikros_trio.postgres` for the
+    declaration).
     """
     made = Pool(dsn, **options)
     try:

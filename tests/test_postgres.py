@@ -124,6 +124,38 @@ async def test_queries_rows_and_row_counts(postgres_dsn: str) -> None:
         assert stats["idle"] == stats["size"] >= 1
 
 
+async def test_pipeline_copy_large_values_and_notifications_work_under_trio(
+    postgres_dsn: str,
+) -> None:
+    """The rest of psycopg's async API goes through the same Trio waits (read-or-write too)."""
+    async with postgres.Pool(postgres_dsn, min_size=2, max_size=2, autocommit=True) as pool:
+        async with pool.connection() as conn:
+            async with conn.pipeline():
+                cursors = [await conn.execute("SELECT %s::int", (n,)) for n in range(50)]
+            assert [(await cursor.fetchone()) for cursor in cursors] == [(n,) for n in range(50)]
+            await conn.execute("CREATE TABLE rows (id int, text text)")
+            async with conn.cursor().copy("COPY rows FROM STDIN") as copy:
+                for n in range(20_000):
+                    await copy.write_row((n, "x" * 50))
+            assert await (await conn.execute("SELECT count(*) FROM rows")).fetchone() == (20_000,)
+            # Larger than the socket's buffer: psycopg waits for read-or-write while sending.
+            big = "y" * 5_000_000
+            assert await (await conn.execute("SELECT length(%s)", (big,))).fetchone() == (
+                5_000_000,
+            )
+        async with pool.connection() as listener:
+            await listener.execute("LISTEN channel")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pool.execute, "NOTIFY channel, 'hello'")
+                notes = [
+                    note.payload async for note in listener.notifies(timeout=BOUND, stop_after=1)
+                ]
+            assert notes == ["hello"]
+            began = trio.current_time()
+            assert [note async for note in listener.notifies(timeout=0.2)] == []
+            assert 0.2 <= trio.current_time() - began < 1.0
+
+
 async def test_a_failed_statement_rolls_back_and_the_connection_serves_again(
     postgres_dsn: str,
 ) -> None:

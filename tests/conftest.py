@@ -6,10 +6,14 @@ import os
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from helpers import GATEWAY, GRPC, REPO, Child, Examples, Spawn, import_example
+
+if TYPE_CHECKING:
+    from helpers import RedisServer
 
 
 @pytest.fixture(name="spawn")
@@ -49,3 +53,25 @@ def fixture_examples() -> Iterator[Examples]:
             del sys.modules[gateway.__name__]
     finally:
         del sys.modules[greeter.__name__]
+
+
+@pytest.fixture(name="redis_server", scope="session")
+def fixture_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One throwaway redis-server for the session: ``host``, ``port``, ``url(db)``.
+
+    No persistence, bound to 127.0.0.1, stopped at the end of the session.
+    Fails (never skips) when Redis is not installed.
+    """
+    from helpers import redis_server_process
+
+    with redis_server_process(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(name="redis_url")
+def fixture_redis_url(redis_server: RedisServer) -> str:
+    """The session server's URL (db 0), emptied (FLUSHALL) and restarted if a test stopped it."""
+    if redis_server.process is None or redis_server.process.poll() is not None:
+        redis_server.restart()
+    assert redis_server.command("FLUSHALL") == b"+OK\r\n"
+    return redis_server.url(0)

@@ -64,7 +64,9 @@ def fixture_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     """
     from helpers import redis_server_process
 
-    with redis_server_process(tmp_path_factory.mktemp("redis")) as server:
+    with redis_server_process(
+        tmp_path_factory.mktemp("redis"), "--enable-debug-command", "local"
+    ) as server:
         yield server
 
 

@@ -1699,7 +1699,7 @@ class RedisServer:
         return f"redis://{auth}{self.host}:{self.port}/{db}"
 
     def start(self) -> None:
-        """Start the server and wait until it answers PING (fails the test, with its log, if not)."""
+        """Start the server; wait until it answers PING (or fail the test, with its log)."""
         log = self.directory / "redis.log"
         args = [self.binary, "--port", str(self.port), "--bind", self.host]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]

@@ -70,9 +70,9 @@ import trio
 from coredis.connection import TCPLocation
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.patterns.pipeline import Pipeline
-from coredis.pool import ConnectionPool
 from coredis.retry import NoRetryPolicy
 
+from ._redis_pool import Pool
 from ._telemetry import Telemetry, current_telemetry
 
 if TYPE_CHECKING:
@@ -145,27 +145,6 @@ def _reported(error: BaseException) -> BaseException:
     return copy
 
 
-class _Pool(ConnectionPool[Any]):
-    """coredis's pool, with a clear error when no connection frees in time and a waiter count."""
-
-    name = "redis"
-    acquiring = 0
-
-    async def get_connection(self, **kwargs: Any) -> Any:
-        self.acquiring += 1
-        try:
-            return await super().get_connection(**kwargs)
-        except TimeoutError:
-            # coredis's own is a bare TimeoutError from anyio.fail_after.
-            message = (
-                f"redis {self.name!r}: no connection obtained within {self.timeout:g} s "
-                f"(max_connections={self.max_connections}, all in use or connecting)"
-            )
-            raise TimeoutError(message) from None
-        finally:
-            self.acquiring -= 1
-
-
 class _Pipeline(Pipeline[AnyStr]):
     """coredis's pipeline, observed as one call; its errors name commands, never their arguments."""
 
@@ -204,7 +183,7 @@ class Client(coredis.Redis[AnyStr]):
 
     def __init__(
         self,
-        pool: _Pool,
+        pool: Pool,
         *,
         name: str,
         decode_responses: bool,
@@ -288,13 +267,14 @@ class Client(coredis.Redis[AnyStr]):
     def health(self) -> Mapping[str, Any]:
         """``ok`` (the last PING answered), the pool's figures, and why not ok if it is not."""
         pool = self.connection_pool
-        assert isinstance(pool, _Pool)
+        assert isinstance(pool, Pool)
         report: dict[str, Any] = {
             "ok": self._ok and not self._closed,
             "connections": len(pool._online_connections),
             "max_connections": pool.max_connections,
             "in_use": pool.statistics.in_use_connections,
             "acquiring": pool.acquiring,
+            "waiting": pool.waiting,
             "in_flight": self._in_flight,
         }
         if not report["ok"]:
@@ -328,16 +308,16 @@ class Client(coredis.Redis[AnyStr]):
         self._ok = True
         self._error = ""
 
-    async def _probe(self) -> None:
+    async def _probe(self, scope: trio.CancelScope) -> None:
         _QUIET.set(True)  # this task only
-        while True:
-            with contextlib.suppress(Exception):
+        with scope:
+            while True:
                 try:
                     await self._ping()
                 except Exception as exc:
                     self._ok = False
                     self._error = _describe(exc)
-            await trio.sleep(self._health_interval)
+                await trio.sleep(self._health_interval)
 
     # -- lifetime ---------------------------------------------------------
 
@@ -345,12 +325,13 @@ class Client(coredis.Redis[AnyStr]):
     async def _serving(self) -> AsyncIterator[None]:
         """The pool entered and the probe running; on exit, drain (until cancelled) and close."""
         async with self.connection_pool, trio.open_nursery() as nursery:
-            nursery.start_soon(self._probe)
+            probing = trio.CancelScope()
+            nursery.start_soon(self._probe, probing)
             try:
                 yield
             finally:
                 self._closed = True
-                nursery.cancel_scope.cancel()
+                probing.cancel()  # not the nursery's scope: that would cut the wait below
                 if self._in_flight:
                     self._idle = trio.Event()
                     # Until done, or until the stop deadline cancels us; then
@@ -444,8 +425,8 @@ async def client(
     if password and reveal is None and telemetry is not None:
         telemetry.add_secrets([password], name=f"the password of redis {name!r}")
     pool = cast(
-        _Pool,
-        _Pool.from_url(
+        Pool,
+        Pool.from_url(
             text,
             decode_components=True,
             max_connections=max_connections,

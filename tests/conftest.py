@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -10,10 +11,20 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from helpers import GATEWAY, GRPC, REPO, Child, Examples, Spawn, import_example
+from helpers import (
+    GATEWAY,
+    GRPC,
+    REPO,
+    Child,
+    Examples,
+    Spawn,
+    import_example,
+    postgres_cluster,
+)
 
 if TYPE_CHECKING:
     from helpers import RedisServer
+    from mikros_trio._pgcluster import Cluster
 
 
 @pytest.fixture(name="spawn")
@@ -53,6 +64,29 @@ def fixture_examples() -> Iterator[Examples]:
             del sys.modules[gateway.__name__]
     finally:
         del sys.modules[greeter.__name__]
+
+
+@pytest.fixture(name="postgres_server", scope="session")
+def fixture_postgres_server() -> Iterator[Cluster]:
+    """One throwaway PostgreSQL cluster for the session: ``host``, ``port``, ``user``, ``dsn(db)``.
+
+    Trust authentication on 127.0.0.1, removed at the end of the session.
+    Fails (never skips) when PostgreSQL is not installed.
+    """
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+_DATABASES = itertools.count(1)
+
+
+@pytest.fixture(name="postgres_dsn")
+def fixture_postgres_dsn(postgres_server: Cluster) -> Iterator[str]:
+    """A fresh, empty database per test: its DSN (dropped, with its sessions, after)."""
+    name = f"test_{next(_DATABASES)}"
+    dsn = postgres_server.create_database(name)
+    yield dsn
+    postgres_server.drop_database(name)
 
 
 @pytest.fixture(name="redis_server", scope="session")

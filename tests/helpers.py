@@ -1683,6 +1683,29 @@ def first_error(output: str) -> str:
     return ""
 
 
+# PostgreSQL: a throwaway cluster (the code is shared with bench/postgres.py, so it
+# lives in the package, standard library only).
+
+if TYPE_CHECKING:
+    from mikros_trio._pgcluster import Cluster
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[Cluster]:
+    """A started throwaway cluster on 127.0.0.1, removed on exit.
+
+    Fails the test (never skips: CI must run it) when the server binaries
+    are missing. Tests that take the server away (stop/start) use their own
+    cluster; the others share the session's ``postgres_server``.
+    """
+    from mikros_trio._pgcluster import MISSING, Cluster, binaries
+
+    if binaries() is None:
+        pytest.fail(MISSING)
+    with Cluster() as cluster:
+        yield cluster
+
+
 # -- a real redis-server ---------------------------------------------------------
 
 

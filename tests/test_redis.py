@@ -18,11 +18,25 @@ import pytest
 import trio
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.exceptions import ResponseError, WrongTypeError
+from dependency_injector import providers
 
-from helpers import RedisServer, free_port, redis_server_process
-from mikros_trio import redis
+from helpers import (
+    LOCAL_METRICS,
+    MEMORY,
+    TIMEOUTS,
+    RedisServer,
+    free_port,
+    metrics_of,
+    parse,
+    redis_server_process,
+    spans_of,
+    toml_text,
+    value,
+)
+from mikros_trio import Lifetime, ServiceContainer, redis
 from mikros_trio._telemetry import Call, Observer, Telemetry
 from mikros_trio.features.env import Secret
+from mikros_trio.testing import ServiceStarter
 
 pytestmark = pytest.mark.redis
 
@@ -456,3 +470,82 @@ async def test_bad_setting_is_a_clear_error(option: str, value: object) -> None:
     """An out-of-range setting fails before anything connects, naming it."""
     with pytest.raises(ValueError, match=option.split("_")[0]):
         await anext(redis.client("redis://127.0.0.1:6379/0", **{option: value}))
+
+
+class Writer:
+    """A worker using the resource: a few commands and a transaction, then waits to be stopped."""
+
+    def __init__(self, cache: redis.Client[Any]) -> None:
+        self.cache = cache
+
+    async def run(self, lifetime: Lifetime) -> None:
+        await self.cache.set("order:1", "secret-order-value")
+        assert await self.cache.get("order:1") == b"secret-order-value"
+        async with self.cache.pipeline() as multi:
+            multi.incr("orders")
+            multi.expire("orders", 60)
+        await lifetime.wait_stopping()
+        await self.cache.set("last-words", "drained")  # still open while the worker drains
+
+
+class RedisService(ServiceContainer):
+    cache = providers.Resource(
+        redis.client,
+        url=ServiceContainer.env.provided.secret.call("REDIS_URL"),
+        max_connections=4,
+        name="cache",
+        health_interval=0.05,
+    )
+    worker = providers.Factory(Writer, cache=cache)
+
+
+async def test_a_service_declares_it_with_providers_resource(
+    mikros_service: ServiceStarter, tmp_path: Path, redis_server: RedisServer, redis_url: str
+) -> None:
+    """A real service: the resource opens before its worker, is healthy, its commands are
+    metrics and spans without keys or values, and it closes after the worker drained."""
+    path = tmp_path / "service.toml"
+    path.write_text(
+        toml_text(
+            {"name": "svc", "types": ["worker"], "version": "1.0.0", "envs": ["REDIS_URL"]},
+            {
+                "lifecycle": TIMEOUTS,
+                "features.env": {"secrets": ["REDIS_URL"]},
+                "features.metrics": {"enabled": True, **LOCAL_METRICS},
+                "features.tracing": {"enabled": True},
+            },
+        )
+    )
+    url = redis_url.replace("//", f"//:{PASSWORD}@")
+    redis_server.command("CONFIG", "SET", "requirepass", PASSWORD)
+    try:
+        running = await mikros_service.start(
+            RedisService, path, environ={**MEMORY, "REDIS_URL": url}
+        )
+        cache: redis.Client[Any] = running.container.cache()
+        assert isinstance(cache, redis.Client)
+        await until(
+            lambda: redis_server.command("EXISTS", "orders", password=PASSWORD) == b":1\r\n",
+            "the worker wrote",
+        )
+        assert running.health.snapshot()["checks"]["cache"]["ok"] is True
+        spans = await spans_of(running, 3)
+        samples = parse(metrics_of(running).render().decode())
+        assert await running.stop() == 0
+    finally:
+        redis_server.command("CONFIG", "SET", "requirepass", "", password=PASSWORD)
+    assert redis_server.command("GET", "last-words") == b"$7\r\ndrained\r\n"
+    assert cache.health()["ok"] is False  # closed with the service, after its worker
+    for operation in ("SET", "GET", "MULTI"):
+        labels = {"system": "redis", "operation": operation, "outcome": "ok"}
+        assert (value(samples, "db_client_operations_total", **labels) or 0) >= 1
+    assert value(samples, "db_client_connections_max", system="redis", pool="cache") == 4
+    db_spans = [span for span in spans if (span.attributes or {}).get("db.system") == "redis"]
+    assert [span.name for span in db_spans][:3] == ["SET 0", "GET 0", "MULTI 0"]
+    attributes = dict(db_spans[0].attributes or {})
+    assert attributes["server.address"] == "127.0.0.1"
+    assert attributes["server.port"] == redis_server.port
+    for span in db_spans:
+        text = repr(span.to_json())
+        for secret in ("order:1", "secret-order-value", PASSWORD):
+            assert secret not in text

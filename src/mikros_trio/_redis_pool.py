@@ -66,6 +66,11 @@ class _Slots:
         """How many tasks wait for a slot."""
         return len(self._lot)
 
+    @property
+    def idle(self) -> int:
+        """How many idle connections the stack holds."""
+        return sum(item is not None for item in self._items)
+
     def empty(self) -> bool:
         return not self._items
 
@@ -106,7 +111,7 @@ class _Slots:
 
 
 class Pool(ConnectionPool[Any]):
-    """coredis's pool with cancellation-safe slots (see the module), a name and a waiter count."""
+    """coredis's pool with cancellation-safe slots (see the module), a name and its figures."""
 
     name = "redis"
 
@@ -114,38 +119,37 @@ class Pool(ConnectionPool[Any]):
         super().__init__(**kwargs)
         self._slots = _Slots(self.max_connections)
         self._available_connections = self._slots  # type: ignore[assignment]
-        #: Tasks inside get_connection: waiting for a slot, or connecting.
-        self.acquiring = 0
 
-    @property
-    def waiting(self) -> int:
-        """Tasks waiting for a free slot."""
-        return self._slots.waiting
+    def figures(self) -> dict[str, int]:
+        """Connections open, idle and in use, tasks waiting for one, and the most it opens."""
+        return {
+            "connections": len(self._online_connections),
+            "idle": self._slots.idle,
+            "in_use": self.statistics.in_use_connections,
+            "waiting": self._slots.waiting,
+            "max_connections": self.max_connections,
+        }
 
     async def get_connection(self, **_: Any) -> Any:
         """A connection: an idle one, or a new one in a free slot; ``TimeoutError`` saying why."""
-        self.acquiring += 1
+        with trio.move_on_after(_seconds(self.timeout)) as waited:
+            connection = await self._slots.get()
+        if waited.cancelled_caught:
+            message = (
+                f"redis {self.name!r}: no connection free within {self.timeout:g} s "
+                f"(max_connections={self.max_connections}, all in use)"
+            )
+            raise TimeoutError(message)
         try:
-            with trio.move_on_after(_seconds(self.timeout)) as waited:
-                connection = await self._slots.get()
-            if waited.cancelled_caught:
-                message = (
-                    f"redis {self.name!r}: no connection free within {self.timeout:g} s "
-                    f"(max_connections={self.max_connections}, all in use)"
-                )
-                raise TimeoutError(message)
-            try:
-                if connection is None or not connection.reusable:
-                    if connection is not None:
-                        connection.invalidate()
-                    connection = await self._connect()
-            except BaseException:
-                self._slots.append_nowait(None)
-                raise
-            self.statistics.connection_leased(connection)
-            return connection
-        finally:
-            self.acquiring -= 1
+            if connection is None or not connection.reusable:
+                if connection is not None:
+                    connection.invalidate()
+                connection = await self._connect()
+        except BaseException:
+            self._slots.append_nowait(None)
+            raise
+        self.statistics.connection_leased(connection)
+        return connection
 
     async def _connect(self) -> BaseConnection:
         connection: BaseConnection = await self._construct_connection()

@@ -207,6 +207,8 @@ class Client(coredis.Redis[AnyStr]):
         self._closed = False
         self._ok = False
         self._error = "not checked yet"
+        #: The metrics feature's gauges of this pool, when it is on (see client()).
+        self._gauges: Any = None
 
     def __repr__(self) -> str:
         return f"<mikros_trio.redis.Client {self.name!r} {self._url}>"
@@ -270,11 +272,7 @@ class Client(coredis.Redis[AnyStr]):
         assert isinstance(pool, Pool)
         report: dict[str, Any] = {
             "ok": self._ok and not self._closed,
-            "connections": len(pool._online_connections),
-            "max_connections": pool.max_connections,
-            "in_use": pool.statistics.in_use_connections,
-            "acquiring": pool.acquiring,
-            "waiting": pool.waiting,
+            **pool.figures(),
             "in_flight": self._in_flight,
         }
         if not report["ok"]:
@@ -317,27 +315,57 @@ class Client(coredis.Redis[AnyStr]):
                 except Exception as exc:
                     self._ok = False
                     self._error = _describe(exc)
+                self._measure()
                 await trio.sleep(self._health_interval)
+
+    def _measure(self) -> None:
+        """Set the pool gauges, if any: once per probe, not per command (a hot path)."""
+        if self._gauges is not None:
+            pool = self.connection_pool
+            assert isinstance(pool, Pool)
+            figures = pool.figures()
+            self._gauges.set(
+                figures["idle"],
+                figures["in_use"],
+                figures["waiting"],
+                figures["max_connections"],
+            )
 
     # -- lifetime ---------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def _serving(self) -> AsyncIterator[None]:
         """The pool entered and the probe running; on exit, drain (until cancelled) and close."""
-        async with self.connection_pool, trio.open_nursery() as nursery:
-            probing = trio.CancelScope()
-            nursery.start_soon(self._probe, probing)
-            try:
-                yield
-            finally:
-                self._closed = True
-                probing.cancel()  # not the nursery's scope: that would cut the wait below
-                if self._in_flight:
-                    self._idle = trio.Event()
-                    # Until done, or until the stop deadline cancels us; then
-                    # leaving the pool closes every connection, failing what
-                    # still waits with a ConnectionError.
-                    await self._idle.wait()
+        try:
+            async with self.connection_pool, trio.open_nursery() as nursery:
+                probing = trio.CancelScope()
+                nursery.start_soon(self._probe, probing)
+                try:
+                    yield
+                finally:
+                    self._closed = True
+                    probing.cancel()  # not the nursery's scope: that would cut the wait below
+                    if self._in_flight:
+                        self._idle = trio.Event()
+                        # Until done, or until the stop deadline cancels us;
+                        # then leaving the pool closes every connection,
+                        # failing what still waits with a ConnectionError.
+                        await self._idle.wait()
+        finally:
+            self._measure()  # the pool has closed its connections: all zero
+
+
+def _pool_gauges(telemetry: Telemetry, name: str) -> Any:
+    """The connection gauges the metrics feature keeps for pool ``name``, or None when it is off.
+
+    Found by what the feature publishes (an object with ``pool_gauges``),
+    so this module imports no feature.
+    """
+    for published in telemetry.published():
+        gauges = getattr(published, "pool_gauges", None)
+        if callable(gauges):
+            return gauges("redis", name)
+    return None
 
 
 def _describe(error: BaseException) -> str:
@@ -441,6 +469,8 @@ async def client(
     redis = Client[Any](
         pool, name=name, decode_responses=decode_responses, health_interval=health_interval
     )
+    if telemetry is not None:
+        redis._gauges = _pool_gauges(telemetry, name)
     async with redis._serving():
         try:
             yield redis

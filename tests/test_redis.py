@@ -180,6 +180,43 @@ async def test_cancelled_command_keeps_replies_in_order(
         assert client.health()["connections"] == 1
 
 
+async def test_cancelled_pipeline_leaves_the_pool_usable(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """A pipeline cancelled while the server is busy gives its connection back; commands go on."""
+    async with opened(redis_url, max_connections=1, decode_responses=True) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, redis_server.command, "DEBUG", "SLEEP", "1")
+            await trio.sleep(0.2)  # the server is now asleep for a second
+            with trio.move_on_after(0.1) as scope:
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.set("p", "1")
+                    pipe.incr("p")
+            assert scope.cancelled_caught
+        assert await client.incr("p") == 3  # the pipeline was sent: the server ran it
+        assert client.health()["waiting"] == 0
+
+
+async def test_pubsub_runs_under_trio_and_a_cancelled_listener_frees_its_connection(
+    redis_url: str,
+) -> None:
+    """Subscribe, publish, receive; a listener cancelled by Trio leaves the pool serving."""
+    async with opened(redis_url, max_connections=2, decode_responses=True) as client:
+        async with client.pubsub(channels=["news"], ignore_subscribe_messages=True) as pubsub:
+            await client.publish("news", "hello")
+            with trio.fail_after(BOUND):
+                message = await anext(aiter(pubsub))
+            assert (message["channel"], message["data"]) == ("news", "hello")
+        with trio.move_on_after(0.2) as scope:
+            async with client.pubsub(channels=["quiet"]) as pubsub:
+                async for _ in pubsub:
+                    pass
+        assert scope.cancelled_caught
+        for _ in range(3):  # more than the two connections, had either been kept
+            with trio.fail_after(BOUND):
+                assert await client.blpop(["none"], timeout=0.05) is None
+
+
 async def test_pool_exhaustion_is_bounded(redis_url: str, redis_server: RedisServer) -> None:
     """20 blocking commands on a 2-connection pool: never more than 2 sockets; the rest time out."""
     outcomes: list[object] = []

@@ -314,7 +314,7 @@ class Client(coredis.Redis[AnyStr]):
                     await self._ping()
                 except Exception as exc:
                     self._ok = False
-                    self._error = _describe(exc)
+                    self._error = f"{self._url}: {_describe(exc)}"
                 self._measure()
                 await trio.sleep(self._health_interval)
 

@@ -33,9 +33,7 @@ from helpers import (
     toml_text,
     value,
 )
-from mikros_trio import Lifetime, ServiceContainer, redis
-from mikros_trio._telemetry import Call, Observer, Telemetry
-from mikros_trio.features.env import Secret
+from mikros_trio import Call, Lifetime, Observer, Secret, ServiceContainer, Telemetry, redis
 from mikros_trio.testing import ServiceStarter
 
 pytestmark = pytest.mark.redis

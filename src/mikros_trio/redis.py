@@ -63,7 +63,7 @@ import math
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, AnyStr, Literal, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, AnyStr, TypeVar, cast
 
 import coredis
 import trio
@@ -375,32 +375,6 @@ def _describe(error: BaseException) -> str:
     if cause is not None and str(cause) and str(cause) not in text:
         text += f" ({cause})"
     return text
-
-
-@overload
-def client(
-    url: str | Secret,
-    *,
-    max_connections: int = ...,
-    connect_timeout: float = ...,
-    command_timeout: float | None = ...,
-    pool_timeout: float = ...,
-    health_interval: float = ...,
-    decode_responses: Literal[False] = ...,
-    name: str = ...,
-) -> AsyncIterator[Client[bytes]]: ...
-@overload
-def client(
-    url: str | Secret,
-    *,
-    max_connections: int = ...,
-    connect_timeout: float = ...,
-    command_timeout: float | None = ...,
-    pool_timeout: float = ...,
-    health_interval: float = ...,
-    decode_responses: Literal[True],
-    name: str = ...,
-) -> AsyncIterator[Client[str]]: ...
 
 
 async def client(

@@ -333,6 +333,19 @@ async def test_server_restart_health_and_recovery(tmp_path: Path) -> None:
             assert await client.ping() == b"PONG"
 
 
+async def test_unix_socket(tmp_path: Path, recorder: Recorder) -> None:
+    """A ``unix://`` URL connects over the socket; its calls carry no TCP peer."""
+    socket_path = tmp_path / "redis.sock"
+    with redis_server_process(tmp_path, "--unixsocket", str(socket_path)):
+        async with opened(f"unix://{socket_path}?db=2", decode_responses=True) as client:
+            await client.warmup()
+            assert await client.set("k", "v")
+            assert repr(client) == f"<mikros_trio.redis.Client 'redis' unix://{socket_path}?db=2>"
+            assert client.health()["ok"] is True
+    assert [(call.name, call.target) for call in recorder.calls] == [("SET", "2")]
+    assert "peer" not in recorder.calls[0].state
+
+
 async def test_warmup_fails_loud_when_nothing_listens() -> None:
     """warmup() raises a ConnectionError naming the client, the address and the cause."""
     port = free_port()

@@ -199,7 +199,7 @@ class Client(coredis.Redis[AnyStr]):
         db = int(pool.connection_kwargs.get("db") or 0)
         self._namespace = str(db)
         self._peer = (location.host, location.port) if isinstance(location, TCPLocation) else None
-        scheme = "unix" if self._peer is None else "redis"
+        scheme = "rediss" if pool.connection_kwargs.get("ssl_context") else "redis"
         self._url = f"{scheme}://{location}/{db}" if self._peer else f"unix://{location}?db={db}"
         self._health_interval = health_interval
         self._in_flight = 0

@@ -20,6 +20,8 @@ one-connection pool, which then never served again:
 - **A cancelled connect** (a deadline, a caller's cancel scope) comes out
   of the connection as a ``ConnectionError``: the ``Cancelled`` is lost,
   and the cancel scope never learns it was hit.
+- **A cancelled handshake** is also logged by coredis as an ERROR with a
+  traceback; that line is dropped (a filter on the ``coredis`` logger).
 - **A refused connect** leaves the connection's six in-memory buffers
   open, and the garbage collector warns about each.
 - **A cancelled waiter** leaves its wake-up event in the stack's list of
@@ -37,6 +39,7 @@ handshake are bounded by ``connect_timeout``.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any
 
@@ -46,6 +49,25 @@ from coredis.exceptions import RedisError
 from coredis.pool import ConnectionPool
 
 __all__ = ["Pool"]
+
+#: What coredis logs at ERROR, with a traceback, when a connection's
+#: handshake is cancelled (its Cancelled is not a RedisError).
+_FAILED_CONNECT = "Connection attempt failed unexpectedly!"
+
+
+class _NoFailedConnectTraceback(logging.Filter):
+    """Drops coredis's ERROR traceback for a handshake that was cancelled.
+
+    Under Trio that is a deadline or a caller's cancel scope doing its job
+    (the caller gets its Cancelled back, see the pool), not an error: one
+    traceback per command that hit its deadline while connecting.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _FAILED_CONNECT
+
+
+logging.getLogger("coredis").addFilter(_NoFailedConnectTraceback())
 
 
 class _Slots:

@@ -29,10 +29,8 @@ redis-py's asyncio client needs an asyncio loop. What this module adds:
   failed call carries the error with the server's message cut to its
   error code, because Redis quotes keys and arguments in some replies.
 - **Health.** ``health()`` is ``{"ok": ...}`` plus the pool's figures; a
-  PING every ``health_interval`` seconds decides ``ok`` (while the server
-  is unreachable, a plain TCP connect first, so a down server costs no
-  handshake and no logged traceback per probe). ``warmup()`` PINGs once
-  before the service is ready and fails loudly when it cannot.
+  PING every ``health_interval`` seconds decides ``ok``. ``warmup()`` PINGs
+  once before the service is ready and fails loudly when it cannot.
 - **Bounded waits.** Getting a connection gives up after ``pool_timeout``
   with a message naming the limit; connecting after ``connect_timeout``.
   Retries are off: a command that failed is not sent again behind your
@@ -293,15 +291,7 @@ class Client(coredis.Redis[AnyStr]):
 
     async def _ping(self) -> None:
         pool = self.connection_pool
-        limit = (pool.connect_timeout or 5.0) + (pool.timeout or 5.0)
-        with trio.fail_after(limit):
-            if not self._ok and self._peer is not None:
-                # A plain connect first: coredis logs a traceback for each
-                # failed attempt, which a probe every second would repeat.
-                location = pool.location
-                assert isinstance(location, TCPLocation)
-                if not await location.check():
-                    raise RedisConnectionError(f"cannot connect to {location}")
+        with trio.fail_after((pool.connect_timeout or 5.0) + (pool.timeout or 5.0)):
             await self.ping()
         self._ok = True
         self._error = ""

@@ -269,6 +269,36 @@ async def test_cancelled_waiters_take_no_wakeup(redis_url: str) -> None:
         assert client.health()["waiting"] == 0
 
 
+async def test_waiters_are_served_in_the_order_they_came(redis_url: str) -> None:
+    """Tasks waiting for the one connection get it in turn, newcomers queueing behind them."""
+    served: list[int] = []
+
+    async def wait_then_use(index: int) -> None:
+        await client.blpop(["empty"], timeout=0.2)
+        served.append(index)
+
+    def accounted() -> int:
+        """Waiters served, being served and waiting (each is one of these once it has run)."""
+        health = client.health()
+        return len(served) + health["in_use"] + health["waiting"]
+
+    # One health PING at the start, then none to queue among the waiters.
+    options = {"max_connections": 1, "pool_timeout": BOUND, "health_interval": 3600}
+    async with opened(redis_url, **options) as client:
+        await until(lambda: client.health()["ok"], "the first health PING is done")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blpop, client, 0.3)
+            await until(lambda: client.health()["in_use"] == 1, "the BLPOP holds the connection")
+            for index in range(4):
+                nursery.start_soon(wait_then_use, index)
+                await until(lambda i=index: client.health()["waiting"] == i + 1, "one more waiter")
+            await until(lambda: len(served) == 1, "the first waiter is served")
+            for index in range(4, 6):  # arriving while the others still wait
+                nursery.start_soon(wait_then_use, index)
+                await until(lambda i=index: accounted() == i + 1, "a newcomer waits")
+        assert served == [0, 1, 2, 3, 4, 5]
+
+
 async def test_server_that_never_answers_is_bounded_by_connect_timeout(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

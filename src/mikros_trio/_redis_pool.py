@@ -2,10 +2,11 @@
 
 coredis 6.9's ``ConnectionPool`` keeps ``max_connections`` slots in a
 stack: each is ``None`` (no connection yet) or an idle connection, and a
-leased connection holds its slot until released. Three of its paths lose
-a slot or a wake-up when a task is cancelled, which Trio code does all the
-time (a deadline, a client gone, a shutdown); each was seen here with a
-one-connection pool, which then never served again:
+leased connection holds its slot until released. Trio code cancels all
+the time (a deadline, a client gone, a shutdown), and several of the
+pool's paths go wrong when it does; the first and the last were seen here
+to leave a one-connection pool that never served again, or served only
+after its timeout:
 
 - **A cancelled blocking command** (``BLPOP``…) invalidates its
   connection, as it must (its reply would come later, out of turn), and
@@ -32,7 +33,7 @@ one-connection pool, which then never served again:
 :class:`Pool` keeps coredis's connections, handshake and multiplexing and
 replaces those paths: slots live in a :class:`_Slots` stack whose
 waiters park on a Trio ``ParkingLot`` (a cancelled waiter simply leaves
-it), every path that took a slot gives it back on any failure, releasing
+it) and are served in turn, every path that took a slot gives it back on any failure, releasing
 an unusable connection returns a free slot, and connecting plus the
 handshake are bounded by ``connect_timeout``.
 """
@@ -71,16 +72,20 @@ logging.getLogger("coredis").addFilter(_NoFailedConnectTraceback())
 
 
 class _Slots:
-    """A bounded LIFO stack of idle connections and ``None`` (free) slots, as coredis uses it.
+    """A bounded LIFO stack of idle connections and ``None`` (free) slots, handed out in turn.
 
-    The interface is coredis's ``Queue`` (``get``, ``put_nowait``,
-    ``append_nowait``, ``remove``, ``in``, ``len``); waiting is a Trio
-    parking lot, so a cancelled waiter takes no wake-up with it.
+    It replaces coredis's ``Queue`` inside the pool. Waiters park on a Trio
+    parking lot, so a cancelled waiter takes no wake-up with it; a slot
+    given back while tasks wait is reserved for the first of them (woken
+    tasks cannot be overtaken by one arriving later), so they are served
+    in the order they came.
     """
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._items: deque[BaseConnection | None] = deque([None] * size)
+        #: Items promised to woken waiters that have not run yet.
+        self._reserved = 0
         self._lot = trio.lowlevel.ParkingLot()
 
     @property
@@ -93,47 +98,50 @@ class _Slots:
         """How many idle connections the stack holds."""
         return sum(item is not None for item in self._items)
 
-    def empty(self) -> bool:
-        return not self._items
-
-    def full(self) -> bool:
-        return len(self._items) >= self._size
+    @property
+    def free(self) -> bool:
+        """Whether a slot can be taken now, without waiting."""
+        return len(self._items) > self._reserved
 
     def get_nowait(self) -> BaseConnection | None:
-        """The most recently released connection, or a free slot; IndexError when none is left."""
+        """The most recently released connection, or a free slot (only when :attr:`free`)."""
         return self._items.pop()
 
     async def get(self) -> BaseConnection | None:
-        """The most recently released connection, or a free slot; waits while none is left."""
-        while not self._items:
-            await self._lot.park()
+        """The most recently released connection, or a free slot; waits for one in turn."""
+        if self.free:
+            return self._items.pop()
+        await self._lot.park()
+        # Woken by _add, which reserved an item for this task; no checkpoint
+        # since, so none can have been taken from under it.
+        self._reserved -= 1
         return self._items.pop()
 
     def _add(self, item: BaseConnection | None, *, top: bool) -> None:
-        if self.full():
+        if len(self._items) >= self._size:
             raise RuntimeError("redis pool: more slots released than taken")  # a bug here
         if top:
             self._items.append(item)
         else:
             self._items.appendleft(item)
-        self._lot.unpark()
+        if self.free and self._lot:
+            self._reserved += 1
+            self._lot.unpark()
 
-    def put_nowait(self, item: BaseConnection | None) -> None:
+    def put_nowait(self, item: BaseConnection) -> None:
         """Return an idle connection, on top (reused first)."""
         self._add(item, top=True)
 
-    def append_nowait(self, item: BaseConnection | None) -> None:
+    def append_nowait(self, item: None) -> None:
         """Return a free slot, at the bottom (idle connections are used before new ones)."""
         self._add(item, top=False)
 
-    def remove(self, item: BaseConnection) -> None:
-        self._items.remove(item)
-
-    def __contains__(self, item: object) -> bool:
-        return item in self._items
-
-    def __len__(self) -> int:
-        return len(self._items)
+    def free_slot_of(self, connection: BaseConnection) -> None:
+        """If ``connection`` sits idle here, turn its place into a free slot (it has closed)."""
+        for index, item in enumerate(self._items):
+            if item is connection:
+                self._items[index] = None
+                return
 
 
 class Pool(ConnectionPool[Any]):
@@ -158,7 +166,7 @@ class Pool(ConnectionPool[Any]):
 
     async def get_connection(self, **_: Any) -> Any:
         """A connection: an idle one, or a new one in a free slot; ``TimeoutError`` saying why."""
-        if self._slots.empty():
+        if not self._slots.free:
             with trio.move_on_after(_seconds(self.timeout)) as waited:
                 connection = await self._slots.get()
             if waited.cancelled_caught:
@@ -221,9 +229,7 @@ class Pool(ConnectionPool[Any]):
             if not status.done:
                 _close_buffers(connection)
             self._online_connections.discard(connection)
-            if connection in self._slots:
-                self._slots.remove(connection)
-                self._slots.append_nowait(None)
+            self._slots.free_slot_of(connection)
 
     def release(self, connection: Any) -> None:
         """Return a leased connection; an unusable one is closed and its slot freed."""

@@ -395,8 +395,11 @@ async def test_warmup_fails_loud_when_nothing_listens() -> None:
         assert f"127.0.0.1:{port}" in report["error"]
 
 
-async def test_password_never_shown(tmp_path: Path, recorder: Recorder) -> None:
+async def test_password_never_shown(
+    tmp_path: Path, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
     """Neither the right nor a wrong password shows in a repr, health, error, call or log line."""
+    caplog.set_level(logging.DEBUG)
     wrong = "Wr0ng-pa55word-x"
     with redis_server_process(tmp_path, "--requirepass", PASSWORD) as server:
         url = server.url(password=PASSWORD)
@@ -418,6 +421,7 @@ async def test_password_never_shown(tmp_path: Path, recorder: Recorder) -> None:
                 await anext(redis.client(bad))
             seen.append(str(invalid.value))
     seen += [repr(vars_of(call)) for call in recorder.calls]
+    seen += [logging.Formatter().format(record) for record in caplog.records]
     assert seen
     for text in seen:
         assert PASSWORD not in text

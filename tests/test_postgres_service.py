@@ -153,6 +153,13 @@ async def test_queries_are_metrics_and_spans_without_secrets(
     assert value(samples, "db_client_connections", **pool_labels, state="used") == 0
     assert value(samples, "db_client_connections", **pool_labels, state="pending") == 0
     assert value(samples, "db_client_connections_max", **pool_labels) == 4
+    async with pool.connection():  # sampled about once a second
+        with trio.fail_after(5):
+            while True:
+                samples = parse(metrics_of(running).render().decode())
+                if value(samples, "db_client_connections", **pool_labels, state="used") == 1:
+                    break
+                await trio.sleep(0.05)
 
     spans = [span for span in tracing_of(running).spans() if span.kind is SpanKind.CLIENT]
     assert [span.name for span in spans] == [

@@ -33,7 +33,6 @@ import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -41,7 +40,7 @@ import trio
 from psycopg import generators, pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from ._pgconn import CANCEL_TIMEOUT, TrioConnection, _ready_now
+from ._pgconn import CANCEL_TIMEOUT, TrioConnection, _ready_now, wait_fd
 from ._telemetry import Telemetry, current_telemetry
 
 if TYPE_CHECKING:
@@ -154,7 +153,11 @@ def _end(telemetry: Telemetry, call: Any, error: BaseException) -> None:
     # The message can quote values (an invalid input, a duplicate key's
     # DETAIL): observers get the type and the SQLSTATE only.
     sqlstate = getattr(error, "sqlstate", None)
-    shown = type(error)(f"SQLSTATE {sqlstate}" if sqlstate else type(error).__name__)
+    text = f"SQLSTATE {sqlstate}" if sqlstate else "(message not shown)"
+    try:
+        shown: BaseException = type(error)(text)
+    except Exception:  # a type that wants other arguments: its name says enough
+        shown = RuntimeError(f"{type(error).__name__}: {text}")
     telemetry.end(call, "error", failed=True, error=shown)
 
 
@@ -283,6 +286,7 @@ class Pool:
         self._counts = {"opened": 0, "closed": 0, "failed_connects": 0, "timeouts": 0}
         self._telemetry = current_telemetry()
         self._observed: _Observed | None = None
+        self._cursor: type[TracedCursor] = TracedCursor
         if self._telemetry is not None and self._password:
             self._telemetry.add_secrets([self._password], name=f"the {name} pool's password")
 
@@ -327,7 +331,12 @@ class Pool:
         return report
 
     def _changed(self) -> None:
-        """Refresh the pool gauges (only when the metrics feature is on)."""
+        """Refresh the pool gauges (only when the metrics feature is on).
+
+        Sampled by housekeeping once a second, not at every lease: four
+        gauge updates per lease were the largest cost the metrics feature
+        added to a query (cProfile of bench/postgres.py's service side).
+        """
         observed = self._observed
         if observed is not None and observed.gauges is not None:
             observed.gauges.set(
@@ -371,8 +380,9 @@ class Pool:
             info = conn.info
             self._observed = _Observed(telemetry, info.dbname, (info.host, info.port))
             self._observed.gauges = _gauges(telemetry, self.name)
-        cursor = type(f"TracedCursor_{id(self)}", (TracedCursor,), {"_observed": self._observed})
-        conn.cursor_factory = cursor
+            # One cursor class per pool, carrying what its calls report.
+            self._cursor = type("TracedCursor", (TracedCursor,), {"_observed": self._observed})
+        conn.cursor_factory = self._cursor
 
     async def _open_until(self, deadline: float) -> _Slot:
         """Open a connection, retrying with bounded backoff until ``deadline`` (Trio time)."""
@@ -387,7 +397,13 @@ class Pool:
                         f"postgres pool {self.name!r}: could not connect to {self._where} "
                         f"within {self.timeout:g} s: {self._scrub(str(error))}"
                     ) from None
-                log.warning("postgres pool %r: connecting failed, retrying", self.name)
+                log.warning(
+                    "postgres pool %r: connecting to %s failed (%s), retrying in %.2f s",
+                    self.name,
+                    self._where,
+                    type(error).__name__,
+                    backoff,
+                )
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
 
@@ -425,15 +441,19 @@ class Pool:
         return alive
 
     async def _ping(self, slot: _Slot) -> bool:
-        """An empty query (no transaction) within ``connect_timeout``: the server answers."""
-        conn = slot.conn
+        """An empty query (no transaction) answered within ``connect_timeout``.
+
+        Driven without the connection's cancel handling: a connection that
+        does not answer a ping is closed, not cancelled and waited for.
+        """
+        pgconn = slot.conn.pgconn
         with trio.move_on_after(self.connect_timeout):
             try:
-                conn.pgconn.send_query(b"")
-                results = await conn.wait(generators.execute(conn.pgconn))
+                pgconn.send_query(b"")
+                results = await wait_fd(generators.execute(pgconn), pgconn.socket)
             except (psycopg.Error, OSError):
                 return False
-            return conn.pgconn.transaction_status == _IDLE and all(
+            return pgconn.transaction_status == _IDLE and all(
                 result.status == _EMPTY_QUERY for result in results
             )
         return False
@@ -467,10 +487,8 @@ class Pool:
         if capacity.value:
             capacity.acquire_nowait()  # the common case: no cancel scope to build
         else:
-            self._changed()
             with trio.move_on_after(self.timeout) as waited:
                 await capacity.acquire()
-            self._changed()
             # Cancelled while parked means no unit was handed over (trio.Semaphore).
             if waited.cancelled_caught:
                 self._counts["timeouts"] += 1
@@ -487,14 +505,18 @@ class Pool:
             capacity.release()
             raise
         self._leased[slot.conn] = slot
-        self._changed()
         return slot
 
     async def _take(self) -> _Slot:
         now = trio.current_time()
         while self._idle:
             slot = self._idle.pop()
-            if await self._check(slot, now):
+            try:
+                usable = await self._check(slot, now)
+            except BaseException:  # cancelled mid-ping: its state is unknown
+                self._discard(slot)
+                raise
+            if usable:
                 return slot
             self._discard(slot)
         return await self._open_until(trio.current_time() + self.timeout)
@@ -526,7 +548,6 @@ class Pool:
             self._capacity.release()
             if not self._leased:
                 self._drained.set()
-            self._changed()
 
     async def _rollback(self, conn: TrioConnection) -> None:
         """Roll back, shielded and bounded: it runs while the lease is being cancelled."""
@@ -619,11 +640,25 @@ class Pool:
         self._idle.extendleft(reversed(kept))
         # Ping the longest idle one when it is due, or when the server spoke to
         # it: a dead server shows up in health without waiting for a lease.
-        if self._idle and (
-            now - self._idle[0].used > self.check_interval or self._alive(self._idle[0]) is None
+        # The ping holds a unit, as a lease would: the connection is out of the
+        # idle list meanwhile, and a lease must not open one more in its place.
+        if (
+            self._idle
+            and self._capacity.value
+            and (
+                now - self._idle[0].used > self.check_interval or self._alive(self._idle[0]) is None
+            )
         ):
             slot = self._idle.popleft()
-            if await self._ping(slot):
+            self._capacity.acquire_nowait()
+            try:
+                healthy = await self._ping(slot)
+            except BaseException:  # cancelled mid-ping (the pool closing)
+                self._discard(slot)
+                raise
+            finally:
+                self._capacity.release()
+            if healthy and not self._closed:
                 slot.used = trio.current_time()
                 self._idle.append(slot)
             else:
@@ -681,12 +716,7 @@ class Pool:
         await self.warmup()
         return self
 
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
 
@@ -717,12 +747,7 @@ class _Lease:
                 raise
         return slot.conn
 
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, kind: type[BaseException] | None, *exc_info: object) -> None:
         slot, self._slot = self._slot, None
         if slot is not None:
             await self._pool._release(slot, commit=kind is None)
@@ -747,15 +772,8 @@ async def pool(dsn: str | Secret, **options: Any) -> AsyncIterator[Pool]:
     ``options`` are :class:`Pool`'s. The service warms it up (opens
     ``min_size`` connections) before it reports ready, shows its
     :meth:`~Pool.health` on ``/healthz``, and closes it after everything
-    using it has drained::
-
-        class Container(ServiceContainer):
-            db = providers.Resource(
-                postgres.pool,
-                dsn=ServiceContainer.env.provided.secret.call("DATABASE_URL"),
-                min_size=2,
-                max_size=10,
-            )
+    using it has drained (see :mod:`mikros_trio.postgres` for the
+    declaration).
     """
     made = Pool(dsn, **options)
     try:

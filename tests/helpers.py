@@ -157,6 +157,24 @@ class Spawn(Protocol):
 MIKROS_TRIO = str(Path(sys.executable).with_name("mikros-trio"))
 
 
+#: A worker service with short lifecycle bounds (the container gives ``worker``).
+WORKER_TOML = """
+name = "svc"
+types = ["worker"]
+version = "1.0.0"
+[lifecycle]
+drain_timeout = 1.0
+shutdown_timeout = 3.0
+"""
+
+
+def write_worker_toml(tmp_path: Path, extra: str = "") -> Path:
+    """:data:`WORKER_TOML`, then ``extra`` (more tables), as ``tmp_path/service.toml``."""
+    path = tmp_path / "service.toml"
+    path.write_text(WORKER_TOML + extra)
+    return path
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago (bound to port 0, then closed)."""
     with socket.socket() as probe:

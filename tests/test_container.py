@@ -9,6 +9,7 @@ import pytest
 import trio
 from dependency_injector import providers
 
+from helpers import write_worker_toml
 from mikros_trio import (
     Component,
     ConfigError,
@@ -22,21 +23,10 @@ from mikros_trio import (
 )
 from mikros_trio.testing import ServiceStarter
 
-WORKER_TOML = """
-name = "svc"
-types = ["worker"]
-version = "1.0.0"
-[lifecycle]
-drain_timeout = 1.0
-shutdown_timeout = 3.0
-"""
-
 
 @pytest.fixture(name="config")
 def _config(tmp_path: Path) -> Path:
-    path = tmp_path / "service.toml"
-    path.write_text(WORKER_TOML)
-    return path
+    return write_worker_toml(tmp_path)
 
 
 class Journal:
@@ -214,16 +204,14 @@ def test_components_table_adds_edges(tmp_path: Path) -> None:
     class WithAudit(Container):
         audit = providers.Singleton(Audit)
 
-    path = tmp_path / "service.toml"
-    path.write_text(WORKER_TOML + '[components.repo]\ndepends_on = ["audit"]\n')
+    path = write_worker_toml(tmp_path, '[components.repo]\ndepends_on = ["audit"]\n')
     waves = Service(WithAudit, path).supervisor.plan.waves()
     assert waves == [["logger"], ["audit"], ["repo"], ["cache"], ["worker"]]
 
 
 def test_components_table_naming_nothing_is_an_error(tmp_path: Path) -> None:
     """[components.<name>] for a provider the container lacks is a config error at that path."""
-    path = tmp_path / "service.toml"
-    path.write_text(WORKER_TOML + '[components.ghost]\ndepends_on = ["repo"]\n')
+    path = write_worker_toml(tmp_path, '[components.ghost]\ndepends_on = ["repo"]\n')
     with pytest.raises(ConfigError) as caught:
         Service(Container, path).build()
     assert [issue.path for issue in caught.value.issues] == ["components.ghost"]

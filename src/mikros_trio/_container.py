@@ -1,8 +1,9 @@
 """The container layer: dependency-injector wiring, turned into components.
 
 Sync only, by design: dependency-injector's async resources are bound to
-asyncio and do not run under Trio, so lifecycle belongs to the supervisor.
-What this module does:
+asyncio and do not run under Trio, so lifecycle belongs to the supervisor
+(a ``providers.Resource`` becomes a component that the supervisor runs:
+see :mod:`._resources`). What this module does:
 
 - wires the :class:`~mikros_trio.Definition` and its values into a
   :class:`ServiceContainer` (``container.definition``, ``container.config``);
@@ -13,7 +14,8 @@ What this module does:
   itself: its ``run`` and ``warmup``), or has ``on_start`` /
   ``on_shutdown`` / ``warmup`` hooks, or is an async context manager
   (entered at start, exited at stop, even on a forced exit, when hooks no
-  longer run). A ``Factory`` of a Component is a configuration error: it
+  longer run), and every ``Resource`` provider. A ``Factory`` of a
+  Component is a configuration error: it
   would make a new one per call, none of them run. Discovery looks at
   classes, not instances, so nothing is constructed before its turn in the
   start order; the edges between them
@@ -39,6 +41,7 @@ from ._definition import Definition
 from ._graph import NodeSpec
 from ._injector import containers, providers
 from ._registry import Registry
+from ._resources import ResourceComponent, check_resource, is_resource
 from ._telemetry import Telemetry
 from .errors import ConfigError, ConfigIssue
 
@@ -238,8 +241,24 @@ def discover(
     found: dict[str, tuple[providers.Provider[Any], type[Any]]] = {}
     container_name = container_class(container).__name__
     issues: list[ConfigIssue] = []
+    resources: dict[str, providers.Provider[Any]] = {}
     for name, provider in container.providers.items():
         if name in skip:
+            if name not in _RESERVED and is_resource(provider):
+                issues.append(
+                    ConfigIssue(
+                        "<container>",
+                        f"{container_name}.{name}",
+                        "is what a service kind serves, so it cannot be a providers.Resource: "
+                        "make it a Singleton and inject the resource into it",
+                    )
+                )
+            continue
+        if is_resource(provider):
+            issue = check_resource(name, provider, f"{container_name}.{name}")
+            if issue is not None:
+                issues.append(issue)
+            resources[name] = provider
             continue
         cls = provided_type(provider)
         if cls is not None and (
@@ -257,20 +276,30 @@ def discover(
                     "none: use providers.Singleton to run it as a component",
                 )
             )
+    issues += _inline_resources(container, container_name)
     by_identity = {id(provider): name for name, (provider, _) in found.items()}
+    by_identity.update((id(provider), name) for name, provider in resources.items())
     out: list[tuple[Component, NodeSpec]] = []
-    for name, (provider, cls) in found.items():
-        # The container's wiring is a dependency declaration: whatever is
-        # injected into this provider must be running before it starts.
-        related: list[providers.Provider[Any]] = list(provider.traverse())
-        wired = [
-            by_identity[id(sub)]
-            for sub in related
-            if id(sub) in by_identity and by_identity[id(sub)] != name
-        ]
+    for name, provider in resources.items():
         declared = definition.components.get(name)
         depends = _unique(
-            [*wired, *getattr(cls, "depends_on", ()), *(declared.depends_on if declared else ())]
+            [
+                *_wired(provider, name, by_identity),
+                *(declared.depends_on if declared else ()),
+            ]
+        )
+        enhanced = _unique(declared.enhanced_by if declared else ())
+        resource = ResourceComponent(name, provider, depends_on=depends, enhanced_by=enhanced)
+        source, path = _declared_at(definition, container_name, name, declared is not None)
+        out.append((resource, NodeSpec(name, Role.PROCESSING, depends, enhanced, source, path)))
+    for name, (provider, cls) in found.items():
+        declared = definition.components.get(name)
+        depends = _unique(
+            [
+                *_wired(provider, name, by_identity),
+                *getattr(cls, "depends_on", ()),
+                *(declared.depends_on if declared else ()),
+            ]
         )
         enhanced = _unique(
             [*getattr(cls, "enhanced_by", ()), *(declared.enhanced_by if declared else ())]
@@ -284,11 +313,7 @@ def discover(
             warm = callable(getattr(cls, "warmup", None))
             kind = _WarmHookComponent if warm else HookComponent
         component = kind(name, provider, depends_on=depends, enhanced_by=enhanced, role=role)
-        source, path = (
-            (definition.source, f"components.{name}")
-            if declared
-            else ("<container>", f"{container_name}.{name}")
-        )
+        source, path = _declared_at(definition, container_name, name, declared is not None)
         out.append((component, NodeSpec(name, role, depends, enhanced, source, path)))
     issues += [
         ConfigIssue(
@@ -302,11 +327,52 @@ def discover(
             ),
         )
         for name in definition.components
-        if name not in found
+        if name not in found and name not in resources
     ]
     if issues:
         raise ConfigError(issues)
     return out
+
+
+def _wired(provider: providers.Provider[Any], name: str, by_identity: dict[int, str]) -> list[str]:
+    """The lifecycle components injected into ``provider``: it must start after them.
+
+    The container's wiring is a dependency declaration: whatever is injected
+    into a provider must be running before it starts.
+    """
+    related: list[providers.Provider[Any]] = list(provider.traverse())
+    return [
+        by_identity[id(sub)]
+        for sub in related
+        if id(sub) in by_identity and by_identity[id(sub)] != name
+    ]
+
+
+def _declared_at(
+    definition: Definition, container_name: str, name: str, in_file: bool
+) -> tuple[str, str]:
+    """Where a component is declared: its ``[components.<name>]`` table, or the container."""
+    if in_file:
+        return definition.source, f"components.{name}"
+    return "<container>", f"{container_name}.{name}"
+
+
+def _inline_resources(container: ServiceContainer, container_name: str) -> list[ConfigIssue]:
+    """A ``Resource`` that is not a container attribute has no component to run it."""
+    attributes = {id(provider) for provider in container.providers.values()}
+    return [
+        ConfigIssue(
+            "<container>",
+            f"{container_name}.{name}",
+            f"uses an inline providers.Resource({sub.provides!r}), which nothing would "
+            "start or shut down: declare it as an attribute of the container and inject "
+            "that attribute",
+        )
+        for name, provider in container.providers.items()
+        if name not in _RESERVED
+        for sub in provider.traverse(types=[providers.Resource])
+        if id(sub) not in attributes
+    ]
 
 
 def _factory_of_component(provider: providers.Provider[Any]) -> bool:

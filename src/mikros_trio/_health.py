@@ -17,7 +17,7 @@ already says not ready.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -77,7 +77,7 @@ class Health:
     :attr:`phase` is ``SERVING``.
     """
 
-    __slots__ = ("_changed", "_components", "_peers", "_phase", "_version")
+    __slots__ = ("_changed", "_checks", "_components", "_failing", "_peers", "_phase", "_version")
 
     def __init__(self) -> None:
         self._phase = Phase.STARTING
@@ -85,6 +85,10 @@ class Health:
         self._version = 0
         self._changed: trio.Event | None = None
         self._peers: Peers | None = None
+        # Resources' own health reports (a pool's state), by component name,
+        # and the names of those whose last reading was not ok.
+        self._checks: dict[str, Callable[[], Mapping[str, Any]]] = {}
+        self._failing: set[str] = set()
 
     @property
     def phase(self) -> Phase:
@@ -95,10 +99,23 @@ class Health:
     def ready(self) -> bool:
         """True only while serving: what ``/readyz`` and gRPC ``SERVING`` report.
 
-        Under workers, only while every worker serves (see :class:`Peers`).
+        Under workers, only while every worker serves (see :class:`Peers`);
+        never while a resource's health check (:attr:`failing`) says not ok
+        (read at each call).
         """
         peers = self._peers
-        return self._phase is Phase.SERVING and (peers is None or peers.ready)
+        if self._phase is not Phase.SERVING or (peers is not None and not peers.ready):
+            return False
+        # Read now, so a probe never answers from a stale reading; the
+        # resource's own poll wakes the readers that stream changes.
+        for name in self._checks:
+            self._poll_check(name)
+        return not self._failing
+
+    @property
+    def failing(self) -> frozenset[str]:
+        """Components whose own health check said not ok when last read."""
+        return frozenset(self._failing)
 
     @property
     def live(self) -> bool:
@@ -121,6 +138,10 @@ class Health:
             "status": self._phase.value,
             "components": {name: state.value for name, state in self._components.items()},
         }
+        if self._checks:
+            # Read now, so the details (a pool's connections in use) are current.
+            checks = self._checks.items()
+            snapshot["checks"] = {name: read_check(check)[1] for name, check in checks}
         if self._peers is not None:
             snapshot["workers"] = self._peers.snapshot()
         return snapshot
@@ -155,6 +176,30 @@ class Health:
                 self._peers.publish(phase)
             self._bump()
 
+    def _add_check(self, name: str, check: Callable[[], Mapping[str, Any]]) -> None:
+        """Have component ``name``'s own health report read by probes from now on."""
+        self._checks[name] = check
+        self._poll_check(name)
+
+    def _poll_check(self, name: str) -> None:
+        """Re-read ``name``'s check; readiness follows it, and readers wake on a change."""
+        check = self._checks.get(name)
+        if check is None:
+            return
+        ok = read_check(check)[0]
+        if ok == (name in self._failing):
+            if ok:
+                self._failing.discard(name)
+            else:
+                self._failing.add(name)
+            self._bump()
+
+    def _remove_check(self, name: str) -> None:
+        self._checks.pop(name, None)
+        if name in self._failing:
+            self._failing.discard(name)
+            self._bump()
+
     def _set_component(self, name: str, state: ComponentState) -> None:
         if self._components.get(name) is not state:
             self._components[name] = state
@@ -165,3 +210,12 @@ class Health:
         if self._changed is not None:
             self._changed.set()
             self._changed = None
+
+
+def read_check(check: Callable[[], Mapping[str, Any]]) -> tuple[bool, dict[str, Any]]:
+    """What a health check says: ``(ok, details)``. A check that raises is not ok."""
+    try:
+        details = dict(check())
+    except Exception as exc:  # a probe must answer whatever the resource does
+        return False, {"ok": False, "error": type(exc).__name__}
+    return details.get("ok") is True, details

@@ -385,7 +385,12 @@ class Supervisor(_SupervisorView):
         self._nursery.start_soon(self._warmup)
 
     async def _warmup(self) -> None:
-        warm = [c for c in self.components if type(c).warmup is not Component.warmup]
+        # A resource knows whether it has a warmup only once its value exists.
+        warm = [
+            c
+            for c in self.components
+            if type(c).warmup is not Component.warmup and getattr(c, "wants_warmup", True)
+        ]
         if warm and self._trigger is None:
             limit = self.timeouts.start_timeout
             if self._watchdog is not None:

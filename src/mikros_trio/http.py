@@ -192,9 +192,14 @@ class _Front:
 
 
 def _not_ready(health: Health) -> str:
-    """Why ``/readyz`` says 503: the phase, or, serving under workers, the other workers."""
+    """Why ``/readyz`` says 503: the phase, a failing resource, or the other workers."""
     phase = health.phase
-    return "waiting for other workers" if phase is Phase.SERVING else phase.value
+    if phase is not Phase.SERVING:
+        return str(phase.value)
+    failing = health.failing
+    if failing:
+        return "unhealthy: " + ", ".join(sorted(failing))
+    return "waiting for other workers"
 
 
 #: The status the access log, metrics and traces record for a request whose

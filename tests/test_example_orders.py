@@ -33,6 +33,7 @@ import httpx
 import psycopg
 import pytest
 import trio
+from opentelemetry.trace import SpanKind
 
 from helpers import (
     GRPC,
@@ -101,7 +102,12 @@ async def _start_greeter(
     mikros_service: ServiceStarter, examples: Examples, port: int = 0
 ) -> RunningService:
     """The greeter example; on ``port`` when given (else an ephemeral one)."""
-    environ = {**os.environ, "MIKROS_GRPC_PORT": str(port), "MIKROS_METRICS_PORT": "0"}
+    environ = {
+        **os.environ,
+        "MIKROS_GRPC_PORT": str(port),
+        "MIKROS_METRICS_PORT": "0",
+        "OTEL_TRACES_EXPORTER": "memory",
+    }
     with trio.fail_after(PATIENCE):
         return await mikros_service.start(
             examples.greeter.Container,
@@ -463,6 +469,53 @@ async def test_greeter_down_keeps_orders_new_until_it_is_back(
     assert got["confirmation"] == "Hello, Ada!"
 
 
+async def test_two_replicas_confirm_each_order_exactly_once(
+    mikros_service: ServiceStarter,
+    examples: Examples,
+    orders: ModuleType,
+    tmp_path: Path,
+    postgres_dsn: str,
+) -> None:
+    """Two services started together on one database: schema made once, one greeting per order."""
+    greeter = await _start_greeter(mikros_service, examples)
+    config = _config(tmp_path, greeter.ports["grpc"])
+    replicas: list[RunningService] = []
+
+    async def start_replica() -> None:
+        replicas.append(
+            await mikros_service.start(orders.Container, config, environ=_environ(postgres_dsn))
+        )
+
+    with trio.fail_after(PATIENCE):
+        async with trio.open_nursery() as nursery:  # both create the schema at once
+            nursery.start_soon(start_replica)
+            nursery.start_soon(start_replica)
+    # Without the schema's advisory lock one of them fails here (UniqueViolation).
+    assert [replica.health.ready for replica in replicas] == [True, True]
+    count = 60
+    clients = [Started(greeter, replica).client() for replica in replicas]
+    async with clients[0], clients[1]:
+        for number in range(count):
+            response = await clients[number % 2].post(
+                "/orders", json={**PEN, "customer": f"c{number}"}
+            )
+            assert response.status_code == 201
+
+    async def all_confirmed() -> bool:
+        rows = await _read(postgres_dsn, "SELECT count(*) FROM orders WHERE status = 'new'")
+        return rows == [(0,)]
+
+    await _eventually(all_confirmed, "confirming every order")
+    rows = await _read(postgres_dsn, "SELECT customer, confirmation FROM orders")
+    assert sorted(rows) == sorted((f"c{n}", f"Hello, c{n}!") for n in range(count))
+    greetings = [
+        span
+        for span in tracing_of(greeter).spans()
+        if span.kind == SpanKind.SERVER and span.name.endswith("SayHello")
+    ]
+    assert len(greetings) == count
+
+
 # -- the pool is a provider like any other ---------------------------------------------
 
 
@@ -659,6 +712,56 @@ def test_process_serves_confirms_and_stops_on_sigterm(
     assert leaked_forms(dsn, output) == [], child.report()
     assert "pw-0rders-s3cret" not in output
     assert _rows(postgres_dsn, "SELECT confirmation FROM orders") == [("Hello, Ada!",)]
+
+
+@pytest.mark.parametrize(
+    ("edit", "env", "message"),
+    [
+        pytest.param(
+            ("page_size = 20 ", "page_size = 200 "),
+            {},
+            "service.page_size: expected an integer between 1 and 100, got 200",
+            id="page-size-bound",
+        ),
+        pytest.param(
+            ("max_page_size = 100 ", "max_page_size = 10 "),
+            {},
+            "service: page_size must not exceed max_page_size",
+            id="page-sizes-disagree",
+        ),
+        pytest.param(
+            None,
+            {"DATABASE_URL": None},
+            "required environment variable DATABASE_URL is not set",
+            id="no-database-url",
+        ),
+    ],
+)
+def test_bad_configuration_exits_2_before_anything_starts(
+    spawn: Spawn,
+    tmp_path: Path,
+    edit: tuple[str, str] | None,
+    env: dict[str, str | None],
+    message: str,
+) -> None:
+    """A setting out of bounds, or no DATABASE_URL: one clear line, exit 2, no traceback."""
+    config = _config(tmp_path, free_port())
+    if edit is not None:
+        text = config.read_text()
+        assert text.count(edit[0]) == 1
+        config.write_text(text.replace(*edit))
+    nowhere = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    child = spawn(
+        MIKROS_TRIO,
+        "run",
+        "examples/orders/main.py",
+        "--config",
+        config,
+        env={"DATABASE_URL": nowhere, **env},
+    )
+    assert child.wait() == 2, child.report()
+    assert message in child.stderr, child.report()
+    assert "Traceback" not in child.stderr + child.stdout
 
 
 # -- shutdown under load ------------------------------------------------------------------

@@ -88,6 +88,11 @@ class Settings:
         default=50, metadata={"help": "Orders one worker transaction claims.", "ge": 1, "le": 1000}
     )
 
+    def __post_init__(self) -> None:
+        # The framework reports this as a configuration error naming [service], exit code 2.
+        if self.page_size > self.max_page_size:
+            raise ValueError("page_size must not exceed max_page_size")
+
 
 # -- the data layer: every statement the service runs --------------------------------
 #

@@ -39,7 +39,18 @@ name                                         type        labels
 ``component_start_duration_seconds``         gauge       ``component``: starting → started
 ``component_stop_duration_seconds``          gauge       ``component``: stopping → stopped
 ``service_info``                             gauge       ``service``, ``version``; always 1
+``db_client_operations_total``               counter     ``system``, ``operation``, ``outcome``
+``db_client_operation_duration_seconds``     histogram   ``system``, ``operation``, ``outcome``
+``db_client_connections``                    gauge       ``system``, ``pool``, ``state`` (idle,
+                                                         used, pending: tasks waiting)
+``db_client_connections_max``                gauge       ``system``, ``pool``
 ===========================================  ==========  =====================================
+
+Database calls are the client calls a resource reports with its system as
+the call's kind (``postgresql``, ``redis``): ``operation`` is the SQL verb
+or the command name (``SELECT``, ``GET``; the resource bounds it),
+``outcome`` is ``ok``, ``error`` or ``cancelled``. A pool's connection
+gauges come from :meth:`Metrics.pool_gauges`.
 
 Label cardinality is bounded by what the service declares: ``route`` is the
 matched route rule (``/items/<item_id>``), never the raw path, and
@@ -104,9 +115,12 @@ from mikros_trio.errors import ConfigError, ConfigIssue
 from mikros_trio.features.settings import METRICS_PORT_ENV as PORT_ENV
 from mikros_trio.features.settings import MetricsSettings
 
-__all__ = ["PORT_ENV", "Metrics", "MetricsListener", "build_metrics"]
+__all__ = ["PORT_ENV", "Metrics", "MetricsListener", "PoolGauges", "build_metrics"]
 
 log = logging.getLogger("mikros_trio.metrics")
+
+#: Database systems whose client calls (the kind is the system) are database calls.
+DB_SYSTEMS = frozenset({"postgresql", "redis"})
 
 #: Set (by the workers' parent) before prometheus-client is imported, it makes
 #: every value live in files of this folder, which a scrape adds up.
@@ -137,11 +151,12 @@ class Metrics:
     :func:`mikros_trio.current_telemetry`.
     """
 
-    __slots__ = ("_exposed", "registry")
+    __slots__ = ("_exposed", "_pools", "registry")
 
     def __init__(self, registry: CollectorRegistry, multiprocess_dir: str | None = None) -> None:
         self.registry = registry
         self._exposed = registry
+        self._pools: tuple[Gauge, Gauge] | None = None
         if multiprocess_dir is not None:
             # Under workers every process records into its own files in this
             # folder; any one of them serves the sum of all (collectors that
@@ -149,6 +164,38 @@ class Metrics:
             # process and are left out).
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+
+    def pool_gauges(self, system: str, pool: str) -> PoolGauges:
+        """The connection gauges of one pool (``db_client_connections*``), for a resource to set.
+
+        ``system`` is the database system (``postgresql``, ``redis``), ``pool``
+        the pool's name; under workers the values of the live workers add up.
+        """
+        if self._pools is None:
+            self._pools = (
+                Gauge(
+                    "db_client_connections",
+                    "Connections of a database client pool, by state (idle, used; pending "
+                    "counts the tasks waiting for one).",
+                    ["system", "pool", "state"],
+                    registry=self.registry,
+                    multiprocess_mode="livesum",
+                ),
+                Gauge(
+                    "db_client_connections_max",
+                    "The most connections a database client pool opens.",
+                    ["system", "pool"],
+                    registry=self.registry,
+                    multiprocess_mode="livesum",
+                ),
+            )
+        connections, most = self._pools
+        return PoolGauges(
+            connections.labels(system, pool, "idle"),
+            connections.labels(system, pool, "used"),
+            connections.labels(system, pool, "pending"),
+            most.labels(system, pool),
+        )
 
     def render(self) -> bytes:
         """Every metric of the registry in the Prometheus text exposition format."""
@@ -165,6 +212,22 @@ class Metrics:
             # A user's collector broke: tell the scraper and the log, keep serving.
             log.exception("collecting metrics failed")
             return 500, "text/plain; charset=utf-8", b"collecting metrics failed\n"
+
+
+class PoolGauges:
+    """One pool's connection gauges (see :meth:`Metrics.pool_gauges`)."""
+
+    __slots__ = ("_idle", "_max", "_pending", "_used")
+
+    def __init__(self, idle: Any, used: Any, pending: Any, most: Any) -> None:
+        self._idle, self._used, self._pending, self._max = idle, used, pending, most
+
+    def set(self, idle: int, used: int, pending: int, most: int) -> None:
+        """The pool's counts now: idle and used connections, waiting tasks, its maximum."""
+        self._idle.set(idle)
+        self._used.set(used)
+        self._pending.set(pending)
+        self._max.set(most)
 
 
 # Labelled children of one (counter, histogram) pair, by label values.
@@ -277,6 +340,19 @@ class _Recorder(Observer):
             registry=r,
             multiprocess_mode="max",
         )
+        self._db_total = Counter(
+            "db_client_operations_total",
+            "Database calls made, by system, operation and outcome (ok, error, cancelled).",
+            ["system", "operation", "outcome"],
+            registry=r,
+        )
+        self._db_seconds = Histogram(
+            "db_client_operation_duration_seconds",
+            "Time of a database call, until its result arrived.",
+            ["system", "operation", "outcome"],
+            buckets=b,
+            registry=r,
+        )
         self._component_stop = Gauge(
             "component_stop_duration_seconds",
             "How long each component took to drain and stop.",
@@ -289,6 +365,7 @@ class _Recorder(Observer):
         self._grpc: dict[tuple[str, str], _Pair] = {}
         self._client: dict[tuple[str, str, str], _Pair] = {}
         self._worker: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._db: dict[tuple[str, str, str], _Pair] = {}
         self._in_flight = {"http": self._http_flight, "grpc": self._grpc_flight}
         self._finish: dict[tuple[str, str], Callable[[Call], None]] = {
             ("http", "server"): self._http_finished,
@@ -297,6 +374,8 @@ class _Recorder(Observer):
             ("worker", "internal"): self._worker_finished,
             ("script", "internal"): self._script_finished,
         }
+        for system in DB_SYSTEMS:
+            self._finish[(system, "client")] = self._db_finished
         # Lifecycle bookkeeping: Trio times of the phase each span began at.
         self._first_start: float | None = None
         self._shutdown_at: float | None = None
@@ -348,6 +427,17 @@ class _Recorder(Observer):
             pair = self._client[key] = (
                 self._client_total.labels(*key),
                 self._client_seconds.labels(*key),
+            )
+        pair[0].inc()
+        pair[1].observe(call.duration)
+
+    def _db_finished(self, call: Call) -> None:
+        key = (call.kind, call.name, call.status)
+        pair = self._db.get(key)
+        if pair is None:
+            pair = self._db[key] = (
+                self._db_total.labels(*key),
+                self._db_seconds.labels(*key),
             )
         pair[0].inc()
         pair[1].observe(call.duration)

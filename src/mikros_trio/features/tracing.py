@@ -67,6 +67,12 @@ Design decisions:
   ``ParentBased(TraceIdRatioBased(ratio))``; spans started with
   :attr:`Tracing.tracer` are ordinary SDK spans.
 
+Database calls (a client call whose kind is the database system,
+``postgresql`` or ``redis``) get a CLIENT span named ``"{operation}
+{database}"`` with ``db.system``, ``db.operation``, ``db.name``,
+``server.address`` and ``server.port``; never the statement or its
+parameters.
+
 Attributes follow the OpenTelemetry semantic conventions: HTTP spans are
 named ``"{method} {route}"`` once the route is known (``"{method}"``
 otherwise; a non-standard method is ``HTTP`` / ``_OTHER``) with
@@ -159,6 +165,10 @@ _GRPC_CODES: dict[str, int] = {
     )
 }
 
+
+#: Database systems whose client calls (the kind is the system) are database calls:
+#: named and attributed by the database conventions, ``server.*`` from ``state["peer"]``.
+_DB_SYSTEMS = frozenset({"postgresql", "redis"})
 
 #: Bound on the per-method cache: method names come from declared services,
 #: but nothing unbounded may grow from what callers send.
@@ -629,8 +639,11 @@ class _SpanObserver(Observer):
         found = self._client_cache.get(key)
         if found is not None:
             return found
-        name, attributes = self._start_naming(call)
-        if call.target:
+        if call.kind in _DB_SYSTEMS:
+            name, attributes = _db_naming(call)
+        else:
+            name, attributes = self._start_naming(call)
+        if call.target and call.kind not in _DB_SYSTEMS:
             attributes = {**attributes, "peer.service": call.target}
         found = (name, attributes)
         if len(self._client_cache) < _CACHE_LIMIT and call.kind != "http":
@@ -692,6 +705,11 @@ class _SpanObserver(Observer):
             code = _GRPC_CODES.get(status)
             if code is not None:
                 attributes["rpc.grpc.status_code"] = code
+        elif kind in _DB_SYSTEMS:
+            peer = call.state.get("peer")
+            if peer is not None:
+                attributes["server.address"] = str(peer[0])
+                attributes["server.port"] = int(peer[1])
         error_kind = call.error_kind
         if error_kind is not None:
             attributes["mikros.error.kind"] = error_kind.value
@@ -735,6 +753,19 @@ class _SpanObserver(Observer):
                 },
             )
         )
+
+
+def _db_naming(call: Call) -> tuple[str, dict[str, AttributeValue]]:
+    """A database call: ``"<operation> <database>"`` and the ``db.*`` attributes.
+
+    The operation is the SQL verb or command name the resource reports
+    (bounded by it), never the statement: its text may hold values.
+    """
+    attributes: dict[str, AttributeValue] = {"db.system": call.kind, "db.operation": call.name}
+    if call.target:
+        attributes["db.name"] = call.target
+        return f"{call.name} {call.target}", attributes
+    return call.name, attributes
 
 
 def _random_id(bits: int) -> int:

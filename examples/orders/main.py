@@ -43,7 +43,7 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -186,15 +186,7 @@ class Order:
         return cls(*row[:7])
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "customer": self.customer,
-            "item": self.item,
-            "quantity": self.quantity,
-            "status": self.status,
-            "confirmation": self.confirmation,
-            "created_at": self.created_at.isoformat(),
-        }
+        return {**asdict(self), "created_at": self.created_at.isoformat()}
 
 
 _FIELDS = {"customer", "item", "quantity"}

@@ -445,6 +445,33 @@ async def test_greeter_down_keeps_orders_new_until_it_is_back(world: World) -> N
     assert got["confirmation"] == "Hello, Ada!"
 
 
+async def test_an_order_the_greeter_refuses_does_not_hold_up_the_others(
+    started: Started, client: httpx.AsyncClient, postgres_dsn: str
+) -> None:
+    """A row the greeter refuses (an empty name, written by older code) stays 'new'; others pass."""
+    insert = """
+        INSERT INTO orders (request_hash, customer, item, quantity)
+        VALUES ('written-by-hand', '', 'pen', 1) RETURNING id
+    """
+    [(poison,)] = await _read(postgres_dsn, insert)  # first in line: the lowest id
+    for customer in ("Ada", "Grace"):
+        assert (await client.post("/orders", json={**PEN, "customer": customer})).is_success
+    tracing = tracing_of(started.service)
+
+    async def others_confirmed_after_two_refusals() -> bool:
+        # Two greetings for the others, and at least two attempts on the refused one.
+        calls = sum("SayHello" in span.name for span in tracing.spans())
+        confirmed = "SELECT count(*) FROM orders WHERE status = 'confirmed'"
+        return calls >= 4 and await _read(postgres_dsn, confirmed) == [(2,)]
+
+    await _eventually(others_confirmed_after_two_refusals, "confirming the orders behind it")
+    rows = await _read(
+        postgres_dsn, "SELECT status, confirmation FROM orders WHERE id = %s", (poison,)
+    )
+    assert rows == [("new", None)]
+    assert started.service.health.ready
+
+
 async def test_two_replicas_confirm_each_order_exactly_once(world: World) -> None:
     """Two services started together on one database: schema made once, one greeting per order."""
     greeter, config = await world.greeter_and_config()

@@ -30,7 +30,8 @@ How the pieces stand (each is a provider of ``Container`` below):
   replicas never confirm the same order, and a replica killed mid-batch
   loses nothing (its transaction rolls back; the orders stay "new").
   A greeter that is down ends the batch; those orders are retried on the
-  next run.
+  next run. An order the greeter refuses stays "new" (and is logged as an
+  error each run) without holding up the orders behind it.
 
 ``DATABASE_URL`` is a secret (``[features.env]``): it never appears in a
 log line, span or error. ``MIKROS_HTTP_PORT`` picks another port.
@@ -62,6 +63,7 @@ from mikros_trio import (
     NotFoundError,
     RPCError,
     ServiceContainer,
+    ServiceError,
     ValidationError,
     postgres,
 )
@@ -287,21 +289,26 @@ class OrderStore:
         """Confirm up to ``size`` new orders in one transaction; return how many.
 
         Each order's confirmation is the greeter's answer. If the greeter
-        fails, the batch ends there: what was confirmed commits, the rest
-        stays "new" for the next run. A cancellation (shutdown's deadline)
+        cannot be reached, the batch ends there: what was confirmed
+        commits, the rest stays "new" for the next run. An order the
+        greeter refuses (it answered with an error) stays "new" too, and
+        the orders behind it go on. A cancellation (shutdown's deadline)
         rolls the whole batch back, which loses nothing either.
         """
         confirmed = 0
         async with self.db.transaction() as conn:
             cursor = await conn.execute(CLAIM, (size,))
             claimed = await cursor.fetchall()
-            for order_id, customer in claimed:
+            for done, (order_id, customer) in enumerate(claimed):
                 try:
                     message = await greet(customer)
                 except RPCError as error:
-                    left = len(claimed) - confirmed
+                    left = len(claimed) - done
                     log.warning("%d orders wait for the next run: %s", left, error.message)
                     break
+                except ServiceError as error:
+                    log.error("order %d: the greeter refused it: %s", order_id, error.message)
+                    continue
                 await conn.execute(CONFIRM, (message, order_id))
                 confirmed += 1
         return confirmed

@@ -80,13 +80,15 @@ def bench(session: nox.Session) -> None:
     # features: starlette-exporter and opentelemetry-instrumentation-asgi.
     session.install(
         "-e",
-        ".[http,grpc,metrics,tracing]",
+        ".[http,grpc,metrics,tracing,postgres]",
         "uvicorn",
         "starlette",
         "fastapi",
         "starlette-exporter",
         "opentelemetry-instrumentation-asgi",
         "grpcio>=1.60",
+        # postgres.py's baseline: psycopg's own pools (asyncio, and threads).
+        "psycopg-pool>=3.3,<3.4",
     )
     scripts = sorted((ROOT / "bench").glob("*.py"))
     for script in scripts:

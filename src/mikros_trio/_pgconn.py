@@ -247,6 +247,8 @@ class TrioConnection(psycopg.AsyncConnection[Any]):
                 return  # as expected: the connection is idle (or in a failed transaction)
             except errors.Error:
                 pass
+            else:
+                return  # the query ended before the cancel reached it: as good
         # Not ended in time, or something else failed: its state is unknown.
         self.close_now()
 

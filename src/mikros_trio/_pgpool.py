@@ -55,6 +55,7 @@ _OK = pq.ConnStatus.OK
 _IDLE = pq.TransactionStatus.IDLE
 _INTRANS = pq.TransactionStatus.INTRANS
 _INERROR = pq.TransactionStatus.INERROR
+_EMPTY_QUERY = pq.ExecStatus.EMPTY_QUERY
 _WAIT_R = psycopg.waiting.Wait.R
 
 #: How often housekeeping looks at idle connections (a poll, no I/O) and tops up.
@@ -153,7 +154,11 @@ def _end(telemetry: Telemetry, call: Any, error: BaseException) -> None:
     # The message can quote values (an invalid input, a duplicate key's
     # DETAIL): observers get the type and the SQLSTATE only.
     sqlstate = getattr(error, "sqlstate", None)
-    shown = type(error)(f"SQLSTATE {sqlstate}" if sqlstate else type(error).__name__)
+    text = f"SQLSTATE {sqlstate}" if sqlstate else "(message not shown)"
+    try:
+        shown: BaseException = type(error)(text)
+    except Exception:  # a type that wants other arguments: its name says enough
+        shown = RuntimeError(f"{type(error).__name__}: {text}")
     telemetry.end(call, "error", failed=True, error=shown)
 
 
@@ -282,6 +287,7 @@ class Pool:
         self._counts = {"opened": 0, "closed": 0, "failed_connects": 0, "timeouts": 0}
         self._telemetry = current_telemetry()
         self._observed: _Observed | None = None
+        self._cursor: type[TracedCursor] = TracedCursor
         if self._telemetry is not None and self._password:
             self._telemetry.add_secrets([self._password], name=f"the {name} pool's password")
 
@@ -370,8 +376,9 @@ class Pool:
             info = conn.info
             self._observed = _Observed(telemetry, info.dbname, (info.host, info.port))
             self._observed.gauges = _gauges(telemetry, self.name)
-        cursor = type(f"TracedCursor_{id(self)}", (TracedCursor,), {"_observed": self._observed})
-        conn.cursor_factory = cursor
+            # One cursor class per pool, carrying what its calls report.
+            self._cursor = type("TracedCursor", (TracedCursor,), {"_observed": self._observed})
+        conn.cursor_factory = self._cursor
 
     async def _open_until(self, deadline: float) -> _Slot:
         """Open a connection, retrying with bounded backoff until ``deadline`` (Trio time)."""
@@ -386,7 +393,13 @@ class Pool:
                         f"postgres pool {self.name!r}: could not connect to {self._where} "
                         f"within {self.timeout:g} s: {self._scrub(str(error))}"
                     ) from None
-                log.warning("postgres pool %r: connecting failed, retrying", self.name)
+                log.warning(
+                    "postgres pool %r: connecting to %s failed (%s), retrying in %.2f s",
+                    self.name,
+                    self._where,
+                    type(error).__name__,
+                    backoff,
+                )
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
 
@@ -395,24 +408,33 @@ class Pool:
         self._counts["closed"] += 1
 
     @staticmethod
-    def _alive(slot: _Slot) -> bool:
-        """Whether an idle connection's socket still looks open (a poll, no I/O)."""
+    def _alive(slot: _Slot) -> bool | None:
+        """Whether an idle connection still looks open: a poll, no I/O.
+
+        ``None`` when the server sent something while it was idle: a
+        notification, or the goodbye of a terminated backend, which libpq
+        does not always turn into a bad status at once. Then only a ping
+        tells.
+        """
         conn = slot.conn
         if conn.closed or conn.pgconn.status != _OK:
             return False
         try:
-            if _ready_now(conn.pgconn.socket, _WAIT_R):
-                # Idle, yet the server sent something: a notice, or its goodbye.
-                conn.pgconn.consume_input()
+            if not _ready_now(conn.pgconn.socket, _WAIT_R):
+                return True
+            conn.pgconn.consume_input()
         except (psycopg.Error, OSError):
             return False
-        return conn.pgconn.status == _OK
+        return None if conn.pgconn.status == _OK else False
 
-    def _usable_now(self, slot: _Slot, now: float) -> bool:
-        """Whether an idle connection may be handed out (idle past ``max_idle`` is tidied apart)."""
+    async def _check(self, slot: _Slot, now: float) -> bool:
+        """Whether an idle connection may be handed out: alive, young enough, pinged if due."""
         if now - slot.created > self.max_lifetime:
             return False
-        return self._alive(slot)
+        alive = self._alive(slot)
+        if alive is None or (alive and now - slot.used > self.check_interval):
+            return await self._ping(slot)
+        return alive
 
     async def _ping(self, slot: _Slot) -> bool:
         """An empty query (no transaction) within ``connect_timeout``: the server answers."""
@@ -420,10 +442,12 @@ class Pool:
         with trio.move_on_after(self.connect_timeout):
             try:
                 conn.pgconn.send_query(b"")
-                await conn.wait(generators.execute(conn.pgconn))
+                results = await conn.wait(generators.execute(conn.pgconn))
             except (psycopg.Error, OSError):
                 return False
-            return conn.pgconn.transaction_status == _IDLE
+            return conn.pgconn.transaction_status == _IDLE and all(
+                result.status == _EMPTY_QUERY for result in results
+            )
         return False
 
     # -- leases ----------------------------------------------------------------
@@ -482,9 +506,7 @@ class Pool:
         now = trio.current_time()
         while self._idle:
             slot = self._idle.pop()
-            if self._usable_now(slot, now) and (
-                now - slot.used <= self.check_interval or await self._ping(slot)
-            ):
+            if await self._check(slot, now):
                 return slot
             self._discard(slot)
         return await self._open_until(trio.current_time() + self.timeout)
@@ -596,7 +618,7 @@ class Pool:
         while self._idle:  # oldest first
             slot = self._idle.popleft()
             if (
-                not self._alive(slot)
+                self._alive(slot) is False
                 or now - slot.created > self.max_lifetime
                 or (
                     now - slot.used > self.max_idle
@@ -607,10 +629,24 @@ class Pool:
             else:
                 kept.append(slot)
         self._idle.extendleft(reversed(kept))
-        # Ping the longest idle one when it is due: a dead server shows up in health.
-        if self._idle and now - self._idle[0].used > self.check_interval:
+        # Ping the longest idle one when it is due, or when the server spoke to
+        # it: a dead server shows up in health without waiting for a lease.
+        # The ping holds a unit, as a lease would: the connection is out of the
+        # idle list meanwhile, and a lease must not open one more in its place.
+        if (
+            self._idle
+            and self._capacity.value
+            and (
+                now - self._idle[0].used > self.check_interval or self._alive(self._idle[0]) is None
+            )
+        ):
             slot = self._idle.popleft()
-            if await self._ping(slot):
+            self._capacity.acquire_nowait()
+            try:
+                healthy = await self._ping(slot)
+            finally:
+                self._capacity.release()
+            if healthy and not self._closed:
                 slot.used = trio.current_time()
                 self._idle.append(slot)
             else:

@@ -5,11 +5,12 @@ Every test gets its own database on the session's throwaway cluster
 through ``mikros_service`` or as a process. In-process tests pin the API
 (create, idempotency, validation, get, keyset pagination), the worker
 (confirms with the greeter's answer; a greeter that is down loses no
-order) and the pool as an overridable provider. Process tests run the
-example the way users do (``mikros-trio run``) and pin the shutdown under
-load: every 2xx is in the database, no 5xx, exit 0, the pool closed last.
-What a test reads from the database it reads with psycopg, apart from the
-service. Every wait is bounded.
+order; an order it refuses holds none up; two replicas greet each order
+once) and the pool as an overridable provider. Process tests run the
+example the way users do (``mikros-trio run``): bad configuration exits
+2; SIGTERM under load keeps every 2xx in the database, answers no 5xx,
+exits 0 and closes the pool last. What a test reads from the database it
+reads with psycopg, apart from the service. Every wait is bounded.
 """
 
 from __future__ import annotations

@@ -401,7 +401,7 @@ async def test_list_parameters_out_of_bounds_are_a_400(
 
 
 async def test_worker_confirms_orders_with_the_greeters_answer(
-    client: httpx.AsyncClient, postgres_dsn: str
+    started: Started, client: httpx.AsyncClient, postgres_dsn: str
 ) -> None:
     """Each new order becomes 'confirmed', its confirmation the greeter's reply to its customer."""
     for customer in ("Ada", "Grace", "Edsger"):
@@ -416,6 +416,19 @@ async def test_worker_confirms_orders_with_the_greeters_answer(
     ]
     rows = await _read(postgres_dsn, "SELECT status, confirmed_at >= created_at FROM orders")
     assert rows == [("confirmed", True)] * 3
+    # Each worker run is a trace: its claim, greetings and updates are the run's children
+    # (the three orders may have been confirmed by one run or several).
+    spans = tracing_of(started.service).spans()
+    names = {span.context.span_id: span.name for span in spans if span.context is not None}
+    greetings = [span for span in spans if span.name.endswith("SayHello")]
+    assert len(greetings) == 3
+    runs = {span.parent.span_id for span in greetings if span.parent is not None}
+    assert {names[run] for run in runs} == {"worker"}
+    for run in runs:
+        children = [span.name for span in spans if span.parent and span.parent.span_id == run]
+        verbs = sorted(name.split()[0] for name in children if name != greetings[0].name)
+        count = children.count(greetings[0].name)
+        assert verbs == ["SELECT", *["UPDATE"] * count], children
 
 
 async def test_greeter_down_keeps_orders_new_until_it_is_back(world: World) -> None:

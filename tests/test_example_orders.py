@@ -8,8 +8,9 @@ through ``mikros_service`` or as a process. In-process tests pin the API
 order; an order it refuses holds none up; two replicas greet each order
 once) and the pool as an overridable provider. Process tests run the
 example the way users do (``mikros-trio run``): bad configuration exits
-2; SIGTERM under load keeps every 2xx in the database, answers no 5xx,
-exits 0 and closes the pool last. What a test reads from the database it
+2; a worker stopped mid-batch (cut or killed) loses no order; SIGTERM under
+load keeps every 2xx in the database, answers no 5xx, exits 0 and closes
+the pool last. What a test reads from the database it
 reads with psycopg, apart from the service. Every wait is bounded.
 """
 
@@ -19,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -116,8 +118,11 @@ class World:
     tmp_path: Path
     dsn: str
 
-    async def greeter(self, port: int = 0) -> RunningService:
-        """The greeter example, ready; on ``port`` when given (else an ephemeral one)."""
+    async def greeter(self, port: int = 0, **options: Any) -> RunningService:
+        """The greeter example, ready; on ``port`` when given (else an ephemeral one).
+
+        ``options`` go to the harness (``overrides=``).
+        """
         environ = {
             **os.environ,
             "MIKROS_GRPC_PORT": str(port),
@@ -130,6 +135,7 @@ class World:
                 GRPC / "service.toml",
                 environ=environ,
                 ephemeral_ports=False,
+                **options,
             )
 
     async def greeter_and_config(self) -> tuple[RunningService, Path]:
@@ -761,6 +767,80 @@ def test_bad_configuration_exits_2_before_anything_starts(
     assert child.wait() == 2, child.report()
     assert message in child.stderr, child.report()
     assert "Traceback" not in child.stderr + child.stdout
+
+
+def _gated_greeter(examples: Examples) -> Any:
+    """The greeter's servicer, holding every SayHello until ``release`` is set.
+
+    ``entered`` is set when the first call arrives: the worker then holds
+    its batch's rows locked, in an open transaction.
+    """
+
+    class Gated(examples.greeter.Greeter):
+        def __init__(self) -> None:
+            super().__init__(examples.greeter.Settings())
+            self.entered = trio.Event()
+            self.release = trio.Event()
+
+        async def SayHello(self, message: Any) -> Any:
+            self.entered.set()
+            await self.release.wait()
+            return await super().SayHello(message)
+
+    return Gated()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+async def test_worker_stopped_mid_batch_loses_no_order(
+    spawn: Spawn, world: World, signum: signal.Signals
+) -> None:
+    """Stopped mid-batch (cut at the drain deadline, or killed): rolled back, later confirmed."""
+    gated = _gated_greeter(world.examples)
+    greeter = await world.greeter(overrides={"greeter": gated})
+    config = _config(world.tmp_path, greeter.ports["grpc"])
+    text = config.read_text()
+    for key, seconds in (("drain_timeout", "1.0"), ("shutdown_timeout", "3.0")):
+        text, count = re.subn(rf"(?m)^{key} = [0-9.]+", f"{key} = {seconds}", text)
+        assert count == 1
+    config.write_text(text)
+    child, port = await trio.to_thread.run_sync(lambda: _spawn_orders(spawn, config, world.dsn))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=PATIENCE) as client:
+        created = [
+            (await client.post("/orders", json={**PEN, "customer": f"c{n}"})).json()["id"]
+            for n in range(3)
+        ]
+    with trio.fail_after(PATIENCE):
+        await gated.entered.wait()
+    child.send(signum)
+    code = await trio.to_thread.run_sync(child.wait)
+    if signum == signal.SIGTERM:
+        assert code == 0, child.report()  # a cut is a warning, not a failure
+        events = _events(child)
+        cut = next(n for n, event in enumerate(events) if event.startswith("worker: cut"))
+        assert cut < events.index("db: stopping"), child.report()
+    else:
+        assert code == -signal.SIGKILL
+
+    rows: list[tuple[Any, ...]] = []
+
+    async def unlocked() -> bool:
+        nonlocal rows
+        try:
+            rows = await _read(
+                world.dsn, "SELECT id, status FROM orders ORDER BY id FOR UPDATE NOWAIT"
+            )
+        except psycopg.errors.LockNotAvailable:
+            return False  # the server has not yet seen the client go
+        return True
+
+    await _eventually(unlocked, "the batch's locks released")
+    assert rows == [(order_id, "new") for order_id in created]
+
+    gated.release.set()
+    await trio.to_thread.run_sync(lambda: _spawn_orders(spawn, config, world.dsn))
+    await _until_confirmed(world.dsn, "confirming the orders in a new process")
+    confirmations = await _read(world.dsn, "SELECT confirmation FROM orders ORDER BY id")
+    assert confirmations == [(f"Hello, c{n}!",) for n in range(3)]
 
 
 # -- shutdown under load ------------------------------------------------------------------

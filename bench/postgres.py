@@ -9,6 +9,10 @@ fetch its row, as fast as they can:
 - ``framework``: ``mikros_trio.postgres.Pool`` under ``trio.run``;
 - ``bare``: ``psycopg_pool.AsyncConnectionPool`` under ``asyncio.run``, the
   same psycopg connection code, driven by asyncio;
+- ``service`` (a reference): the same pool declared as a service does
+  (``providers.Resource(postgres.pool, ...)``, a worker running the load)
+  with the metrics and tracing features on, so each query is also counted,
+  timed and given a span (made and dropped: exporter ``none``);
 - ``threads`` (a reference): psycopg's sync ``ConnectionPool`` under Trio,
   each query through ``trio.to_thread`` with a ``CapacityLimiter`` sized to
   the pool: the fallback the issue names, and what services did before.
@@ -39,7 +43,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-SIDES = ("framework", "bare", "threads")
+SIDES = ("framework", "bare", "service", "threads")
 TARGET_RATIO = 0.9
 TABLE_ROWS = 10_000
 WORKLOADS = {
@@ -72,6 +76,33 @@ async def _worker(
             counts[1] += 1
 
 
+async def _trio_commands(one: Callable[[int], Awaitable[None]], concurrency: int) -> None:
+    """Say ready, then run a load per ``run SECONDS`` line on stdin until ``quit``."""
+    import trio
+
+    print("ready", flush=True)
+    while (line := await trio.to_thread.run_sync(sys.stdin.readline)).strip() != "quit":
+        seconds = float(line.split()[1])
+        counts = [0, 0]
+        deadline = trio.current_time() + seconds
+        began = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for key in range(1, concurrency + 1):
+                nursery.start_soon(_worker, one, trio.current_time, deadline, counts, key)
+        _report(counts[0], counts[1], time.perf_counter() - began)
+
+
+def _leased(pool: Any, query: str, keyed: bool) -> Callable[[int], Awaitable[None]]:
+    """One query through an async pool's lease (ours or psycopg_pool's: the same calls)."""
+
+    async def one(key: int) -> None:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(query, (key,) if keyed else None)
+            await cursor.fetchone()
+
+    return one
+
+
 def drive_trio(side: str, dsn: str, size: int, concurrency: int, workload: str) -> None:
     import trio
 
@@ -81,22 +112,15 @@ def drive_trio(side: str, dsn: str, size: int, concurrency: int, workload: str) 
         if side == "framework":
             from mikros_trio import postgres
 
-            pool = postgres.Pool(dsn, min_size=size, max_size=size, autocommit=True)
-            await pool.warmup()
+            async with postgres.Pool(dsn, min_size=size, max_size=size, autocommit=True) as pool:
+                await _trio_commands(_leased(pool, query, keyed), concurrency)
+            return
+        from psycopg_pool import ConnectionPool
 
-            async def one(key: int) -> None:
-                async with pool.connection() as conn:
-                    cursor = await conn.execute(query, (key,) if keyed else None)
-                    await cursor.fetchone()
-
-            close: Any = pool.close
-        else:
-            from psycopg_pool import ConnectionPool
-
-            sync_pool = ConnectionPool(
-                dsn, min_size=size, max_size=size, kwargs={"autocommit": True}, open=False
-            )
-            sync_pool.open(wait=True)
+        with ConnectionPool(
+            dsn, min_size=size, max_size=size, kwargs={"autocommit": True}, open=False
+        ) as sync_pool:
+            sync_pool.wait()
             limiter = trio.CapacityLimiter(size)
 
             def blocking(key: int) -> None:
@@ -106,22 +130,67 @@ def drive_trio(side: str, dsn: str, size: int, concurrency: int, workload: str) 
             async def one(key: int) -> None:
                 await trio.to_thread.run_sync(blocking, key, limiter=limiter)
 
-            async def close() -> None:
-                sync_pool.close()
-
-        print("ready", flush=True)
-        while (line := await trio.to_thread.run_sync(sys.stdin.readline)).strip() != "quit":
-            seconds = float(line.split()[1])
-            counts = [0, 0]
-            deadline = trio.current_time() + seconds
-            began = time.perf_counter()
-            async with trio.open_nursery() as nursery:
-                for key in range(1, concurrency + 1):
-                    nursery.start_soon(_worker, one, trio.current_time, deadline, counts, key)
-            _report(counts[0], counts[1], time.perf_counter() - began)
-        await close()
+            await _trio_commands(one, concurrency)
 
     trio.run(main)
+
+
+SERVICE_TOML = """
+name = "bench"
+types = ["worker"]
+version = "1.0.0"
+envs = ["DATABASE_URL"]
+[features.env]
+secrets = ["DATABASE_URL"]
+[features.metrics]
+enabled = true
+host = "127.0.0.1"
+port = 0
+[features.tracing]
+enabled = true
+exporter = "none"
+"""
+
+
+def drive_service(dsn: str, size: int, concurrency: int, workload: str) -> None:
+    """Our pool as a service declares it: a Resource, metrics and tracing on, in a worker."""
+    import os
+    import tempfile
+
+    import trio
+    from dependency_injector import providers
+
+    import mikros_trio
+    from mikros_trio import ServiceContainer, postgres
+
+    query, keyed = WORKLOADS[workload]
+
+    class Load:
+        def __init__(self, db: postgres.Pool) -> None:
+            self.db = db
+
+        async def run(self, lifetime: mikros_trio.Lifetime) -> None:
+            await _trio_commands(_leased(self.db, query, keyed), concurrency)
+
+    class Container(ServiceContainer):
+        db = providers.Resource(
+            postgres.pool,
+            dsn=ServiceContainer.env.provided.secret.call("DATABASE_URL"),
+            min_size=size,
+            max_size=size,
+            autocommit=True,
+        )
+        worker = providers.Factory(Load, db=db)
+
+    os.environ["DATABASE_URL"] = dsn
+    with tempfile.TemporaryDirectory(prefix="bench-pg-service-") as folder:
+        config = Path(folder) / "service.toml"
+        config.write_text(SERVICE_TOML)
+
+        async def main() -> int:
+            return await mikros_trio.run(Container, config)
+
+        raise SystemExit(trio.run(main))
 
 
 def drive_asyncio(dsn: str, size: int, concurrency: int, workload: str) -> None:
@@ -137,12 +206,7 @@ def drive_asyncio(dsn: str, size: int, concurrency: int, workload: str) -> None:
         )
         await pool.open(wait=True)
         loop = asyncio.get_running_loop()
-
-        async def one(key: int) -> None:
-            async with pool.connection() as conn:
-                cursor = await conn.execute(query, (key,) if keyed else None)
-                await cursor.fetchone()
-
+        one = _leased(pool, query, keyed)
         print("ready", flush=True)
         while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip() != "quit":
             seconds = float(line.split()[1])
@@ -177,18 +241,23 @@ class Driver:
             text=True,
         )
 
-    def wait_ready(self) -> None:
+    def _line(self, starts: str) -> str:
+        """The next stdout line starting with ``starts`` (a service's log lines are skipped)."""
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            raise RuntimeError(f"{self.side} driver did not start: {line!r}")
+        for line in self.proc.stdout:
+            if line.startswith(starts):
+                return line
+        raise RuntimeError(f"{self.side} driver exited (code {self.proc.wait()})")
+
+    def wait_ready(self) -> None:
+        self._line("ready")
 
     def run(self, seconds: float) -> dict[str, Any]:
         assert self.proc.stdin is not None
         assert self.proc.stdout is not None
         self.proc.stdin.write(f"run {seconds}\n")
         self.proc.stdin.flush()
-        result: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        result: dict[str, Any] = json.loads(self._line('{"count"'))
         return result
 
     def close(self) -> int:
@@ -254,6 +323,8 @@ def main() -> None:
         dsn, size, concurrency, workload = args.drive_args
         if args.drive == "bare":
             drive_asyncio(dsn, int(size), int(concurrency), workload)
+        elif args.drive == "service":
+            drive_service(dsn, int(size), int(concurrency), workload)
         else:
             drive_trio(args.drive, dsn, int(size), int(concurrency), workload)
         return

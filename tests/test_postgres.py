@@ -124,6 +124,38 @@ async def test_queries_rows_and_row_counts(postgres_dsn: str) -> None:
         assert stats["idle"] == stats["size"] >= 1
 
 
+async def test_pipeline_copy_large_values_and_notifications_work_under_trio(
+    postgres_dsn: str,
+) -> None:
+    """The rest of psycopg's async API goes through the same Trio waits (read-or-write too)."""
+    async with postgres.Pool(postgres_dsn, min_size=2, max_size=2, autocommit=True) as pool:
+        async with pool.connection() as conn:
+            async with conn.pipeline():
+                cursors = [await conn.execute("SELECT %s::int", (n,)) for n in range(50)]
+            assert [(await cursor.fetchone()) for cursor in cursors] == [(n,) for n in range(50)]
+            await conn.execute("CREATE TABLE rows (id int, text text)")
+            async with conn.cursor().copy("COPY rows FROM STDIN") as copy:
+                for n in range(20_000):
+                    await copy.write_row((n, "x" * 50))
+            assert await (await conn.execute("SELECT count(*) FROM rows")).fetchone() == (20_000,)
+            # Larger than the socket's buffer: psycopg waits for read-or-write while sending.
+            big = "y" * 5_000_000
+            assert await (await conn.execute("SELECT length(%s)", (big,))).fetchone() == (
+                5_000_000,
+            )
+        async with pool.connection() as listener:
+            await listener.execute("LISTEN channel")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pool.execute, "NOTIFY channel, 'hello'")
+                notes = [
+                    note.payload async for note in listener.notifies(timeout=BOUND, stop_after=1)
+                ]
+            assert notes == ["hello"]
+            began = trio.current_time()
+            assert [note async for note in listener.notifies(timeout=0.2)] == []
+            assert 0.2 <= trio.current_time() - began < 1.0
+
+
 async def test_a_failed_statement_rolls_back_and_the_connection_serves_again(
     postgres_dsn: str,
 ) -> None:
@@ -163,34 +195,33 @@ async def test_transactions_commit_on_success_and_roll_back_on_error(
         assert await pool.fetchall("SELECT id, balance FROM accounts") == [(1, 100)]
 
 
-async def test_a_transaction_cancelled_between_statements_is_rolled_back(
-    postgres_dsn: str,
-) -> None:
-    """A Trio cancel inside pool.transaction() (not in a query) rolls it back; pool stays usable."""
-    async with postgres.Pool(postgres_dsn, min_size=1, max_size=1) as pool:
-        await pool.execute("CREATE TABLE t (id int)")
-        with trio.move_on_after(0.2) as scope:
-            async with pool.transaction() as conn:
-                await conn.execute("INSERT INTO t VALUES (1)")
-                await trio.sleep_forever()
-        assert scope.cancelled_caught
-        assert await pool.fetchone("SELECT count(*) FROM t") == (0,)
-        assert pool.stats()["closed"] == 0  # rolled back, not thrown away
+async def sleep_forever(conn: psycopg.AsyncConnection[Any]) -> None:
+    await trio.sleep_forever()
 
 
-async def test_a_transaction_cancelled_in_a_query_is_rolled_back_on_the_server(
-    postgres_dsn: str, observer: postgres.Pool
+async def sleep_on_the_server(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.execute("SELECT pg_sleep(30)")
+
+
+@pytest.mark.parametrize("wait", [sleep_forever, sleep_on_the_server])
+async def test_a_cancelled_transaction_is_rolled_back(
+    postgres_dsn: str, observer: postgres.Pool, wait: Callable[[Any], Awaitable[None]]
 ) -> None:
-    """Cancelled while its query runs: the query stops on the server, the transaction is undone."""
+    """A Trio cancel inside pool.transaction(), between statements or in a query: undone.
+
+    The query stops on the server, and the connection is rolled back and
+    kept rather than thrown away.
+    """
     async with postgres.Pool(postgres_dsn, min_size=1, max_size=1) as pool:
         await pool.execute("CREATE TABLE t (id int)")
         with trio.move_on_after(0.3) as scope:
             async with pool.transaction() as conn:
                 await conn.execute("INSERT INTO t VALUES (1)")
-                await conn.execute("SELECT pg_sleep(30)")
+                await wait(conn)
         assert scope.cancelled_caught
         assert await sleeping(observer) == []
         assert await pool.fetchone("SELECT count(*) FROM t") == (0,)
+        assert pool.stats()["closed"] == 0
 
 
 # -- cancellation on the server ---------------------------------------------------------
@@ -358,6 +389,48 @@ async def test_a_connection_terminated_mid_query_fails_that_query_only(
                 await pool.execute("SELECT pg_sleep(30)")
         assert await pool.fetchone("SELECT pg_backend_pid() <> %s", (pids[0],)) == (True,)
         assert pool.health()["ok"]
+
+
+async def test_a_connection_past_max_lifetime_is_replaced(postgres_dsn: str) -> None:
+    """max_lifetime elapsed: the next lease gets a new backend."""
+    async with postgres.Pool(postgres_dsn, min_size=1, max_size=1, max_lifetime=0.3) as pool:
+        (pid,) = await pool.fetchone("SELECT pg_backend_pid()")
+        await trio.sleep(0.4)
+        assert await pool.fetchone("SELECT pg_backend_pid() <> %s", (pid,)) == (True,)
+
+
+async def test_idle_connections_beyond_min_size_are_closed_after_max_idle(
+    postgres_dsn: str,
+) -> None:
+    """Three opened by a burst, idle past max_idle: housekeeping closes down to min_size."""
+    async with postgres.Pool(postgres_dsn, min_size=1, max_size=3, max_idle=0.2) as pool:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(pool.execute, "SELECT pg_sleep(0.1)")
+        assert pool.stats()["size"] == 3
+        await until(lambda: pool.stats()["size"] == 1)
+        assert pool.stats()["closed"] == 2
+
+
+async def test_an_idle_connection_to_a_frozen_backend_fails_its_ping_and_is_replaced(
+    postgres_dsn: str,
+) -> None:
+    """Idle past check_interval, its backend stopped: the ping times out, a new one serves."""
+    async with postgres.Pool(
+        postgres_dsn, min_size=1, max_size=1, check_interval=0.1, connect_timeout=0.3
+    ) as pool:
+        (pid,) = await pool.fetchone("SELECT pg_backend_pid()")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await trio.sleep(0.2)
+            began = trio.current_time()
+            (new_pid,) = await pool.fetchone("SELECT pg_backend_pid()")
+            took = trio.current_time() - began
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert new_pid != pid
+        assert took < 0.3 + 1.0  # closed at the ping's timeout, no cancel waited for
+        assert pool.stats()["closed"] == 1
 
 
 @pytest.fixture(name="own_cluster")

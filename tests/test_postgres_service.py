@@ -57,14 +57,16 @@ async def idle(lifetime: Lifetime) -> None:
     await lifetime.wait_stopping()
 
 
-class Container(ServiceContainer):
-    db = providers.Resource(
-        postgres.pool,
-        dsn=ServiceContainer.env.provided.secret.call("DATABASE_URL"),
-        min_size=2,
-        max_size=4,
-    )
-    worker = providers.Object(idle)
+def container(**options: Any) -> type[ServiceContainer]:
+    """A worker service that only waits, its ``db`` pool made with ``options``."""
+
+    class Container(ServiceContainer):
+        db = providers.Resource(
+            postgres.pool, dsn=ServiceContainer.env.provided.secret.call("DATABASE_URL"), **options
+        )
+        worker = providers.Object(idle)
+
+    return Container
 
 
 async def test_the_pool_is_warm_and_healthy_before_ready(
@@ -72,7 +74,9 @@ async def test_the_pool_is_warm_and_healthy_before_ready(
 ) -> None:
     """Ready means min_size connections are open; /healthz shows the pool under checks -> db."""
     running = await mikros_service.start(
-        Container, service_config(tmp_path), environ={"DATABASE_URL": postgres_dsn}
+        container(min_size=2, max_size=4),
+        service_config(tmp_path),
+        environ={"DATABASE_URL": postgres_dsn},
     )
     assert running.health.ready
     pool: postgres.Pool = running.container.db()
@@ -93,16 +97,10 @@ async def test_an_unreachable_database_fails_the_start_loudly(
     """Nothing listens where DATABASE_URL points: the service never gets ready, and says why."""
     dsn = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/postgres"
 
-    class Unreachable(Container):
-        db = providers.Resource(
-            postgres.pool,
-            dsn=ServiceContainer.env.provided.secret.call("DATABASE_URL"),
-            timeout=0.5,
-            connect_timeout=0.2,
-        )
-
     running = await mikros_service.start(
-        Unreachable, service_config(tmp_path), environ={"DATABASE_URL": dsn}
+        container(timeout=0.5, connect_timeout=0.2),
+        service_config(tmp_path),
+        environ={"DATABASE_URL": dsn},
     )
     with trio.fail_after(10):
         await running.wait()
@@ -126,7 +124,9 @@ async def test_queries_are_metrics_and_spans_without_secrets(
             "features.tracing": {"enabled": True, "exporter": "memory"},
         },
     )
-    running = await mikros_service.start(Container, config, environ={"DATABASE_URL": dsn})
+    running = await mikros_service.start(
+        container(min_size=2, max_size=4), config, environ={"DATABASE_URL": dsn}
+    )
     pool: postgres.Pool = running.container.db()
     dbname = postgres_dsn.rsplit("/", 1)[1]
     await pool.execute("CREATE TABLE t (id int PRIMARY KEY)")
@@ -153,6 +153,13 @@ async def test_queries_are_metrics_and_spans_without_secrets(
     assert value(samples, "db_client_connections", **pool_labels, state="used") == 0
     assert value(samples, "db_client_connections", **pool_labels, state="pending") == 0
     assert value(samples, "db_client_connections_max", **pool_labels) == 4
+    async with pool.connection():  # sampled about once a second
+        with trio.fail_after(5):
+            while True:
+                samples = parse(metrics_of(running).render().decode())
+                if value(samples, "db_client_connections", **pool_labels, state="used") == 1:
+                    break
+                await trio.sleep(0.05)
 
     spans = [span for span in tracing_of(running).spans() if span.kind is SpanKind.CLIENT]
     assert [span.name for span in spans] == [
@@ -202,13 +209,11 @@ class Writer:
         print("writer drained", n, flush=True)
 
 
+DSN = ServiceContainer.env.provided.secret.call("DATABASE_URL")
+
+
 class Container(ServiceContainer):
-    db = providers.Resource(
-        postgres.pool,
-        dsn=ServiceContainer.env.provided.secret.call("DATABASE_URL"),
-        min_size=2,
-        max_size=4,
-    )
+    db = providers.Resource(postgres.pool, dsn=DSN, min_size=2, max_size=4)
     worker = providers.Factory(Writer, db=db)
 
 

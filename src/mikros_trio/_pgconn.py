@@ -18,8 +18,10 @@ exactly those seams, checked against psycopg 3.3's ``AsyncConnection``,
 - ``cancel_safe``: libpq's non-blocking cancel connection, driven the same
   way (a thread running the blocking ``PQcancel`` on a libpq older than 17).
 
-What stays unsupported: ``AsyncQueuedLibpqWriter`` for COPY (it spawns an
-asyncio task) and anything that calls ``asyncio`` directly from user code.
+So cursors, transactions, pipeline mode, COPY, ``notifies()`` and
+parameters larger than the socket's buffer work (tests/test_postgres.py
+runs each). What stays unsupported: ``AsyncQueuedLibpqWriter`` for COPY (it
+spawns an asyncio task) and anything that calls ``asyncio`` directly.
 
 Cancellation: a Trio cancel that lands while a query runs on the server
 sends the server a cancel request and waits, shielded and bounded by
@@ -172,9 +174,8 @@ class TrioConnection(psycopg.AsyncConnection[Any]):
     """A psycopg ``AsyncConnection`` whose waits, lock and cancel are Trio's.
 
     Use it as psycopg documents ``AsyncConnection`` (``execute``, ``cursor``,
-    ``transaction``, ``commit``/``rollback``, ``set_autocommit``…), under
-    ``trio.run``. Pipeline mode works through the same waits but is not
-    what this module is tested or measured for.
+    ``transaction``, ``commit``/``rollback``, ``set_autocommit``,
+    ``pipeline``, ``copy``, ``notifies``…), under ``trio.run``.
     """
 
     def __init__(self, pgconn: Any, row_factory: Any = psycopg.rows.tuple_row) -> None:

@@ -33,7 +33,6 @@ import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -41,7 +40,7 @@ import trio
 from psycopg import generators, pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from ._pgconn import CANCEL_TIMEOUT, TrioConnection, _ready_now
+from ._pgconn import CANCEL_TIMEOUT, TrioConnection, _ready_now, wait_fd
 from ._telemetry import Telemetry, current_telemetry
 
 if TYPE_CHECKING:
@@ -332,7 +331,12 @@ class Pool:
         return report
 
     def _changed(self) -> None:
-        """Refresh the pool gauges (only when the metrics feature is on)."""
+        """Refresh the pool gauges (only when the metrics feature is on).
+
+        Sampled by housekeeping once a second, not at every lease: four
+        gauge updates per lease were the largest cost the metrics feature
+        added to a query (cProfile of bench/postgres.py's service side).
+        """
         observed = self._observed
         if observed is not None and observed.gauges is not None:
             observed.gauges.set(
@@ -437,15 +441,19 @@ class Pool:
         return alive
 
     async def _ping(self, slot: _Slot) -> bool:
-        """An empty query (no transaction) within ``connect_timeout``: the server answers."""
-        conn = slot.conn
+        """An empty query (no transaction) answered within ``connect_timeout``.
+
+        Driven without the connection's cancel handling: a connection that
+        does not answer a ping is closed, not cancelled and waited for.
+        """
+        pgconn = slot.conn.pgconn
         with trio.move_on_after(self.connect_timeout):
             try:
-                conn.pgconn.send_query(b"")
-                results = await conn.wait(generators.execute(conn.pgconn))
+                pgconn.send_query(b"")
+                results = await wait_fd(generators.execute(pgconn), pgconn.socket)
             except (psycopg.Error, OSError):
                 return False
-            return conn.pgconn.transaction_status == _IDLE and all(
+            return pgconn.transaction_status == _IDLE and all(
                 result.status == _EMPTY_QUERY for result in results
             )
         return False
@@ -479,10 +487,8 @@ class Pool:
         if capacity.value:
             capacity.acquire_nowait()  # the common case: no cancel scope to build
         else:
-            self._changed()
             with trio.move_on_after(self.timeout) as waited:
                 await capacity.acquire()
-            self._changed()
             # Cancelled while parked means no unit was handed over (trio.Semaphore).
             if waited.cancelled_caught:
                 self._counts["timeouts"] += 1
@@ -499,14 +505,18 @@ class Pool:
             capacity.release()
             raise
         self._leased[slot.conn] = slot
-        self._changed()
         return slot
 
     async def _take(self) -> _Slot:
         now = trio.current_time()
         while self._idle:
             slot = self._idle.pop()
-            if await self._check(slot, now):
+            try:
+                usable = await self._check(slot, now)
+            except BaseException:  # cancelled mid-ping: its state is unknown
+                self._discard(slot)
+                raise
+            if usable:
                 return slot
             self._discard(slot)
         return await self._open_until(trio.current_time() + self.timeout)
@@ -538,7 +548,6 @@ class Pool:
             self._capacity.release()
             if not self._leased:
                 self._drained.set()
-            self._changed()
 
     async def _rollback(self, conn: TrioConnection) -> None:
         """Roll back, shielded and bounded: it runs while the lease is being cancelled."""
@@ -644,6 +653,9 @@ class Pool:
             self._capacity.acquire_nowait()
             try:
                 healthy = await self._ping(slot)
+            except BaseException:  # cancelled mid-ping (the pool closing)
+                self._discard(slot)
+                raise
             finally:
                 self._capacity.release()
             if healthy and not self._closed:
@@ -704,12 +716,7 @@ class Pool:
         await self.warmup()
         return self
 
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
 
@@ -740,12 +747,7 @@ class _Lease:
                 raise
         return slot.conn
 
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, kind: type[BaseException] | None, *exc_info: object) -> None:
         slot, self._slot = self._slot, None
         if slot is not None:
             await self._pool._release(slot, commit=kind is None)
@@ -770,15 +772,8 @@ async def pool(dsn: str | Secret, **options: Any) -> AsyncIterator[Pool]:
     ``options`` are :class:`Pool`'s. The service warms it up (opens
     ``min_size`` connections) before it reports ready, shows its
     :meth:`~Pool.health` on ``/healthz``, and closes it after everything
-    using it has drained::
-
-        class Container(ServiceContainer):
-            db = providers.Resource(
-                postgres.pool,
-                dsn=ServiceContainer.env.provided.secret.call("DATABASE_URL"),
-                min_size=2,
-                max_size=10,
-            )
+    using it has drained (see :mod:`mikros_trio.postgres` for the
+    declaration).
     """
     made = Pool(dsn, **options)
     try:

@@ -230,6 +230,22 @@ class PoolGauges:
         self._max.set(most)
 
 
+def _timed_counter(
+    registry: CollectorRegistry,
+    buckets: Sequence[float],
+    stem: str,
+    counted: str,
+    timed: str,
+    labels: list[str],
+) -> tuple[Counter, Histogram]:
+    """``<stem>s_total`` and ``<stem>_duration_seconds``, both labelled by ``labels``."""
+    counter = Counter(f"{stem}s_total", counted, labels, registry=registry)
+    histogram = Histogram(
+        f"{stem}_duration_seconds", timed, labels, buckets=buckets, registry=registry
+    )
+    return counter, histogram
+
+
 # Labelled children of one (counter, histogram) pair, by label values.
 _Pair = tuple[Any, Any]
 
@@ -340,18 +356,13 @@ class _Recorder(Observer):
             registry=r,
             multiprocess_mode="max",
         )
-        self._db_total = Counter(
-            "db_client_operations_total",
+        self._db_total, self._db_seconds = _timed_counter(
+            r,
+            b,
+            "db_client_operation",
             "Database calls made, by system, operation and outcome (ok, error, cancelled).",
-            ["system", "operation", "outcome"],
-            registry=r,
-        )
-        self._db_seconds = Histogram(
-            "db_client_operation_duration_seconds",
             "Time of a database call, until its result arrived.",
             ["system", "operation", "outcome"],
-            buckets=b,
-            registry=r,
         )
         self._component_stop = Gauge(
             "component_stop_duration_seconds",

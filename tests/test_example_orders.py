@@ -613,17 +613,20 @@ class FakePool:
         yield self  # one task at a time touches the dict: nothing to isolate
 
 
+@pytest.fixture(name="no_database")
+def fixture_no_database(
+    mikros_service: ServiceStarter, examples: Examples, orders: ModuleType, tmp_path: Path
+) -> World:
+    """A :class:`World` whose DATABASE_URL leads nowhere: opening the real pool would fail."""
+    return World(mikros_service, examples, orders, tmp_path, _nowhere())
+
+
 async def test_pool_overridden_by_a_fake_serves_everything(
-    mikros_service: ServiceStarter,
-    examples: Examples,
-    orders: ModuleType,
-    tmp_path: Path,
+    no_database: World, orders: ModuleType
 ) -> None:
     """overrides={"db": fake}: schema, API and worker all run against it; no database is opened."""
     fake = FakePool(orders)
-    # Nothing listens at this DSN: opening the real pool would fail the start.
-    world = World(mikros_service, examples, orders, tmp_path, _nowhere())
-    started = await world.start(overrides={"db": fake})
+    started = await no_database.start(overrides={"db": fake})
     assert fake.statements[:3] == [orders.SCHEMA_LOCK, *orders.SCHEMA]  # the store's on_start
     async with started.client() as client:
         first = await client.post("/orders", json=PEN, headers={"Idempotency-Key": "a"})
@@ -643,6 +646,26 @@ async def test_pool_overridden_by_a_fake_serves_everything(
     assert [order["id"] for order in page["orders"]] == [first.json()["id"]]
     assert page["next"] == str(first.json()["id"])
     assert "db" not in started.service.health.components  # an object: nothing to start
+
+
+class BrokenPool(FakePool):
+    """A fake whose reads fail the way a driver does, quoting a row's values."""
+
+    async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        raise RuntimeError("duplicate key value: (customer)=(Ada Lovelace, 12 Tower Hill)")
+
+
+async def test_database_error_is_a_500_that_does_not_quote_it(
+    no_database: World, orders: ModuleType
+) -> None:
+    """A failing query answers 500 InternalError whose body holds none of the error's text."""
+    started = await no_database.start(overrides={"db": BrokenPool(orders)})
+    async with started.client() as client:
+        response = await client.post("/orders", json=PEN)
+    assert response.status_code == 500
+    wire = response.json()
+    assert wire["kind"] == "InternalError"
+    assert "Tower Hill" not in response.text  # [features.errors] expose_details = false
 
 
 # -- a real process ---------------------------------------------------------------------

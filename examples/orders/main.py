@@ -12,9 +12,17 @@ root:
          -d '{"customer": "Ada", "item": "pen", "quantity": 2}'     # 201, the new order
     curl -s localhost:8080/orders -H 'Idempotency-Key: k1' \\
          -d '{"customer": "Ada", "item": "pen", "quantity": 2}'     # 200, the same order
+    curl -s localhost:8080/orders -H 'Idempotency-Key: k1' \\
+         -d '{"customer": "Ada", "item": "ink", "quantity": 1}'     # 412: the key is taken
     curl -s localhost:8080/orders/1               # "confirmed" once the worker has run
     curl -s 'localhost:8080/orders?limit=10'      # a page, and the cursor of the next one
     curl -s localhost:8080/healthz                # the pool's state under "checks"
+
+With another service.toml (a greeter elsewhere, other settings):
+``mikros-trio run examples/orders/main.py --config my.toml``.
+
+A key reused for another order is a Mikros ``ConditionError`` (HTTP 412):
+Mikros has no "conflict" kind, and a Go or Rust client decodes this one.
 
 How the pieces stand (each is a provider of ``Container`` below):
 

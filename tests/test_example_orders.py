@@ -91,21 +91,14 @@ def _nowhere() -> str:
     return f"postgresql://nobody@127.0.0.1:{free_port()}/none?connect_timeout=1"
 
 
-def _environ(dsn: str, **more: str) -> dict[str, str]:
+def _environ(dsn: str) -> dict[str, str]:
     """The service's environment: ours, ``DATABASE_URL``, spans kept in memory."""
-    return {**os.environ, "DATABASE_URL": dsn, "OTEL_TRACES_EXPORTER": "memory", **more}
+    return {**os.environ, "DATABASE_URL": dsn, "OTEL_TRACES_EXPORTER": "memory"}
 
 
-@dataclass
-class Started:
-    """An orders service and the greeter it calls, both running in-process."""
-
-    greeter: RunningService | None
-    service: RunningService
-
-    def client(self) -> httpx.AsyncClient:
-        base = f"http://127.0.0.1:{self.service.ports['http']}"
-        return httpx.AsyncClient(base_url=base, timeout=PATIENCE)
+def _client(service: RunningService) -> httpx.AsyncClient:
+    """An httpx client of ``service``'s HTTP port."""
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.ports['http']}", timeout=PATIENCE)
 
 
 @dataclass
@@ -151,14 +144,13 @@ class World:
 
     async def start(
         self, *, greeter_port: int | None = None, overrides: Mapping[str, Any] | None = None
-    ) -> Started:
+    ) -> RunningService:
         """The greeter, then the orders service pointed at it (or at ``greeter_port``)."""
-        greeter = None
         if greeter_port is None:
-            greeter, config = await self.greeter_and_config()
+            _, config = await self.greeter_and_config()
         else:
             config = _config(self.tmp_path, greeter_port)
-        return Started(greeter, await self.service(config, overrides=overrides))
+        return await self.service(config, overrides=overrides)
 
 
 @pytest.fixture(name="world")
@@ -174,15 +166,15 @@ def fixture_world(
 
 
 @pytest.fixture(name="started")
-async def fixture_started(world: World) -> Started:
+async def fixture_started(world: World) -> RunningService:
     """The greeter and the orders service on this test's database, ready."""
     return await world.start()
 
 
 @pytest.fixture(name="client")
-async def fixture_client(started: Started) -> AsyncIterator[httpx.AsyncClient]:
+async def fixture_client(started: RunningService) -> AsyncIterator[httpx.AsyncClient]:
     """An httpx client of the ``started`` orders service."""
-    async with started.client() as client:
+    async with _client(started) as client:
         yield client
 
 
@@ -407,7 +399,7 @@ async def test_list_parameters_out_of_bounds_are_a_400(
 
 
 async def test_worker_confirms_orders_with_the_greeters_answer(
-    started: Started, client: httpx.AsyncClient, postgres_dsn: str
+    started: RunningService, client: httpx.AsyncClient, postgres_dsn: str
 ) -> None:
     """Each new order becomes 'confirmed', its confirmation the greeter's reply to its customer."""
     for customer in ("Ada", "Grace", "Edsger"):
@@ -424,7 +416,7 @@ async def test_worker_confirms_orders_with_the_greeters_answer(
     assert rows == [("confirmed", True)] * 3
     # Each worker run is a trace: its claim, greetings and updates are the run's children
     # (the three orders may have been confirmed by one run or several).
-    spans = tracing_of(started.service).spans()
+    spans = tracing_of(started).spans()
     names = {span.context.span_id: span.name for span in spans if span.context is not None}
     greetings = [span for span in spans if span.name.endswith("SayHello")]
     assert len(greetings) == 3
@@ -441,12 +433,12 @@ async def test_greeter_down_keeps_orders_new_until_it_is_back(world: World) -> N
     """With the greeter unreachable, runs fail and orders stay 'new'; once it is up, confirmed."""
     port = free_port()  # nothing listens there yet
     started = await world.start(greeter_port=port)
-    tracing = tracing_of(started.service)
+    tracing = tracing_of(started)
 
     def failed_calls() -> int:
         return sum("SayHello" in span.name and not span.status.is_ok for span in tracing.spans())
 
-    async with started.client() as client:
+    async with _client(started) as client:
         created = [(await client.post("/orders", json=PEN)).json()["id"] for _ in range(3)]
 
         async def refused_twice() -> bool:
@@ -456,7 +448,7 @@ async def test_greeter_down_keeps_orders_new_until_it_is_back(world: World) -> N
         await _eventually(refused_twice, "two failed calls to the greeter")
         rows = await _read(world.dsn, "SELECT id, status FROM orders ORDER BY id")
         assert rows == [(order_id, "new") for order_id in created]
-        assert started.service.health.ready  # a peer down is not this service's failure
+        assert started.health.ready  # a peer down is not this service's failure
 
         await world.greeter(port)
 
@@ -466,7 +458,7 @@ async def test_greeter_down_keeps_orders_new_until_it_is_back(world: World) -> N
 
 
 async def test_an_order_the_greeter_refuses_does_not_hold_up_the_others(
-    started: Started, client: httpx.AsyncClient, postgres_dsn: str
+    started: RunningService, client: httpx.AsyncClient, postgres_dsn: str
 ) -> None:
     """A row the greeter refuses (an empty name, written by older code) stays 'new'; others pass."""
     insert = """
@@ -476,7 +468,7 @@ async def test_an_order_the_greeter_refuses_does_not_hold_up_the_others(
     [(poison,)] = await _read(postgres_dsn, insert)  # first in line: the lowest id
     for customer in ("Ada", "Grace"):
         assert (await client.post("/orders", json={**PEN, "customer": customer})).is_success
-    tracing = tracing_of(started.service)
+    tracing = tracing_of(started)
 
     async def others_confirmed_after_two_refusals() -> bool:
         # Two greetings for the others, and at least two attempts on the refused one.
@@ -489,7 +481,7 @@ async def test_an_order_the_greeter_refuses_does_not_hold_up_the_others(
         postgres_dsn, "SELECT status, confirmation FROM orders WHERE id = %s", (poison,)
     )
     assert rows == [("new", None)]
-    assert started.service.health.ready
+    assert started.health.ready
 
 
 async def test_two_replicas_confirm_each_order_exactly_once(world: World) -> None:
@@ -507,7 +499,7 @@ async def test_two_replicas_confirm_each_order_exactly_once(world: World) -> Non
     # Without the schema's advisory lock one of them fails here (UniqueViolation).
     assert [replica.health.ready for replica in replicas] == [True, True]
     count = 60
-    clients = [Started(greeter, replica).client() for replica in replicas]
+    clients = [_client(replica) for replica in replicas]
     async with clients[0], clients[1]:
         for number in range(count):
             response = await clients[number % 2].post(
@@ -628,7 +620,7 @@ async def test_pool_overridden_by_a_fake_serves_everything(
     fake = FakePool(orders)
     started = await no_database.start(overrides={"db": fake})
     assert fake.statements[:3] == [orders.SCHEMA_LOCK, *orders.SCHEMA]  # the store's on_start
-    async with started.client() as client:
+    async with _client(started) as client:
         first = await client.post("/orders", json=PEN, headers={"Idempotency-Key": "a"})
         again = await client.post("/orders", json=PEN, headers={"Idempotency-Key": "a"})
         other = await client.post("/orders", json={**PEN, "customer": "Grace"})
@@ -645,7 +637,7 @@ async def test_pool_overridden_by_a_fake_serves_everything(
     assert got["confirmation"] == "Hello, Grace!"
     assert [order["id"] for order in page["orders"]] == [first.json()["id"]]
     assert page["next"] == str(first.json()["id"])
-    assert "db" not in started.service.health.components  # an object: nothing to start
+    assert "db" not in started.health.components  # an object: nothing to start
 
 
 class BrokenPool(FakePool):
@@ -660,7 +652,7 @@ async def test_database_error_is_a_500_that_does_not_quote_it(
 ) -> None:
     """A failing query answers 500 InternalError whose body holds none of the error's text."""
     started = await no_database.start(overrides={"db": BrokenPool(orders)})
-    async with started.client() as client:
+    async with _client(started) as client:
         response = await client.post("/orders", json=PEN)
     assert response.status_code == 500
     wire = response.json()

@@ -65,7 +65,8 @@ def bench(session: nox.Session) -> None:
     The HTTP benchmarks load servers with wrk, installed here from Debian's
     packages when missing (best effort: without it they fall back to a
     bounded Python client and say so), and run uvicorn + Starlette as a
-    reference point.
+    reference point. The database benchmarks start their own PostgreSQL and
+    Redis servers, from Debian's packages (``.ci/run`` installs them).
     """
     if shutil.which("wrk") is None:
         session.run_install(
@@ -80,7 +81,7 @@ def bench(session: nox.Session) -> None:
     # features: starlette-exporter and opentelemetry-instrumentation-asgi.
     session.install(
         "-e",
-        ".[http,grpc,metrics,tracing,postgres]",
+        ".[http,grpc,metrics,tracing,postgres,redis]",
         "uvicorn",
         "starlette",
         "fastapi",

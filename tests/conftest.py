@@ -23,6 +23,7 @@ from helpers import (
 )
 
 if TYPE_CHECKING:
+    from helpers import RedisServer
     from mikros_trio._pgcluster import Cluster
 
 
@@ -86,3 +87,27 @@ def fixture_postgres_dsn(postgres_server: Cluster) -> Iterator[str]:
     dsn = postgres_server.create_database(name)
     yield dsn
     postgres_server.drop_database(name)
+
+
+@pytest.fixture(name="redis_server", scope="session")
+def fixture_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One throwaway redis-server for the session: ``host``, ``port``, ``url(db)``.
+
+    No persistence, bound to 127.0.0.1, stopped at the end of the session.
+    Fails (never skips) when Redis is not installed.
+    """
+    from helpers import redis_server_process
+
+    with redis_server_process(
+        tmp_path_factory.mktemp("redis"), "--enable-debug-command", "local"
+    ) as server:
+        yield server
+
+
+@pytest.fixture(name="redis_url")
+def fixture_redis_url(redis_server: RedisServer) -> str:
+    """The session server's URL (db 0), emptied (FLUSHALL) and restarted if a test stopped it."""
+    if redis_server.process is None or redis_server.process.poll() is not None:
+        redis_server.restart()
+    assert redis_server.command("FLUSHALL") == b"+OK\r\n"
+    return redis_server.url(0)

@@ -1704,3 +1704,99 @@ def postgres_cluster() -> Iterator[Cluster]:
         pytest.fail(MISSING)
     with Cluster() as cluster:
         yield cluster
+
+
+# -- a real redis-server ---------------------------------------------------------
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a free 127.0.0.1 port: no persistence, own temp dir.
+
+    Started by :meth:`start`, stopped by :meth:`stop` (SIGTERM, then SIGKILL
+    if it lingers); :meth:`restart` keeps the port, so clients see the same
+    server go away and come back. :meth:`command` speaks raw RESP over a
+    socket of its own, so fixtures and tests reach the server without the
+    client under test.
+    """
+
+    def __init__(self, directory: Path, *options: str) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server") or (
+            "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+        )
+        if binary is None:
+            pytest.fail("redis-server not found: install Redis (Debian package redis-server)")
+        self.binary = binary
+        self.directory = directory
+        self.options = options
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0, *, password: str = "") -> str:
+        """``redis://[:password@]127.0.0.1:<port>/<db>``."""
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}{self.host}:{self.port}/{db}"
+
+    def start(self) -> None:
+        """Start the server; wait until it answers PING (or fail the test, with its log)."""
+        log = self.directory / "redis.log"
+        args = [self.binary, "--port", str(self.port), "--bind", self.host]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        args += ["--logfile", str(log), *self.options]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + PATIENCE
+        while time.monotonic() < deadline and self.process.poll() is None:
+            with suppress(OSError):
+                if self.command("PING").startswith((b"+PONG", b"-NOAUTH")):
+                    return
+            time.sleep(0.01)
+        self.stop()
+        text = log.read_text(errors="replace") if log.exists() else "(no log)"
+        pytest.fail(f"redis-server on port {self.port} did not start:\n{text}")
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, SIGKILL after PATIENCE seconds); idempotent."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(PATIENCE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(PATIENCE)
+
+    def restart(self) -> None:
+        """Stop the server and start a new one on the same port."""
+        self.stop()
+        self.start()
+
+    def command(self, *args: str, password: str = "") -> bytes:
+        """Send one command (after ``AUTH password`` if given) and return its raw RESP reply."""
+        commands = [("AUTH", password)] if password else []
+        commands.append(args)
+        payload = b"".join(
+            b"*%d\r\n" % len(command)
+            + b"".join(b"$%d\r\n%s\r\n" % (len(part.encode()), part.encode()) for part in command)
+            for command in commands
+        )
+        with socket.create_connection((self.host, self.port), timeout=PATIENCE) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)  # the server answers, then sees EOF and closes
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        return reply.split(b"\r\n", 1)[1] if password else reply
+
+
+@contextmanager
+def redis_server_process(directory: Path, *options: str) -> Iterator[RedisServer]:
+    """A started :class:`RedisServer` in ``directory``, stopped on exit."""
+    server = RedisServer(directory, *options)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

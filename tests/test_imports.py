@@ -24,6 +24,7 @@ from helpers import PATIENCE, REPO, Spawn
 #: features', and FastAPI's (which dependency-injector's wiring imports).
 OPTIONAL_STACKS = (
     "anyio",
+    "coredis",
     "fastapi",
     "flask",
     "grpc",
@@ -32,6 +33,7 @@ OPTIONAL_STACKS = (
     "hypercorn",
     "opentelemetry",
     "prometheus_client",
+    "psycopg",
     "purerpc",
     "quart",
     "quart_trio",

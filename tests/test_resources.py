@@ -452,6 +452,55 @@ async def test_a_resource_depending_on_a_resource_starts_after_it(
     assert journal == ["open", "outer open", "outer close", "close"]
 
 
+# -- the escape hatch for asyncio-only drivers ------------------------------------------
+
+
+async def asyncpg_pool(dsn: str) -> AsyncIterator[Any]:
+    import asyncpg
+    from trio_asyncio import aio_as_trio
+
+    pool = await aio_as_trio(asyncpg.create_pool)(dsn, min_size=1, max_size=2)
+    try:
+        yield pool
+    finally:
+        await aio_as_trio(pool.close)()
+
+
+@pytest.mark.postgres
+async def test_an_asyncio_driver_runs_as_a_resource_inside_trio_asyncio(
+    postgres_dsn: str, config: Path
+) -> None:
+    """asyncpg through trio-asyncio: opened and closed in order, and a Trio cancel reaches it."""
+    import trio_asyncio
+    from trio_asyncio import aio_as_trio
+
+    class Container(ServiceContainer):
+        db = providers.Resource(asyncpg_pool, dsn=postgres_dsn)
+        worker = providers.Object(idle)
+
+    # The loop must enclose the whole service: every task reaching the
+    # driver finds the loop through its context, inherited from here.
+    async with trio_asyncio.open_loop():
+        service = Service(Container, config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            pool = service.container.db()
+            assert await aio_as_trio(pool.fetchval)("SELECT 41 + 1") == 42
+            with trio.move_on_after(0.5) as scope:
+                await aio_as_trio(pool.fetchval)("SELECT pg_sleep(30)")
+            assert scope.cancelled_caught
+            sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
+            for _ in range(200):  # the server has no event to wait on: poll, bounded
+                if not await aio_as_trio(pool.fetchval)(sleeping):
+                    break
+                await trio.sleep(0.05)
+            else:
+                raise AssertionError("pg_sleep(30) still runs on the server")
+            service.stop()
+    assert service.exit_code == 0
+    assert pool.is_closing()
+
+
 # -- a real process, started and stopped the way users do -----------------------------
 
 RESOURCE_MAIN = """

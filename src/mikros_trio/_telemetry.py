@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .errors import ErrorKind
 
 __all__ = [
+    "DB_SYSTEMS",
     "HTTP_METHODS",
     "UNMATCHED",
     "Call",
@@ -58,6 +59,12 @@ UNMATCHED = "(unmatched)"
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
+
+#: Database systems whose client calls are database calls: the call's ``kind``
+#: is the system (OpenTelemetry's ``db.system`` value), its ``name`` the
+#: operation, its ``target`` the database, ``state["peer"]`` the server's
+#: (host, port). Metrics and traces name and label them by these.
+DB_SYSTEMS = frozenset({"postgresql", "redis"})
 
 _CALL: ContextVar[Call | None] = ContextVar("mikros_trio_call", default=None)
 _TELEMETRY: ContextVar[Telemetry | None] = ContextVar("mikros_trio_telemetry", default=None)

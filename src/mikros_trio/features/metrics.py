@@ -110,7 +110,7 @@ from mikros_trio._container import BuildContext
 from mikros_trio._definition import parse_port
 from mikros_trio._listen import open_tcp_listeners
 from mikros_trio._supervisor import SERVICE, LifecycleEvent
-from mikros_trio._telemetry import HTTP_METHODS, UNMATCHED, Call, Observer
+from mikros_trio._telemetry import DB_SYSTEMS, HTTP_METHODS, UNMATCHED, Call, Observer
 from mikros_trio.errors import ConfigError, ConfigIssue
 from mikros_trio.features.settings import METRICS_PORT_ENV as PORT_ENV
 from mikros_trio.features.settings import MetricsSettings
@@ -118,9 +118,6 @@ from mikros_trio.features.settings import MetricsSettings
 __all__ = ["PORT_ENV", "Metrics", "MetricsListener", "PoolGauges", "build_metrics"]
 
 log = logging.getLogger("mikros_trio.metrics")
-
-#: Database systems whose client calls (the kind is the system) are database calls.
-DB_SYSTEMS = frozenset({"postgresql", "redis"})
 
 #: Set (by the workers' parent) before prometheus-client is imported, it makes
 #: every value live in files of this folder, which a scrape adds up.

@@ -120,7 +120,14 @@ from opentelemetry.util.types import AttributeValue
 from mikros_trio._component import Component, Lifetime
 from mikros_trio._container import BuildContext
 from mikros_trio._secrets import Masker
-from mikros_trio._telemetry import HTTP_METHODS, UNMATCHED, Call, Observer, Telemetry
+from mikros_trio._telemetry import (
+    DB_SYSTEMS,
+    HTTP_METHODS,
+    UNMATCHED,
+    Call,
+    Observer,
+    Telemetry,
+)
 from mikros_trio.errors import ConfigError, ConfigIssue, ErrorKind, ServiceError
 from mikros_trio.features.settings import TracingSettings
 
@@ -165,10 +172,6 @@ _GRPC_CODES: dict[str, int] = {
     )
 }
 
-
-#: Database systems whose client calls (the kind is the system) are database calls:
-#: named and attributed by the database conventions, ``server.*`` from ``state["peer"]``.
-_DB_SYSTEMS = frozenset({"postgresql", "redis"})
 
 #: Bound on the per-method cache: method names come from declared services,
 #: but nothing unbounded may grow from what callers send.
@@ -639,11 +642,11 @@ class _SpanObserver(Observer):
         found = self._client_cache.get(key)
         if found is not None:
             return found
-        if call.kind in _DB_SYSTEMS:
+        if call.kind in DB_SYSTEMS:
             name, attributes = _db_naming(call)
         else:
             name, attributes = self._start_naming(call)
-        if call.target and call.kind not in _DB_SYSTEMS:
+        if call.target and call.kind not in DB_SYSTEMS:
             attributes = {**attributes, "peer.service": call.target}
         found = (name, attributes)
         if len(self._client_cache) < _CACHE_LIMIT and call.kind != "http":
@@ -705,7 +708,7 @@ class _SpanObserver(Observer):
             code = _GRPC_CODES.get(status)
             if code is not None:
                 attributes["rpc.grpc.status_code"] = code
-        elif kind in _DB_SYSTEMS:
+        elif kind in DB_SYSTEMS:
             peer = call.state.get("peer")
             if peer is not None:
                 attributes["server.address"] = str(peer[0])

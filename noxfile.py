@@ -54,6 +54,8 @@ def examples(session: nox.Session) -> None:
         "tests/test_example_http.py",
         "tests/test_example_grpc.py",
         "tests/test_example_gateway.py",
+        "tests/test_example_asgi.py",
+        "tests/test_example_orders.py",
         *session.posargs,
     )
 

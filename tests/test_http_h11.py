@@ -7,12 +7,16 @@ app does.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 import wsproto
 import wsproto.events
 from dependency_injector import providers
@@ -289,3 +293,82 @@ async def test_lifespan_state_reaches_every_request(
         GET_HELLO + GET_HELLO.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"),
     )
     assert [r.body for r in parse_responses(raw)] == [b"ready", b"ready"]
+
+
+# -- the drain stopping reads while a request head is in hand ---------------------------
+
+
+@dataclass
+class _Draining:
+    """What a connection reads from its endpoint (the Endpoint protocol): draining."""
+
+    draining: bool = True
+    read_timeout: float = 5.0
+    keep_alive_timeout: float = 5.0
+    send_timeout: float = 5.0
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+async def _deaf_connection(
+    head: bytes, body_before: bytes, body_after: bytes
+) -> tuple[list[Any], bytes]:
+    """Send ``head`` (+ ``body_before``), stop reading as the drain does, then ``body_after``.
+
+    The drain stops reading a connection waiting for a request; a head
+    that arrives in that instant is in the reader's hands when reading has
+    already stopped. Returns what the app received and what the client got.
+    """
+    from mikros_trio._http_h11 import H11Connection
+
+    received: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        received.append(await receive())
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"stored"})
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=BOUND) as client:
+        stream = await listeners[0].accept()
+        connection = H11Connection(_Draining(), stream, app)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.run)
+            await trio.testing.wait_all_tasks_blocked()  # parked, waiting for a request
+            client.sendall(head + body_before)  # no checkpoint in between: the race
+            connection._stop_reading()
+            await trio.testing.wait_all_tasks_blocked()
+            with contextlib.suppress(OSError):
+                client.sendall(body_after)
+            with trio.fail_after(BOUND):
+                while True:
+                    await trio.testing.wait_all_tasks_blocked()
+                    if nursery.child_tasks == set():
+                        break
+                    await trio.sleep(0.01)
+        await stream.aclose()  # what the endpoint does once the connection returns
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := client.recv(65536):
+                answer += chunk
+    await listeners[0].aclose()
+    return received, answer
+
+
+POST_HEAD = b"POST /orders HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n"
+
+
+async def test_a_head_read_as_reading_stopped_whose_body_cannot_arrive_is_not_served() -> None:
+    """Its body would read as end of file: the app must not run; the client sees a close."""
+    received, answer = await _deaf_connection(POST_HEAD, b"", b"12345")
+    assert received == []
+    assert answer == b""
+
+
+async def test_a_head_read_as_reading_stopped_with_its_body_in_hand_is_served() -> None:
+    """The whole request arrived before reading stopped: served, with Connection: close."""
+    received, answer = await _deaf_connection(POST_HEAD, b"12345", b"")
+    assert received == [{"type": "http.request", "body": b"12345", "more_body": False}]
+    [response] = parse_responses(answer, [b"POST"])
+    assert (response.status, response.body) == (201, b"stored")
+    assert response.headers.get(b"connection") == b"close"

@@ -299,8 +299,23 @@ class H11Connection:
                 conn.receive_data(data)
                 continue
             if type(event) is h11.Request:
+                if self._deaf and not self._body_in_hand(event):
+                    # Its head was read in the instant the drain stopped
+                    # reading: a body still to come would read as end of
+                    # file. Not served, as a request pipelined behind the
+                    # drain is not: the client sees the close and retries.
+                    return None
                 return event
             return None  # the client closed (h11.ConnectionClosed)
+
+    def _body_in_hand(self, request: h11.Request) -> bool:
+        """Whether ``request``'s whole body has already been read (or it has none)."""
+        for name, value in request.headers:
+            if name == b"transfer-encoding":
+                return False  # chunked: its end is not known before it is parsed
+            if name == b"content-length":
+                return len(self._h11.trailing_data[0]) >= int(value)
+        return True
 
     def _reusable(self) -> bool:
         """True if the connection may carry another request."""

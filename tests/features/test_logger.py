@@ -779,8 +779,9 @@ async def test_static_attributes_on_every_line(
     await get(running, "/work")
     await running.stop()
     lines = read_lines(log_path(tmp_path))
+    identity = ["service", "version", "deploy_env", "team", "shard", "canary"]
     for line in lines:
-        assert list(line)[4:9] == ["service", "version", "team", "shard", "canary"], line
+        assert list(line)[4:10] == identity, line
         assert (line["team"], line["shard"], line["canary"]) == ("core", 3, True)
 
 

@@ -732,6 +732,14 @@ class LogPipeline:
                 line["stack"] = record.stack_info
         if exc_info is None and record.exc_info and record.exc_info[0] is not None:
             exc_info = record.exc_info
+        if self._keys[2] is None and record.levelno >= logging.ERROR:
+            # Mikros Go's error lines name their caller: function, "dir/file", line.
+            path = Path(record.pathname)
+            line["source"] = {
+                "function": f"{record.module}.{record.funcName}",
+                "file": f"{path.parent.name}/{path.name}",
+                "line": record.lineno,
+            }
         self.emit(line, exc_info)
 
     def __repr__(self) -> str:

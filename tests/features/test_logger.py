@@ -337,14 +337,26 @@ def test_failed_call_is_an_error_line_with_its_exception(tmp_path: Path) -> None
     assert "path" not in line  # the target is the method itself
 
 
-def test_request_id_goes_on_to_client_calls(tmp_path: Path) -> None:
-    """A client call made while serving sends the served call's request id, and logs at debug."""
-    pipeline, telemetry = built(tmp_path, '[log]\nlevel = "debug"\n')
-    served = telemetry.begin("grpc", "server", "/a.A/Get", headers=[("x-request-id", "req-42")])
+#: MIKROS_TRACKER_HEADER_NAME set to another header.
+TRACKER = {"MIKROS_TRACKER_HEADER_NAME": "X-Correlation-ID"}
+
+
+@pytest.mark.parametrize(
+    ("environ", "header"), [({}, "x-request-id"), (TRACKER, "x-correlation-id")]
+)
+def test_request_id_goes_on_to_client_calls(
+    tmp_path: Path, environ: dict[str, str], header: str
+) -> None:
+    """A client call made while serving sends the served call's request id, and logs at debug.
+
+    In the header MIKROS_TRACKER_HEADER_NAME names, lower case (as gRPC metadata must be).
+    """
+    pipeline, telemetry = built(tmp_path, '[log]\nlevel = "debug"\n', environ=environ)
+    served = telemetry.begin("grpc", "server", "/a.A/Get", headers=[(header, "req-42")])
     token = telemetry.enter(served)
     try:
         client = telemetry.begin("grpc", "client", "/b.B/Fetch", target="b")
-        assert client.outgoing == {"x-request-id": "req-42"}
+        assert client.outgoing == {header: "req-42"}
         telemetry.end(client, "OK")
     finally:
         telemetry.leave(token)
@@ -475,17 +487,31 @@ async def test_flush_interval_zero_flushes_every_line(
         assert events_in(tmp_path) == ["at once"]
 
 
+def _traceback(exception: Any) -> bool:
+    return isinstance(exception, str) and exception.startswith("Traceback")
+
+
+def _message_alone(exception: Any) -> bool:
+    return bool(exception == "ValueError: bad input")
+
+
 @pytest.mark.parametrize(
-    ("mode", "check"),
+    ("table", "check"),
     [
-        ("default", lambda e: isinstance(e, str) and e.startswith("Traceback")),
-        ("structured", lambda e: e[0]["exc_type"] == "ValueError" and e[0]["frames"]),
-        ("disabled", lambda e: e == "ValueError: bad input"),
+        ('error_stack_trace = "default"', _traceback),
+        (
+            'error_stack_trace = "structured"',
+            lambda e: e[0]["exc_type"] == "ValueError" and e[0]["frames"],
+        ),
+        ('error_stack_trace = "disabled"', _message_alone),
+        # Go v0.19.0's boolean key.
+        ("error_stacktrace = true", _traceback),
+        ("error_stacktrace = false", _message_alone),
     ],
 )
-def test_error_stack_trace_modes(tmp_path: Path, mode: str, check: Any) -> None:
-    """``[log] error_stack_trace``: a traceback text, a structured list, or the message alone."""
-    pipeline, _ = built(tmp_path, f'[log]\nerror_stack_trace = "{mode}"\n')
+def test_error_stack_trace_modes(tmp_path: Path, table: str, check: Any) -> None:
+    """``[log] error_stack_trace`` (Go v0.19.0: ``error_stacktrace``): trace, list or message."""
+    pipeline, _ = built(tmp_path, f"[log]\n{table}\n")
     try:
         raise ValueError("bad input")
     except ValueError as error:
@@ -1270,25 +1296,6 @@ def test_an_unset_deploy_env_is_local_as_in_mikros(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "check"),
-    [
-        ("true", lambda e: isinstance(e, str) and e.startswith("Traceback")),
-        ("false", lambda e: e == "ValueError: bad input"),
-    ],
-)
-def test_go_v0_19_error_stacktrace_is_honoured(tmp_path: Path, value: str, check: Any) -> None:
-    """``[log] error_stacktrace`` (Go v0.19.0's boolean): true writes the traceback, false not."""
-    pipeline, _ = built(tmp_path, f"[log]\nerror_stacktrace = {value}\n")
-    try:
-        raise ValueError("bad input")
-    except ValueError as error:
-        pipeline.log(logging.ERROR, "it broke", exc_info=error)
-    pipeline.close()
-    [line] = read_lines(log_path(tmp_path, "unit"))
-    assert check(line["exception"]), line["exception"]
-
-
-@pytest.mark.parametrize(
     "table",
     [
         'error_stacktrace = true\nerror_stack_trace = "disabled"',
@@ -1305,16 +1312,22 @@ def test_contradicting_stack_trace_keys_are_a_config_error(table: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("zone", "offset"), [("MKT+3", "-03:00"), ("IST-5:30", "+05:30"), ("UTC0", "+00:00")]
+    ("table", "zone", "offset"),
+    [
+        ("local_timestamp = true", "MKT+3", "-03:00"),
+        ("local_timestamp = true", "IST-5:30", "+05:30"),
+        ("local_timestamp = true", "UTC0", "+00:00"),
+        ("", "MKT+3", "Z"),  # the default: the process' time zone does not show
+    ],
 )
 def test_local_timestamp_writes_local_time_and_offset(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zone: str, offset: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str, zone: str, offset: str
 ) -> None:
-    """``[log] local_timestamp = true`` (Rust): local time with its offset, the right moment."""
+    """``[log] local_timestamp = true`` (Rust): local time with its offset; UTC otherwise."""
     monkeypatch.setenv("TZ", zone)
     time.tzset()
     try:
-        pipeline, _ = built(tmp_path, "[log]\nlocal_timestamp = true\n")
+        pipeline, _ = built(tmp_path, f"[log]\n{table}\n")
         before = time.time()
         pipeline.log(logging.INFO, "a line")
         pipeline.close()
@@ -1324,23 +1337,9 @@ def test_local_timestamp_writes_local_time_and_offset(
     [line] = read_lines(log_path(tmp_path, "unit"))
     stamp = line["timestamp"]
     assert stamp.endswith(offset), stamp
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)", stamp)
     moment = datetime.fromisoformat(stamp).timestamp()
     assert before - 1e-3 <= moment <= before + BOUND
-
-
-def test_timestamps_are_utc_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without local_timestamp the process' time zone does not show: UTC, ``Z``."""
-    monkeypatch.setenv("TZ", "MKT+3")
-    time.tzset()
-    try:
-        pipeline, _ = built(tmp_path, '[log]\nformat = "mikros"\n')
-        pipeline.log(logging.INFO, "a line")
-        pipeline.close()
-    finally:
-        monkeypatch.undo()
-        time.tzset()
-    [line] = read_lines(log_path(tmp_path, "unit"))
-    assert TIMESTAMP.match(line["time"]), line["time"]
 
 
 @pytest.mark.parametrize("display", [True, False])
@@ -1362,10 +1361,6 @@ def test_display_errors_decides_whether_the_access_line_shows_the_error(
         assert shown == {}
 
 
-#: MIKROS_TRACKER_HEADER_NAME set to another header.
-TRACKER = {"MIKROS_TRACKER_HEADER_NAME": "X-Correlation-ID"}
-
-
 async def test_tracker_header_names_the_request_id_header(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:
@@ -1383,21 +1378,6 @@ async def test_tracker_header_names_the_request_id_header(
     assert [line["request_id"] for line in access] == ["corr-1", other.headers["x-correlation-id"]]
     handler = [line for line in lines if line.get("event") == "stdlib line 7"]
     assert [line["request_id"] for line in handler] == ["corr-1", access[1]["request_id"]]
-
-
-def test_tracker_header_goes_on_to_client_calls(tmp_path: Path) -> None:
-    """Client calls forward the request id in the configured header, lower case (gRPC metadata)."""
-    pipeline, telemetry = built(tmp_path, environ=TRACKER)
-    served = telemetry.begin("grpc", "server", "/a.A/Get", headers=[("x-correlation-id", "c-9")])
-    token = telemetry.enter(served)
-    try:
-        client = telemetry.begin("grpc", "client", "/b.B/Fetch", target="b")
-        assert client.outgoing == {"x-correlation-id": "c-9"}
-        telemetry.end(client, "OK")
-    finally:
-        telemetry.leave(token)
-    telemetry.end(served, "OK")
-    pipeline.close()
 
 
 def test_tracker_header_defaults_to_x_request_id_when_empty(tmp_path: Path) -> None:

@@ -173,10 +173,8 @@ _DEFERRABLE: Final = frozenset({"debug", "info", "DEBUG", "INFO"})
 
 #: ``format = "mikros"``: level names as Mikros Go's slog handler writes them.
 _MIKROS_LEVELS: Final = {
-    logging.DEBUG: "DEBUG",
-    logging.INFO: "INFO",
+    **{levelno: name.upper() for levelno, name in _LEVEL_NAMES.items()},
     logging.WARNING: "WARN",
-    logging.ERROR: "ERROR",
     logging.CRITICAL: "FATAL",
 }
 

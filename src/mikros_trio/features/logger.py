@@ -3,11 +3,19 @@
 What it does: structlog is set up so that ``structlog.get_logger()`` and
 ``logging.getLogger()`` lines take the same road, a single handler on the
 standard library's root logger, and come out with the same shape:
-``timestamp`` (ISO 8601, UTC), ``level``, ``logger``, ``event``, then the
-service's ``service`` and ``version``, the static ``[log] attributes``, the
+``timestamp`` (ISO 8601, UTC unless ``[log] local_timestamp``), ``level``,
+``logger``, ``event``, then the service's ``service``, ``version``,
+``product`` (when set) and ``deploy_env`` (``MIKROS_SERVICE_DEPLOY``,
+``"local"`` when unset, as in Mikros), the static ``[log] attributes``, the
 current call's ids (``request_id``, ``trace_id``…) and the line's own
 fields. JSON lines when the output is not a terminal, structlog's coloured
-console renderer when it is (``[log] format`` forces either). On top of
+console renderer when it is (``[log] format`` forces either).
+``format = "mikros"`` writes JSON with Mikros Go's keys instead: ``time``,
+``level`` (``INFO``, ``WARN``…), ``msg``, ``service.name``,
+``service.type``, ``service.version``, ``service.env``,
+``service.product``, then the same fields; no logger name (Go's lines
+have none, and one log store holds both), an exception as ``error.message``
+and ``stack``, an error line's caller as ``source``. On top of
 that an observer gives each served call a request id and writes one access
 line per HTTP request, gRPC call, worker iteration and script run, and a
 line per lifecycle step of the service.
@@ -33,7 +41,8 @@ Design decisions:
   which observers fill them in does not matter, and a handler's lines and
   its access line share the request id without anything being passed.
 - **Request ids cross services.** A served call keeps an incoming
-  ``x-request-id`` when it is short and plain (at most 128 characters of
+  ``x-request-id`` (or the header ``MIKROS_TRACKER_HEADER_NAME`` names, as
+  in Mikros) when it is short and plain (at most 128 characters of
   ``A-Z a-z 0-9 _ . : / + = @ -``, so it cannot forge a header or a log
   field), else gets 32 random hex digits; HTTP responses echo it and the
   client calls made while serving send it on.

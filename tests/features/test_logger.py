@@ -1040,7 +1040,11 @@ async def test_worker_iterations_get_a_line(
 
 def test_worker_example_writes_json_lines_to_stdout(spawn: Spawn) -> None:
     """The worker example, run as a process, writes parseable JSON lines with its identity."""
-    child = spawn(sys.executable, REPO / "examples" / "worker" / "main.py")
+    child = spawn(
+        sys.executable,
+        REPO / "examples" / "worker" / "main.py",
+        env={"MIKROS_SERVICE_DEPLOY": "production"},
+    )
     child.wait_for('"event":"service ready"')
     child.send(signal.SIGTERM)
     assert child.wait() == 0, child.report()
@@ -1050,8 +1054,21 @@ def test_worker_example_writes_json_lines_to_stdout(spawn: Spawn) -> None:
         "service shutdown (SIGTERM)",
         "service stopped (exit code 0)",
     ], child.report()
-    assert {(line["service"], line["version"]) for line in lines} == {("ticker", "v0.1.0")}
+    identities = {(line["service"], line["version"], line["deploy_env"]) for line in lines}
+    assert identities == {("ticker", "v0.1.0", "production")}
     assert child.stderr == "", child.report()
+
+
+def test_a_bad_tracker_header_stops_a_real_process_with_exit_code_2(spawn: Spawn) -> None:
+    """A MIKROS_TRACKER_HEADER_NAME no header can have: config error naming it, exit 2."""
+    child = spawn(
+        sys.executable,
+        REPO / "examples" / "worker" / "main.py",
+        env={"MIKROS_TRACKER_HEADER_NAME": "x-id\r\nset-cookie: a=b"},
+    )
+    assert child.wait() == 2, child.report()
+    assert "MIKROS_TRACKER_HEADER_NAME" in child.stderr, child.report()
+    assert "Traceback" not in child.stderr, child.report()
 
 
 def test_verbose_keeps_the_event_log_on_stderr(spawn: Spawn) -> None:

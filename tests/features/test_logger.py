@@ -1043,7 +1043,7 @@ def test_worker_example_writes_json_lines_to_stdout(spawn: Spawn) -> None:
     child = spawn(
         sys.executable,
         REPO / "examples" / "worker" / "main.py",
-        env={"MIKROS_SERVICE_DEPLOY": "production"},
+        env={"MIKROS_SERVICE_DEPLOY": "prod"},
     )
     child.wait_for('"event":"service ready"')
     child.send(signal.SIGTERM)
@@ -1055,7 +1055,7 @@ def test_worker_example_writes_json_lines_to_stdout(spawn: Spawn) -> None:
         "service stopped (exit code 0)",
     ], child.report()
     identities = {(line["service"], line["version"], line["deploy_env"]) for line in lines}
-    assert identities == {("ticker", "v0.1.0", "production")}
+    assert identities == {("ticker", "v0.1.0", "prod")}
     assert child.stderr == "", child.report()
 
 
@@ -1184,7 +1184,7 @@ def test_a_mikros_line_has_the_keys_of_a_go_line(tmp_path: Path) -> None:
 def test_a_mikros_access_line_starts_as_a_go_line(tmp_path: Path) -> None:
     """The access line's own road (pre-rendered JSON) writes the same head as any other line."""
     pipeline, telemetry = built(
-        tmp_path, '[log]\nformat = "mikros"\n', environ={"MIKROS_SERVICE_DEPLOY": "production"}
+        tmp_path, '[log]\nformat = "mikros"\n', environ={"MIKROS_SERVICE_DEPLOY": "prod"}
     )
     call = telemetry.begin("http", "server", "/items", method="GET", target="/items", headers=[])
     telemetry.end(call, "200")
@@ -1194,7 +1194,7 @@ def test_a_mikros_access_line_starts_as_a_go_line(tmp_path: Path) -> None:
     assert (line["level"], line["msg"]) == ("INFO", "GET /items 200")
     assert (line["service.type"], line["service.env"], line["service.product"]) == (
         "worker",
-        "production",
+        "prod",
         "",
     )
     assert line["request_id"] == call.ids["request_id"]
@@ -1262,7 +1262,7 @@ async def test_every_line_of_a_mikros_service_has_the_go_head(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:
     """Lifecycle, access, structlog, stdlib and library lines all start with Go's keys."""
-    environ = {"MIKROS_SERVICE_DEPLOY": "production"}
+    environ = {"MIKROS_SERVICE_DEPLOY": "prod"}
     running = await start(
         mikros_service,
         tmp_path,
@@ -1283,7 +1283,7 @@ async def test_every_line_of_a_mikros_service_has_the_go_head(
             "http",
             "1.2.3",
         )
-        assert (line["service.env"], line["service.product"]) == ("production", "Shop")
+        assert (line["service.env"], line["service.product"]) == ("prod", "Shop")
         assert line["level"] in {"INFO", "WARN"}
 
 
@@ -1291,7 +1291,7 @@ async def test_product_and_deploy_env_on_every_line(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:
     """Our layout carries the product and MIKROS_SERVICE_DEPLOY on every line too."""
-    environ = {"MIKROS_SERVICE_DEPLOY": "development"}
+    environ = {"MIKROS_SERVICE_DEPLOY": "dev"}
     running = await start(mikros_service, tmp_path, product="Shop", environ=environ)
     await get(running, "/work")
     await running.stop()
@@ -1299,7 +1299,7 @@ async def test_product_and_deploy_env_on_every_line(
     assert len(lines) > 5
     for line in lines:
         assert list(line)[:8] == [*HEAD, "service", "version", "product", "deploy_env"], line
-        assert (line["product"], line["deploy_env"]) == ("Shop", "development")
+        assert (line["product"], line["deploy_env"]) == ("Shop", "dev")
 
 
 def test_an_unset_deploy_env_is_local_as_in_mikros(tmp_path: Path) -> None:

@@ -692,11 +692,11 @@ _DEPLOY = ("deployment.environment.name", "deployment.environment")
 @pytest.mark.parametrize(
     ("deploy", "otel", "expected"),
     [
-        ("production", "", dict.fromkeys(_DEPLOY, "production")),
+        ("prod", "", dict.fromkeys(_DEPLOY, "prod")),
         ("", "", dict.fromkeys(_DEPLOY, "local")),
         ("", "deployment.environment.name=staging", {_DEPLOY[0]: "staging"}),
         ("", "deployment.environment=staging", {_DEPLOY[1]: "staging"}),
-        ("production", "deployment.environment.name=staging", dict.fromkeys(_DEPLOY, "production")),
+        ("prod", "deployment.environment.name=staging", dict.fromkeys(_DEPLOY, "prod")),
     ],
     ids=["deploy", "unset-is-local", "otel-names-it", "otel-old-key", "deploy-wins"],
 )

@@ -54,6 +54,7 @@ from ._http_apps import (
     wire_for_status,
 )
 from ._http_h11 import Deadlines, H11Connection
+from ._http_hooks import IDENTITY, Auth, AuthRequest, BasePath, Cors
 from ._http_lifespan import AppLifespan, app_lifespan
 from ._listen import open_tcp_listeners
 from ._runtime_settings import HttpSettings
@@ -62,12 +63,21 @@ from ._telemetry import UNMATCHED, Endpoint, Telemetry
 if TYPE_CHECKING:  # hypercorn is imported on the first connection it serves
     from ._http_hyper import HyperConnection, Hypercorn
 
-__all__ = ["HTTP_STATUS", "AdminServer", "HttpServer", "build_http", "install_error_handlers"]
+__all__ = [
+    "HTTP_STATUS",
+    "IDENTITY",
+    "AdminServer",
+    "AuthRequest",
+    "HttpServer",
+    "build_http",
+    "install_error_handlers",
+]
 
 log = logging.getLogger("mikros_trio.http")
 
-# Probe paths (Kubernetes conventions).
-LIVEZ, READYZ, HEALTHZ = "/livez", "/readyz", "/healthz"
+# Probe paths (Kubernetes conventions), and Mikros' own: Go and Rust HTTP
+# services answer GET /health 200 with an empty body.
+LIVEZ, READYZ, HEALTHZ, HEALTH = "/livez", "/readyz", "/healthz", "/health"
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -113,6 +123,8 @@ class _Front:
                     return await send_json(send, 200 if live else 503, {"status": "live"})
                 if path == HEALTHZ:
                     return await send_json(send, 200, self._health.snapshot())
+                if path == HEALTH:
+                    return await _send_health(send, self._health)
                 endpoint = self._endpoints.get(path)
                 if endpoint is not None:
                     return await _send_endpoint(send, endpoint)
@@ -226,6 +238,18 @@ async def _answer_cut(send: Any) -> bool:
     return not scope.cancelled_caught
 
 
+async def _send_health(send: Any, health: Health) -> None:
+    """Mikros' ``/health``: readiness, as Go and Rust say it (200, empty body); 503 says why not."""
+    body = b"" if health.ready else _not_ready(health).encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    status = 503 if body else 200
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _send_endpoint(send: Any, endpoint: Endpoint) -> None:
     status, content_type, body = endpoint()
     headers = [
@@ -276,6 +300,7 @@ class _Endpoint:
         self.read_timeout = settings.read_timeout
         self.keep_alive_timeout = settings.keep_alive_timeout
         self.send_timeout = settings.send_timeout
+        self.max_head = settings.max_header_bytes
         self.draining = False
         self._connections: set[HyperConnection | H11Connection] = set()
         self._deadlines = Deadlines()
@@ -543,23 +568,57 @@ class HttpServer(_HttpComponent):
         *,
         probes: bool,
         telemetry: Telemetry,
+        auth_provider: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__("http", settings, port, settings.host)
         self._telemetry = telemetry
         self._app_provider = app_provider
         self._service_name = service_name
         self._probes = probes
+        self._auth_provider = auth_provider
 
     def _front(self, lifetime: Lifetime) -> tuple[_Front, Any]:
-        app = adapt_app(self._app_provider(), self._settings, self._service_name, self._telemetry)
+        settings = self._settings
+        app = adapt_app(self._app_provider(), settings, self._service_name, self._telemetry)
+        # Requests (and the lifespan, which the layers pass through) go to
+        # the app behind the layers configured; with none, to the app itself.
+        served = _layers(app, settings, self._auth_provider, self._service_name, self._telemetry)
         front = _Front(
-            app,
+            served,
             lifetime.health,
             self._telemetry,
             probes=self._probes,
-            max_body=self._settings.max_body_size,
+            max_body=settings.max_body_size,
         )
         return front, app
+
+
+def _layers(
+    app: ASGIApp,
+    settings: HttpSettings,
+    auth_provider: Callable[[], Any] | None,
+    service_name: str,
+    telemetry: Telemetry,
+) -> ASGIApp:
+    """``app`` behind the configured base path, auth hook and CORS, outermost last (as Go)."""
+    from ._http_apps import _Answers
+
+    if settings.base_path:
+        app = BasePath(app, settings.base_path)
+    if auth_provider is not None and not settings.disable_auth:
+        app = Auth(app, auth_provider(), _Answers(service_name, telemetry))
+        log.info("http auth: on (hook %r)", settings.auth)
+    elif settings.auth is not None:
+        log.warning("http auth: off (disable_auth = true; hook %r not called)", settings.auth)
+    else:
+        log.info("http auth: off (no [runtime.http] auth hook)")
+    if settings.cors_allowed_origins:
+        problem = settings.cors_problem()
+        if problem:  # cors_strict = false: Go's warning, and no CORS
+            log.warning("invalid CORS settings: %s; CORS is off", problem)
+        else:
+            app = Cors(app, settings)
+    return app
 
 
 class AdminServer(_HttpComponent):
@@ -583,6 +642,9 @@ def build_http(context: BuildContext) -> Sequence[Component]:
     port = context.definition.port("http")
     assert port is not None  # http always has a port (default 8080)
     admin = settings.admin_port is not None
+    auth = None
+    if settings.auth is not None and not settings.disable_auth:
+        auth = context.provider(settings.auth, "runtime.http.auth")
     server = HttpServer(
         settings,
         port,
@@ -590,6 +652,7 @@ def build_http(context: BuildContext) -> Sequence[Component]:
         context.definition.name,
         probes=not admin,
         telemetry=context.telemetry,
+        auth_provider=auth,
     )
     if not admin:
         return [server]

@@ -91,7 +91,15 @@ class _Front:
     request's task, so handlers' log lines carry its ids).
     """
 
-    __slots__ = ("_app", "_endpoints", "_health", "_max_body", "_probes", "_telemetry")
+    __slots__ = (
+        "_app",
+        "_endpoints",
+        "_health",
+        "_max_body",
+        "_max_head",
+        "_probes",
+        "_telemetry",
+    )
 
     def __init__(
         self,
@@ -101,12 +109,14 @@ class _Front:
         *,
         probes: bool,
         max_body: int,
+        max_head: int = 0,
     ) -> None:
         self._app = app
         self._health = health
         self._telemetry = telemetry
         self._probes = probes
         self._max_body = max_body
+        self._max_head = max_head
         # Features' paths (/metrics) live where the probes do.
         self._endpoints = telemetry.endpoints if probes else {}
 
@@ -130,7 +140,13 @@ class _Front:
                     return await _send_endpoint(send, endpoint)
             if self._app is None:
                 return await send_json(send, 404, wire_for_status(404, "no such probe"))
-            length, chunked = _framing(scope["headers"])
+            length, chunked, head = _framing(scope["headers"])
+            head += len(scope["raw_path"]) + len(scope["query_string"])
+            if head > self._max_head:
+                # The servers' parsers bound a head that arrives in parts;
+                # one that came whole in a single read is measured here.
+                body = wire_for_status(431, f"request head over {self._max_head} bytes")
+                return await send_json(send, 431, body, close=True)
             if chunked and length >= 0:
                 # Both framings (RFC 9112 section 6.1): h11 reads the body as
                 # chunked, a proxy in front may have read Content-Length; the
@@ -260,10 +276,14 @@ async def _send_endpoint(send: Any, endpoint: Endpoint) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
-    """A request's declared body length (-1 if none) and whether it says Transfer-Encoding."""
-    length, chunked = -1, False
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool, int]:
+    """A request's declared body length (-1 if none), whether it is chunked, and its head's size.
+
+    The size counts each ``Name: value\r\n`` and the method and version, not the target.
+    """
+    length, chunked, size = -1, False, 16
     for name, value in headers:
+        size += len(name) + len(value) + 4
         if name == b"content-length":
             try:
                 length = int(value)
@@ -271,7 +291,7 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
                 length = 0
         elif name == b"transfer-encoding":
             chunked = True
-    return length, chunked
+    return length, chunked, size
 
 
 #: Connections accepted per wake of a listener, at most: then others run.
@@ -589,6 +609,7 @@ class HttpServer(_HttpComponent):
             self._telemetry,
             probes=self._probes,
             max_body=settings.max_body_size,
+            max_head=settings.max_header_bytes,
         )
         return front, app
 

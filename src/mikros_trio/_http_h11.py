@@ -251,9 +251,7 @@ class H11Connection:
     def _next_cycle(self) -> None:
         """A fresh parser for the next request, fed what the client already sent."""
         data, closed = self._h11.trailing_data
-        self._h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self._endpoint.max_head
-        )
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._endpoint.max_head)
         if data:
             self._h11.receive_data(data)
         if closed:

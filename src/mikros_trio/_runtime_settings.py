@@ -128,7 +128,7 @@ class HttpSettings:
             "help": "Serve the app under this path prefix (Go's base_path: a leading / added, "
             'trailing / dropped, "/" is the root); other paths get 404. Probes and /metrics '
             "stay at the root.",
-            "pattern": r"[^?#\s]*",
+            "pattern": r"\s*[^?#\s]*\s*",
             "expect": "a URL path without ?, # or spaces",
         },
     )

@@ -7,6 +7,7 @@ two others.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ from dependency_injector import providers
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
-from helpers import client_for, get, start_http
+from helpers import BOUND, client_for, get, in_thread, start_http
 from mikros_trio import ConfigError, PermissionDeniedError, ServiceContainer
 from mikros_trio.http import AuthRequest
 from mikros_trio.testing import ServiceStarter
@@ -180,3 +182,50 @@ async def test_no_hook_means_no_auth(mikros_service: ServiceStarter, tmp_path: P
     """Without [runtime.http] auth the service starts and serves (Go v0.19.0 without a plugin)."""
     running = await start_http(mikros_service, tmp_path)
     assert (await get(running, "/hello")).status_code == 200
+
+
+async def test_every_protocol_meets_the_hook(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """HTTP/2 requests and WebSocket handshakes pass the hook too: no way around it."""
+
+    class WithSocket(AuthContainer):
+        app = providers.Singleton(create_app_with_socket)
+
+    running = await start_http(
+        mikros_service, tmp_path, http={"auth": "authenticator"}, container=WithSocket
+    )
+    async with client_for(running, http1=False, http2=True) as client:
+        refused = await client.get("/whoami")
+        served = await client.get("/whoami", headers={"Authorization": "Bearer bob-token"})
+    assert (refused.http_version, refused.status_code) == ("HTTP/2", 401)
+    assert served.json()["identity"] == "bob"
+    port = running.ports["http"]
+    refused_socket = await in_thread(_handshake, port, "")
+    accepted_socket = await in_thread(_handshake, port, "Authorization: Bearer alice-token\r\n")
+    assert refused_socket.startswith(b"HTTP/1.1 403"), refused_socket
+    assert accepted_socket.startswith(b"HTTP/1.1 101"), accepted_socket
+
+
+def create_app_with_socket() -> Starlette:
+    async def greet(socket: WebSocket) -> None:
+        await socket.accept()
+        await socket.send_text(f"hello {socket.state.identity}")
+        await socket.close()
+
+    app = create_app()
+    app.router.routes.append(WebSocketRoute("/ws", greet))
+    return app
+
+
+def _handshake(port: int, extra: str) -> bytes:
+    request = (
+        "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=BOUND) as sock:
+        sock.sendall(request.encode())
+        received = b""
+        while b"\r\n\r\n" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+    return received

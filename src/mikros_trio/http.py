@@ -632,7 +632,7 @@ def _layers(
     elif settings.auth is not None:
         log.warning("http auth: off (disable_auth = true; hook %r not called)", settings.auth)
     else:
-        log.info("http auth: off (no [runtime.http] auth hook)")
+        log.debug("http auth: off (no [runtime.http] auth hook)")
     if settings.cors_allowed_origins:
         problem = settings.cors_problem()
         if problem:  # cors_strict = false: Go's warning, and no CORS

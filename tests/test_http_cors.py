@@ -55,6 +55,13 @@ def _cors_headers(response: Any) -> dict[str, str]:
     return {k: v for k, v in response.headers.items() if k.startswith("access-control-")}
 
 
+async def _preflight(client: Any, origin: str, method: str = "POST", **headers: str) -> Any:
+    """A CORS preflight for ``method`` on /x from ``origin``, with ``headers`` added."""
+    asked = {"Origin": origin, "Access-Control-Request-Method": method}
+    asked.update({name.replace("_", "-"): value for name, value in headers.items()})
+    return await client.options("/x", headers=asked)
+
+
 async def test_allowed_origin_gets_the_allow_headers(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:
@@ -76,13 +83,8 @@ async def test_preflight_is_answered_without_the_app(
     """A preflight from an allowed origin gets 204 and every allow header; the app never runs."""
     running = await _start(mikros_service, tmp_path, **CORS)
     async with client_for(running) as client:
-        response = await client.options(
-            "/x",
-            headers={
-                "Origin": ORIGIN,
-                "Access-Control-Request-Method": "DELETE",
-                "Access-Control-Request-Headers": "x-token",
-            },
+        response = await _preflight(
+            client, ORIGIN, "DELETE", Access_Control_Request_Headers="x-token"
         )
     assert (response.status_code, response.content) == (204, b"")
     assert _cors_headers(response) == {
@@ -104,13 +106,8 @@ async def test_disallowed_origin_gets_no_cors_header(
     running = await _start(mikros_service, tmp_path, **CORS)
     async with client_for(running) as client:
         simple = await client.get("/x", headers={"Origin": origin})
-        preflight = await client.options(
-            "/x",
-            headers={
-                "Origin": origin,
-                "Access-Control-Request-Method": "DELETE",
-                "Access-Control-Request-Headers": "x-token",
-            },
+        preflight = await _preflight(
+            client, origin, "DELETE", Access_Control_Request_Headers="x-token"
         )
     assert simple.status_code == 200
     assert _cors_headers(simple) == {}
@@ -139,13 +136,8 @@ async def test_any_origin_and_asked_headers_echoed(
     """Origin "*" without credentials answers "*"; no allowed headers set echoes what is asked."""
     running = await _start(mikros_service, tmp_path, cors_allowed_origins=["*"])
     async with client_for(running) as client:
-        response = await client.options(
-            "/x",
-            headers={
-                "Origin": "https://any.example",
-                "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "x-one, x-two",
-            },
+        response = await _preflight(
+            client, "https://any.example", Access_Control_Request_Headers="x-one, x-two"
         )
     assert _cors_headers(response) == {
         "access-control-allow-origin": "*",
@@ -238,13 +230,6 @@ async def test_preflight_with_an_oversized_head_gets_431(
     """A preflight is a request like any other: a head over max_header_bytes gets 431."""
     running = await _start(mikros_service, tmp_path, max_header_bytes=4096, **CORS)
     async with client_for(running) as client:
-        response = await client.options(
-            "/x",
-            headers={
-                "Origin": ORIGIN,
-                "Access-Control-Request-Method": "POST",
-                "X-Filler": "a" * 5000,
-            },
-        )
+        response = await _preflight(client, ORIGIN, X_Filler="a" * 5000)
     assert response.status_code == 431
     assert running.container.app().calls == 0

@@ -61,6 +61,11 @@ def _seconds(default: float | None, help: str, *, most: float = 3600) -> Any:
     return field(default=default, metadata={"help": help, "gt": 0, "le": most})
 
 
+def _described(default: bool | tuple[str, ...], help: str) -> Any:
+    """A field with no bounds: a flag, or a list of names (origins, methods, headers)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
     """``[runtime.http]``: the HTTP server."""
@@ -141,46 +146,37 @@ class HttpSettings:
             "le": 16 * 1024 * 1024,
         },
     )
-    cors_allowed_origins: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": 'Origins allowed cross-origin requests ("https://app.example", or "*" for '
-            "any); CORS is on when not empty.",
-        },
+    cors_allowed_origins: tuple[str, ...] = _described(
+        (),
+        'Origins allowed cross-origin requests ("https://app.example", or "*" for any); '
+        "CORS is on when not empty.",
     )
-    cors_allowed_methods: tuple[str, ...] = field(
-        default=("GET", "HEAD", "POST"),
-        metadata={"help": "Methods a preflight allows (Access-Control-Allow-Methods)."},
+    cors_allowed_methods: tuple[str, ...] = _described(
+        ("GET", "HEAD", "POST"), "Methods a preflight allows (Access-Control-Allow-Methods)."
     )
-    cors_allowed_headers: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": "Request headers a preflight allows; empty allows the ones it asks for "
-            "(as Go Mikros does)."
-        },
+    cors_allowed_headers: tuple[str, ...] = _described(
+        (),
+        "Request headers a preflight allows; empty allows the ones it asks for "
+        "(as Go Mikros does).",
     )
-    cors_exposed_headers: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "Response headers scripts may read (Access-Control-Expose-Headers)."},
+    cors_exposed_headers: tuple[str, ...] = _described(
+        (), "Response headers scripts may read (Access-Control-Expose-Headers)."
     )
-    cors_allow_credentials: bool = field(
-        default=False,
-        metadata={"help": 'Let browsers send cookies and credentials (not with origin "*").'},
+    cors_allow_credentials: bool = _described(
+        False, 'Let browsers send cookies and credentials (not with origin "*").'
     )
     cors_max_age: int = field(
         default=0,
         metadata={
-            "help": "Seconds a browser may cache a preflight's answer; 0 sends no max age.",
+            "help": "Seconds a browser may cache a preflight's answer; 0 sends none.",
             "ge": 0,
             "le": 86400,
         },
     )
-    cors_strict: bool = field(
-        default=True,
-        metadata={
-            "help": 'An invalid CORS setting (no methods; origin "*" with credentials) fails '
-            "the start; false logs a warning and serves without CORS (Go's cors_strict)."
-        },
+    cors_strict: bool = _described(
+        True,
+        'An invalid CORS setting (no methods; origin "*" with credentials) fails the start; '
+        "false logs a warning and serves without CORS (Go's cors_strict).",
     )
     auth: str | None = field(
         default=None,
@@ -189,9 +185,8 @@ class HttpSettings:
             "request (see mikros_trio.http.AuthRequest); none: no auth."
         },
     )
-    disable_auth: bool = field(
-        default=False,
-        metadata={"help": "Serve without the auth hook even when one is set (Go's disable_auth)."},
+    disable_auth: bool = _described(
+        False, "Serve without the auth hook even when one is set (Go's disable_auth)."
     )
 
     def __post_init__(self) -> None:

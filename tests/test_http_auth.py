@@ -198,8 +198,11 @@ async def test_every_protocol_meets_the_hook(
     async with client_for(running, http1=False, http2=True) as client:
         refused = await client.get("/whoami")
         served = await client.get("/whoami", headers={"Authorization": "Bearer bob-token"})
+        # hypercorn gives every stream of a connection one state: bob's must not stay in it.
+        after = await client.get("/whoami")
     assert (refused.http_version, refused.status_code) == ("HTTP/2", 401)
     assert served.json()["identity"] == "bob"
+    assert after.status_code == 401
     port = running.ports["http"]
     refused_socket = await in_thread(_handshake, port, "")
     accepted_socket = await in_thread(_handshake, port, "Authorization: Bearer alice-token\r\n")
@@ -229,3 +232,30 @@ def _handshake(port: int, extra: str) -> bytes:
         while b"\r\n\r\n" not in received and (chunk := sock.recv(65536)):
             received += chunk
     return received
+
+
+async def test_quart_reads_the_identity_from_the_scope(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A QuartTrio handler reads the identity as request.scope["state"]["identity"]."""
+    from quart import request
+    from quart_trio import QuartTrio
+
+    def create_quart() -> QuartTrio:
+        app = QuartTrio(__name__)
+
+        @app.get("/whoami")
+        async def whoami() -> dict[str, Any]:
+            return {"identity": request.scope["state"]["identity"]}
+
+        return app
+
+    class QuartAuth(AuthContainer):
+        app = providers.Singleton(create_quart)
+
+    running = await start_http(
+        mikros_service, tmp_path, http={"auth": "authenticator"}, container=QuartAuth
+    )
+    response = await get(running, "/whoami", authorization="Bearer alice-token")
+    assert response.json() == {"identity": "alice"}
+    assert (await get(running, "/whoami")).status_code == 401

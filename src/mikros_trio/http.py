@@ -15,10 +15,19 @@ connections gives the shutdown the design asks for:
    ``Connection: close``);
 3. at the drain deadline the supervisor cancels whatever is left.
 
-Probes (``/livez``, ``/readyz``, ``/healthz``) and request-size limits sit in
-a thin ASGI layer in front of the app, so they cost one dict lookup per
-request and never reach the app's routing. With ``admin_port`` set, probes move
-to a second listener that starts before the main one and stops after it.
+Probes (``/livez``, ``/readyz``, ``/healthz``, and Mikros' ``/health``: 200
+with an empty body while ready, 503 otherwise) and request-size limits
+(``max_body_size``, ``max_header_bytes``) sit in a thin ASGI layer in front
+of the app, so they cost a few comparisons per request and never reach the
+app's routing. With ``admin_port`` set, probes move to a second listener
+that starts before the main one and stops after it. Probes stay at the root
+whatever ``base_path`` is: orchestrators look for them there.
+
+Between that layer and the app, and only when configured (see
+:mod:`._http_hooks`): CORS (``cors_*``; preflights answered there), the auth
+hook (``auth``, a container provider; :class:`AuthRequest` says what it is
+given and how it answers; ``disable_auth`` turns it off, as in Go) and the
+base path (``base_path``, passed to the app as ``root_path``).
 
 Errors (see :mod:`._http_apps`): a :class:`~mikros_trio.ServiceError` raised
 by a handler becomes its HTTP status with the Mikros JSON body; any other exception becomes 500 with

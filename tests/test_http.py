@@ -185,11 +185,38 @@ async def test_readiness_off_during_readiness_delay(
     assert phase_time(running, "http", "stopping") >= shutdown + 1.0
 
 
+async def test_health_answers_as_mikros_services_do(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """GET /health (Go's and Rust's probe): 200 with an empty body while ready."""
+    running = await start(mikros_service, tmp_path)
+    async with client_for(running) as client:
+        health = await client.get("/health")
+        head = await client.head("/health")
+    assert (health.status_code, health.content) == (200, b"")
+    assert health.headers["content-type"] == "text/plain; charset=utf-8"
+    assert head.status_code == 200
+
+
+async def test_health_is_503_once_shutdown_begins(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """/health reads the same state as /readyz: 503 'draining' during the readiness delay."""
+    running = await start(mikros_service, tmp_path, lifecycle={"readiness_delay": 1.0})
+    async with client_for(running) as client:
+        running.service.stop("test")
+        with trio.fail_after(BOUND):
+            health = await client.get("/health")
+    assert (health.status_code, health.text) == (503, "draining")
+    with trio.fail_after(BOUND):
+        assert await running.wait() == 0
+
+
 async def test_admin_port_takes_the_probes(mikros_service: ServiceStarter, tmp_path: Path) -> None:
     """With admin_port, probes answer there and are 404 JSON on the main port (the app's space)."""
     running = await start(mikros_service, tmp_path, http={"admin_port": 0})
     assert port(running, "http-admin") != port(running, "http")
-    for probe in ("/livez", "/readyz", "/healthz"):
+    for probe in ("/livez", "/readyz", "/healthz", "/health"):
         assert (await get(running, probe, "http-admin")).status_code == 200
         main = await get(running, probe)
         assert main.status_code == 404

@@ -409,6 +409,29 @@ async def test_failing_startup_fails_the_start_with_the_apps_exception(
     assert events.steps == ["startup"]
 
 
+async def _ignores_lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A bare ASGI app that returns at once on lifespan, answering nothing (ASGI allows it)."""
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"bare"})
+
+
+class IgnoresLifespanContainer(ServiceContainer):
+    app = providers.Object(_ignores_lifespan)
+
+
+async def test_app_returning_from_lifespan_without_answering_starts(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """An app whose lifespan call returns without a word is served (it hung the start before)."""
+    running = await start_http(mikros_service, tmp_path, container=IgnoresLifespanContainer)
+    response = await get(running, "/anything")
+    assert (response.status_code, response.text) == (200, "bare")
+    running.service.stop("test")
+    with trio.fail_after(BOUND):
+        assert await running.wait() == 0
+
+
 async def test_declared_and_chunked_bodies_over_the_limit_are_413(
     mikros_service: ServiceStarter, tmp_path: Path, framework: str
 ) -> None:

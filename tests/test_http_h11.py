@@ -306,6 +306,7 @@ class _Draining:
     read_timeout: float = 5.0
     keep_alive_timeout: float = 5.0
     send_timeout: float = 5.0
+    max_head: int = 64 * 1024
     state: dict[str, Any] = field(default_factory=dict)
 
 

@@ -47,9 +47,6 @@ log = logging.getLogger("mikros_trio.http")
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
-#: The largest request line + headers accepted; larger gets 431.
-MAX_HEAD = 64 * 1024
-
 #: Bytes written under one send deadline: a long response may take longer in
 #: all, as long as the client keeps reading.
 SEND_SLICE = 64 * 1024
@@ -74,6 +71,8 @@ class Endpoint(Protocol):
     read_timeout: float
     keep_alive_timeout: float
     send_timeout: float
+    #: The largest request line + headers accepted (``max_header_bytes``); larger gets 431.
+    max_head: int
     state: dict[str, Any]
 
 
@@ -184,7 +183,7 @@ class H11Connection:
         self._endpoint = endpoint
         self.stream = stream
         self._app = app
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=endpoint.max_head)
         self.idle = True  # no request in progress
         self.read_deadline = math.inf  # see Deadlines
         self.write_deadline = math.inf
@@ -252,7 +251,7 @@ class H11Connection:
     def _next_cycle(self) -> None:
         """A fresh parser for the next request, fed what the client already sent."""
         data, closed = self._h11.trailing_data
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._endpoint.max_head)
         if data:
             self._h11.receive_data(data)
         if closed:
@@ -441,7 +440,7 @@ class H11Connection:
         """Block until the client goes: ASGI's ``http.disconnect`` after the whole body."""
         conn = self._h11
         while not self._gone:
-            if self._extra > MAX_HEAD or self._deaf:
+            if self._extra > self._endpoint.max_head or self._deaf:
                 # Stop reading: past a request head pipelined while this
                 # one is served (not buffering without bound); or once
                 # reading was stopped, where end of file is ours, not the

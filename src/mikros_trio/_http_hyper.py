@@ -23,7 +23,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr
 
 from ._http_h2 import Protocols
-from ._http_h11 import MAX_HEAD, SEND_SLICE, Endpoint, socket_has_bytes
+from ._http_h11 import SEND_SLICE, Endpoint, socket_has_bytes
 from ._runtime_settings import HttpSettings
 
 __all__ = ["HyperConnection", "Hypercorn", "hypercorn_config"]
@@ -52,7 +52,10 @@ def hypercorn_config(settings: HttpSettings) -> Config:
     config = Config()
     config.keep_alive_timeout = settings.keep_alive_timeout
     config.read_timeout = math.ceil(settings.read_timeout)
-    config.h11_max_incomplete_size = MAX_HEAD  # request line + headers
+    config.h11_max_incomplete_size = settings.max_header_bytes  # request line + headers
+    # Advertised (SETTINGS_MAX_HEADER_LIST_SIZE) and enforced by h2's HPACK
+    # decoder: a larger header block ends the connection (GOAWAY).
+    config.h2_max_header_list_size = settings.max_header_bytes
     # Advertised and enforced by h2: more streams end the connection.
     config.h2_max_concurrent_streams = settings.h2_max_concurrent_streams
     config.certfile = settings.certfile

@@ -36,6 +36,9 @@ class AppLifespan:
         # False once the app shows it does not speak lifespan (it raised
         # before answering startup): the ASGI spec says to go on without it.
         self.supported = True
+        # True once the app's lifespan call has returned: nothing more will
+        # answer (an app that ignores lifespan returns at once).
+        self._ended = False
         self.scope = trio.CancelScope(shield=True)
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -55,6 +58,7 @@ class AppLifespan:
                 else:
                     self._failure = error
             finally:
+                self._ended = True
                 self._answered.set()
 
     async def _send(self, message: dict[str, Any]) -> None:
@@ -68,7 +72,7 @@ class AppLifespan:
         self._answered.set()
 
     async def _ask(self, kind: str) -> None:
-        if not self.supported:
+        if not self.supported or self._ended:
             return
         self._answered = trio.Event()
         try:

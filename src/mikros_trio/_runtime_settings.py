@@ -61,6 +61,11 @@ def _seconds(default: float | None, help: str, *, most: float = 3600) -> Any:
     return field(default=default, metadata={"help": help, "gt": 0, "le": most})
 
 
+def _described(default: bool | tuple[str, ...], help: str) -> Any:
+    """A field with no bounds: a flag, or a list of names (origins, methods, headers)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
     """``[runtime.http]``: the HTTP server."""
@@ -121,10 +126,89 @@ class HttpSettings:
         default=None, metadata={"help": "TLS certificate (PEM); TLS is on when set with keyfile."}
     )
     keyfile: str | None = field(default=None, metadata={"help": "TLS private key (PEM)."})
+    # Go Mikros' HTTP runtime keys, under the names Go gives them.
+    base_path: str = field(
+        default="",
+        metadata={
+            "help": "Serve the app under this path prefix (Go's base_path: a leading / added, "
+            'trailing / dropped, "/" is the root); other paths get 404. Probes and /metrics '
+            "stay at the root.",
+            "pattern": r"\s*[^?#\s]*\s*",
+            "expect": "a URL path without ?, # or spaces",
+        },
+    )
+    max_header_bytes: int = field(
+        default=64 * 1024,
+        metadata={
+            "help": "Largest request head (request line and headers; on HTTP/2 the header "
+            "list) accepted, in bytes; larger gets 431.",
+            "ge": 1,
+            "le": 16 * 1024 * 1024,
+        },
+    )
+    cors_allowed_origins: tuple[str, ...] = _described(
+        (),
+        'Origins allowed cross-origin requests ("https://app.example", or "*" for any); '
+        "CORS is on when not empty.",
+    )
+    cors_allowed_methods: tuple[str, ...] = _described(
+        ("GET", "HEAD", "POST"), "Methods a preflight allows (Access-Control-Allow-Methods)."
+    )
+    cors_allowed_headers: tuple[str, ...] = _described(
+        (),
+        "Request headers a preflight allows; empty allows the ones it asks for "
+        "(as Go Mikros does).",
+    )
+    cors_exposed_headers: tuple[str, ...] = _described(
+        (), "Response headers scripts may read (Access-Control-Expose-Headers)."
+    )
+    cors_allow_credentials: bool = _described(
+        False, 'Let browsers send cookies and credentials (not with origin "*").'
+    )
+    cors_max_age: int = field(
+        default=0,
+        metadata={
+            "help": "Seconds a browser may cache a preflight's answer; 0 sends none.",
+            "ge": 0,
+            "le": 86400,
+        },
+    )
+    cors_strict: bool = _described(
+        True,
+        'An invalid CORS setting (no methods; origin "*" with credentials) fails the start; '
+        "false logs a warning and serves without CORS (Go's cors_strict).",
+    )
+    auth: str | None = field(
+        default=None,
+        metadata={
+            "help": "Container provider giving the auth hook, called before the app for every "
+            "request (see mikros_trio.http.AuthRequest); none: no auth."
+        },
+    )
+    disable_auth: bool = _described(
+        False, "Serve without the auth hook even when one is set (Go's disable_auth)."
+    )
 
     def __post_init__(self) -> None:
         if (self.certfile is None) != (self.keyfile is None):
             raise ValueError("certfile and keyfile go together: set both for TLS, or neither")
+        # Go's normalisation: "api/v1/" is "/api/v1"; "" and "/" mount at the root.
+        base = self.base_path.strip().rstrip("/")
+        if base and not base.startswith("/"):
+            base = "/" + base
+        object.__setattr__(self, "base_path", base)
+        if self.cors_strict and (problem := self.cors_problem()):
+            raise ValueError(f"invalid CORS settings: {problem} (or set cors_strict = false)")
+
+    def cors_problem(self) -> str:
+        """What makes the CORS settings unusable (Go's rules), or "" when they are fine."""
+        if not self.cors_allowed_origins:
+            return ""
+        if "*" in self.cors_allowed_origins and self.cors_allow_credentials:
+            return 'cors_allowed_origins has "*" but cors_allow_credentials is true'
+        if not self.cors_allowed_methods:
+            return "cors_allowed_methods is empty"
+        return ""
 
 
 @dataclass(frozen=True, slots=True)

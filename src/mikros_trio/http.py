@@ -15,10 +15,19 @@ connections gives the shutdown the design asks for:
    ``Connection: close``);
 3. at the drain deadline the supervisor cancels whatever is left.
 
-Probes (``/livez``, ``/readyz``, ``/healthz``) and request-size limits sit in
-a thin ASGI layer in front of the app, so they cost one dict lookup per
-request and never reach the app's routing. With ``admin_port`` set, probes move
-to a second listener that starts before the main one and stops after it.
+Probes (``/livez``, ``/readyz``, ``/healthz``, and Mikros' ``/health``: 200
+with an empty body while ready, 503 otherwise) and request-size limits
+(``max_body_size``, ``max_header_bytes``) sit in a thin ASGI layer in front
+of the app, so they cost a few comparisons per request and never reach the
+app's routing. With ``admin_port`` set, probes move to a second listener
+that starts before the main one and stops after it. Probes stay at the root
+whatever ``base_path`` is: orchestrators look for them there.
+
+Between that layer and the app, and only when configured (see
+:mod:`._http_hooks`): CORS (``cors_*``; preflights answered there), the auth
+hook (``auth``, a container provider; :class:`AuthRequest` says what it is
+given and how it answers; ``disable_auth`` turns it off, as in Go) and the
+base path (``base_path``, passed to the app as ``root_path``).
 
 Errors (see :mod:`._http_apps`): a :class:`~mikros_trio.ServiceError` raised
 by a handler becomes its HTTP status with the Mikros JSON body; any other exception becomes 500 with
@@ -54,6 +63,7 @@ from ._http_apps import (
     wire_for_status,
 )
 from ._http_h11 import Deadlines, H11Connection
+from ._http_hooks import IDENTITY, Auth, AuthRequest, BasePath, Cors
 from ._http_lifespan import AppLifespan, app_lifespan
 from ._listen import open_tcp_listeners
 from ._runtime_settings import HttpSettings
@@ -62,12 +72,21 @@ from ._telemetry import UNMATCHED, Endpoint, Telemetry
 if TYPE_CHECKING:  # hypercorn is imported on the first connection it serves
     from ._http_hyper import HyperConnection, Hypercorn
 
-__all__ = ["HTTP_STATUS", "AdminServer", "HttpServer", "build_http", "install_error_handlers"]
+__all__ = [
+    "HTTP_STATUS",
+    "IDENTITY",
+    "AdminServer",
+    "AuthRequest",
+    "HttpServer",
+    "build_http",
+    "install_error_handlers",
+]
 
 log = logging.getLogger("mikros_trio.http")
 
-# Probe paths (Kubernetes conventions).
-LIVEZ, READYZ, HEALTHZ = "/livez", "/readyz", "/healthz"
+# Probe paths (Kubernetes conventions), and Mikros' own: Go and Rust HTTP
+# services answer GET /health 200 with an empty body.
+LIVEZ, READYZ, HEALTHZ, HEALTH = "/livez", "/readyz", "/healthz", "/health"
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -81,7 +100,15 @@ class _Front:
     request's task, so handlers' log lines carry its ids).
     """
 
-    __slots__ = ("_app", "_endpoints", "_health", "_max_body", "_probes", "_telemetry")
+    __slots__ = (
+        "_app",
+        "_endpoints",
+        "_health",
+        "_max_body",
+        "_max_head",
+        "_probes",
+        "_telemetry",
+    )
 
     def __init__(
         self,
@@ -91,12 +118,14 @@ class _Front:
         *,
         probes: bool,
         max_body: int,
+        max_head: int = 0,
     ) -> None:
         self._app = app
         self._health = health
         self._telemetry = telemetry
         self._probes = probes
         self._max_body = max_body
+        self._max_head = max_head
         # Features' paths (/metrics) live where the probes do.
         self._endpoints = telemetry.endpoints if probes else {}
 
@@ -113,12 +142,20 @@ class _Front:
                     return await send_json(send, 200 if live else 503, {"status": "live"})
                 if path == HEALTHZ:
                     return await send_json(send, 200, self._health.snapshot())
+                if path == HEALTH:
+                    return await _send_health(send, self._health)
                 endpoint = self._endpoints.get(path)
                 if endpoint is not None:
                     return await _send_endpoint(send, endpoint)
             if self._app is None:
                 return await send_json(send, 404, wire_for_status(404, "no such probe"))
-            length, chunked = _framing(scope["headers"])
+            length, chunked, head = _framing(scope["headers"])
+            head += len(scope["raw_path"]) + len(scope["query_string"])
+            if head > self._max_head:
+                # The servers' parsers bound a head that arrives in parts;
+                # one that came whole in a single read is measured here.
+                body = wire_for_status(431, f"request head over {self._max_head} bytes")
+                return await send_json(send, 431, body, close=True)
             if chunked and length >= 0:
                 # Both framings (RFC 9112 section 6.1): h11 reads the body as
                 # chunked, a proxy in front may have read Content-Length; the
@@ -226,6 +263,18 @@ async def _answer_cut(send: Any) -> bool:
     return not scope.cancelled_caught
 
 
+async def _send_health(send: Any, health: Health) -> None:
+    """Mikros' ``/health``: readiness, as Go and Rust say it (200, empty body); 503 says why not."""
+    body = b"" if health.ready else _not_ready(health).encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    status = 503 if body else 200
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _send_endpoint(send: Any, endpoint: Endpoint) -> None:
     status, content_type, body = endpoint()
     headers = [
@@ -236,10 +285,14 @@ async def _send_endpoint(send: Any, endpoint: Endpoint) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
-    """A request's declared body length (-1 if none) and whether it says Transfer-Encoding."""
-    length, chunked = -1, False
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool, int]:
+    """A request's declared body length (-1 if none), whether it is chunked, and its head's size.
+
+    The size counts each ``Name: value\r\n`` and the method and version, not the target.
+    """
+    length, chunked, size = -1, False, 16
     for name, value in headers:
+        size += len(name) + len(value) + 4
         if name == b"content-length":
             try:
                 length = int(value)
@@ -247,7 +300,7 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
                 length = 0
         elif name == b"transfer-encoding":
             chunked = True
-    return length, chunked
+    return length, chunked, size
 
 
 #: Connections accepted per wake of a listener, at most: then others run.
@@ -276,6 +329,7 @@ class _Endpoint:
         self.read_timeout = settings.read_timeout
         self.keep_alive_timeout = settings.keep_alive_timeout
         self.send_timeout = settings.send_timeout
+        self.max_head = settings.max_header_bytes
         self.draining = False
         self._connections: set[HyperConnection | H11Connection] = set()
         self._deadlines = Deadlines()
@@ -543,23 +597,58 @@ class HttpServer(_HttpComponent):
         *,
         probes: bool,
         telemetry: Telemetry,
+        auth_provider: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__("http", settings, port, settings.host)
         self._telemetry = telemetry
         self._app_provider = app_provider
         self._service_name = service_name
         self._probes = probes
+        self._auth_provider = auth_provider
 
     def _front(self, lifetime: Lifetime) -> tuple[_Front, Any]:
-        app = adapt_app(self._app_provider(), self._settings, self._service_name, self._telemetry)
+        settings = self._settings
+        app = adapt_app(self._app_provider(), settings, self._service_name, self._telemetry)
+        # Requests (and the lifespan, which the layers pass through) go to
+        # the app behind the layers configured; with none, to the app itself.
+        served = _layers(app, settings, self._auth_provider, self._service_name, self._telemetry)
         front = _Front(
-            app,
+            served,
             lifetime.health,
             self._telemetry,
             probes=self._probes,
-            max_body=self._settings.max_body_size,
+            max_body=settings.max_body_size,
+            max_head=settings.max_header_bytes,
         )
         return front, app
+
+
+def _layers(
+    app: ASGIApp,
+    settings: HttpSettings,
+    auth_provider: Callable[[], Any] | None,
+    service_name: str,
+    telemetry: Telemetry,
+) -> ASGIApp:
+    """``app`` behind the configured base path, auth hook and CORS, outermost last (as Go)."""
+    from ._http_apps import _Answers
+
+    if settings.base_path:
+        app = BasePath(app, settings.base_path)
+    if auth_provider is not None and not settings.disable_auth:
+        app = Auth(app, auth_provider(), _Answers(service_name, telemetry))
+        log.info("http auth: on (hook %r)", settings.auth)
+    elif settings.auth is not None:
+        log.warning("http auth: off (disable_auth = true; hook %r not called)", settings.auth)
+    else:
+        log.debug("http auth: off (no [runtime.http] auth hook)")
+    if settings.cors_allowed_origins:
+        problem = settings.cors_problem()
+        if problem:  # cors_strict = false: Go's warning, and no CORS
+            log.warning("invalid CORS settings: %s; CORS is off", problem)
+        else:
+            app = Cors(app, settings)
+    return app
 
 
 class AdminServer(_HttpComponent):
@@ -583,6 +672,9 @@ def build_http(context: BuildContext) -> Sequence[Component]:
     port = context.definition.port("http")
     assert port is not None  # http always has a port (default 8080)
     admin = settings.admin_port is not None
+    auth = None
+    if settings.auth is not None and not settings.disable_auth:
+        auth = context.provider(settings.auth, "runtime.http.auth")
     server = HttpServer(
         settings,
         port,
@@ -590,6 +682,7 @@ def build_http(context: BuildContext) -> Sequence[Component]:
         context.definition.name,
         probes=not admin,
         telemetry=context.telemetry,
+        auth_provider=auth,
     )
     if not admin:
         return [server]

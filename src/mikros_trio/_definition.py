@@ -911,7 +911,7 @@ class _Loader:
             targets = [name for name in key.targets if name in fields]
             if not targets:
                 self.inert.append(
-                    ConfigIssue(self.source, where, f"accepted ({key.origin}), inert: {key.inert}")
+                    ConfigIssue(self.source, where, f"inert here ({key.origin}): {key.inert}")
                 )
                 continue
             first = targets[0]

@@ -93,9 +93,9 @@ def test_go_form_uses_mikros_go_kebab_case(name: str, kebab: str) -> None:
 
 
 def test_missing_envs_accepts_any_form_and_lists_every_missing_name() -> None:
-    """A name set only through an override is present; every unset name is reported, in order."""
+    """A name set only through an override is present; every unset or empty name is reported."""
     environ = {"ITEMS_API__DB_DSN": "x", "items-api__WORKERS": "2", "DEBUG": ""}
-    assert definition(environ).missing_envs() == ("RATIO", "TOKEN")
+    assert definition(environ).missing_envs() == ("RATIO", "DEBUG", "TOKEN")
     other = definition({"OTHER_SVC__RATIO": "1"})
     assert "RATIO" in other.missing_envs()
 

@@ -852,7 +852,10 @@ class _Loader:
                     continue
                 seen[spec.name] = path
                 translated = self.mikros_keys(spec.settings, table, path)
-                settings = self.decode(spec.settings, translated, path)
+                # Their keys are gone from the table now; they still count as
+                # suggestions for a misspelt one.
+                theirs = tuple(key.name for key in getattr(spec.settings, "mikros_keys", ()))
+                settings = self.decode(spec.settings, translated, path, known=theirs)
                 if settings is not None:
                     runtime[spec.name] = settings
         if types is None or specs is None:

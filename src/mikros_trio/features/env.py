@@ -3,8 +3,9 @@
 Design decisions:
 
 - **Checked at boot, read from a snapshot.** Every name in ``envs`` must be
-  set, and not empty (as Mikros Go requires), before anything starts (:meth:`~mikros_trio.Definition.missing_envs`,
-  all missing names in one error, exit code 2). :class:`Env` reads only the
+  set, and not empty (as Mikros Go requires), before anything starts
+  (:meth:`~mikros_trio.Definition.missing_envs`, all missing names in one
+  error, exit code 2). :class:`Env` reads only the
   definition's ``environ`` (the copy taken when service.toml was loaded),
   never ``os.environ`` again, so what was checked is what is read, and a
   test's ``environ=`` is the whole world.

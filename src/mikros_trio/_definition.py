@@ -141,23 +141,70 @@ class ServiceType:
 
 @dataclass(frozen=True, slots=True)
 class LogSettings:
-    """``[log]``: level and shape of the service's log lines."""
+    """``[log]``: level and shape of the service's log lines.
+
+    Takes the keys of every Mikros version: Go main's ``error_stack_trace``,
+    Go v0.19.0's boolean ``error_stacktrace`` (true is ``"default"``, false
+    ``"disabled"``; a file giving both must not contradict itself) and
+    Rust's ``local_timestamp`` and ``display_errors``.
+    """
 
     level: Literal["debug", "info", "warn", "warning", "error", "internal"] = field(
         default="info", metadata={"help": "Lowest level written."}
     )
     error_stack_trace: Literal["default", "disabled", "structured"] = field(
         default="default",
-        metadata={"help": "How error stack traces are logged (Mikros Go key)."},
+        metadata={"help": "How error stack traces are logged (Mikros Go main key)."},
     )
-    format: Literal["auto", "json", "console"] = field(
+    error_stacktrace: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Mikros Go v0.19.0's switch for error stack traces: true is "
+            'error_stack_trace = "default", false "disabled".'
+        },
+    )
+    format: Literal["auto", "json", "console", "mikros"] = field(
         default="auto",
-        metadata={"help": "Line format; auto is console on a terminal, JSON otherwise."},
+        metadata={
+            "help": "Line format; auto is console on a terminal, JSON otherwise; mikros is "
+            "JSON with Mikros Go's keys (time, level, msg, service.name…)."
+        },
+    )
+    local_timestamp: bool = field(
+        default=False,
+        metadata={
+            "help": "Timestamps in local time with their UTC offset instead of UTC "
+            "(Mikros Rust key)."
+        },
+    )
+    display_errors: bool = field(
+        default=True,
+        metadata={
+            "help": "A failed call's access line carries its error's kind and text "
+            "(Mikros Rust key)."
+        },
     )
     attributes: Mapping[str, str | int | float | bool] = field(
         default_factory=_empty,
         metadata={"help": "Static attributes added to every log line."},
     )
+
+    def __post_init__(self) -> None:
+        legacy = self.error_stacktrace
+        # "default" is also what an absent error_stack_trace reads as: no contradiction.
+        contradicting = "disabled" if legacy else "structured"
+        if legacy is not None and self.error_stack_trace == contradicting:
+            raise ValueError(
+                f"error_stacktrace = {str(legacy).lower()} contradicts "
+                f'error_stack_trace = "{self.error_stack_trace}"; give one of them'
+            )
+
+    @property
+    def stack_trace_mode(self) -> Literal["default", "disabled", "structured"]:
+        """The stack trace mode ``error_stack_trace`` and ``error_stacktrace`` give together."""
+        if self.error_stacktrace is False:
+            return "disabled"
+        return self.error_stack_trace
 
 
 @dataclass(frozen=True, slots=True)

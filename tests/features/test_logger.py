@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from helpers import REPO, Examples, Spawn, start_greeter_and_gateway
 from mikros_trio import ConfigError, ServiceContainer, parse_definition
 from mikros_trio._container import BuildContext
 from mikros_trio._telemetry import Telemetry
+from mikros_trio.errors import ErrorKind
 from mikros_trio.features.logger import _HEADS_KEPT, LogPipeline, build_logger, show_debug
 from mikros_trio.features.settings import LoggerSettings
 from mikros_trio.testing import RunningService, ServiceStarter
@@ -76,6 +78,7 @@ def service_toml(
     log: Mapping[str, Any] | None = None,
     tables: Mapping[str, Mapping[str, Any]] | None = None,
     envs: tuple[str, ...] = (),
+    product: str = "",
 ) -> Path:
     """A service.toml on 127.0.0.1 with short timeouts, its log lines in ``<tmp>/<name>.log``."""
     sections: dict[str, Mapping[str, Any]] = {
@@ -87,6 +90,8 @@ def service_toml(
     }
     lines = [f'name = "{name}"', f'types = ["{types}"]', 'version = "1.2.3"']
     lines += [f"envs = {json.dumps(list(envs))}"]
+    if product:
+        lines.append(f"product = {json.dumps(product)}")
     for section, values in sections.items():
         lines += ["", f"[{section}]", *(f"{key} = {_value(v)}" for key, v in values.items())]
     path = tmp_path / f"{name}.toml"
@@ -200,12 +205,20 @@ def log_path(tmp_path: Path, name: str = "web") -> Path:
 UNIT = 'name = "unit"\ntypes = ["worker"]\nversion = "0.1.0"\n'
 
 
-def built(tmp_path: Path, toml: str = "", **options: Any) -> tuple[LogPipeline, Telemetry]:
+def built(
+    tmp_path: Path,
+    toml: str = "",
+    *,
+    head: str = UNIT,
+    environ: Mapping[str, str] | None = None,
+    **options: Any,
+) -> tuple[LogPipeline, Telemetry]:
     """The logger feature of a worker service built from ``toml`` (more tables), to a file.
 
-    ``options`` are more ``[features.logger]`` settings.
+    ``head`` replaces the service's top-level keys, ``environ`` its
+    environment; ``options`` are more ``[features.logger]`` settings.
     """
-    definition = parse_definition(UNIT + toml, environ={})
+    definition = parse_definition(head + toml, environ=environ or {})
     telemetry = Telemetry(definition.name, definition.version)
     settings = LoggerSettings(output=str(tmp_path / "unit.log"), **options)
     context = BuildContext("logger", settings, definition, ServiceContainer(), telemetry)
@@ -324,14 +337,26 @@ def test_failed_call_is_an_error_line_with_its_exception(tmp_path: Path) -> None
     assert "path" not in line  # the target is the method itself
 
 
-def test_request_id_goes_on_to_client_calls(tmp_path: Path) -> None:
-    """A client call made while serving sends the served call's request id, and logs at debug."""
-    pipeline, telemetry = built(tmp_path, '[log]\nlevel = "debug"\n')
-    served = telemetry.begin("grpc", "server", "/a.A/Get", headers=[("x-request-id", "req-42")])
+#: MIKROS_TRACKER_HEADER_NAME set to another header.
+TRACKER = {"MIKROS_TRACKER_HEADER_NAME": "X-Correlation-ID"}
+
+
+@pytest.mark.parametrize(
+    ("environ", "header"), [({}, "x-request-id"), (TRACKER, "x-correlation-id")]
+)
+def test_request_id_goes_on_to_client_calls(
+    tmp_path: Path, environ: dict[str, str], header: str
+) -> None:
+    """A client call made while serving sends the served call's request id, and logs at debug.
+
+    In the header MIKROS_TRACKER_HEADER_NAME names, lower case (as gRPC metadata must be).
+    """
+    pipeline, telemetry = built(tmp_path, '[log]\nlevel = "debug"\n', environ=environ)
+    served = telemetry.begin("grpc", "server", "/a.A/Get", headers=[(header, "req-42")])
     token = telemetry.enter(served)
     try:
         client = telemetry.begin("grpc", "client", "/b.B/Fetch", target="b")
-        assert client.outgoing == {"x-request-id": "req-42"}
+        assert client.outgoing == {header: "req-42"}
         telemetry.end(client, "OK")
     finally:
         telemetry.leave(token)
@@ -462,17 +487,31 @@ async def test_flush_interval_zero_flushes_every_line(
         assert events_in(tmp_path) == ["at once"]
 
 
+def _traceback(exception: Any) -> bool:
+    return isinstance(exception, str) and exception.startswith("Traceback")
+
+
+def _message_alone(exception: Any) -> bool:
+    return bool(exception == "ValueError: bad input")
+
+
 @pytest.mark.parametrize(
-    ("mode", "check"),
+    ("table", "check"),
     [
-        ("default", lambda e: isinstance(e, str) and e.startswith("Traceback")),
-        ("structured", lambda e: e[0]["exc_type"] == "ValueError" and e[0]["frames"]),
-        ("disabled", lambda e: e == "ValueError: bad input"),
+        ('error_stack_trace = "default"', _traceback),
+        (
+            'error_stack_trace = "structured"',
+            lambda e: e[0]["exc_type"] == "ValueError" and e[0]["frames"],
+        ),
+        ('error_stack_trace = "disabled"', _message_alone),
+        # Go v0.19.0's boolean key.
+        ("error_stacktrace = true", _traceback),
+        ("error_stacktrace = false", _message_alone),
     ],
 )
-def test_error_stack_trace_modes(tmp_path: Path, mode: str, check: Any) -> None:
-    """``[log] error_stack_trace``: a traceback text, a structured list, or the message alone."""
-    pipeline, _ = built(tmp_path, f'[log]\nerror_stack_trace = "{mode}"\n')
+def test_error_stack_trace_modes(tmp_path: Path, table: str, check: Any) -> None:
+    """``[log] error_stack_trace`` (Go v0.19.0: ``error_stacktrace``): trace, list or message."""
+    pipeline, _ = built(tmp_path, f"[log]\n{table}\n")
     try:
         raise ValueError("bad input")
     except ValueError as error:
@@ -779,8 +818,9 @@ async def test_static_attributes_on_every_line(
     await get(running, "/work")
     await running.stop()
     lines = read_lines(log_path(tmp_path))
+    identity = ["service", "version", "deploy_env", "team", "shard", "canary"]
     for line in lines:
-        assert list(line)[4:9] == ["service", "version", "team", "shard", "canary"], line
+        assert list(line)[4:10] == identity, line
         assert (line["team"], line["shard"], line["canary"]) == ("core", 3, True)
 
 
@@ -1073,3 +1113,291 @@ async def test_request_id_follows_a_call_across_services(
     assert access["gateway"]["event"] == "GET /hello 200"
     assert access["greeter"]["event"] == "/greeter.Greeter/SayHello OK"
     assert access["gateway"]["request_id"] == access["greeter"]["request_id"] == "edge-1"
+
+
+# -- Mikros parity: its [log] keys, its line layout, its environment ----------------------
+
+#: A line of a Mikros Go v0.19.0 script service, re-expressed from its README
+#: (mikros-dev/mikros, v0.19.0, README.md, line 114; the fixed attributes are
+#: set in service.go, the head by slog's JSON handler in
+#: internal/components/logger/logger.go). Only its keys and value shapes matter.
+GO_LINE = {
+    "time": "2024-02-09T07:54:57.159449-03:00",
+    "level": "INFO",
+    "msg": "service is running",
+    "service.name": "script-example",
+    "service.type": "script",
+    "service.version": "v1.0.0",
+    "service.env": "local",
+    "service.product": "Matrix",
+    "service.mode": "script",
+}
+
+#: The head every Mikros Go line starts with, in that order.
+GO_HEAD = list(GO_LINE)[:8]
+
+#: What Go's slog handler writes for the time: RFC 3339, fraction, Z or an offset.
+GO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+#: The script service the Go line came from, as a service.toml here.
+SCRIPT = 'name = "script-example"\ntypes = ["script"]\nversion = "v1.0.0"\nproduct = "Matrix"\n'
+
+
+def test_a_mikros_line_has_the_keys_of_a_go_line(tmp_path: Path) -> None:
+    """format = "mikros": a line from each road parses to a Go line's keys, in its order."""
+    pipeline, _ = built(tmp_path, '[log]\nformat = "mikros"\n', head=SCRIPT)
+    pipeline.open()
+    try:
+        extra = {"service.mode": "script"}
+        pipeline.log(logging.INFO, "service is running", **extra)
+        logging.getLogger("tests.go").info("service is running", extra=extra)
+        structlog.get_logger("tests.go").info("service is running", **extra)
+    finally:
+        pipeline.close()
+    lines = read_lines(log_path(tmp_path, "unit"))
+    assert len(lines) == 3
+    for line in lines:
+        assert list(line) == list(GO_LINE), line
+        assert GO_TIME.match(line["time"]), line["time"]
+        assert {key: line[key] for key in GO_LINE if key != "time"} == {
+            key: value for key, value in GO_LINE.items() if key != "time"
+        }
+
+
+def test_a_mikros_access_line_starts_as_a_go_line(tmp_path: Path) -> None:
+    """The access line's own road (pre-rendered JSON) writes the same head as any other line."""
+    pipeline, telemetry = built(
+        tmp_path, '[log]\nformat = "mikros"\n', environ={"MIKROS_SERVICE_DEPLOY": "production"}
+    )
+    call = telemetry.begin("http", "server", "/items", method="GET", target="/items", headers=[])
+    telemetry.end(call, "200")
+    pipeline.close()
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert list(line)[:8] == GO_HEAD
+    assert (line["level"], line["msg"]) == ("INFO", "GET /items 200")
+    assert (line["service.type"], line["service.env"], line["service.product"]) == (
+        "worker",
+        "production",
+        "",
+    )
+    assert line["request_id"] == call.ids["request_id"]
+
+
+@pytest.mark.parametrize(
+    ("levelno", "name"),
+    [
+        (logging.DEBUG, "DEBUG"),
+        (logging.INFO, "INFO"),
+        (logging.WARNING, "WARN"),
+        (logging.ERROR, "ERROR"),
+        (logging.CRITICAL, "FATAL"),
+    ],
+)
+def test_mikros_level_names(tmp_path: Path, levelno: int, name: str) -> None:
+    """Levels read as slog and Mikros Go name them (WARN, not WARNING; critical is FATAL)."""
+    pipeline, _ = built(tmp_path, '[log]\nformat = "mikros"\nlevel = "debug"\n')
+    pipeline.log(levelno, "a line")
+    pipeline.close()
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert line["level"] == name
+
+
+@pytest.mark.parametrize("mode", ["default", "structured", "disabled"])
+def test_a_mikros_error_line_has_the_keys_of_a_go_error_line(tmp_path: Path, mode: str) -> None:
+    """An exception is Go's error.message, the caller its source, the traceback its stack.
+
+    Go main's handleErrorMessage (internal/components/logger/logger.go)
+    adds ``source`` (function, "dir/file", line) to every error line, and
+    ``stack`` in its structured mode; components/logger/field.go names the
+    error ``error.message``. Here "default" puts the trace in ``stack`` too:
+    Go prints it raw after the line, which no JSON log store can read.
+    """
+    pipeline, _ = built(tmp_path, f'[log]\nformat = "mikros"\nerror_stack_trace = "{mode}"\n')
+    pipeline.open()
+    try:
+        try:
+            raise ValueError("bad input")
+        except ValueError:
+            logging.getLogger("tests.go").exception("it broke")
+    finally:
+        pipeline.close()
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    go_keys = {*GO_HEAD, "error.message", "source"} | ({"stack"} if mode != "disabled" else set())
+    assert set(line) == go_keys
+    assert list(line)[:8] == GO_HEAD
+    assert (line["level"], line["msg"], line["error.message"]) == (
+        "ERROR",
+        "it broke",
+        "ValueError: bad input",
+    )
+    assert line["source"] == {
+        "function": "test_logger.test_a_mikros_error_line_has_the_keys_of_a_go_error_line",
+        "file": "features/test_logger.py",
+        "line": line["source"]["line"],
+    }
+    assert isinstance(line["source"]["line"], int)
+    if mode != "disabled":
+        assert line["stack"].startswith("Traceback")
+        assert "bad input" in line["stack"]
+
+
+async def test_every_line_of_a_mikros_service_has_the_go_head(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """Lifecycle, access, structlog, stdlib and library lines all start with Go's keys."""
+    environ = {"MIKROS_SERVICE_DEPLOY": "production"}
+    running = await start(
+        mikros_service,
+        tmp_path,
+        log={"format": "mikros", "attributes": {"team": "core"}},
+        product="Shop",
+        environ=environ,
+    )
+    await get(running, "/work")
+    await running.stop()
+    lines = read_lines(log_path(tmp_path))
+    events = {line["msg"] for line in lines}
+    assert {"structlog line", "stdlib line 7", "library line", "GET /work 200"} <= events
+    assert "service stopped (exit code 0)" in events
+    for line in lines:
+        assert list(line)[:9] == [*GO_HEAD, "team"], line
+        assert (line["service.name"], line["service.type"], line["service.version"]) == (
+            "web",
+            "http",
+            "1.2.3",
+        )
+        assert (line["service.env"], line["service.product"]) == ("production", "Shop")
+        assert line["level"] in {"INFO", "WARN"}
+
+
+async def test_product_and_deploy_env_on_every_line(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """Our layout carries the product and MIKROS_SERVICE_DEPLOY on every line too."""
+    environ = {"MIKROS_SERVICE_DEPLOY": "development"}
+    running = await start(mikros_service, tmp_path, product="Shop", environ=environ)
+    await get(running, "/work")
+    await running.stop()
+    lines = read_lines(log_path(tmp_path))
+    assert len(lines) > 5
+    for line in lines:
+        assert list(line)[:8] == [*HEAD, "service", "version", "product", "deploy_env"], line
+        assert (line["product"], line["deploy_env"]) == ("Shop", "development")
+
+
+def test_an_unset_deploy_env_is_local_as_in_mikros(tmp_path: Path) -> None:
+    """Without MIKROS_SERVICE_DEPLOY a line says "local", as in Go and Rust; no product, no key."""
+    pipeline, _ = built(tmp_path)
+    pipeline.log(logging.INFO, "a line")
+    pipeline.close()
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert line["deploy_env"] == "local"
+    assert "product" not in line
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        'error_stacktrace = true\nerror_stack_trace = "disabled"',
+        'error_stacktrace = false\nerror_stack_trace = "structured"',
+    ],
+)
+def test_contradicting_stack_trace_keys_are_a_config_error(table: str) -> None:
+    """Go v0.19.0's and Go main's keys saying opposite things: an error naming both, not a guess."""
+    with pytest.raises(ConfigError) as caught:
+        parse_definition(UNIT + f"[log]\n{table}\n", environ={})
+    text = str(caught.value)
+    assert "error_stacktrace" in text
+    assert "error_stack_trace" in text
+
+
+@pytest.mark.parametrize(
+    ("table", "zone", "offset"),
+    [
+        ("local_timestamp = true", "MKT+3", "-03:00"),
+        ("local_timestamp = true", "IST-5:30", "+05:30"),
+        ("local_timestamp = true", "UTC0", "+00:00"),
+        ("", "MKT+3", "Z"),  # the default: the process' time zone does not show
+    ],
+)
+def test_local_timestamp_writes_local_time_and_offset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str, zone: str, offset: str
+) -> None:
+    """``[log] local_timestamp = true`` (Rust): local time with its offset; UTC otherwise."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        pipeline, _ = built(tmp_path, f"[log]\n{table}\n")
+        before = time.time()
+        pipeline.log(logging.INFO, "a line")
+        pipeline.close()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    stamp = line["timestamp"]
+    assert stamp.endswith(offset), stamp
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)", stamp)
+    moment = datetime.fromisoformat(stamp).timestamp()
+    assert before - 1e-3 <= moment <= before + BOUND
+
+
+@pytest.mark.parametrize("display", [True, False])
+def test_display_errors_decides_whether_the_access_line_shows_the_error(
+    tmp_path: Path, display: bool
+) -> None:
+    """``[log] display_errors = false`` (Rust): the access line shows no error kind nor text."""
+    pipeline, telemetry = built(tmp_path, f"[log]\ndisplay_errors = {str(display).lower()}\n")
+    call = telemetry.begin("grpc", "server", "/pkg.Svc/Do", target="/pkg.Svc/Do")
+    call.error_kind = ErrorKind.INTERNAL
+    telemetry.end(call, "INTERNAL", failed=True, error=KeyError("missing"))
+    pipeline.close()
+    [line] = read_lines(log_path(tmp_path, "unit"))
+    assert (line["level"], line["status"]) == ("error", "INTERNAL")
+    shown = {key: line[key] for key in ("error", "error_kind") if key in line}
+    if display:
+        assert shown == {"error": "KeyError: 'missing'", "error_kind": str(ErrorKind.INTERNAL)}
+    else:
+        assert shown == {}
+
+
+async def test_tracker_header_names_the_request_id_header(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """MIKROS_TRACKER_HEADER_NAME: the request id is read from, and echoed in, that header."""
+    running = await start(mikros_service, tmp_path, environ=TRACKER)
+    kept = await get(running, "/work", headers={"X-Correlation-ID": "corr-1"})
+    other = await get(running, "/work", headers={"x-request-id": "ignored-1"})
+    await running.stop()
+    assert kept.headers["x-correlation-id"] == "corr-1"
+    assert "x-request-id" not in kept.headers
+    # x-request-id is just another header now: a fresh id, in the configured header.
+    assert NEW_ID.match(other.headers["x-correlation-id"])
+    lines = read_lines(log_path(tmp_path))
+    access = [line for line in lines if line["logger"] == "mikros_trio.access"]
+    assert [line["request_id"] for line in access] == ["corr-1", other.headers["x-correlation-id"]]
+    handler = [line for line in lines if line.get("event") == "stdlib line 7"]
+    assert [line["request_id"] for line in handler] == ["corr-1", access[1]["request_id"]]
+
+
+def test_tracker_header_defaults_to_x_request_id_when_empty(tmp_path: Path) -> None:
+    """An empty MIKROS_TRACKER_HEADER_NAME is unset: Mikros' X-Request-ID."""
+    pipeline, telemetry = built(tmp_path, environ={"MIKROS_TRACKER_HEADER_NAME": ""})
+    call = telemetry.begin("http", "server", "", headers=[(b"x-request-id", b"r-1")])
+    pipeline.close()
+    assert call.outgoing == {"x-request-id": "r-1"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["X Request", "x-id\r\nset-cookie", "grpc-status", "x-trace-bin", ":path", "x" * 65, "ünï"],
+)
+def test_a_tracker_header_that_cannot_be_a_header_is_a_config_error(
+    tmp_path: Path, name: str
+) -> None:
+    """A name HTTP or gRPC cannot carry (space, CR LF, grpc- prefix, -bin) is refused, named."""
+    with pytest.raises(ConfigError) as caught:
+        built(tmp_path, environ={"MIKROS_TRACKER_HEADER_NAME": name})
+    text = str(caught.value)
+    assert "MIKROS_TRACKER_HEADER_NAME" in text
+    assert repr(name) in text

@@ -682,3 +682,43 @@ async def test_a_failing_script_is_an_error_span(
     (run,) = tracing_of(running).spans()
     assert run.status.status_code is StatusCode.ERROR
     assert [event.name for event in run.events] == ["exception"]
+
+
+# -- the resource: Mikros' product and deploy environment ----------------------------------
+
+_DEPLOY = ("deployment.environment.name", "deployment.environment")
+
+
+@pytest.mark.parametrize(
+    ("deploy", "otel", "expected"),
+    [
+        ("production", "", dict.fromkeys(_DEPLOY, "production")),
+        ("", "", dict.fromkeys(_DEPLOY, "local")),
+        ("", "deployment.environment.name=staging", {_DEPLOY[0]: "staging"}),
+        ("", "deployment.environment=staging", {_DEPLOY[1]: "staging"}),
+        ("production", "deployment.environment.name=staging", dict.fromkeys(_DEPLOY, "production")),
+    ],
+    ids=["deploy", "unset-is-local", "otel-names-it", "otel-old-key", "deploy-wins"],
+)
+def test_resource_carries_the_product_and_deploy_env(
+    monkeypatch: pytest.MonkeyPatch, deploy: str, otel: str, expected: dict[str, str]
+) -> None:
+    """MIKROS_SERVICE_DEPLOY is deployment.environment.name (local unset), product the namespace.
+
+    Unset, "local" gives way to an environment OTEL_RESOURCE_ATTRIBUTES names.
+    """
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", otel)
+    environ = {"MIKROS_SERVICE_DEPLOY": deploy} if deploy else {}
+    toml = 'product = "Shop"\n' + service_toml(types="worker", tracing={"exporter": "memory"})
+    _, tracing, _ = built(toml, environ)
+    attributes = dict(tracing.provider.resource.attributes)
+    assert {key: attributes[key] for key in _DEPLOY if key in attributes} == expected
+    assert attributes["service.namespace"] == "Shop"
+    assert (attributes["service.name"], attributes["service.version"]) == ("traced", "v1.2.0")
+
+
+def test_no_product_no_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a product the resource has no service.namespace (an empty one groups nothing)."""
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    _, tracing, _ = built(service_toml(types="worker", tracing={"exporter": "memory"}))
+    assert "service.namespace" not in tracing.provider.resource.attributes

@@ -106,13 +106,14 @@ async def test_otlp_spans_reach_the_receiver_by_the_time_the_service_stopped(
     # The batch processor would otherwise send on its own after 5 s: only the flush sends here.
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
     base = f"http://127.0.0.1:{receiver.port}"
-    environ = {"API_TOKEN": SECRET}
+    environ = {"API_TOKEN": SECRET, "MIKROS_SERVICE_DEPLOY": "production"}
     tracing: dict[str, Any] = {"exporter": "otlp"}
     if configured_by == "environ":
         environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = base
     else:
         tracing["endpoint"] = f"{base}/v1/traces"
-    path = write_service(tmp_path, tracing=tracing)
+    path = tmp_path / "traced.toml"
+    path.write_text('product = "Shop"\n' + service_toml(tracing=tracing))
     with trio.fail_after(BOUND):
         running = await mikros_service.start(TracedContainer, path, environ=environ)
     for _ in range(3):
@@ -130,6 +131,8 @@ async def test_otlp_spans_reach_the_receiver_by_the_time_the_service_stopped(
     }
     assert attributes["service.name"] == "traced"
     assert attributes["service.version"] == "v1.2.0"
+    assert attributes["service.namespace"] == "Shop"
+    assert attributes["deployment.environment.name"] == "production"
 
 
 async def test_an_unreachable_collector_does_not_hold_the_exit(

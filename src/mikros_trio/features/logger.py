@@ -3,11 +3,19 @@
 What it does: structlog is set up so that ``structlog.get_logger()`` and
 ``logging.getLogger()`` lines take the same road, a single handler on the
 standard library's root logger, and come out with the same shape:
-``timestamp`` (ISO 8601, UTC), ``level``, ``logger``, ``event``, then the
-service's ``service`` and ``version``, the static ``[log] attributes``, the
+``timestamp`` (ISO 8601, UTC unless ``[log] local_timestamp``), ``level``,
+``logger``, ``event``, then the service's ``service``, ``version``,
+``product`` (when set) and ``deploy_env`` (``MIKROS_SERVICE_DEPLOY``,
+``"local"`` when unset, as in Mikros), the static ``[log] attributes``, the
 current call's ids (``request_id``, ``trace_id``…) and the line's own
 fields. JSON lines when the output is not a terminal, structlog's coloured
-console renderer when it is (``[log] format`` forces either). On top of
+console renderer when it is (``[log] format`` forces either).
+``format = "mikros"`` writes JSON with Mikros Go's keys instead: ``time``,
+``level`` (``INFO``, ``WARN``…), ``msg``, ``service.name``,
+``service.type``, ``service.version``, ``service.env``,
+``service.product``, then the same fields; no logger name (Go's lines
+have none, and one log store holds both), an exception as ``error.message``
+and ``stack``, an error line's caller as ``source``. On top of
 that an observer gives each served call a request id and writes one access
 line per HTTP request, gRPC call, worker iteration and script run, and a
 line per lifecycle step of the service.
@@ -33,7 +41,8 @@ Design decisions:
   which observers fill them in does not matter, and a handler's lines and
   its access line share the request id without anything being passed.
 - **Request ids cross services.** A served call keeps an incoming
-  ``x-request-id`` when it is short and plain (at most 128 characters of
+  ``x-request-id`` (or the header ``MIKROS_TRACKER_HEADER_NAME`` names, as
+  in Mikros) when it is short and plain (at most 128 characters of
   ``A-Z a-z 0-9 _ . : / + = @ -``, so it cannot forge a header or a log
   field), else gets 32 random hex digits; HTTP responses echo it and the
   client calls made while serving send it on.
@@ -101,14 +110,19 @@ from mikros_trio.features.settings import LoggerSettings
 
 if TYPE_CHECKING:
     from mikros_trio._container import BuildContext
+    from mikros_trio._definition import Definition
     from mikros_trio._supervisor import LifecycleEvent
 
 __all__ = [
     "ACCESS_LOGGER",
+    "DEFAULT_DEPLOY",
     "LEVELS",
     "LIFECYCLE_LOGGER",
+    "REQUEST_ID_HEADER",
+    "TRACKER_HEADER_ENV",
     "LogPipeline",
     "build_logger",
+    "deploy_env",
     "show_debug",
 ]
 
@@ -164,31 +178,60 @@ _JSON_LINE_BREAKS: Final = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085
 _HEADS_KEPT: Final = 1024
 
 # Levels whose lines may wait for the periodic flush; others are flushed at once.
-_DEFERRABLE: Final = frozenset({"debug", "info"})
+_DEFERRABLE: Final = frozenset({"debug", "info", "DEBUG", "INFO"})
+
+#: ``format = "mikros"``: level names as Mikros Go's slog handler writes them.
+_MIKROS_LEVELS: Final = {
+    **{levelno: name.upper() for levelno, name in _LEVEL_NAMES.items()},
+    logging.WARNING: "WARN",
+    logging.CRITICAL: "FATAL",
+}
+
+
+def _mikros_level_name(levelno: int) -> str:
+    return _MIKROS_LEVELS.get(levelno) or logging.getLevelName(levelno).upper()
+
+
+#: The request id header when ``MIKROS_TRACKER_HEADER_NAME`` is unset, as in Mikros.
+REQUEST_ID_HEADER: Final = "x-request-id"
+
+#: Mikros' deploy environment when ``MIKROS_SERVICE_DEPLOY`` is unset (Go and Rust alike).
+DEFAULT_DEPLOY: Final = "local"
 
 
 # -- the line ---------------------------------------------------------------
 
 
 class _Clock:
-    """ISO 8601 UTC timestamps with microseconds; the date-time part is cached per second."""
+    """ISO 8601 timestamps with microseconds; the date-time part is cached per second.
 
-    __slots__ = ("_cached",)
+    UTC (``…Z``) by default; ``local`` gives the local time and its UTC
+    offset (``…-03:00``), as Mikros Rust's ``local_timestamp`` and Go's
+    ``time.Now()`` write it. The offset is read per second, so a daylight
+    saving change shows at the next second.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_cached", "_local")
+
+    def __init__(self, *, local: bool = False) -> None:
+        self._local = local
         # One tuple, swapped whole: threads never see a second with another's prefix.
-        self._cached = (-1, "")
+        self._cached = (-1, "", "Z")
 
     def format(self, now: float) -> str:
         second = int(now)
         cached = self._cached
         if cached[0] != second:
-            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+            if self._local:
+                moment = time.localtime(second)
+                minutes = (moment.tm_gmtoff or 0) // 60
+                sign = "-" if minutes < 0 else "+"
+                offset = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+            else:
+                moment, offset = time.gmtime(second), "Z"
+            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", moment), offset)
             self._cached = cached
-        return f"{cached[1]}.{int((now - second) * 1e6):06d}Z"
-
-
-_CLOCK = _Clock()
+        return f"{cached[1]}.{int((now - second) * 1e6):06d}{cached[2]}"
 
 
 def _json_default(value: object) -> str:
@@ -316,6 +359,12 @@ class LogPipeline:
         error_stack_trace: str = "default",
         access_log: bool = True,
         flush_interval: float = 0.0,
+        local_timestamp: bool = False,
+        display_errors: bool = True,
+        request_header: str = REQUEST_ID_HEADER,
+        kinds: Sequence[str] = (),
+        product: str = "",
+        deploy_env: str = "",
     ) -> None:
         self.telemetry = telemetry
         #: The ``[log] level`` as a stdlib level; the root logger goes no lower.
@@ -324,6 +373,11 @@ class LogPipeline:
         self.levelno = self.config_levelno
         self.output = output
         self.access_log = access_log
+        #: Whether a failed call's access line carries its error (Mikros Rust's display_errors).
+        self.display_errors = display_errors
+        #: The header a served call's request id is read from and echoed in (lower case).
+        self.request_header = request_header.lower()
+        self._clock = _Clock(local=local_timestamp)
         #: Seconds a debug or info line may wait in the output's buffer (0: none).
         self.flush_interval = flush_interval
         # While the flusher runs (see flush_periodically): set to wake it, and
@@ -343,24 +397,47 @@ class LogPipeline:
         self.live = False
         self.closed = False
         tty = self._is_terminal()
-        #: ``"json"`` or ``"console"``, decided once: never an ``isatty`` per line.
+        #: ``"json"``, ``"mikros"`` or ``"console"``, decided once: never an ``isatty`` per line.
         self.format = ("console" if tty else "json") if format == "auto" else format
+        mikros = self.format == "mikros"
+        # The head's keys: time, level, logger (not in Mikros' lines), message.
+        self._keys: tuple[str, str, str | None, str] = (
+            ("time", "level", None, "msg") if mikros else _HEAD
+        )
+        self._level_name = _mikros_level_name if mikros else _level_name
+        self._open_json = '{"time":"' if mikros else '{"timestamp":"'
         self._console: Callable[[Any, str, dict[str, Any]], Any] | None = None
         if self.format == "console":
             colors = tty and "NO_COLOR" not in os.environ
             self._console = structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False)
-        # Identity fields of every line, in order: service, version, attributes.
+        # Identity fields of every line, in order, then the attributes.
+        deploy = deploy_env or DEFAULT_DEPLOY
         static: dict[str, Any] = {}
-        if telemetry.service:
-            static["service"] = telemetry.service
-        if telemetry.version:
-            static["version"] = telemetry.version
+        if mikros:
+            # Mikros Go's fixed attributes, with its values (types joined by
+            # commas, an unset deploy environment is "local", an empty product
+            # is written): a query over Go and Python lines sees one shape.
+            static["service.name"] = telemetry.service
+            static["service.type"] = ",".join(kinds)
+            static["service.version"] = telemetry.version
+            static["service.env"] = deploy
+            static["service.product"] = product
+        else:
+            if telemetry.service:
+                static["service"] = telemetry.service
+            if telemetry.version:
+                static["version"] = telemetry.version
+            if product:
+                static["product"] = product
+            if telemetry.service:  # a service's line, not the last-resort pipeline's
+                static["deploy_env"] = deploy
         static.update(attributes or {})
         self._static = static
         # The same fields rendered once, for lines written by write_plain(),
         # and the keys an id must not repeat there.
         self._static_json = "," + _encode_json(static)[1:-1] if static else ""
-        self._taken = frozenset((*_HEAD, *static))
+        self._reserved = frozenset((*_HEAD, *(key for key in self._keys if key)))
+        self._taken = self._reserved | frozenset(static)
         # (level, logger, event) -> write_plain's rendering of them (see _head).
         self._heads: dict[tuple[int, str, str], tuple[str, bool]] = {}
 
@@ -484,12 +561,14 @@ class LogPipeline:
 
     def head(self, levelno: int, logger: str, event: Any, now: float) -> dict[str, Any]:
         """The first fields of a line: time, level, logger, event, identity, call ids."""
+        time_key, level_key, logger_key, event_key = self._keys
         line: dict[str, Any] = {
-            "timestamp": _CLOCK.format(now),
-            "level": _level_name(levelno),
-            "logger": logger,
-            "event": event,
+            time_key: self._clock.format(now),
+            level_key: self._level_name(levelno),
         }
+        if logger_key is not None:
+            line[logger_key] = logger
+        line[event_key] = event
         line.update(self._static)
         call = current_call()
         if call is not None and call.ids:
@@ -538,7 +617,7 @@ class LogPipeline:
         if head is None:
             head = self._head(levelno, logger, event)
         known = _KEYS_JSON
-        parts = ['{"timestamp":"', _CLOCK.format(time.time()), head[0]]
+        parts = [self._open_json, self._clock.format(time.time()), head[0]]
         append = parts.append
         for key, text in ids.items():
             append(known.get(key) or _key_json(key))
@@ -556,10 +635,11 @@ class LogPipeline:
         Kept for the next line alike (access lines repeat their method and
         status), up to a bound: an event holding a raw path may never repeat.
         """
-        name = _level_name(levelno)
+        name = self._level_name(levelno)
+        named = "" if self._keys[2] is None else f',"logger":{_encode_str(logger)}'
         text = (
-            f'","level":{_encode_str(name)},"logger":{_encode_str(logger)},'
-            f'"event":{_encode_str(event)}{self._static_json}'
+            f'","level":{_encode_str(name)}{named},'
+            f'"{self._keys[3]}":{_encode_str(event)}{self._static_json}'
         )
         head = (text, name not in _DEFERRABLE)
         if len(self._heads) < _HEADS_KEPT:
@@ -585,7 +665,13 @@ class LogPipeline:
 
     def _add_exception(self, line: dict[str, Any], exc_info: _ExcInfo) -> None:
         mode = self.error_stack_trace
-        if mode == "disabled":
+        if self._keys[2] is None:
+            # Mikros' keys: the error's text as its logger.Error field writes
+            # it, the stack (both modes but disabled) as Go main's structured one.
+            line["error.message"] = "".join(traceback.format_exception_only(exc_info[1])).strip()
+            if mode != "disabled":
+                line["stack"] = "".join(traceback.format_exception(*exc_info)).rstrip()
+        elif mode == "disabled":
             line["exception"] = "".join(traceback.format_exception_only(exc_info[1])).strip()
         elif self._console is not None:
             line["exc_info"] = exc_info  # the console renderer lays the traceback out
@@ -637,10 +723,11 @@ class LogPipeline:
         exc_info: _ExcInfo | None = None
         if getattr(record, _FROM_STRUCTLOG, False) and isinstance(message, dict):
             line = self.head(record.levelno, record.name, message.get("event"), record.created)
+            reserved = self._reserved
             for key, value in message.items():
                 if key == "exc_info":
                     exc_info = _exc_info(value)
-                elif key not in _HEAD:
+                elif key not in reserved:
                     line[key] = value
         else:
             line = self.head(record.levelno, record.name, record.getMessage(), record.created)
@@ -652,6 +739,14 @@ class LogPipeline:
                 line["stack"] = record.stack_info
         if exc_info is None and record.exc_info and record.exc_info[0] is not None:
             exc_info = record.exc_info
+        if self._keys[2] is None and record.levelno >= logging.ERROR:
+            # Mikros Go's error lines name their caller: function, "dir/file", line.
+            path = Path(record.pathname)
+            line["source"] = {
+                "function": f"{record.module}.{record.funcName}",
+                "file": f"{path.parent.name}/{path.name}",
+                "line": record.lineno,
+            }
         self.emit(line, exc_info)
 
     def __repr__(self) -> str:
@@ -962,11 +1057,14 @@ class _LogObserver(Observer):
     def __init__(self, pipeline: LogPipeline) -> None:
         self._pipeline = pipeline
         self._access = pipeline.access_log
+        self._errors = pipeline.display_errors
+        self._header = pipeline.request_header
 
     def started(self, call: Call) -> None:
         side = call.side
+        header = self._header
         if side == "server":
-            incoming = call.header("x-request-id")
+            incoming = call.header(header)
             request_id = (
                 incoming
                 if incoming is not None and _SANE_ID.fullmatch(incoming)
@@ -974,7 +1072,7 @@ class _LogObserver(Observer):
             )
             call.ids["request_id"] = request_id
             if call.kind == "http":
-                call.outgoing["x-request-id"] = request_id
+                call.outgoing[header] = request_id
         elif side == "client":
             # The request id goes on to the services this call reaches, so
             # their lines and ours share it.
@@ -982,7 +1080,7 @@ class _LogObserver(Observer):
             if served is not None:
                 forwarded = served.ids.get("request_id")
                 if forwarded is not None:
-                    call.outgoing["x-request-id"] = forwarded
+                    call.outgoing[header] = forwarded
 
     def finished(self, call: Call) -> None:
         if not self._access:
@@ -1018,11 +1116,12 @@ class _LogObserver(Observer):
             fields.append(("target" if side == "client" else "path", target))
         fields.append(("status", status))
         fields.append(("duration_ms", round(call.duration * 1000.0, 3)))
-        if call.error_kind is not None:
-            fields.append(("error_kind", str(call.error_kind)))
-        error = call.error
-        if error is not None:
-            fields.append(("error", f"{type(error).__name__}: {error}"))
+        if self._errors:
+            if call.error_kind is not None:
+                fields.append(("error_kind", str(call.error_kind)))
+            error = call.error
+            if error is not None:
+                fields.append(("error", f"{type(error).__name__}: {error}"))
         pipeline.write_plain(levelno, ACCESS_LOGGER, event, ids, fields, _ACCESS_FIELDS)
 
     def event(self, event: LifecycleEvent) -> None:
@@ -1099,7 +1198,9 @@ def build_logger(context: BuildContext) -> Sequence[Component]:
     ``[features.logger]`` the output and whether to write access lines.
     """
     settings: LoggerSettings = context.settings
-    log = context.definition.log
+    definition = context.definition
+    log = definition.log
+    request_header = _request_header(definition)
     output = settings.output
     if output not in ("stdout", "stderr"):
         folder = Path(output).parent
@@ -1120,14 +1221,64 @@ def build_logger(context: BuildContext) -> Sequence[Component]:
         format=log.format,
         output=output,
         attributes=dict(log.attributes),
-        error_stack_trace=log.error_stack_trace,
+        error_stack_trace=log.stack_trace_mode,
         access_log=settings.access_log,
         flush_interval=settings.flush_interval,
+        local_timestamp=log.local_timestamp,
+        display_errors=log.display_errors,
+        request_header=request_header,
+        kinds=definition.kinds,
+        product=definition.product,
+        deploy_env=deploy_env(definition),
     )
     context.telemetry.publish(pipeline)
     context.telemetry.add_observer(_LogObserver(pipeline))
     context.telemetry.add_closer(pipeline.close)
     return [_LoggerComponent(context.name, pipeline)]
+
+
+#: Names a request id header may have: an HTTP token that is also a gRPC metadata key.
+_HEADER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+
+#: The environment variable naming the request id header (Mikros Go and Rust).
+TRACKER_HEADER_ENV: Final = "MIKROS_TRACKER_HEADER_NAME"
+
+
+def _request_header(definition: Definition) -> str:
+    """The request id header: ``MIKROS_TRACKER_HEADER_NAME`` or ``x-request-id``, lower case.
+
+    Lower case because gRPC metadata keys must be; HTTP compares them
+    ignoring case. A name that could not be a header and a gRPC key alike
+    is a configuration error (exit code 2), not a header silently dropped.
+    """
+    name = definition.environ.get(TRACKER_HEADER_ENV, "") or REQUEST_ID_HEADER
+    lowered = name.lower()
+    if (
+        not _HEADER_NAME.fullmatch(name)
+        or lowered.endswith("-bin")
+        or lowered.startswith(("grpc-", ":"))
+    ):
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    definition.source,
+                    TRACKER_HEADER_ENV,
+                    f"environment variable {TRACKER_HEADER_ENV} names the request id header: "
+                    "expected up to 64 of A-Z a-z 0-9 _ . -, not starting with grpc- nor "
+                    f"ending with -bin, got {name!r}",
+                )
+            ]
+        )
+    return lowered
+
+
+def deploy_env(definition: Definition) -> str:
+    """The deploy environment given by ``MIKROS_SERVICE_DEPLOY``, ``""`` when unset.
+
+    The one place it is read, for the log lines and the tracing resource;
+    they write :data:`DEFAULT_DEPLOY` for ``""``, as Mikros does.
+    """
+    return definition.environ.get("MIKROS_SERVICE_DEPLOY", "")
 
 
 def show_debug(telemetry: Telemetry) -> None:

@@ -12,7 +12,8 @@ Design decisions:
 
 - **One SDK ``TracerProvider`` per service, never the global one.**
   Several services run in one process (every test does it), each with its
-  own resource (``service.name``, ``service.version``), sampler and
+  own resource (``service.name``, ``service.version``, the product as
+  ``service.namespace``, ``deployment.environment.name``), sampler and
   exporter; setting the global provider would make the last one win. User
   code gets the service's tracer from :class:`Tracing`, published on the
   hub. What *is* shared is the OpenTelemetry context (a context variable),
@@ -91,7 +92,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import trio
 from opentelemetry import context as otel_context
@@ -119,6 +120,7 @@ from opentelemetry.util.types import AttributeValue
 
 from mikros_trio._component import Component, Lifetime
 from mikros_trio._container import BuildContext
+from mikros_trio._definition import Definition
 from mikros_trio._secrets import Masker
 from mikros_trio._telemetry import (
     DB_SYSTEMS,
@@ -129,6 +131,7 @@ from mikros_trio._telemetry import (
     Telemetry,
 )
 from mikros_trio.errors import ConfigError, ConfigIssue, ErrorKind, ServiceError
+from mikros_trio.features.logger import DEFAULT_DEPLOY, deploy_env
 from mikros_trio.features.settings import TracingSettings
 
 __all__ = ["EXPORTERS", "Tracing", "build_tracing"]
@@ -888,6 +891,34 @@ def _otlp_exporter(context: BuildContext, settings: TracingSettings) -> SpanExpo
     return exporter
 
 
+#: Where the deploy environment goes on the resource: the current semantic
+#: convention and the deprecated key many backends still read.
+_DEPLOY_KEYS: Final = ("deployment.environment.name", "deployment.environment")
+
+
+def _resource(definition: Definition) -> Resource:
+    """The service's resource: name, version, product, deploy environment (as in the log lines).
+
+    The product is ``service.namespace`` (the group a service belongs to).
+    ``MIKROS_SERVICE_DEPLOY`` wins over ``OTEL_RESOURCE_ATTRIBUTES``, as the
+    file's name wins over ``service.name`` there; unset, Mikros'
+    ``"local"`` only fills in when the latter names no environment either.
+    """
+    attributes: dict[str, str] = {
+        SERVICE_NAME: definition.name,
+        SERVICE_VERSION: definition.version,
+    }
+    if definition.product:
+        attributes["service.namespace"] = definition.product
+    deploy = deploy_env(definition)
+    if deploy:
+        attributes.update(dict.fromkeys(_DEPLOY_KEYS, deploy))
+    resource = Resource.create(attributes)
+    if not deploy and not any(key in resource.attributes for key in _DEPLOY_KEYS):
+        resource = resource.merge(Resource(dict.fromkeys(_DEPLOY_KEYS, DEFAULT_DEPLOY)))
+    return resource
+
+
 def build_tracing(context: BuildContext) -> Sequence[Component]:
     """The tracing feature: a tracer provider, an observer, and a component for the exporter."""
     settings: TracingSettings = context.settings
@@ -907,7 +938,7 @@ def build_tracing(context: BuildContext) -> Sequence[Component]:
         exporter = InMemorySpanExporter()
     batched = name == "otlp"
 
-    resource = Resource.create({SERVICE_NAME: definition.name, SERVICE_VERSION: definition.version})
+    resource = _resource(definition)
     # Ours, so the observer hands its spans to the same processors as the
     # provider's own spans (add_span_processor adds to it), and every span
     # any of them sees is masked.

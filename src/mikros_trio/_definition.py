@@ -25,6 +25,7 @@ that span tables: ``types`` against the registry, ``[runtime.<kind>]`` against
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import tomllib
@@ -520,6 +521,8 @@ def mikros_env_forms(service: str, name: str) -> tuple[str, ...]:
     return (*overrides, f"{name}_{_snake(service)}", bare)
 
 
+# Every Mikros variable read spells the service name again: spell each once.
+@functools.lru_cache(maxsize=64)
 def _kebab(name: str) -> str:
     """``name`` in kebab case exactly as Mikros Go spells service names (go-strcase's KebabCase).
 
@@ -547,6 +550,7 @@ def _kebab(name: str) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=64)
 def _snake(name: str) -> str:
     """``name`` in snake case exactly as Mikros Rust's ``ServiceName::to_snake_case`` spells it.
 

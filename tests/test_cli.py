@@ -8,6 +8,7 @@ and confirm a sample through the real process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from helpers import MIKROS_TRIO, REPO, Spawn
 from mikros_trio import cli, definition_schema
+from mikros_trio._runtime_settings import HttpSettings
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -89,17 +91,39 @@ def test_check_bad_file_in_a_real_process(spawn: Spawn, path: Path) -> None:
     _no_traceback(child.stdout, child.stderr)
 
 
-def test_check_missing_env_names_it(spawn: Spawn, tmp_path: Path) -> None:
-    """A required environment variable that is unset is a configuration error naming it."""
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_check_missing_env_names_it(spawn: Spawn, tmp_path: Path, value: str | None) -> None:
+    """A required variable unset, or set empty (Mikros Go refuses it too), is a config error."""
     config = tmp_path / "service.toml"
     config.write_text(
         'name = "needs-env"\ntypes = ["worker"]\nversion = "v1.0.0"\n'
         'envs = ["MIKROS_TEST_SURELY_UNSET"]\n'
     )
-    child = spawn(MIKROS_TRIO, "check", "--config", config, env={"MIKROS_TEST_SURELY_UNSET": None})
+    child = spawn(MIKROS_TRIO, "check", "--config", config, env={"MIKROS_TEST_SURELY_UNSET": value})
     assert child.wait() == EXIT_USAGE, child.report()
     assert "MIKROS_TEST_SURELY_UNSET" in child.stderr
     _no_traceback(child.stdout, child.stderr)
+
+
+def test_check_notes_inert_mikros_keys_one_line_each(spawn: Spawn, tmp_path: Path) -> None:
+    """Go keys that change nothing here load (exit 0) and ``check`` names each on one line."""
+    config = tmp_path / "service.toml"
+    config.write_text(
+        'name = "http"\ntypes = ["http:8080"]\nversion = "v0.1.0"\nlanguage = "go"\n'
+        '[services.http]\ndisable_auth = true\ncors_strict = false\nbase_path = "/api"\n'
+        "max_header_bytes = 65536\nwrite_timeout = 15000000000\n"
+    )
+    child = spawn(MIKROS_TRIO, "check", "--config", config)
+    assert child.wait() == 0, child.report()
+    notes = re.findall(r"(?m)^note: (services\.http\.\w+): inert here .+$", child.stdout)
+    assert len(notes) == len(set(notes))
+    expected = {f"services.http.{key}" for key in _INERT_CANDIDATES} - _HTTP_FIELDS
+    assert set(notes) == expected, child.report()
+    assert "write_timeout" not in child.stdout, "converted to send_timeout, not inert"
+
+
+_INERT_CANDIDATES = ("disable_auth", "cors_strict", "base_path", "max_header_bytes")
+_HTTP_FIELDS = {f"services.http.{spec.name}" for spec in dataclasses.fields(HttpSettings)}
 
 
 # -- check: good targets ------------------------------------------------------

@@ -169,7 +169,6 @@ def test_full_asset_values(registry: Registry) -> None:
         "metrics_hook": ComponentSettings(),
     }
     assert definition.tests.discard_log_messages is True
-    assert definition.services == {"http": {"custom": "kept as written"}}
 
 
 def test_alias_kind_is_stored_by_canonical_name() -> None:
@@ -406,9 +405,17 @@ def test_port_zero_is_allowed() -> None:
 
 
 def test_missing_envs() -> None:
-    """missing_envs lists the declared variables the environment lacks."""
-    text = MINIMAL + 'envs = ["A", "B", "C"]\n'
-    assert parse_definition(text, environ={"B": ""}).missing_envs() == ("A", "C")
+    """missing_envs lists the declared variables the environment lacks or leaves empty (as Go)."""
+    text = MINIMAL + 'envs = ["A", "B", "C", "D"]\n'
+    environ = {"B": "", "D": "1"}
+    assert parse_definition(text, environ=environ).missing_envs() == ("A", "B", "C")
+
+
+def test_an_empty_override_is_not_skipped() -> None:
+    """The first form that is set is the value: an empty override is an empty value."""
+    text = MINIMAL + 'envs = ["A"]\n'
+    definition = parse_definition(text, environ={"SVC__A": "", "A": "shared"})
+    assert definition.missing_envs() == ("A",)
 
 
 def test_environ_defaults_to_a_copy_of_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -532,7 +539,6 @@ def test_definition_is_frozen(registry: Registry) -> None:
         definition.clients,
         definition.runtime,
         definition.components,
-        definition.services,
         definition.environ,
         definition.log.attributes,
     ):
@@ -804,7 +810,7 @@ def toml_number(value: int | float) -> str:
 def document_with(path: str, value: int | float) -> str:
     """A worker+http service whose key ``path`` (a.b.c) is set to ``value``."""
     *tables, key = path.split(".")
-    kinds = '"http", "grpc", "worker"' if tables[:1] == ["runtime"] else '"http"'
+    kinds = '"http", "grpc", "worker"' if tables[:1] in (["runtime"], ["services"]) else '"http"'
     header = f"[{'.'.join(tables)}]\n" if tables else ""
     enable = "enabled = true\n" if tables[:1] == ["features"] else ""
     return (
@@ -832,6 +838,11 @@ def within(value: float, schema: dict[str, Any]) -> bool:
     return all(check(schema[name]) for name, check in checks if name in schema)
 
 
+def alternatives(path: str) -> list[dict[str, Any]]:
+    """The schemas of ``path``: more than one where the key is anyOf (Go's read_timeout)."""
+    return [schema for other, schema in NUMERIC_KEYS if other == path]
+
+
 @settings(max_examples=400, deadline=None, database=None)
 @given(
     key=st.sampled_from([(path, schema) for path, schema in NUMERIC_KEYS if "[]" not in path]),
@@ -854,7 +865,7 @@ def test_any_number_is_accepted_within_bounds_or_a_config_error(
         return
     definition = result
     assert isinstance(value, int) or math.isfinite(value)
-    assert within(value, schema), (path, value)
+    assert any(within(value, option) for option in alternatives(path)), (path, value)
     assert definition.name == "svc"
 
 
@@ -873,3 +884,349 @@ def test_any_port_variable_is_a_port_or_a_config_error(name: str, text: str) -> 
     port = result.port("http" if "HTTP" in name else "grpc")
     assert port is not None
     assert 0 <= port <= 65535
+
+
+# -- Mikros parity: what any Mikros version accepts ---------------------------------------
+
+
+def doc(types: str = '"http"', extra: str = "", *, name: str = "svc", version: str = "v1") -> str:
+    return f'name = "{name}"\ntypes = [{types}]\nversion = "{version}"\n{extra}'
+
+
+@pytest.mark.parametrize("version", ["v1", "v1.2", "v10.20", "v0.0"])
+def test_go_short_versions_are_accepted(version: str) -> None:
+    """Mikros Go's "v1" and "v1.2" (one or two digits each) load."""
+    assert parse_definition(doc(version=version), environ={}).version == version
+
+
+@pytest.mark.parametrize("version", ["v100", "v1.234", "1", "v1.", "v"])
+def test_short_versions_outside_go_rule_are_rejected(version: str) -> None:
+    """Short versions Go's validator refuses are refused here too."""
+    assert paths_of(doc(version=version)) == ["version"]
+
+
+@pytest.mark.parametrize("name", ["MY-VAR", "1ST_VAR", "A B", "X.Y", "_"])
+def test_env_names_go_allows_are_accepted(name: str) -> None:
+    """envs takes what Go's "ascii,uppercase" takes: dashes, leading digits, any ASCII symbol."""
+    definition = parse_definition(doc(extra=f'envs = ["{name}"]\n'), environ={name: "v"})
+    assert definition.envs == (name,)
+    assert definition.missing_envs() == ()
+
+
+@pytest.mark.parametrize("name", ["my_var", "", "A=B", "CAFÉ", "\\u0000"])
+def test_env_names_go_or_any_environment_refuses_are_rejected(name: str) -> None:
+    """Lower case, empty, non-ASCII (Go's rule), "=" and NUL (no environment holds them)."""
+    (issue,) = issues_of(doc(extra=f'envs = ["{name}"]\n'))
+    assert issue.path == "envs[0]"
+
+
+@pytest.mark.parametrize(
+    ("name", "short"),
+    [
+        ("github.com/acme/users", "users"),
+        ("github.com/acme/users/v2", "users"),
+        ("acme/orders-api", "orders-api"),
+        ("v2", "v2"),
+        ("users", "users"),
+    ],
+)
+def test_module_path_names_the_service_by_its_last_element(name: str, short: str) -> None:
+    """A Go module path as name: the service is its last element (before a /vN suffix)."""
+    definition = parse_definition(doc(name=name), environ={})
+    assert (definition.name, definition.full_name) == (short, name)
+
+
+@pytest.mark.parametrize("name", ["/users", "users/", "a//b", "github.com/acme users"])
+def test_broken_module_paths_are_rejected(name: str) -> None:
+    """Empty path elements and spaces are no module path."""
+    assert paths_of(doc(name=name)) == ["name"]
+
+
+def test_module_path_env_prefix() -> None:
+    """The shell override uses the service name; Go's spells the module path whole."""
+    text = doc(extra='envs = ["DSN"]\n', name="github.com/acme/users")
+    assert parse_definition(text, environ={"USERS__DSN": "a"}).env_value("DSN") == "a"
+    go = parse_definition(text, environ={"github.com/acme/users__DSN": "b", "DSN": "c"})
+    assert go.env_value("DSN") == "b"
+
+
+def test_services_table_is_the_runtime_table() -> None:
+    """[services.<kind>] (Go v0.19.0, Rust) decodes exactly as [runtime.<kind>]."""
+    runtime = parse_definition(doc('"grpc"', "[runtime.grpc]\nmax_ping_strikes = 5\n"), environ={})
+    services = parse_definition(
+        doc('"grpc"', "[services.grpc]\nmax_ping_strikes = 5\n"), environ={}
+    )
+    assert services.runtime == runtime.runtime
+    assert services.runtime["grpc"] == GrpcSettings(max_ping_strikes=5)
+
+
+@pytest.mark.parametrize(
+    ("tables", "path"),
+    [
+        ("[runtime.http]\n[services.http]\n", "services.http"),
+        ("[services.native]\n[runtime.worker]\n", "services.native"),
+    ],
+)
+def test_a_kind_with_both_tables_is_an_error(tables: str, path: str) -> None:
+    """One kind, one table: [runtime.x] and [services.x] (aliases included) is a config error."""
+    (issue,) = issues_of(doc('"http", "worker"', tables))
+    assert issue.path == path
+    assert "keep one" in issue.message
+
+
+def test_services_table_of_a_kind_not_in_types() -> None:
+    """[services.<kind>] follows the same rules: the kind must be in types."""
+    assert paths_of(doc('"http"', "[services.grpc]\n")) == ["services.grpc"]
+
+
+# -- Go's HTTP runtime keys ------------------------------------------------------------------
+
+
+def http_settings(table: str) -> HttpSettings:
+    settings = parse_definition(doc(extra=f"[runtime.http]\n{table}"), environ={}).runtime["http"]
+    assert isinstance(settings, HttpSettings)
+    return settings
+
+
+def test_go_durations_are_nanoseconds() -> None:
+    """write_timeout and idle_timeout are Go nanoseconds: they set send and keep-alive seconds."""
+    settings = http_settings("write_timeout = 15000000000\nidle_timeout = 60000000000\n")
+    assert (settings.send_timeout, settings.keep_alive_timeout) == (15.0, 60.0)
+
+
+def test_go_read_timeout_bounds_head_and_body() -> None:
+    """read_timeout above our 3600 s bound is Go's: nanoseconds for the read and body timeouts."""
+    settings = http_settings("read_timeout = 15000000000\n")
+    assert (settings.read_timeout, settings.body_timeout) == (15.0, 15.0)
+    assert http_settings("read_timeout = 12\n").read_timeout == 12.0, "ours: seconds"
+    assert http_settings("read_timeout = 12\n").body_timeout == HttpSettings().body_timeout
+    own = http_settings("read_timeout = 15000000000\nbody_timeout = 40\n")
+    assert (own.read_timeout, own.body_timeout) == (15.0, 40.0), "the file's own key wins"
+
+
+def test_go_zero_duration_keeps_the_default() -> None:
+    """Go's 0 is "use the default" (its mergeNonZero skips it): ours stays."""
+    assert http_settings("write_timeout = 0\n") == HttpSettings()
+
+
+@pytest.mark.parametrize(
+    ("table", "path", "message"),
+    [
+        ('write_timeout = "15s"', "write_timeout", "integer of nanoseconds"),
+        ("idle_timeout = -1", "idle_timeout", "integer of nanoseconds"),
+        ("idle_timeout = 1.5e9", "idle_timeout", "integer of nanoseconds"),
+        ("idle_timeout = 3600000000001", "idle_timeout", "between 0 and 3600000000000"),
+        ("write_timeout = 1\nsend_timeout = 3", "write_timeout", "set one of them"),
+        ('cors_strict = "yes"', "cors_strict", "a boolean"),
+        ("max_header_bytes = 4294967296", "max_header_bytes", "an integer between 0"),
+    ],
+)
+def test_go_http_keys_are_checked(table: str, path: str, message: str) -> None:
+    """A Go key with a value Go would not decode (or a conflict with ours) names the key."""
+    (issue,) = issues_of(doc(extra=f"[runtime.http]\n{table}\n"))
+    assert issue.path == f"runtime.http.{path}"
+    assert message in issue.message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("disable_auth", True),
+        ("cors_strict", False),
+        ("base_path", "/api"),
+        ("max_header_bytes", 65536),
+    ],
+)
+def test_go_http_keys_reach_our_field_or_are_noted_inert(key: str, value: object) -> None:
+    """Each Go key lands in the field of its name, or loads as inert with a note naming it."""
+    text = doc(extra=f"[services.http]\n{key} = {toml_value(value)}\n")
+    definition = parse_definition(text, environ={})
+    if any(spec.name == key for spec in HttpSettings.__dataclass_fields__.values()):
+        assert getattr(definition.runtime["http"], key) == value
+        assert definition.inert == ()
+    else:
+        (note,) = definition.inert
+        assert note.path == f"services.http.{key}"
+        assert "inert here (Mikros Go" in note.message
+        assert definition.runtime["http"] == HttpSettings()
+
+
+def test_go_keys_do_not_hide_unknown_keys() -> None:
+    """A key no Mikros version defines is still an error, with a suggestion."""
+    (issue,) = issues_of(doc(extra="[runtime.http]\nidle_timout = 1\n"))
+    assert issue.message == 'unknown key "idle_timout"; did you mean "idle_timeout"?'
+
+
+# -- clients, http-spec ----------------------------------------------------------------------
+
+
+def clients_of(table: str, environ: dict[str, str]) -> Any:
+    return parse_definition(doc(extra=table), environ=environ).clients
+
+
+def test_client_without_host_dials_the_coupled_namespace() -> None:
+    """[clients.x] without host dials x.<MIKROS_COUPLED_NAMESPACE>:<MIKROS_COUPLED_PORT>."""
+    environ = {"MIKROS_COUPLED_NAMESPACE": "prod.svc", "MIKROS_COUPLED_PORT": "9090"}
+    clients = clients_of("[clients.billing]\n[clients.users]\nport = 7000\n", environ)
+    assert clients == {
+        "billing": ClientSettings("billing.prod.svc", 9090),
+        "users": ClientSettings("users.prod.svc", 7000),
+    }
+    default = clients_of("[clients.billing]\n", {"MIKROS_COUPLED_NAMESPACE": "ns"})
+    assert default["billing"] == ClientSettings("billing.ns", 7070), "Mikros' default port"
+
+
+def test_client_with_host_and_no_port_gets_the_coupled_port() -> None:
+    """A host without port: MIKROS_COUPLED_PORT, else 7070; no namespace needed."""
+    assert clients_of('[clients.a]\nhost = "h"\n', {})["a"] == ClientSettings("h", 7070)
+
+
+def test_coupled_namespace_has_per_service_overrides() -> None:
+    """MIKROS_COUPLED_NAMESPACE is read per service first, as every Mikros variable."""
+    environ = {"MIKROS_COUPLED_NAMESPACE": "shared", "SVC__MIKROS_COUPLED_NAMESPACE": "mine"}
+    assert clients_of("[clients.a]\n", environ)["a"].host == "a.mine"
+
+
+@pytest.mark.parametrize("environ", [{}, {"MIKROS_COUPLED_NAMESPACE": ""}])
+def test_client_without_host_or_namespace_names_the_variable(environ: dict[str, str]) -> None:
+    """No host and no namespace: a config error naming the variable to set."""
+    (issue,) = issues_of(doc(extra="[clients.billing]\n"), environ=environ)
+    assert issue.path == "clients.billing"
+    assert "MIKROS_COUPLED_NAMESPACE" in issue.message
+    assert "give host" in issue.message
+
+
+@pytest.mark.parametrize("value", ["", "x", "0", "70000"])
+def test_bad_coupled_port_names_the_variable(value: str) -> None:
+    """A client needing MIKROS_COUPLED_PORT and finding no port there names the variable."""
+    (issue,) = issues_of(
+        doc(extra='[clients.a]\nhost = "h"\n'), environ={"MIKROS_COUPLED_PORT": value}
+    )
+    assert issue.path == "clients.a.port"
+    assert "MIKROS_COUPLED_PORT" in issue.message
+
+
+def test_coupled_variables_are_not_read_when_unneeded() -> None:
+    """Clients with host and port never look at the coupled variables."""
+    table = '[clients.a]\nhost = "h"\nport = 1\n'
+    assert clients_of(table, {"MIKROS_COUPLED_PORT": "x"})["a"] == ClientSettings("h", 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        (doc('"http-spec"'), "types[0]"),
+        (doc('"http"', "[runtime.http-spec]\n"), "runtime.http-spec"),
+        (doc('"http"', "[services.http-spec]\n"), "services.http-spec"),
+    ],
+)
+def test_http_spec_says_what_it_is(text: str, path: str) -> None:
+    """http-spec is explained (protobuf-generated routes) with what to use, not "did you mean"."""
+    (issue,) = issues_of(text)
+    assert issue.path == path
+    assert "protobuf HTTP annotations" in issue.message
+    assert '"grpc"' in issue.message
+    assert '"http"' in issue.message
+    assert "did you mean" not in issue.message
+
+
+# -- environment -----------------------------------------------------------------------------
+
+
+def test_default_grpc_port_is_mikros_7070() -> None:
+    """Without any setting gRPC listens on 7070, as Mikros Go and Rust."""
+    assert parse_definition(doc('"grpc"'), environ={}).port("grpc") == 7070
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "SVC_API__MIKROS_HTTP_PORT",
+        "svc-api__MIKROS_HTTP_PORT",
+        "MIKROS_HTTP_PORT_svc_api",
+    ],
+)
+def test_per_service_port_override_forms(variable: str) -> None:
+    """Ours, Mikros Go's <kebab>__ and Mikros Rust's _<snake> forms each override the port."""
+    environ = {"MIKROS_HTTP_PORT": "7000", variable: "7001"}
+    definition = parse_definition(doc('"http:8000"', name="svc_api"), environ=environ)
+    assert definition.port("http") == 7001
+
+
+def test_override_forms_are_read_in_order() -> None:
+    """Ours first, then Go's, then Rust's, then the shared name."""
+    forms = ["SVC_API__MIKROS_HTTP_PORT", "svc-api__MIKROS_HTTP_PORT", "MIKROS_HTTP_PORT_svc_api"]
+    environ = {form: str(7000 + index) for index, form in enumerate(forms)}
+    for index in range(len(forms)):
+        definition = parse_definition(doc('"http"', name="svc_api"), environ=environ)
+        assert definition.port("http") == 7000 + index
+        del environ[forms[index]]
+
+
+def test_another_services_override_is_ignored() -> None:
+    """A per-service variable of another service does not touch this one."""
+    environ = {"OTHER__MIKROS_HTTP_PORT": "7001", "MIKROS_HTTP_PORT_other": "7002"}
+    assert parse_definition(doc('"http"'), environ=environ).port("http") == 8080
+
+
+def test_bad_override_names_the_variable_it_came_from() -> None:
+    """A bad port in an override names that variable, not the shared one."""
+    (issue,) = issues_of(doc('"http"'), environ={"svc__MIKROS_HTTP_PORT": "x"})
+    assert "svc__MIKROS_HTTP_PORT" in issue.message
+
+
+def test_env_port_wins_over_types_even_at_its_default() -> None:
+    """Env over types, always (Rust lets types win when the variable equals its default)."""
+    environ = {"MIKROS_HTTP_PORT": "8080"}
+    assert parse_definition(doc('"http:9000"'), environ=environ).port("http") == 8080
+
+
+@pytest.mark.parametrize(
+    ("environ", "deploy"),
+    [
+        ({}, ""),
+        ({"MIKROS_SERVICE_DEPLOY": "prod"}, "prod"),
+        ({"MIKROS_SERVICE_DEPLOY": "prod", "svc__MIKROS_SERVICE_DEPLOY": "dev"}, "dev"),
+        ({"MIKROS_SERVICE_DEPLOY_svc": "staging"}, "staging"),
+    ],
+)
+def test_deploy_env(environ: dict[str, str], deploy: str) -> None:
+    """MIKROS_SERVICE_DEPLOY, per-service first, is on the definition ("" when unset)."""
+    assert parse_definition(MINIMAL, environ=environ).deploy_env == deploy
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", True), ("t", True), ("TRUE", True), ("True", True), ("0", False), ("f", False)],
+)
+def test_cicd_test_reads_go_booleans(value: str, expected: bool) -> None:
+    """MIKROS_CICD_TEST takes strconv.ParseBool's words, as Mikros Go."""
+    definition = parse_definition(MINIMAL, environ={"MIKROS_CICD_TEST": value})
+    assert definition.cicd_test is expected
+    assert parse_definition(MINIMAL, environ={}).cicd_test is False
+
+
+@pytest.mark.parametrize("value", ["yes", "", "tRUE", "2"])
+def test_cicd_test_not_a_go_boolean_is_an_error(value: str) -> None:
+    """A value Mikros Go would fail to start on is a config error naming the variable."""
+    (issue,) = issues_of(MINIMAL, environ={"MIKROS_CICD_TEST": value})
+    assert "MIKROS_CICD_TEST" in issue.message
+
+
+def test_mikros_env_gives_other_features_the_per_service_value() -> None:
+    """Features read Mikros variables (tracker header, hidden fields) per service, then shared."""
+    environ = {"MIKROS_TRACKER_HEADER_NAME": "X-Trace", "SVC__MIKROS_HIDE_RESPONSE_FIELDS": "a,b"}
+    definition = parse_definition(MINIMAL, environ=environ)
+    assert definition.mikros_env("MIKROS_TRACKER_HEADER_NAME") == "X-Trace"
+    assert definition.mikros_env("MIKROS_HIDE_RESPONSE_FIELDS") == "a,b"
+    assert definition.mikros_env("MIKROS_UNSET") is None
+
+
+def test_schema_knows_services_and_go_keys(registry: Registry) -> None:
+    """The schema takes [services.<kind>] like [runtime.<kind>], Go's HTTP keys included."""
+    properties = definition_schema(registry)["properties"]
+    assert properties["services"]["properties"] == properties["runtime"]["properties"]
+    http = properties["runtime"]["properties"]["http"]["properties"]
+    assert http["write_timeout"]["maximum"] == 3600 * 10**9
+    assert len(http["read_timeout"]["anyOf"]) == 2
+    assert "required" not in properties["clients"]["additionalProperties"]

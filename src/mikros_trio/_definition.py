@@ -24,6 +24,8 @@ that span tables: ``types`` against the registry, ``[runtime.<kind>]`` against
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import re
 import tomllib
@@ -33,6 +35,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal
 
 from ._registry import KindSpec, Registry, default_registry
+from ._runtime_settings import MikrosKey
 from ._settings import decode, decode_fields, join_path, json_schema, quote, show, suggest
 from .errors import ConfigError, ConfigIssue
 
@@ -48,6 +51,7 @@ __all__ = [
     "definition_schema",
     "env_forms",
     "load_definition",
+    "mikros_env_forms",
     "parse_definition",
     "parse_port",
 ]
@@ -75,15 +79,49 @@ _CLIENT_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _COMPONENT_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Semantic Versioning 2.0 (core, pre-release, build metadata), with the "v"
-# prefix Mikros uses. In the subset of regex syntax Python and JSON Schema
-# (ECMA-262) share, because it also goes into the schema.
+# prefix Mikros uses; or Mikros Go's own short forms "v1" and "v1.2" (its
+# validator: "v" then one to three numbers of one or two digits). In the
+# subset of regex syntax Python and JSON Schema (ECMA-262) share, because it
+# also goes into the schema.
 _NUMBER = "(?:0|[1-9][0-9]*)"
 _IDENT = "(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
 _VERSION: Final = (
     f"v?{_NUMBER}\\.{_NUMBER}\\.{_NUMBER}"
     f"(?:-{_IDENT}(?:\\.{_IDENT})*)?"
     "(?:\\+[0-9A-Za-z-]+(?:\\.[0-9A-Za-z-]+)*)?"
+    "|v[0-9]{1,2}(?:\\.[0-9]{1,2})?"
 )
+
+# A service name, or a Go module path ending in one ("github.com/acme/users",
+# what mikros-cli offers), whose last element (before a "/v2" major version
+# suffix) is then the service name.
+_NAME_PART = "[A-Za-z0-9_.-]+"
+_NAME: Final = f"{_NAME_PART}(?:/{_NAME_PART})*"
+_MAJOR_SUFFIX: Final = re.compile(r"v[0-9]+")
+
+# Mikros Go's rule for envs entries (go-playground's "ascii,uppercase"): any
+# ASCII text with no lower-case letter, so dashes and leading digits pass;
+# "=" and NUL can be in no environment, and an empty name is no name.
+_ENV_NAME: Final = "[\\x01-\\x3c\\x3e-\\x60\\x7b-\\x7f]+"
+
+# Mikros' environment: the deploy environment, the CI switch, and where
+# coupled services listen when [clients.<name>] gives no host (Go and Rust
+# both default the port to 7070; the namespace has no default in Go).
+DEPLOY_ENV: Final = "MIKROS_SERVICE_DEPLOY"
+CICD_ENV: Final = "MIKROS_CICD_TEST"
+COUPLED_NAMESPACE_ENV: Final = "MIKROS_COUPLED_NAMESPACE"
+COUPLED_PORT_ENV: Final = "MIKROS_COUPLED_PORT"
+_COUPLED_PORT_DEFAULT: Final = 7070
+# strconv.ParseBool's words, which Mikros Go reads MIKROS_CICD_TEST with.
+_GO_TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+# Kinds of other Mikros versions that have no counterpart here, and why.
+_MIKROS_ONLY_KINDS: Final = {
+    "http-spec": "is Mikros Go's HTTP runtime whose routes are generated from the protobuf "
+    "HTTP annotations (google.api.http) of a gRPC service; mikros_trio generates no routes: "
+    'serve the gRPC service with "grpc", or write the routes in a QuartTrio app with "http"',
+}
 
 
 # -- the model -----------------------------------------------------------------
@@ -172,10 +210,36 @@ class LogSettings:
 
 @dataclass(frozen=True, slots=True)
 class ClientSettings:
-    """``[clients.<name>]``: where another service listens."""
+    """``[clients.<name>]``: where another service listens.
+
+    Resolved when the file loads: a table without ``host`` dials
+    ``<name>.<MIKROS_COUPLED_NAMESPACE>``, as Mikros does, and one without
+    ``port`` dials ``MIKROS_COUPLED_PORT`` (default 7070).
+    """
 
     host: str = field(metadata={"help": "Host name or address of the service."})
     port: int = field(metadata={"help": "Its TCP port.", "ge": 1, "le": _PORT_MAX})
+
+
+@dataclass(frozen=True, slots=True)
+class _ClientTable:
+    """``[clients.<name>]`` as written: both keys optional (see ClientSettings)."""
+
+    host: str | None = field(
+        default=None,
+        metadata={
+            "help": "Host name or address of the service; default "
+            "<name>.<MIKROS_COUPLED_NAMESPACE> (Mikros' coupled clients)."
+        },
+    )
+    port: int | None = field(
+        default=None,
+        metadata={
+            "help": "Its TCP port; default MIKROS_COUPLED_PORT, else 7070.",
+            "ge": 1,
+            "le": _PORT_MAX,
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +360,12 @@ class Definition:
     the file does not mention; ``service`` is the free-form ``[service]``
     table, or an instance of the ``service_model`` given when loading.
 
+    ``name`` is the service's name. A ``name`` written as a Go module path
+    (``github.com/acme/users``, or ``.../users/v2``) names the service by its
+    last element (``users``), the name other services dial it by; the path
+    as written is ``full_name``, and Mikros Go's per-service variables
+    (``github.com/acme/users__MIKROS_HTTP_PORT``) are read under it too.
+
     >>> text = 'name = "svc"\\ntypes = ["http:9000"]\\nversion = "v1.0.0"'
     >>> d = parse_definition(text, environ={})
     >>> d.kinds, d.port("http")
@@ -317,7 +387,14 @@ class Definition:
     lifecycle: LifecycleSettings
     components: Mapping[str, ComponentSettings]
     tests: TestsSettings
-    services: Mapping[str, Any]
+    #: ``name`` as the file writes it: a Go module path stays whole here.
+    full_name: str = ""
+    #: ``MIKROS_SERVICE_DEPLOY`` (its per-service override first), "" when unset.
+    deploy_env: str = ""
+    #: ``MIKROS_CICD_TEST``, read as Mikros Go reads it (strconv.ParseBool).
+    cicd_test: bool = False
+    #: Keys accepted for another Mikros version that have no effect here.
+    inert: tuple[ConfigIssue, ...] = ()
     environ: Mapping[str, str] = field(default_factory=_empty, repr=False, compare=False)
     # Effective port of each kind, resolved at load time because it needs the
     # registry (port_env, default_port) that the definition does not keep.
@@ -331,10 +408,13 @@ class Definition:
     def port(self, kind: str) -> int | None:
         """The port ``kind`` listens on, or ``None`` for a kind without one.
 
-        Precedence: the kind's environment variable (``MIKROS_HTTP_PORT``),
-        then ``"kind:port"`` in ``types``, then ``[runtime.<kind>] port``,
-        then the kind's default. Raises ``KeyError`` for a kind that is not
-        in ``types``.
+        Precedence: the kind's environment variable (``MIKROS_HTTP_PORT``,
+        its per-service override first: see :func:`mikros_env_forms`), then
+        ``"kind:port"`` in ``types``, then ``[runtime.<kind>] port``, then
+        the kind's default (gRPC 7070 and HTTP 8080, as Mikros). The
+        environment wins over the file as in Mikros Rust (Mikros Go lets
+        ``types`` win): the deployment decides where a service listens.
+        Raises ``KeyError`` for a kind that is not in ``types``.
         """
         if kind not in self._ports:
             raise KeyError(f"kind {kind!r} is not in types {list(self.kinds)}")
@@ -367,17 +447,45 @@ class Definition:
         return tuple(order)
 
     def missing_envs(self) -> tuple[str, ...]:
-        """The names in ``envs`` that the environment defines in none of their forms.
+        """The names in ``envs`` that the environment does not give a value.
 
-        A name is present when the variable itself or one of its per-service
-        overrides is set (see :func:`env_forms`), even to an empty string.
+        A name is read from the first of its forms that is set (see
+        :func:`env_forms`); it is missing when none is, or when that one is
+        empty: Mikros Go refuses an empty required variable too.
         """
-        environ = self.environ
-        return tuple(
-            name
-            for name in self.envs
-            if not any(form in environ for form in env_forms(self.name, name))
-        )
+        return tuple(name for name in self.envs if not self.env_value(name))
+
+    def env_value(self, name: str) -> str | None:
+        """The value of ``name`` in the first of its :func:`env_forms` that is set."""
+        return _first(self.environ, env_forms(self.full_name or self.name, name))
+
+    def mikros_env(self, name: str) -> str | None:
+        """The Mikros variable ``name`` (``MIKROS_TRACKER_HEADER_NAME``…), per-service first.
+
+        Read from the first of its :func:`mikros_env_forms` that is set, as
+        Mikros Go and Rust read their own variables; ``None`` when none is.
+        """
+        return _first(self.environ, mikros_env_forms(self.full_name or self.name, name))
+
+
+def _first(environ: Mapping[str, str], forms: tuple[str, ...]) -> str | None:
+    for form in forms:
+        value = environ.get(form)
+        if value is not None:
+            return value
+    return None
+
+
+def service_name(name: str) -> str:
+    """The service name ``name`` gives: a Go module path's last element, before any ``/vN``.
+
+    >>> service_name("github.com/acme/users/v2"), service_name("users")
+    ('users', 'users')
+    """
+    parts = name.split("/")
+    if len(parts) > 1 and _MAJOR_SUFFIX.fullmatch(parts[-1]):
+        parts.pop()
+    return parts[-1]
 
 
 def env_forms(service: str, name: str) -> tuple[str, ...]:
@@ -385,40 +493,88 @@ def env_forms(service: str, name: str) -> tuple[str, ...]:
 
     The per-service override ``<SERVICE>__<NAME>`` comes before ``NAME``, so
     one environment can hold a value shared by several services and another
-    for one of them. ``<SERVICE>`` is the name upper-cased with every other
-    character than a letter or digit turned into ``_`` (a name a shell can
-    export); Mikros Go's own spelling, the name in kebab case
-    (``items-api__DB_DSN``, what its ``env.Load`` reads), is accepted next.
+    for one of them. ``<SERVICE>`` is the service name (see
+    :func:`service_name`) upper-cased with every other character than a
+    letter or digit turned into ``_`` (a name a shell can export); Mikros
+    Go's own spelling, ``service`` in kebab case (``items-api__DB_DSN``, what
+    its ``env.Load`` reads), is accepted next.
 
     >>> env_forms("items-api", "DB_DSN")
     ('ITEMS_API__DB_DSN', 'items-api__DB_DSN', 'DB_DSN')
     """
-    shell = re.sub(r"[^A-Z0-9]", "_", service.upper()) + "__" + name
+    shell = re.sub(r"[^A-Z0-9]", "_", service_name(service).upper()) + "__" + name
     go = _kebab(service) + "__" + name
     return (shell, name) if go == shell else (shell, go, name)
 
 
-def _kebab(name: str) -> str:
-    """``name`` in kebab case as Mikros Go spells service names (go-strcase's KebabCase).
+def mikros_env_forms(service: str, name: str) -> tuple[str, ...]:
+    """:func:`env_forms` of a Mikros variable, with Mikros Rust's override before the name.
 
-    Words split at ``_``, ``-`` and spaces, before an upper-case letter that
-    follows a lower-case one, and before the last letter of an upper-case run
-    followed by a lower-case one (``HTTPServer`` → ``http-server``).
+    Mikros Rust reads ``MIKROS_HTTP_PORT_<service in snake case>`` before
+    ``MIKROS_HTTP_PORT``; Mikros Go ``<kebab-service>__MIKROS_HTTP_PORT``.
+    Both work here, ours (``ITEMS_API__MIKROS_HTTP_PORT``) first.
+
+    >>> mikros_env_forms("items-api", "MIKROS_HTTP_PORT")[1:]
+    ('items-api__MIKROS_HTTP_PORT', 'MIKROS_HTTP_PORT_items_api', 'MIKROS_HTTP_PORT')
+    """
+    *overrides, bare = env_forms(service, name)
+    return (*overrides, f"{name}_{_snake(service)}", bare)
+
+
+# Every Mikros variable read spells the service name again: spell each once.
+@functools.lru_cache(maxsize=64)
+def _kebab(name: str) -> str:
+    """``name`` in kebab case exactly as Mikros Go spells service names (go-strcase's KebabCase).
+
+    Words split at ``_``, ``-`` and white space (a run of them is one
+    ``-``), before an upper-case letter that follows a lower-case one, and
+    before the last letter of an upper-case run followed by a lower-case one
+    (``HTTPServer`` → ``http-server``). Only ASCII letters change case. As
+    in go-strcase, a leading separator still gives a ``-`` and a trailing
+    one is kept as written.
+    """
+    text = name.strip()
+    out: list[str] = []
+    for index, char in enumerate(text):
+        before = text[index - 1] if index else ""
+        after = text[index + 1] if index + 1 < len(text) else ""
+        if _go_delimiter(char) and after:
+            if not _go_delimiter(before):
+                out.append("-")
+        elif _ascii_upper(char):
+            if _ascii_lower(before) or (_ascii_upper(before) and _ascii_lower(after)):
+                out.append("-")
+            out.append(char.lower())
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _snake(name: str) -> str:
+    """``name`` in snake case exactly as Mikros Rust's ``ServiceName::to_snake_case`` spells it.
+
+    ``-`` becomes ``_``; an upper-case letter (after the first character and
+    not after ``_`` or ``-``) gets a ``_`` before it; ASCII letters go lower.
     """
     out: list[str] = []
-    text = name.strip()
-    for index, char in enumerate(text):
-        if char in "_- \t":
-            if out and out[-1] != "-":
-                out.append("-")
-            continue
-        if char.isupper() and out and out[-1] != "-":
-            before = text[index - 1]
-            after = text[index + 1] if index + 1 < len(text) else ""
-            if before.islower() or (before.isupper() and after.islower()):
-                out.append("-")
-        out.append(char.lower())
+    for index, char in enumerate(name):
+        if index and char.isupper() and name[index - 1] not in "_-":
+            out.append("_")
+        out.append("_" if char == "-" else (char.lower() if char.isascii() else char))
     return "".join(out)
+
+
+def _go_delimiter(char: str) -> bool:
+    return char != "" and char in "-_ \t\n\r"
+
+
+def _ascii_upper(char: str) -> bool:
+    return "A" <= char <= "Z" and len(char) == 1
+
+
+def _ascii_lower(char: str) -> bool:
+    return "a" <= char <= "z" and len(char) == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,9 +583,11 @@ class _Document:
 
     name: str = field(
         metadata={
-            "help": "Service name: letters, digits, '_', '-' and '.'.",
-            "pattern": "[A-Za-z0-9_.-]+",
-            "expect": 'a non-empty name of letters, digits, "_", "-" and "."',
+            "help": "Service name: letters, digits, '_', '-' and '.'; or a Go module path "
+            "(github.com/acme/users), whose last element is then the name.",
+            "pattern": _NAME,
+            "expect": 'a non-empty name of letters, digits, "_", "-" and ".", or a module '
+            'path of such names joined by "/"',
         }
     )
     types: tuple[str, ...] = field(
@@ -449,9 +607,10 @@ class _Document:
     envs: tuple[str, ...] = field(
         default=(),
         metadata={
-            "help": "Environment variables the service requires.",
-            "pattern": "[A-Z_][A-Z0-9_]*",
-            "expect": "an environment variable name in upper case (A-Z, 0-9, _)",
+            "help": "Environment variables the service requires (set and not empty).",
+            "pattern": _ENV_NAME,
+            "expect": 'an environment variable name in ASCII without lower-case letters, "=" '
+            "or NUL (Mikros Go's rule)",
         },
     )
     log: LogSettings = field(default_factory=LogSettings, metadata={"help": "Logging."})
@@ -459,7 +618,7 @@ class _Document:
         default_factory=_empty,
         metadata={"help": "Features by name: enabled = true plus the feature's settings."},
     )
-    clients: Mapping[str, ClientSettings] = field(
+    clients: Mapping[str, _ClientTable] = field(
         default_factory=_empty, metadata={"help": "Other services this one calls, by name."}
     )
     runtime: Mapping[str, Mapping[str, Any]] = field(
@@ -477,9 +636,12 @@ class _Document:
     tests: TestsSettings = field(
         default_factory=TestsSettings, metadata={"help": "Mikros Go test settings."}
     )
-    services: Mapping[str, Any] = field(
+    services: Mapping[str, Mapping[str, Any]] = field(
         default_factory=_empty,
-        metadata={"help": "Mikros Go per-kind service tables; kept, unused."},
+        metadata={
+            "help": "[runtime.<kind>] as Mikros Go v0.19.0 and Mikros Rust name it; "
+            "a kind has one table or the other."
+        },
     )
 
 
@@ -570,6 +732,8 @@ class _Loader:
         self.registry = registry
         self.service_model = service_model
         self.issues: list[ConfigIssue] = []
+        self.inert: list[ConfigIssue] = []
+        self.full_name = ""
 
     def add(self, path: str, message: str) -> None:
         self.issues.append(ConfigIssue(self.source, path, message))
@@ -581,13 +745,20 @@ class _Loader:
 
     def load(self, data: dict[str, Any]) -> Definition:
         values, self.issues = decode_fields(_Document, data, source=self.source, path="")
+        self.full_name = values.get("name", "")
         types = self.check_types(values["types"]) if "types" in values else None
         specs = (
             None if types is None else {entry.kind: self.kind_spec(entry.kind) for entry in types}
         )
         self.check_envs(values.get("envs", ()))
-        runtime = self.check_runtime(values.get("runtime", {}), types, specs)
+        sections: dict[str, Mapping[str, Mapping[str, Any]]] = {
+            key: values[key] for key in ("runtime", "services") if key in values
+        }
+        runtime = self.check_runtime(sections, types, specs)
         env_ports = self.check_port_env(specs or {})
+        clients = self.check_clients(values.get("clients", {}))
+        cicd_test = self.check_cicd()
+        deploy = self.mikros_var(DEPLOY_ENV)
         features = self.check_features(values.get("features", {}))
         self.check_names(data.get("clients"), "clients", _CLIENT_NAME, "a client name")
         self.check_names(
@@ -617,7 +788,7 @@ class _Loader:
         }
         return Definition(
             source=self.source,
-            name=document.name,
+            name=service_name(document.name),
             types=types,
             version=document.version,
             language=document.language,
@@ -625,13 +796,16 @@ class _Loader:
             envs=document.envs,
             log=document.log,
             features=MappingProxyType(features),
-            clients=document.clients,
+            clients=MappingProxyType(clients),
             runtime=MappingProxyType(runtime),
             service=service,
             lifecycle=document.lifecycle,
             components=document.components,
             tests=document.tests,
-            services=document.services,
+            full_name=document.name,
+            deploy_env="" if deploy is None else deploy[1],
+            cicd_test=cicd_test,
+            inert=tuple(self.inert),
             environ=self.environ,
             _ports=MappingProxyType(ports),
         )
@@ -654,8 +828,7 @@ class _Loader:
             name, colon, port_text = entry.partition(":")
             spec = self.registry.kind(name)
             if spec is None:
-                hint = suggest(name, self.registry.names(), noun="kinds")
-                self.add(path, f"unknown kind {quote(name)}{hint}")
+                self.add(path, self.unknown_kind(name))
                 continue
             port = None
             if colon:
@@ -696,32 +869,46 @@ class _Loader:
 
     def check_runtime(
         self,
-        tables: Mapping[str, Mapping[str, Any]],
+        tables: Mapping[str, Mapping[str, Mapping[str, Any]]],
         types: tuple[ServiceType, ...] | None,
         specs: Mapping[str, KindSpec] | None,
     ) -> dict[str, object] | None:
-        """Decode ``[runtime.<kind>]`` tables; defaults for kinds without one."""
+        """Decode ``[runtime.<kind>]`` and ``[services.<kind>]``; defaults for kinds without one.
+
+        ``tables`` maps each section (``runtime``, ``services``) to its tables.
+        """
         runtime: dict[str, object] = {}
         seen: dict[str, str] = {}
-        for key, table in tables.items():
-            path = join_path("runtime", key)
-            spec = self.registry.kind(key)
-            if spec is None:
-                hint = suggest(key, self.registry.names(), noun="kinds")
-                self.add(path, f"unknown kind {quote(key)}{hint}")
-                continue
-            if specs is not None and spec.name not in specs:
-                self.add(path, f"kind {quote(spec.name)} is not in types")
-                continue
-            if spec.name in seen:
-                self.add(
-                    path, f"kind {quote(spec.name)} already has a table: runtime.{seen[spec.name]}"
-                )
-                continue
-            seen[spec.name] = key
-            settings = self.decode(spec.settings, table, path)
-            if settings is not None:
-                runtime[spec.name] = settings
+        for section, kinds in tables.items():
+            for key, table in kinds.items():
+                path = join_path(section, key)
+                spec = self.registry.kind(key)
+                if spec is None:
+                    self.add(path, self.unknown_kind(key))
+                    continue
+                if specs is not None and spec.name not in specs:
+                    self.add(path, f"kind {quote(spec.name)} is not in types")
+                    continue
+                if spec.name in seen:
+                    same = (
+                        ""
+                        if seen[spec.name].startswith(section)
+                        else " ([services.<kind>] is [runtime.<kind>] under its Mikros Go v0.19.0 "
+                        "and Mikros Rust name: keep one)"
+                    )
+                    self.add(
+                        path,
+                        f"kind {quote(spec.name)} already has a table: {seen[spec.name]}{same}",
+                    )
+                    continue
+                seen[spec.name] = path
+                translated = self.mikros_keys(spec.settings, table, path)
+                # Their keys are gone from the table now; they still count as
+                # suggestions for a misspelt one.
+                theirs = tuple(key.name for key in getattr(spec.settings, "mikros_keys", ()))
+                settings = self.decode(spec.settings, translated, path, known=theirs)
+                if settings is not None:
+                    runtime[spec.name] = settings
         if types is None or specs is None:
             return None
         for entry in types:
@@ -733,14 +920,71 @@ class _Loader:
             settings = runtime.get(entry.kind)
             configured = getattr(settings, "port", None)
             if entry.port is not None and configured is not None and configured != entry.port:
-                key = seen.get(entry.kind, entry.kind)
-                path = join_path(join_path("runtime", key), "port")
+                where = seen.get(entry.kind, join_path("runtime", entry.kind))
                 self.add(
-                    path,
+                    join_path(where, "port"),
                     f'conflicts with "{entry.kind}:{entry.port}" in types, got {show(configured)}; '
                     "set the port in one place",
                 )
         return runtime if len(runtime) == len(types) else None
+
+    def unknown_kind(self, name: str) -> str:
+        reason = _MIKROS_ONLY_KINDS.get(name)
+        if reason is not None:
+            return f"kind {quote(name)} {reason}"
+        return f"unknown kind {quote(name)}{suggest(name, self.registry.names(), noun='kinds')}"
+
+    def mikros_keys(self, cls: type, table: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+        """``table`` with the keys of other Mikros versions (``cls.mikros_keys``) made ours.
+
+        Inert keys are dropped and noted in ``self.inert``; a value that does
+        not fit is an issue at its key.
+        """
+        keys: tuple[MikrosKey, ...] = getattr(cls, "mikros_keys", ())
+        if not keys or not isinstance(table, Mapping):
+            return table
+        fields = {spec.name: spec for spec in dataclasses.fields(cls)}
+        out = dict(table)
+        for key in keys:
+            if key.name not in table:
+                continue
+            value = table[key.name]
+            where = join_path(path, key.name)
+            own = fields.get(key.name)
+            if own is not None:
+                # Our key too: the other version's only above our own bound.
+                bound = own.metadata.get("le")
+                if not (type(value) is int and bound is not None and value > bound):
+                    continue
+            del out[key.name]
+            try:
+                converted = key.convert(value)
+            except ValueError as error:
+                self.add(where, f"expected {error}, got {show(value)}")
+                continue
+            targets = [name for name in key.targets if name in fields]
+            if not targets:
+                self.inert.append(
+                    ConfigIssue(self.source, where, f"inert here ({key.origin}): {key.inert}")
+                )
+                continue
+            first = targets[0]
+            if first != key.name and first in table:
+                self.add(where, f"is {first} in Mikros Go's units; set one of them")
+                continue
+            for name in targets:
+                # Go's 0 is "the default": ours stays. A key the file sets wins.
+                if converted is not None and (name == key.name or name not in table):
+                    out[name] = converted
+        return out
+
+    def mikros_var(self, name: str) -> tuple[str, str] | None:
+        """``(variable, value)`` of the Mikros variable ``name``, per-service form first."""
+        for form in mikros_env_forms(self.full_name, name):
+            value = self.environ.get(form)
+            if value is not None:
+                return form, value
+        return None
 
     def check_port_env(self, specs: Mapping[str, KindSpec]) -> dict[str, int]:
         """Ports from the kinds' environment variables, which win over the file."""
@@ -748,19 +992,73 @@ class _Loader:
         for kind, spec in specs.items():
             if spec.port_env is None or spec.default_port is None:
                 continue
-            text = self.environ.get(spec.port_env)
-            if text is None:
+            found = self.mikros_var(spec.port_env)
+            if found is None:
                 continue
+            variable, text = found
             port = parse_port(text)
             if port is None:
                 self.add(
                     "types",
-                    f"environment variable {spec.port_env} overrides the {kind} port: "
+                    f"environment variable {variable} overrides the {kind} port: "
                     f"expected {_PORT_EXPECTED}, got {show(text)}",
                 )
             else:
                 ports[kind] = port
         return ports
+
+    def check_clients(self, tables: Mapping[str, _ClientTable]) -> dict[str, ClientSettings]:
+        """Where each client dials: a missing host or port comes from Mikros' coupled variables."""
+        clients: dict[str, ClientSettings] = {}
+        for name, table in tables.items():
+            path = join_path("clients", name)
+            host, port = table.host, table.port
+            if port is None:
+                port = self.coupled_port(path)
+            if host is None:
+                found = self.mikros_var(COUPLED_NAMESPACE_ENV)
+                if found is None or not found[1]:
+                    state = "is not set" if found is None else f"({found[0]}) is empty"
+                    self.add(
+                        path,
+                        f"no host: Mikros dials {name}.<{COUPLED_NAMESPACE_ENV}>, and "
+                        f"{COUPLED_NAMESPACE_ENV} {state}; set it, or give host",
+                    )
+                    continue
+                host = f"{name}.{found[1]}"
+            if port is not None:
+                clients[name] = ClientSettings(host, port)
+        return clients
+
+    def coupled_port(self, path: str) -> int | None:
+        found = self.mikros_var(COUPLED_PORT_ENV)
+        if found is None:
+            return _COUPLED_PORT_DEFAULT
+        variable, text = found
+        port = parse_port(text)
+        if port is None or port == 0:
+            self.add(
+                join_path(path, "port"),
+                f"no port, and environment variable {variable} (the port of clients without "
+                f"one) is not a port: expected an integer between 1 and {_PORT_MAX}, "
+                f"got {show(text)}",
+            )
+            return None
+        return port
+
+    def check_cicd(self) -> bool:
+        found = self.mikros_var(CICD_ENV)
+        if found is None:
+            return False
+        variable, text = found
+        if text in _GO_TRUE or text in _GO_FALSE:
+            return text in _GO_TRUE
+        self.add(
+            "",
+            f"environment variable {variable}: expected a boolean as Mikros Go reads it "
+            f"(true/false, 1/0, t/f, TRUE/FALSE, True/False), got {show(text)}",
+        )
+        return False
 
     def check_features(self, tables: Mapping[str, Mapping[str, Any]]) -> dict[str, FeatureConfig]:
         features: dict[str, FeatureConfig] = {}
@@ -889,8 +1187,9 @@ def definition_schema(
     kinds: dict[str, Any] = {}
     for spec in registry.kinds.values():
         for name in (spec.name, *spec.aliases):
-            kinds[name] = json_schema(spec.settings)
-    properties["runtime"].update(properties=kinds, additionalProperties=False)
+            kinds[name] = _runtime_schema(spec.settings)
+    for section in ("runtime", "services"):
+        properties[section].update(properties=kinds, additionalProperties=False)
 
     features: dict[str, Any] = {}
     for name, feature in registry.features.items():
@@ -910,4 +1209,22 @@ def definition_schema(
 
     properties["clients"]["propertyNames"] = {"pattern": f"^{_CLIENT_NAME.pattern}$"}
     properties["components"]["propertyNames"] = {"pattern": f"^{_COMPONENT_NAME.pattern}$"}
+    return schema
+
+
+def _runtime_schema(cls: type) -> dict[str, Any]:
+    """The schema of a kind's table: its fields, and the keys of other Mikros versions."""
+    schema = json_schema(cls)
+    properties = schema["properties"]
+    key: MikrosKey
+    for key in getattr(cls, "mikros_keys", ()):
+        theirs = key.schema()
+        ours = properties.get(key.name)
+        if ours is None:
+            properties[key.name] = theirs
+        elif "maximum" in ours:
+            # Our key too (read_timeout): theirs above our bound.
+            theirs["exclusiveMinimum"] = ours["maximum"]
+            theirs.pop("minimum", None)
+            properties[key.name] = {"anyOf": [ours, theirs]}
     return schema

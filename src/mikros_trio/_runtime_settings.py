@@ -12,9 +12,9 @@ regular expression for strings) and ``expect`` (wording for the "expected
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Final, Literal
 
-__all__ = ["GrpcSettings", "HttpSettings", "ScriptSettings", "WorkerSettings"]
+__all__ = ["GrpcSettings", "HttpSettings", "MikrosKey", "ScriptSettings", "WorkerSettings"]
 
 _PORT = {"help": "TCP port to listen on; 0 picks a free one.", "ge": 0, "le": 65535}
 
@@ -25,6 +25,72 @@ _WEEK = 7 * 24 * 3600
 _MAX_SECONDS = 30 * 24 * 3600.0
 # gRPC's own largest message and flow-control window.
 _MAX_BYTES = 2**31 - 1
+
+
+# Mikros Go decodes its HTTP runtime's durations into time.Duration through
+# JSON, so a TOML integer is nanoseconds. Bounded like our own timeouts.
+_NS_PER_SECOND: Final = 1_000_000_000
+_MAX_NS: Final = 3600 * _NS_PER_SECOND
+# Go's net/http takes any int; a header block past 2 GiB is no header block.
+_MAX_HEADER_BYTES: Final = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class MikrosKey:
+    """A key another Mikros version defines in a runtime table, and where it lands here.
+
+    ``unit`` says how that version writes the value: ``"ns"`` an integer of
+    nanoseconds (Go's ``time.Duration``; 0 is Go's own default and sets
+    nothing), ``"bytes"`` an integer (0 likewise), ``"bool"``, ``"str"``.
+    The value sets each of our fields in ``targets`` that the settings class
+    has and the file does not set itself (nanoseconds become seconds). A key
+    none of whose targets exist is accepted and inert: ``mikros-trio check``
+    says so, with ``inert`` as the reason. A key that is also one of our own
+    fields (``read_timeout``) is the other version's only when its value is
+    above our field's upper bound.
+    """
+
+    name: str
+    unit: Literal["ns", "bytes", "bool", "str"]
+    targets: tuple[str, ...]
+    origin: str
+    inert: str = ""
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema of the value as the other Mikros version writes it."""
+        if self.unit == "bool":
+            schema: dict[str, Any] = {"type": "boolean"}
+        elif self.unit == "str":
+            schema = {"type": "string"}
+        else:
+            most = _MAX_NS if self.unit == "ns" else _MAX_HEADER_BYTES
+            schema = {"type": "integer", "minimum": 0, "maximum": most}
+        what = " in nanoseconds" if self.unit == "ns" else ""
+        schema["description"] = f"{self.origin}{what}."
+        return schema
+
+    def convert(self, value: object) -> object:
+        """The value for our fields; ``None`` for Go's "use the default"; raises ValueError."""
+        if self.unit == "bool" and isinstance(value, bool):
+            return value
+        if self.unit == "str" and isinstance(value, str):
+            return value
+        most = _MAX_NS if self.unit == "ns" else _MAX_HEADER_BYTES
+        if self.unit in ("ns", "bytes") and type(value) is int and 0 <= value <= most:
+            if value == 0:
+                return None
+            return value / _NS_PER_SECOND if self.unit == "ns" else value
+        expected = {
+            "ns": f"an integer of nanoseconds between 0 and {most} (Mikros Go's time.Duration; "
+            "a string makes Mikros Go ignore the whole table)",
+            "bytes": f"an integer between 0 and {most}",
+            "bool": "a boolean",
+            "str": "a string",
+        }[self.unit]
+        raise ValueError(expected)
+
+
+_GO_HTTP = "Mikros Go's HTTP runtime key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +134,48 @@ def _described(default: bool | tuple[str, ...], help: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
-    """``[runtime.http]``: the HTTP server."""
+    """``[runtime.http]``: the HTTP server.
+
+    Also takes Mikros Go's keys (:attr:`mikros_keys`): its nanosecond
+    timeouts become our seconds (``write_timeout`` is ``send_timeout``,
+    ``idle_timeout`` ``keep_alive_timeout``, ``read_timeout`` bounds both
+    the head and the body), and ``disable_auth``, ``cors_strict``,
+    ``base_path`` and ``max_header_bytes`` reach the fields of those names.
+    """
+
+    mikros_keys: ClassVar[tuple[MikrosKey, ...]] = (
+        MikrosKey("read_timeout", "ns", ("read_timeout", "body_timeout"), _GO_HTTP),
+        MikrosKey("write_timeout", "ns", ("send_timeout",), _GO_HTTP),
+        MikrosKey("idle_timeout", "ns", ("keep_alive_timeout",), _GO_HTTP),
+        MikrosKey(
+            "max_header_bytes",
+            "bytes",
+            ("max_header_bytes",),
+            _GO_HTTP,
+            "the request head is bounded by the HTTP kind's own limit",
+        ),
+        MikrosKey(
+            "base_path",
+            "str",
+            ("base_path",),
+            _GO_HTTP,
+            "the app is served at the root: mount its routes under the path yourself",
+        ),
+        MikrosKey(
+            "disable_auth",
+            "bool",
+            ("disable_auth",),
+            _GO_HTTP,
+            "the HTTP kind has no authentication hook of its own",
+        ),
+        MikrosKey(
+            "cors_strict",
+            "bool",
+            ("cors_strict",),
+            _GO_HTTP,
+            "CORS settings are checked when the file loads: a bad one is always an error",
+        ),
+    )
 
     host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})
     port: int | None = field(default=None, metadata=_PORT)

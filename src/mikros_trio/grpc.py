@@ -630,7 +630,7 @@ def build_grpc(context: BuildContext) -> Sequence[Component]:
     """Kind builder: one gRPC server for the container's servicers."""
     settings: GrpcSettings = context.settings
     port = context.definition.port("grpc")
-    assert port is not None  # grpc always has a port (default 50051)
+    assert port is not None  # grpc always has a port (default 7070)
     return [
         GrpcServer(
             settings,

@@ -28,7 +28,7 @@ from mikros_trio import (
     ServiceContainer,
     parse_definition,
 )
-from mikros_trio._definition import env_forms
+from mikros_trio._definition import env_forms, mikros_env_forms
 from mikros_trio._telemetry import Telemetry
 from mikros_trio.features.env import Env, Secret, build_env
 from mikros_trio.features.settings import EnvSettings
@@ -85,6 +85,14 @@ def test_forms_put_the_shell_override_first_then_go_then_the_name() -> None:
         ("Convert-dash", "convert-dash"),
         ("Skip___MultipleUnderscores", "skip-multiple-underscores"),
         ("items_api", "items-api"),
+        # go-strcase's edges, kept: a leading separator still writes "-", a
+        # trailing one is written as it is, non-ASCII letters keep their case.
+        ("_items", "-items"),
+        ("items_", "items_"),
+        ("a__b-_c", "a-b-c"),
+        ("ÉtéAPI", "Étéapi"),
+        ("github.com/Acme/Users", "github.com/acme/users"),
+        ("x", "x"),
     ],
 )
 def test_go_form_uses_mikros_go_kebab_case(name: str, kebab: str) -> None:
@@ -92,10 +100,28 @@ def test_go_form_uses_mikros_go_kebab_case(name: str, kebab: str) -> None:
     assert env_forms(name, "K")[1] == f"{kebab}__K"
 
 
+@pytest.mark.parametrize(
+    ("name", "snake"),
+    [
+        # Mikros Rust's ServiceName::to_snake_case, which its Env suffixes use.
+        ("items-api", "items_api"),
+        ("ItemsApi", "items_api"),
+        ("HTTPServer", "h_t_t_p_server"),
+        ("Items-Api", "items_api"),
+        ("items_API", "items_a_p_i"),
+    ],
+)
+def test_rust_form_uses_mikros_rust_snake_case(name: str, snake: str) -> None:
+    """Mikros variables take Rust's MIKROS_X_<snake name> after Go's form, before the name."""
+    forms = mikros_env_forms(name, "MIKROS_HTTP_PORT")
+    assert forms[-2:] == (f"MIKROS_HTTP_PORT_{snake}", "MIKROS_HTTP_PORT")
+    assert forms[:-2] == env_forms(name, "MIKROS_HTTP_PORT")[:-1]
+
+
 def test_missing_envs_accepts_any_form_and_lists_every_missing_name() -> None:
-    """A name set only through an override is present; every unset name is reported, in order."""
+    """A name set only through an override is present; every unset or empty name is reported."""
     environ = {"ITEMS_API__DB_DSN": "x", "items-api__WORKERS": "2", "DEBUG": ""}
-    assert definition(environ).missing_envs() == ("RATIO", "TOKEN")
+    assert definition(environ).missing_envs() == ("RATIO", "DEBUG", "TOKEN")
     other = definition({"OTHER_SVC__RATIO": "1"})
     assert "RATIO" in other.missing_envs()
 

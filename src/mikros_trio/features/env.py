@@ -3,15 +3,20 @@
 Design decisions:
 
 - **Checked at boot, read from a snapshot.** Every name in ``envs`` must be
-  set before anything starts (:meth:`~mikros_trio.Definition.missing_envs`,
-  all missing names in one error, exit code 2). :class:`Env` reads only the
+  set, and not empty (as Mikros Go requires), before anything starts
+  (:meth:`~mikros_trio.Definition.missing_envs`, all missing names in one
+  error, exit code 2). :class:`Env` reads only the
   definition's ``environ`` (the copy taken when service.toml was loaded),
   never ``os.environ`` again, so what was checked is what is read, and a
   test's ``environ=`` is the whole world.
 - **Override first.** ``<SERVICE>__KEY`` (the service name upper-cased,
   other characters ``_``; Mikros Go's ``<kebab-name>__KEY`` is accepted
   next) wins over ``KEY``: one environment can hold shared values and
-  per-service ones. Declared names are resolved once, at build time.
+  per-service ones. Declared names are resolved once, at build time. The
+  first form that is set is the value, even when it is empty (then a
+  declared name is missing). Mikros' own variables (``MIKROS_*``) also take
+  Mikros Rust's ``MIKROS_X_<service>``: see
+  :meth:`~mikros_trio.Definition.mikros_env`.
 - **Only declared names.** Reading a name that ``envs`` does not list is an
   error unless the read gives a ``default=`` (or uses :meth:`Env.get`):
   a silent read of an undeclared name would defeat the boot check, and the
@@ -145,7 +150,8 @@ class Env:
             config = definition.features.get("env")
             settings = config.settings if config is not None else None
             secrets = settings.secrets if isinstance(settings, EnvSettings) else ()
-        self._service = definition.name
+        # The name as written: Mikros Go's override form spells a module path whole.
+        self._service = definition.full_name or definition.name
         self._source = definition.source
         self._environ: Mapping[builtins.str, builtins.str] = definition.environ
         self._declared = frozenset(definition.envs)
@@ -345,7 +351,7 @@ def build_env(context: BuildContext) -> list[Component]:
         raise ConfigError(issues)
     environ = definition.environ
     for name in settings.secrets:
-        for form in env_forms(definition.name, name):
+        for form in env_forms(definition.full_name or definition.name, name):
             if form in environ:
                 context.telemetry.add_secrets([environ[form]], name=form)
     env = Env(definition, secrets=settings.secrets)

@@ -101,7 +101,8 @@ def test_check_missing_env_names_it(spawn: Spawn, tmp_path: Path, value: str | N
     )
     child = spawn(MIKROS_TRIO, "check", "--config", config, env={"MIKROS_TEST_SURELY_UNSET": value})
     assert child.wait() == EXIT_USAGE, child.report()
-    assert "MIKROS_TEST_SURELY_UNSET" in child.stderr
+    said = "empty" if value == "" else "not set"
+    assert f"required environment variable MIKROS_TEST_SURELY_UNSET is {said}" in child.stderr
     _no_traceback(child.stdout, child.stderr)
 
 

@@ -1007,6 +1007,8 @@ def test_go_read_timeout_bounds_head_and_body() -> None:
 def test_go_zero_duration_keeps_the_default() -> None:
     """Go's 0 is "use the default" (its mergeNonZero skips it): ours stays."""
     assert http_settings("write_timeout = 0\n") == HttpSettings()
+    assert http_settings("max_header_bytes = 0\n") == HttpSettings()
+    assert http_settings("read_timeout = 0\n") == HttpSettings(), "ours too: Go's 0 wins there"
 
 
 @pytest.mark.parametrize(
@@ -1228,5 +1230,8 @@ def test_schema_knows_services_and_go_keys(registry: Registry) -> None:
     assert properties["services"]["properties"] == properties["runtime"]["properties"]
     http = properties["runtime"]["properties"]["http"]["properties"]
     assert http["write_timeout"]["maximum"] == 3600 * 10**9
-    assert len(http["read_timeout"]["anyOf"]) == 2
+    ours, go, go_default = http["read_timeout"]["anyOf"]
+    assert (ours["maximum"], go["exclusiveMinimum"]) == (3600, 3600)
+    assert (go_default["minimum"], go_default["maximum"]) == (0, 0)
+    assert len(http["max_header_bytes"]["anyOf"]) == 3
     assert "required" not in properties["clients"]["additionalProperties"]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
 import trio
 from dependency_injector import providers
 
+from helpers import HttpContainer, http_port, write_http_toml
 from mikros_trio import ConfigError, Lifetime, Phase, ServiceContainer
-from mikros_trio.testing import start_service
+from mikros_trio.testing import ServiceStarter, start_service
 
 TOML = """
 name = "h"
@@ -87,3 +90,25 @@ async def test_fixture_gives_events_and_health(
     assert running.health.snapshot()["status"] == "serving"
     assert running.phases("resource") == ["starting", "started"]
     assert running.ports == {}
+
+
+async def test_ephemeral_ports_win_over_per_service_port_variables(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """A developer's per-service port variables (ours, Go's, Rust's) do not pin a test's port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        environ = {
+            **os.environ,
+            "WEB__MIKROS_HTTP_PORT": busy,
+            "web__MIKROS_HTTP_PORT": busy,
+            "MIKROS_HTTP_PORT_web": busy,
+            "MIKROS_HTTP_PORT": busy,
+        }
+        running = await mikros_service.start(
+            HttpContainer, write_http_toml(tmp_path), environ=environ
+        )
+        assert http_port(running) not in (0, int(busy))
+        await running.stop()

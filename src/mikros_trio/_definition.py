@@ -952,6 +952,9 @@ class _Loader:
             where = join_path(path, key.name)
             own = fields.get(key.name)
             if own is not None:
+                if value == 0 and type(value) is int and key.unit in ("ns", "bytes"):
+                    del out[key.name]  # Go's 0 is its default: ours stays
+                    continue
                 # Our key too: the other version's only above our own bound.
                 bound = own.metadata.get("le")
                 if not (type(value) is int and bound is not None and value > bound):
@@ -1223,8 +1226,15 @@ def _runtime_schema(cls: type) -> dict[str, Any]:
         if ours is None:
             properties[key.name] = theirs
         elif "maximum" in ours:
-            # Our key too (read_timeout): theirs above our bound.
+            # Our key too (read_timeout): theirs above our bound, or their 0
+            # (their default, which leaves ours).
             theirs["exclusiveMinimum"] = ours["maximum"]
             theirs.pop("minimum", None)
-            properties[key.name] = {"anyOf": [ours, theirs]}
+            default = {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": 0,
+                "description": f"{key.origin}: 0 is its default, and leaves ours.",
+            }
+            properties[key.name] = {"anyOf": [ours, theirs, default]}
     return schema

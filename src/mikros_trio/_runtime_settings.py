@@ -147,34 +147,10 @@ class HttpSettings:
         MikrosKey("read_timeout", "ns", ("read_timeout", "body_timeout"), _GO_HTTP),
         MikrosKey("write_timeout", "ns", ("send_timeout",), _GO_HTTP),
         MikrosKey("idle_timeout", "ns", ("keep_alive_timeout",), _GO_HTTP),
-        MikrosKey(
-            "max_header_bytes",
-            "bytes",
-            ("max_header_bytes",),
-            _GO_HTTP,
-            "the request head is bounded by the HTTP kind's own limit",
-        ),
-        MikrosKey(
-            "base_path",
-            "str",
-            ("base_path",),
-            _GO_HTTP,
-            "the app is served at the root: mount its routes under the path yourself",
-        ),
-        MikrosKey(
-            "disable_auth",
-            "bool",
-            ("disable_auth",),
-            _GO_HTTP,
-            "the HTTP kind has no authentication hook of its own",
-        ),
-        MikrosKey(
-            "cors_strict",
-            "bool",
-            ("cors_strict",),
-            _GO_HTTP,
-            "CORS settings are checked when the file loads: a bad one is always an error",
-        ),
+        MikrosKey("max_header_bytes", "bytes", ("max_header_bytes",), _GO_HTTP),
+        MikrosKey("base_path", "str", ("base_path",), _GO_HTTP),
+        MikrosKey("disable_auth", "bool", ("disable_auth",), _GO_HTTP),
+        MikrosKey("cors_strict", "bool", ("cors_strict",), _GO_HTTP),
     )
 
     host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})

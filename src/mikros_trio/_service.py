@@ -247,8 +247,10 @@ def validate_with_envs(definition: Definition, step: Callable[[], T]) -> T:
         ConfigIssue(
             definition.source,
             "envs",
-            f"required environment variable {name} is not set (nor its per-service override "
-            f"{' or '.join(env_forms(definition.name, name)[:-1])})",
+            f"required environment variable {name} is "
+            + ("empty" if definition.env_value(name) == "" else "not set")
+            + " (nor its per-service override "
+            f"{' or '.join(env_forms(definition.full_name or definition.name, name)[:-1])})",
         )
         for name in definition.missing_envs()
     ]

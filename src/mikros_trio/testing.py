@@ -137,7 +137,14 @@ def _prepare(
     if ephemeral_ports:
         port_envs = [spec.port_env for spec in registry.kinds.values()]
         port_envs += [spec.port_env for spec in registry.features.values()]
-        env.update((name, "0") for name in port_envs if name is not None)
+        for name in port_envs:
+            if name is None:
+                continue
+            # Per-service forms (ours and Go's ``…__NAME``, Rust's
+            # ``NAME_<service>``) are read first: a developer's would pin a port.
+            for key in [k for k in env if k.endswith("__" + name) or k.startswith(name + "_")]:
+                del env[key]
+            env[name] = "0"
     applied = _apply_overrides(instance, overrides or {})
     try:
         config_arg = config if isinstance(config, Definition) else Path(config)

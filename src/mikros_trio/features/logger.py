@@ -1251,7 +1251,7 @@ def _request_header(definition: Definition) -> str:
     ignoring case. A name that could not be a header and a gRPC key alike
     is a configuration error (exit code 2), not a header silently dropped.
     """
-    name = definition.environ.get(TRACKER_HEADER_ENV, "") or REQUEST_ID_HEADER
+    name = definition.mikros_env(TRACKER_HEADER_ENV) or REQUEST_ID_HEADER
     lowered = name.lower()
     if (
         not _HEADER_NAME.fullmatch(name)
@@ -1278,7 +1278,7 @@ def deploy_env(definition: Definition) -> str:
     The one place it is read, for the log lines and the tracing resource;
     they write :data:`DEFAULT_DEPLOY` for ``""``, as Mikros does.
     """
-    return definition.environ.get("MIKROS_SERVICE_DEPLOY", "")
+    return definition.deploy_env
 
 
 def show_debug(telemetry: Telemetry) -> None:

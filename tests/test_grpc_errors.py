@@ -14,6 +14,7 @@ import trio
 from helpers import (
     BOUND,
     SERVICE_ERRORS,
+    Container,
     EchoRequest,
     grpc_channel,
     in_thread,
@@ -22,8 +23,9 @@ from helpers import (
     rpc_error,
     start,
     unary,
+    write_toml,
 )
-from mikros_trio.testing import ServiceStarter
+from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_pb2_grpc
 
 
@@ -35,16 +37,17 @@ async def failed_unary(port: int, request: Any) -> grpc.RpcError:
 async def test_unexpected_exception_is_internal_with_mikros_json(
     mikros_service: ServiceStarter, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A handler raising RuntimeError answers INTERNAL, InternalError JSON details; it is logged."""
+    """A handler raising RuntimeError answers UNKNOWN, InternalError JSON details; it is logged."""
     running = await start(mikros_service, tmp_path)
     with caplog.at_level(logging.ERROR, logger="mikros_trio.grpc"):
         error = await failed_unary(port(running), EchoRequest(fail="runtime"))
-    assert error.code() == grpc.StatusCode.INTERNAL
+    assert error.code() == grpc.StatusCode.UNKNOWN
     assert json.loads(error.details()) == {
         "code": 0,
         "kind": "InternalError",
         "message": "internal error",
         "details": "RuntimeError: the handler broke",
+        "cause": "RuntimeError: the handler broke",
         "service_name": "echo",
     }
     # Only errors: the start's info lines ("listening") are records too.
@@ -57,15 +60,27 @@ async def test_unexpected_exception_is_internal_with_mikros_json(
     assert "mikros.testsvc.v1.Echo/Unary" in logged[0].getMessage()
 
 
+async def start_mapped(mikros_service: ServiceStarter, tmp_path: Path) -> RunningService:
+    """The echo service with ``[features.errors] grpc_status = "mapped"``."""
+    path = write_toml(tmp_path)
+    path.write_text(path.read_text() + '[features.errors]\ngrpc_status = "mapped"\n')
+    with trio.fail_after(BOUND):
+        return await mikros_service.start(Container, path)
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["unknown", "mapped"])
 @pytest.mark.parametrize("kind", sorted(SERVICE_ERRORS))
 async def test_service_errors_map_to_their_status(
-    mikros_service: ServiceStarter, tmp_path: Path, kind: str
+    mikros_service: ServiceStarter, tmp_path: Path, kind: str, mapped: bool
 ) -> None:
-    """Each ServiceError subclass answers its gRPC code, with kind, message, code and service."""
-    running = await start(mikros_service, tmp_path)
+    """Each ServiceError subclass answers UNKNOWN (default) or its mapped code, with its JSON."""
+    if mapped:
+        running = await start_mapped(mikros_service, tmp_path)
+    else:
+        running = await start(mikros_service, tmp_path)
     cls, code = SERVICE_ERRORS[kind]
     error = await failed_unary(port(running), EchoRequest(fail=kind))
-    assert error.code() == code
+    assert error.code() == (code if mapped else grpc.StatusCode.UNKNOWN)
     assert json.loads(error.details()) == {
         "code": 7,
         "kind": cls.kind.value,
@@ -103,9 +118,9 @@ async def test_errors_in_streaming_calls(mikros_service: ServiceStarter, tmp_pat
     found = await in_thread(calls, port(running))
     assert found == {
         "items": [0, 1],
-        "streamed": (grpc.StatusCode.NOT_FOUND, "NotFoundError"),
-        "gathered": (grpc.StatusCode.INVALID_ARGUMENT, "ValidationError"),
-        "bidi": (grpc.StatusCode.INVALID_ARGUMENT, "ValidationError"),
+        "streamed": (grpc.StatusCode.UNKNOWN, "NotFoundError"),
+        "gathered": (grpc.StatusCode.UNKNOWN, "ValidationError"),
+        "bidi": (grpc.StatusCode.UNKNOWN, "ValidationError"),
         "after": "after",
     }
 
@@ -160,12 +175,7 @@ async def test_a_thousand_faulting_calls_leave_the_service_serving(
 
     with caplog.at_level(logging.CRITICAL, logger="mikros_trio.grpc"):
         codes, text = await in_thread(calls, port(running))
-    assert codes == {
-        grpc.StatusCode.INTERNAL: 250,
-        grpc.StatusCode.INVALID_ARGUMENT: 250,
-        grpc.StatusCode.ABORTED: 250,
-        grpc.StatusCode.NOT_FOUND: 250,
-    }
+    assert codes == {grpc.StatusCode.UNKNOWN: 750, grpc.StatusCode.ABORTED: 250}
     assert text == "still here"
     assert running.health.ready
     assert running.health.components["grpc"].value == "serving"

@@ -23,9 +23,13 @@ wrappers) and owns everything around them:
   are logged once and retried;
 - errors: a handler's exception of any kind, ``BaseException`` included,
   fails its own call; only cancellation propagates. A
-  :class:`~mikros_trio.ServiceError` becomes its gRPC code with the Mikros
-  error JSON as the status message; any other exception becomes
-  ``INTERNAL`` with an ``InternalError`` JSON.
+  :class:`~mikros_trio.ServiceError` becomes a status whose message is the
+  Mikros error JSON; any other exception an ``InternalError`` JSON. The
+  status code is UNKNOWN, as Mikros Go v0.19.0 and Rust servers send and
+  as Go v0.19.0's client needs to read the kind (it turns any other code
+  into InternalError); ``[features.errors] grpc_status = "mapped"`` sends
+  :data:`GRPC_STATUS` instead, Go main's codes, which Go main, Rust, grpcio
+  clients and ours decode, but Go v0.19.0 does not.
 
 The server also serves ``grpc.health.v1.Health`` (Check and Watch, for
 ``""`` and each registered service, read from the supervisor's health) and
@@ -86,6 +90,7 @@ from ._grpc_wire import (
 from ._listen import open_anyio_listener
 from ._runtime_settings import GrpcSettings
 from ._telemetry import Telemetry, current_call
+from ._wire import policy as error_policy
 from ._wire import unexpected_error, wire_error
 from .errors import ConfigError, ConfigIssue, ErrorKind, RPCError, ServiceError
 
@@ -101,15 +106,17 @@ __all__ = [
 
 log = logging.getLogger("mikros_trio.grpc")
 
-#: gRPC status code for each Mikros error kind.
+#: gRPC status code of each Mikros error kind with ``grpc_status = "mapped"``:
+#: Mikros Go main's ``grpcCode`` (RPCError is UNAVAILABLE; CustomError, a kind
+#: Go main no longer has, UNKNOWN as Go main sends any kind it does not know).
 GRPC_STATUS: dict[ErrorKind, StatusCode] = {
     ErrorKind.VALIDATION: StatusCode.INVALID_ARGUMENT,
     ErrorKind.NOT_FOUND: StatusCode.NOT_FOUND,
     ErrorKind.PERMISSION: StatusCode.PERMISSION_DENIED,
     ErrorKind.CONDITION: StatusCode.FAILED_PRECONDITION,
     ErrorKind.INTERNAL: StatusCode.INTERNAL,
-    ErrorKind.RPC: StatusCode.INTERNAL,
-    ErrorKind.CUSTOM: StatusCode.INTERNAL,
+    ErrorKind.RPC: StatusCode.UNAVAILABLE,
+    ErrorKind.CUSTOM: StatusCode.UNKNOWN,
 }
 
 
@@ -382,7 +389,8 @@ class _Dispatcher:
 
     def _status(self, error: ServiceError) -> Status:
         wire = wire_error(error, self.service_name, self.telemetry)
-        code = StatusCode.UNKNOWN if self.telemetry.grpc_status_unknown else GRPC_STATUS[error.kind]
+        mapped = error_policy(self.telemetry).grpc_status == "mapped"
+        code = GRPC_STATUS[error.kind] if mapped else StatusCode.UNKNOWN
         return Status(code, json.dumps(wire, separators=(",", ":")))
 
 
@@ -823,21 +831,15 @@ def typed_error(error: RpcFailedError, destination: str = "") -> ServiceError:
     """The Mikros error a failed call carries, typed again (``NotFoundError``…).
 
     A status whose message is Mikros error JSON — what this server, and
-    Mikros Go and Rust services, send — becomes that kind; any other status
-    becomes an :class:`~mikros_trio.RPCError` naming the code.
+    Mikros Go and Rust services, send — becomes that kind whatever its code
+    (as Go main's and Rust's clients read it); any other status, such as Go
+    main's ``INTERNAL "internal server error"``, becomes an
+    :class:`~mikros_trio.InternalError` with the text as details, as Mikros
+    Go's client decodes it (see :meth:`ServiceError.decode`).
     """
     status = error.status
-    try:
-        wire = json.loads(status.status_message or "")
-    except ValueError:
-        wire = None
-    if isinstance(wire, dict) and "kind" in wire:
-        typed = ServiceError.from_wire(wire)
-        typed.destination = typed.destination or destination
-        return typed
-    return RPCError(
-        f"{destination or 'peer'} answered {status.status_code.name}: {status.status_message}",
-        destination=destination,
+    return ServiceError.decode(
+        status.status_message or "", destination=destination, status=status.status_code.name
     )
 
 

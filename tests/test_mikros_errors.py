@@ -1,7 +1,8 @@
 """The Mikros error conformance table: Go v0.19.0, Go main and Rust, both ways, HTTP and gRPC.
 
-From them to us: each payload below is what a Mikros server sends, written
-from its source (file and revision named above each group). A grpcio
+From them to us: each payload in ``tests/assets/mikros_errors/`` is what a
+Mikros server sends, written from its source (each case names the file and
+revision). A grpcio
 server answers it as the status a Mikros gRPC server sends, a plain HTTP
 server as the response a Mikros HTTP handler writes; our gRPC client
 (``mikros_trio.grpc.call``) and ``ServiceError.decode`` on an httpx
@@ -39,15 +40,10 @@ from quart_trio import QuartTrio
 import mikros_trio.grpc
 from helpers import BOUND, ClientContainer, EchoRequest, grpc_channel, in_thread, rpc_error, start
 from mikros_trio import (
-    ConditionError,
-    CustomError,
+    ErrorKind,
     InternalError,
-    NotFoundError,
-    PermissionDeniedError,
-    RPCError,
     ServiceContainer,
     ServiceError,
-    ValidationError,
 )
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_grpc, testsvc_pb2_grpc
@@ -59,170 +55,36 @@ PLAIN = "<plain>"
 
 # -- what their servers send -------------------------------------------------------------------
 #
-# Each case: (gRPC status or None, HTTP status or None, content type, payload,
-#             expected (class, message, code, cause, destination, service_name)).
-# The caller names the peer "users" (the destination an error without one gets).
+# The payloads are data: tests/assets/mikros_errors/<peer>.json, each case naming the source
+# file and revision it was written from (see the README there). The caller names the peer
+# "users", the destination an error without one gets.
 
-# Go v0.19.0: internal/components/errors/errors.go (Error, marshalled by json.Marshal: code
-# always, omitempty strings, the cause as "details") with the messages of factory.go. gRPC:
-# the handler returns that error, not a status, so grpc-go sends UNKNOWN with err.Error();
-# a panic is errors.Internal(fmt.Errorf("%v", p)) (internal/services/grpc/service.go).
-# HTTP: components/http/response.go Problem: errorToStatusCode, "application/json;
-# charset=utf-8", body err.Error() (plain text for an error that is not Mikros').
-GO_JSON = "application/json; charset=utf-8"
-GO_V019 = [
-    pytest.param(Code.UNKNOWN, 404, GO_JSON,
-        '{"code":0,"service_name":"users","message":"not found","kind":"NotFoundError"}',
-        (NotFoundError, "not found", 0, "", "users", "users"), id="go-v0.19.0-not-found"),
-    pytest.param(Code.UNKNOWN, 400, GO_JSON,
-        '{"code":0,"service_name":"users","message":"request validation failed",'
-        '"kind":"ValidationError","details":"name: cannot be blank"}',
-        (ValidationError, "request validation failed", 0, "name: cannot be blank", "users",
-         "users"), id="go-v0.19.0-invalid-argument"),
-    pytest.param(Code.UNKNOWN, 412, GO_JSON,
-        '{"code":0,"service_name":"users","message":"account is locked","kind":"ConditionError"}',
-        (ConditionError, "account is locked", 0, "", "users", "users"),
-        id="go-v0.19.0-failed-precondition"),
-    pytest.param(Code.UNKNOWN, 403, GO_JSON,
-        '{"code":9951,"service_name":"users","message":"no permission to access users",'
-        '"kind":"PermissionError"}',
-        (PermissionDeniedError, "no permission to access users", 9951, "", "users", "users"),
-        id="go-v0.19.0-permission-denied-with-code"),
-    pytest.param(Code.UNKNOWN, 500, GO_JSON,
-        '{"code":0,"service_name":"users","message":"got an internal error",'
-        '"kind":"InternalError","details":"dial tcp 10.0.0.7:5432: connect: connection refused"}',
-        (InternalError, "got an internal error", 0,
-         "dial tcp 10.0.0.7:5432: connect: connection refused", "users", "users"),
-        id="go-v0.19.0-internal"),
-    pytest.param(Code.UNKNOWN, 500, GO_JSON,
-        '{"code":0,"service_name":"users","message":"service RPC error","destination":"billing",'
-        '"kind":"RPCError","details":"rpc error: code = Unavailable desc = connection refused"}',
-        (RPCError, "service RPC error", 0,
-         "rpc error: code = Unavailable desc = connection refused", "billing", "users"),
-        id="go-v0.19.0-rpc"),
-    pytest.param(Code.UNKNOWN, 500, GO_JSON,
-        '{"code":1042,"service_name":"users","message":"quota exceeded","kind":"CustomError"}',
-        (CustomError, "quota exceeded", 1042, "", "users", "users"), id="go-v0.19.0-custom"),
-    pytest.param(Code.UNKNOWN, None, GO_JSON,
-        '{"code":0,"service_name":"users","message":"got an internal error",'
-        '"kind":"InternalError","details":"runtime error: index out of range [3] with length 2"}',
-        (InternalError, "got an internal error", 0,
-         "runtime error: index out of range [3] with length 2", "users", "users"),
-        id="go-v0.19.0-panic"),
-    pytest.param(Code.UNKNOWN, 500, GO_JSON, "boom",
-        (InternalError, PLAIN, 0, "boom", "users", ""), id="go-v0.19.0-not-a-mikros-error"),
-]  # fmt: skip
-
-# Go main: internal/components/errors/errors.go (grpcErrorMessage: kind, message, cause, code
-# and service_name/destination, all omitempty but kind; ToGRPCStatus with grpcCode's mapped
-# codes, RPCError UNAVAILABLE) and builder.go's messages; internal/runtimes/grpc/runtime.go
-# handleGRPCError: a status the handler returns goes out as is, any other error as INTERNAL
-# "internal server error". HTTP: components/http/response.go Problem, as in v0.19.0, with the
-# same JSON as body (response_test.go: a plain error's body is its text).
-GO_MAIN = [
-    pytest.param(Code.NOT_FOUND, 404, GO_JSON,
-        '{"kind":"NotFoundError","message":"not found","service_name":"users"}',
-        (NotFoundError, "not found", 0, "", "users", "users"), id="go-main-not-found"),
-    pytest.param(Code.INVALID_ARGUMENT, 400, GO_JSON,
-        '{"kind":"ValidationError","message":"request validation failed",'
-        '"cause":"name: cannot be blank","service_name":"users"}',
-        (ValidationError, "request validation failed", 0, "name: cannot be blank", "users",
-         "users"), id="go-main-invalid-argument"),
-    pytest.param(Code.FAILED_PRECONDITION, 412, GO_JSON,
-        '{"kind":"ConditionError","message":"account is locked","service_name":"users"}',
-        (ConditionError, "account is locked", 0, "", "users", "users"),
-        id="go-main-failed-precondition"),
-    pytest.param(Code.PERMISSION_DENIED, 403, GO_JSON,
-        '{"kind":"PermissionError","message":"no permission to access users","code":9951,'
-        '"service_name":"users"}',
-        (PermissionDeniedError, "no permission to access users", 9951, "", "users", "users"),
-        id="go-main-permission-denied-with-code"),
-    pytest.param(Code.INTERNAL, 500, GO_JSON,
-        '{"kind":"InternalError","message":"got an internal error",'
-        '"cause":"dial tcp 10.0.0.7:5432: connect: connection refused","service_name":"users"}',
-        (InternalError, "got an internal error", 0,
-         "dial tcp 10.0.0.7:5432: connect: connection refused", "users", "users"),
-        id="go-main-internal"),
-    pytest.param(Code.UNAVAILABLE, 500, GO_JSON,
-        '{"kind":"RPCError","message":"service RPC error",'
-        '"cause":"rpc error: code = Unavailable desc = connection refused",'
-        '"service_name":"users","destination":"billing"}',
-        (RPCError, "service RPC error", 0,
-         "rpc error: code = Unavailable desc = connection refused", "billing", "users"),
-        id="go-main-rpc"),
-    pytest.param(Code.INTERNAL, None, GO_JSON,
-        '{"kind":"InternalError","message":"got an internal error",'
-        '"cause":"runtime error: index out of range [3] with length 2","service_name":"users"}',
-        (InternalError, "got an internal error", 0,
-         "runtime error: index out of range [3] with length 2", "users", "users"),
-        id="go-main-panic"),
-    pytest.param(Code.INTERNAL, None, GO_JSON, "internal server error",
-        (InternalError, PLAIN, 0, "internal server error", "users", ""),
-        id="go-main-not-a-mikros-error"),
-    pytest.param(Code.NOT_FOUND, None, GO_JSON, "no such user",
-        (InternalError, PLAIN, 0, "no such user", "users", ""), id="go-main-a-handler-s-status"),
-    pytest.param(None, 500, GO_JSON, "something failed",
-        (InternalError, PLAIN, 0, "something failed", "users", ""),
-        id="go-main-http-not-a-mikros-error"),
-]  # fmt: skip
-
-# Rust: mikros/src/errors.rs (ServiceError, serialized by serde in field order: code, kind,
-# then message, service_name, attributes, destination when Some; the constructors'
-# messages). gRPC: From<ServiceError> for tonic::Status is Status::unknown(json), after
-# dropping MIKROS_HIDE_RESPONSE_FIELDS' fields; mikros/src/service/context.rs answers
-# INTERNAL "could not retrieve context". HTTP: IntoResponse, status by kind, the JSON as a
-# String body (axum: "text/plain; charset=utf-8"), nothing hidden.
-RUST_TEXT = "text/plain; charset=utf-8"
-RUST = [
-    pytest.param(Code.UNKNOWN, 404, RUST_TEXT,
-        '{"code":0,"kind":"NotFoundError","message":"not found","service_name":"my-service"}',
-        (NotFoundError, "not found", 0, "", "users", "my-service"), id="rust-not-found"),
-    pytest.param(Code.UNKNOWN, 400, RUST_TEXT,
-        '{"code":0,"kind":"ValidationError","message":"invalid arguments",'
-        '"service_name":"my-service"}',
-        (ValidationError, "invalid arguments", 0, "", "users", "my-service"),
-        id="rust-invalid-arguments"),
-    pytest.param(Code.UNKNOWN, 412, RUST_TEXT,
-        '{"code":0,"kind":"ConditionError","message":"stock is empty",'
-        '"service_name":"my-service"}',
-        (ConditionError, "stock is empty", 0, "", "users", "my-service"),
-        id="rust-precondition-failed"),
-    pytest.param(Code.UNKNOWN, 403, RUST_TEXT,
-        '{"code":0,"kind":"PermissionError","message":"no permission to access the service",'
-        '"service_name":"my-service"}',
-        (PermissionDeniedError, "no permission to access the service", 0, "", "users",
-         "my-service"), id="rust-permission-denied"),
-    pytest.param(Code.UNKNOWN, 500, RUST_TEXT,
-        '{"code":0,"kind":"InternalError","message":"some internal error",'
-        '"service_name":"my-service"}',
-        (InternalError, "some internal error", 0, "", "users", "my-service"), id="rust-internal"),
-    pytest.param(Code.UNKNOWN, 500, RUST_TEXT,
-        '{"code":42,"kind":"RPCError","message":"connection failed","service_name":"my-service",'
-        '"attributes":{"key":"value"},"destination":"http"}',
-        (RPCError, "connection failed", 42, "", "http", "my-service"), id="rust-rpc"),
-    pytest.param(Code.UNKNOWN, 500, RUST_TEXT,
-        '{"code":0,"kind":"CustomError","message":"custom error","service_name":"my-service"}',
-        (CustomError, "custom error", 0, "", "users", "my-service"), id="rust-custom"),
-    pytest.param(Code.UNKNOWN, None, RUST_TEXT, '{"code":42,"kind":"RPCError"}',
-        (RPCError, "", 42, "", "users", ""), id="rust-every-field-hidden"),
-    pytest.param(Code.INTERNAL, None, RUST_TEXT, "could not retrieve context",
-        (InternalError, PLAIN, 0, "could not retrieve context", "users", ""),
-        id="rust-no-context"),
-]  # fmt: skip
-
-PEER_CASES = GO_V019 + GO_MAIN + RUST
-GRPC_CASES = [case for case in PEER_CASES if case.values[0] is not None]
-HTTP_CASES = [case for case in PEER_CASES if case.values[1] is not None]
+ASSETS = Path(__file__).parent / "assets" / "mikros_errors"
 
 
-def check(error: ServiceError, expected: tuple[Any, ...], status: str, payload: str) -> None:
-    """``error`` is what ``expected`` says; attributes a payload sent are kept."""
-    cls, message, code, cause, destination, service_name = expected
-    if message == PLAIN:
+def peer_cases(transport: str) -> list[Any]:
+    """Every peer's cases a ``transport`` ("grpc_status" or "http_status") server sends."""
+    cases = [
+        case
+        for peer in ("go-v0.19.0", "go-main", "rust")
+        for case in json.loads((ASSETS / f"{peer}.json").read_text())
+    ]
+    return [pytest.param(case, id=case["id"]) for case in cases if case[transport] is not None]
+
+
+def check(error: ServiceError, case: dict[str, Any], status: str) -> None:
+    """``error`` is what ``case`` expects; attributes its payload sent are kept."""
+    expect = case["expect"]
+    message = expect["message"]
+    if message is None:  # not Mikros JSON: ours names what carried it
         message = f"users answered {status} without a Mikros error"
-    assert type(error) is cls
-    assert (error.message, error.code, error.details) == (message, code, cause)
-    assert (error.destination, error.service_name) == (destination, service_name)
+    assert error.kind.value == expect["kind"]
+    assert (error.message, error.code, error.details) == (message, expect["code"], expect["cause"])
+    assert (error.destination, error.service_name) == (
+        expect["destination"],
+        expect["service_name"],
+    )
+    payload = case["payload"]
     sent = json.loads(payload) if payload.startswith("{") else {}
     assert error.attributes == sent.get("attributes")
 
@@ -277,50 +139,37 @@ def _http_peer() -> Iterator[int]:
     thread.join(BOUND)
 
 
-@pytest.mark.parametrize(("code", "http", "content_type", "payload", "expected"), GRPC_CASES)
+@pytest.mark.parametrize("case", peer_cases("grpc_status"))
 async def test_their_grpc_errors_decode_here(
-    mikros_service: ServiceStarter,
-    tmp_path: Path,
-    grpc_peer: int,
-    code: Code | None,
-    http: int | None,
-    content_type: str,
-    payload: str,
-    expected: tuple[Any, ...],
+    mikros_service: ServiceStarter, tmp_path: Path, grpc_peer: int, case: dict[str, Any]
 ) -> None:
     """The status a Mikros gRPC server sends is raised by our client as its kind and fields."""
-    assert code is not None
     caller = await start(
         mikros_service, tmp_path, container=ClientContainer, clients={"peer": grpc_peer}
     )
     stub = testsvc_grpc.EchoStub(caller.container.peer())
-    request = EchoRequest(fail=code.name, text=payload)
+    request = EchoRequest(fail=case["grpc_status"], text=case["payload"])
     with trio.fail_after(BOUND), pytest.raises(ServiceError) as caught:
         await mikros_trio.grpc.call(stub.Unary, request, destination="users")
-    check(caught.value, expected, code.name, payload)
+    check(caught.value, case, case["grpc_status"])
 
 
-@pytest.mark.parametrize(("code", "http", "content_type", "payload", "expected"), HTTP_CASES)
-async def test_their_http_errors_decode_here(
-    http_peer: int,
-    code: Code | None,
-    http: int | None,
-    content_type: str,
-    payload: str,
-    expected: tuple[Any, ...],
-    request: pytest.FixtureRequest,
-) -> None:
+@pytest.mark.parametrize("case", peer_cases("http_status"))
+async def test_their_http_errors_decode_here(http_peer: int, case: dict[str, Any]) -> None:
     """The response a Mikros HTTP handler writes decodes to its kind and fields."""
-    assert http is not None
-    case = request.node.callspec.id
-    HTTP_ANSWERS[case] = (http, content_type, payload)
+    status = case["http_status"]
+    HTTP_ANSWERS[case["id"]] = (status, case["content_type"], case["payload"])
     async with httpx.AsyncClient(trust_env=False) as client:
         with trio.fail_after(BOUND):
-            response = await client.get(f"http://127.0.0.1:{http_peer}/{case}")
-    assert (response.status_code, response.headers["content-type"]) == (http, content_type)
-    error = ServiceError.decode(response.content, destination="users", status=str(http))
-    check(error, expected, str(http), payload)
-    assert HTTP_STATUS_OF[error.kind.value] == http or payload[0] != "{"
+            response = await client.get(f"http://127.0.0.1:{http_peer}/{case['id']}")
+    assert (response.status_code, response.headers["content-type"]) == (
+        status,
+        case["content_type"],
+    )
+    error = ServiceError.decode(response.content, destination="users", status=str(status))
+    check(error, case, str(status))
+    if case["expect"]["message"] is not None:  # a Mikros error: its kind's status
+        assert HTTP_STATUS_OF[error.kind.value] == status
 
 
 # -- their clients' logic, re-expressed ------------------------------------------------------
@@ -496,17 +345,9 @@ HTTP_STATUS_OF = {
 
 # -- what we send --------------------------------------------------------------------------------
 
+#: Each kind's wire name and class (through the decoder: every kind, no list to keep in step).
 KINDS: dict[str, type[ServiceError]] = {
-    cls.kind.value: cls
-    for cls in (
-        ValidationError,
-        NotFoundError,
-        ConditionError,
-        PermissionDeniedError,
-        InternalError,
-        RPCError,
-        CustomError,
-    )
+    kind.value: type(ServiceError.from_wire({"kind": kind.value})) for kind in ErrorKind
 }
 
 #: An error whose every string and attribute is hostile to some Mikros client: a lone

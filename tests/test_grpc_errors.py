@@ -11,9 +11,11 @@ import grpc
 import pytest
 import trio
 
+import mikros_trio.grpc
 from helpers import (
     BOUND,
     SERVICE_ERRORS,
+    ClientContainer,
     Container,
     EchoRequest,
     grpc_channel,
@@ -25,8 +27,9 @@ from helpers import (
     unary,
     write_toml,
 )
+from mikros_trio import Call, ErrorKind, InternalError, NotFoundError, Observer
 from mikros_trio.testing import RunningService, ServiceStarter
-from protos import testsvc_pb2_grpc
+from protos import testsvc_grpc, testsvc_pb2_grpc
 
 
 async def failed_unary(port: int, request: Any) -> grpc.RpcError:
@@ -235,3 +238,35 @@ async def test_cancellation_is_never_swallowed(
     stopping = phase_time(running, "grpc", "stopping")
     assert phase_time(running, "grpc", "cut") == pytest.approx(stopping + 0.5, abs=0.2)
     assert codes == [grpc.StatusCode.UNAVAILABLE]
+
+
+class ClientCalls(Observer):
+    """Records the client side's finished calls: (status, failed, error kind)."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, bool, ErrorKind | None]] = []
+
+    def finished(self, call: Call) -> None:
+        if call.side == "client":
+            self.ended.append((call.status, call.failed, call.error_kind))
+
+
+async def test_our_client_records_the_kind_a_status_carries(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """UNKNOWN carrying a NotFoundError is the caller's fault, an InternalError the server's."""
+    (tmp_path / "target").mkdir()
+    target = await start(mikros_service, tmp_path / "target")
+    caller = await start(
+        mikros_service, tmp_path, container=ClientContainer, clients={"peer": port(target)}
+    )
+    calls = ClientCalls()
+    caller.service.telemetry.add_observer(calls)
+    stub = testsvc_grpc.EchoStub(caller.container.peer())
+    for fail, cls in (("not-found", NotFoundError), ("internal", InternalError)):
+        with trio.fail_after(BOUND), pytest.raises(cls):
+            await mikros_trio.grpc.call(stub.Unary, EchoRequest(fail=fail), destination="peer")
+    assert calls.ended == [
+        ("UNKNOWN", False, ErrorKind.NOT_FOUND),
+        ("UNKNOWN", True, ErrorKind.INTERNAL),
+    ]

@@ -215,11 +215,8 @@ class ServiceError(MikrosTrioError):
         (InternalError('users answered INTERNAL without a Mikros error'), 'oops')
         """
         text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
-        try:
-            wire = json.loads(text)
-        except ValueError:
-            wire = None
-        if isinstance(wire, dict) and "kind" in wire:
+        wire = mikros_wire(text)
+        if wire is not None:
             error = ServiceError.from_wire(wire)
             error.destination = error.destination or destination
             return error
@@ -228,6 +225,15 @@ class ServiceError(MikrosTrioError):
         return InternalError(
             f"{peer} {answer} without a Mikros error", details=text, destination=destination
         )
+
+
+def mikros_wire(text: str) -> dict[str, Any] | None:
+    """The Mikros error object ``text`` holds (a JSON object with a ``kind``), else ``None``."""
+    try:
+        wire = json.loads(text)
+    except ValueError:
+        return None
+    return wire if isinstance(wire, dict) and "kind" in wire else None
 
 
 # Mikros Go's error code is an int32, Rust's an i32: a wider code would not decode there.

@@ -92,7 +92,7 @@ from ._runtime_settings import GrpcSettings
 from ._telemetry import Telemetry, current_call
 from ._wire import policy as error_policy
 from ._wire import unexpected_error, wire_error
-from .errors import ConfigError, ConfigIssue, ErrorKind, RPCError, ServiceError
+from .errors import ConfigError, ConfigIssue, ErrorKind, RPCError, ServiceError, mikros_wire
 
 __all__ = [
     "GRPC_STATUS",
@@ -730,8 +730,15 @@ class ClientChannel:
             telemetry.end(call, StatusCode.UNAVAILABLE.name, failed=True, error=error)
             raise
 
-        def on_end(code: str) -> None:
-            telemetry.end(call, code, failed=StatusCode[code] in SERVER_FAULTS)
+        def on_end(code: str, message: str) -> None:
+            # A Mikros error travels as UNKNOWN (or any code): its kind says
+            # whose fault it is, as it does for the server's own record.
+            failed = StatusCode[code] in SERVER_FAULTS
+            wire = mikros_wire(message) if message.startswith("{") else None
+            if wire is not None:
+                call.error_kind = ServiceError.from_wire(wire).kind
+                failed = call.error_kind in INTERNAL_KINDS
+            telemetry.end(call, code, failed=failed)
 
         stream.on_end = on_end
         return stream

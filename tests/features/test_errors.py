@@ -20,6 +20,7 @@ from dependency_injector import providers
 from quart_trio import QuartTrio
 
 import mikros_trio.grpc
+from helpers import MIKROS_TRIO, Spawn
 from mikros_trio import (
     BuildContext,
     ConditionError,
@@ -222,6 +223,17 @@ def test_a_field_that_cannot_be_hidden_is_a_config_error(value: str, reason: str
     assert issue.path == "features.errors.hide_fields"
     assert reason in issue.message
     assert "MIKROS_HIDE_RESPONSE_FIELDS" in issue.message
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_bad_hide_response_fields_stops_the_real_process(spawn: Spawn, command: str) -> None:
+    """``mikros-trio check`` and ``run``: exit 2, the variable and the bad name, no traceback."""
+    env = {"MIKROS_HIDE_RESPONSE_FIELDS": "message,kind"}
+    child = spawn(MIKROS_TRIO, command, "examples/worker/main.py", env=env)
+    assert child.wait() == 2, child.report()
+    assert "MIKROS_HIDE_RESPONSE_FIELDS" in child.stderr
+    assert "'kind' cannot be hidden" in child.stderr
+    assert "Traceback" not in child.stdout + child.stderr
 
 
 def test_hide_fields_in_the_file_is_checked_with_the_file() -> None:

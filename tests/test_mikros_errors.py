@@ -363,9 +363,12 @@ HOSTILE_ATTRIBUTES = {
 
 
 def raised(name: str) -> ServiceError:
-    """The error our handlers raise for ``name``: a kind's value, or ``"hostile"``."""
+    """The error our handlers raise for ``name``: a kind's value, ``"hostile"`` or ``"huge-N"``."""
     if name == "hostile":
         return InternalError("caf\udce9", details=HOSTILE_DETAILS, attributes=HOSTILE_ATTRIBUTES)
+    if name.startswith("huge-"):  # a cause of that many characters ("%": 3 bytes each on gRPC)
+        size = int(name.removeprefix("huge-"))
+        return InternalError("m" * (size // 10), details="%" * size, attributes={"a": "b" * size})
     return KINDS[name](
         f"raised {name}",
         code=7,
@@ -532,6 +535,22 @@ async def test_hostile_strings_and_attributes_still_decode_everywhere(
             "open /srv/caf\ufffd.txt: no such file"
         )
         assert go_main_client(sent, to="users")["kind"] == "InternalError"
+
+
+async def test_a_huge_error_still_reaches_every_client_with_its_kind(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """Past grpcio's 8 KiB trailers the call failed RESOURCE_EXHAUSTED, far past it hung: cut."""
+    users = await start_users(mikros_service, tmp_path, "grpc")
+    names = ["huge-3000", "huge-7000", "huge-200000"]
+    found = await in_thread(grpcio_failures, users.ports["grpc"], names)
+    for name, (code, message) in found.items():
+        assert code == Code.UNKNOWN, (name, message)
+        assert rust_client(message)["kind"] == "InternalError", name
+        v019 = go_v019_client(code, message, to="users")
+        assert v019["kind"] == "InternalError"
+        assert v019["details"] == go_main_client(message, to="users")["cause"]
+        assert v019["details"].endswith("characters cut)"), name
 
 
 async def test_hidden_fields_leave_what_rust_hides(

@@ -391,7 +391,59 @@ class _Dispatcher:
         wire = wire_error(error, self.service_name, self.telemetry)
         mapped = error_policy(self.telemetry).grpc_status == "mapped"
         code = GRPC_STATUS[error.kind] if mapped else StatusCode.UNKNOWN
-        return Status(code, json.dumps(wire, separators=(",", ":")))
+        return Status(code, fitted_status_message(wire))
+
+
+#: Most bytes of a status message sent. It travels in the trailers, which
+#: grpcio clients refuse past 8 KiB (soft limit, 16 KiB hard: the call fails
+#: RESOURCE_EXHAUSTED and the error's kind is lost; far past it, the call
+#: hangs to its deadline) and Rust's tonic (hyper) past 16 KiB.
+MAX_STATUS_MESSAGE = 6144
+
+
+def fitted_status_message(wire: dict[str, Any]) -> str:
+    """``wire`` as a status message of at most :data:`MAX_STATUS_MESSAGE` bytes.
+
+    Too long, the cause is cut first (it goes out twice, as ``details`` and
+    ``cause``), then the message, then attributes are dropped; ``code``,
+    ``kind`` and the names stay whole, so every Mikros client still reads
+    the kind.
+    """
+    text = _compact(wire)
+    excess = _encoded_size(text) - MAX_STATUS_MESSAGE
+    if excess <= 0:
+        return text
+    wire = dict(wire)
+    for keys in (("details", "cause"), ("message",)):
+        present = [key for key in keys if isinstance(wire.get(key), str)]
+        if not present:
+            continue
+        value: str = wire[present[0]]
+        # Each character cut saves at least one byte in each copy.
+        keep = max(0, len(value) - (-(-excess // len(present))) - _CUT_MARK_ROOM)
+        cut = f"{value[:keep]}… ({len(value) - keep} characters cut)"
+        for key in present:
+            wire[key] = cut
+        text = _compact(wire)
+        excess = _encoded_size(text) - MAX_STATUS_MESSAGE
+        if excess <= 0:
+            return text
+    wire.pop("attributes", None)
+    return _compact(wire)
+
+
+#: Room the "… (N characters cut)" mark needs, escaped.
+_CUT_MARK_ROOM = 40
+
+
+def _compact(wire: dict[str, Any]) -> str:
+    return json.dumps(wire, separators=(",", ":"))
+
+
+def _encoded_size(text: str) -> int:
+    # ASCII JSON (json.dumps escapes the rest) is sent as is but for "%",
+    # which the grpc-message encoding writes as three bytes.
+    return len(text) + 2 * text.count("%")
 
 
 async def _linger(stream: Any) -> None:

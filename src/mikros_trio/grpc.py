@@ -391,18 +391,18 @@ class _Dispatcher:
         wire = wire_error(error, self.service_name, self.telemetry)
         mapped = error_policy(self.telemetry).grpc_status == "mapped"
         code = GRPC_STATUS[error.kind] if mapped else StatusCode.UNKNOWN
-        return Status(code, fitted_status_message(wire))
+        return Status(code, _fitted_status_message(wire))
 
 
 #: Most bytes of a status message sent. It travels in the trailers, which
 #: grpcio clients refuse past 8 KiB (soft limit, 16 KiB hard: the call fails
 #: RESOURCE_EXHAUSTED and the error's kind is lost; far past it, the call
 #: hangs to its deadline) and Rust's tonic (hyper) past 16 KiB.
-MAX_STATUS_MESSAGE = 6144
+_MAX_STATUS_MESSAGE = 6144
 
 
-def fitted_status_message(wire: dict[str, Any]) -> str:
-    """``wire`` as a status message of at most :data:`MAX_STATUS_MESSAGE` bytes.
+def _fitted_status_message(wire: dict[str, Any]) -> str:
+    """``wire`` as a status message of at most :data:`_MAX_STATUS_MESSAGE` bytes.
 
     Too long, the cause is cut first (it goes out twice, as ``details`` and
     ``cause``), then the message, then attributes are dropped; ``code``,
@@ -410,7 +410,7 @@ def fitted_status_message(wire: dict[str, Any]) -> str:
     the kind.
     """
     text = _compact(wire)
-    excess = _encoded_size(text) - MAX_STATUS_MESSAGE
+    excess = _encoded_size(text) - _MAX_STATUS_MESSAGE
     if excess <= 0:
         return text
     wire = dict(wire)
@@ -425,7 +425,7 @@ def fitted_status_message(wire: dict[str, Any]) -> str:
         for key in present:
             wire[key] = cut
         text = _compact(wire)
-        excess = _encoded_size(text) - MAX_STATUS_MESSAGE
+        excess = _encoded_size(text) - _MAX_STATUS_MESSAGE
         if excess <= 0:
             return text
     wire.pop("attributes", None)

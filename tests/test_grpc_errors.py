@@ -11,9 +11,12 @@ import grpc
 import pytest
 import trio
 
+import mikros_trio.grpc
 from helpers import (
     BOUND,
     SERVICE_ERRORS,
+    ClientContainer,
+    Container,
     EchoRequest,
     grpc_channel,
     in_thread,
@@ -22,9 +25,11 @@ from helpers import (
     rpc_error,
     start,
     unary,
+    write_toml,
 )
-from mikros_trio.testing import ServiceStarter
-from protos import testsvc_pb2_grpc
+from mikros_trio import Call, ErrorKind, InternalError, NotFoundError, Observer
+from mikros_trio.testing import RunningService, ServiceStarter
+from protos import testsvc_grpc, testsvc_pb2_grpc
 
 
 async def failed_unary(port: int, request: Any) -> grpc.RpcError:
@@ -35,16 +40,17 @@ async def failed_unary(port: int, request: Any) -> grpc.RpcError:
 async def test_unexpected_exception_is_internal_with_mikros_json(
     mikros_service: ServiceStarter, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A handler raising RuntimeError answers INTERNAL, InternalError JSON details; it is logged."""
+    """A handler raising RuntimeError answers UNKNOWN, InternalError JSON details; it is logged."""
     running = await start(mikros_service, tmp_path)
     with caplog.at_level(logging.ERROR, logger="mikros_trio.grpc"):
         error = await failed_unary(port(running), EchoRequest(fail="runtime"))
-    assert error.code() == grpc.StatusCode.INTERNAL
+    assert error.code() == grpc.StatusCode.UNKNOWN
     assert json.loads(error.details()) == {
         "code": 0,
         "kind": "InternalError",
         "message": "internal error",
         "details": "RuntimeError: the handler broke",
+        "cause": "RuntimeError: the handler broke",
         "service_name": "echo",
     }
     # Only errors: the start's info lines ("listening") are records too.
@@ -57,15 +63,27 @@ async def test_unexpected_exception_is_internal_with_mikros_json(
     assert "mikros.testsvc.v1.Echo/Unary" in logged[0].getMessage()
 
 
+async def start_mapped(mikros_service: ServiceStarter, tmp_path: Path) -> RunningService:
+    """The echo service with ``[features.errors] grpc_status = "mapped"``."""
+    path = write_toml(tmp_path)
+    path.write_text(path.read_text() + '[features.errors]\ngrpc_status = "mapped"\n')
+    with trio.fail_after(BOUND):
+        return await mikros_service.start(Container, path)
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["unknown", "mapped"])
 @pytest.mark.parametrize("kind", sorted(SERVICE_ERRORS))
 async def test_service_errors_map_to_their_status(
-    mikros_service: ServiceStarter, tmp_path: Path, kind: str
+    mikros_service: ServiceStarter, tmp_path: Path, kind: str, mapped: bool
 ) -> None:
-    """Each ServiceError subclass answers its gRPC code, with kind, message, code and service."""
-    running = await start(mikros_service, tmp_path)
+    """Each ServiceError subclass answers UNKNOWN (default) or its mapped code, with its JSON."""
+    if mapped:
+        running = await start_mapped(mikros_service, tmp_path)
+    else:
+        running = await start(mikros_service, tmp_path)
     cls, code = SERVICE_ERRORS[kind]
     error = await failed_unary(port(running), EchoRequest(fail=kind))
-    assert error.code() == code
+    assert error.code() == (code if mapped else grpc.StatusCode.UNKNOWN)
     assert json.loads(error.details()) == {
         "code": 7,
         "kind": cls.kind.value,
@@ -103,9 +121,9 @@ async def test_errors_in_streaming_calls(mikros_service: ServiceStarter, tmp_pat
     found = await in_thread(calls, port(running))
     assert found == {
         "items": [0, 1],
-        "streamed": (grpc.StatusCode.NOT_FOUND, "NotFoundError"),
-        "gathered": (grpc.StatusCode.INVALID_ARGUMENT, "ValidationError"),
-        "bidi": (grpc.StatusCode.INVALID_ARGUMENT, "ValidationError"),
+        "streamed": (grpc.StatusCode.UNKNOWN, "NotFoundError"),
+        "gathered": (grpc.StatusCode.UNKNOWN, "ValidationError"),
+        "bidi": (grpc.StatusCode.UNKNOWN, "ValidationError"),
         "after": "after",
     }
 
@@ -160,12 +178,7 @@ async def test_a_thousand_faulting_calls_leave_the_service_serving(
 
     with caplog.at_level(logging.CRITICAL, logger="mikros_trio.grpc"):
         codes, text = await in_thread(calls, port(running))
-    assert codes == {
-        grpc.StatusCode.INTERNAL: 250,
-        grpc.StatusCode.INVALID_ARGUMENT: 250,
-        grpc.StatusCode.ABORTED: 250,
-        grpc.StatusCode.NOT_FOUND: 250,
-    }
+    assert codes == {grpc.StatusCode.UNKNOWN: 750, grpc.StatusCode.ABORTED: 250}
     assert text == "still here"
     assert running.health.ready
     assert running.health.components["grpc"].value == "serving"
@@ -225,3 +238,35 @@ async def test_cancellation_is_never_swallowed(
     stopping = phase_time(running, "grpc", "stopping")
     assert phase_time(running, "grpc", "cut") == pytest.approx(stopping + 0.5, abs=0.2)
     assert codes == [grpc.StatusCode.UNAVAILABLE]
+
+
+class ClientCalls(Observer):
+    """Records the client side's finished calls: (status, failed, error kind)."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, bool, ErrorKind | None]] = []
+
+    def finished(self, call: Call) -> None:
+        if call.side == "client":
+            self.ended.append((call.status, call.failed, call.error_kind))
+
+
+async def test_our_client_records_the_kind_a_status_carries(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """UNKNOWN carrying a NotFoundError is the caller's fault, an InternalError the server's."""
+    (tmp_path / "target").mkdir()
+    target = await start(mikros_service, tmp_path / "target")
+    caller = await start(
+        mikros_service, tmp_path, container=ClientContainer, clients={"peer": port(target)}
+    )
+    calls = ClientCalls()
+    caller.service.telemetry.add_observer(calls)
+    stub = testsvc_grpc.EchoStub(caller.container.peer())
+    for fail, cls in (("not-found", NotFoundError), ("internal", InternalError)):
+        with trio.fail_after(BOUND), pytest.raises(cls):
+            await mikros_trio.grpc.call(stub.Unary, EchoRequest(fail=fail), destination="peer")
+    assert calls.ended == [
+        ("UNKNOWN", False, ErrorKind.NOT_FOUND),
+        ("UNKNOWN", True, ErrorKind.INTERNAL),
+    ]

@@ -28,6 +28,7 @@ async def test_unexpected_exception_is_500_internal_error_and_logged(
         "kind": "InternalError",
         "message": "internal error",
         "details": "RuntimeError: the handler broke",
+        "cause": "RuntimeError: the handler broke",
         "service_name": "web",
     }
     # Only errors: the start's info lines ("listening") are records too.

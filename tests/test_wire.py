@@ -12,7 +12,7 @@ import urllib.parse
 
 from helpers import leaked_forms
 from mikros_trio._telemetry import Telemetry
-from mikros_trio._wire import unexpected_error, wire_error
+from mikros_trio._wire import ErrorPolicy, unexpected_error, wire_error
 from mikros_trio.errors import NotFoundError
 
 #: Characters JSON and repr escape, and a non-ASCII one.
@@ -53,3 +53,17 @@ def test_without_secrets_the_body_is_the_error_s_own() -> None:
     """No secret registered: the wire object is the error's, with the service name filled."""
     wire = wire_error(NotFoundError("gone"), "items", Telemetry("items"))
     assert wire == {"code": 0, "service_name": "items", "message": "gone", "kind": "NotFoundError"}
+
+
+def test_hidden_fields_go_before_masking_and_code_and_kind_stay() -> None:
+    """A published policy's hidden keys never reach the body; code and kind always do."""
+    telemetry = hub()
+    telemetry.publish(ErrorPolicy(hidden=frozenset({"message", "details", "cause"})))
+    error = NotFoundError(f"no {SECRET}", code=3, details=SECRET, destination="billing")
+    wire = wire_error(error, "items", telemetry)
+    assert wire == {
+        "code": 3,
+        "service_name": "items",
+        "destination": "billing",
+        "kind": "NotFoundError",
+    }

@@ -110,17 +110,17 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
     #: Server side: the handler's cancel scope, and whether the client reset the stream.
     _handler: trio.CancelScope | None = None
     _reset = False
-    #: Client side: told the call's final status code name, once (telemetry).
-    on_end: Callable[[str], None] | None = None
+    #: Client side: told the call's final status code name and message, once (telemetry).
+    on_end: Callable[[str, str], None] | None = None
     #: Server side: take an event already queued without a checkpoint (the
     #: dispatcher sets it while the events left are few and bounded: a
     #: unary request's headers, message and end).
     eager = False
 
-    def _ended(self, code: str) -> None:
+    def _ended(self, code: str, message: str = "") -> None:
         on_end, self.on_end = self.on_end, None
         if on_end is not None:
-            on_end(code)
+            on_end(code, message)
 
     async def receive_event(self) -> Any:
         # purerpc's GRPCProtoStream.receive_event over GRPCStream._receive,
@@ -157,7 +157,8 @@ class _Stream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
             self._end_stream_event = event
             self.release()
             if isinstance(event, ResponseEnded):
-                self._ended(StatusCode(event.status.status_code).name)
+                status = event.status
+                self._ended(StatusCode(status.status_code).name, status.status_message or "")
         elif isinstance(event, _TooLarge):
             raise RpcFailedError(Status(StatusCode.RESOURCE_EXHAUSTED, event.message))
         elif isinstance(event, _Refused):

@@ -102,18 +102,21 @@ class ErrorKind(enum.StrEnum):
 class ServiceError(MikrosTrioError):
     """An error a handler raises to answer a caller with a Mikros error.
 
-    The HTTP and gRPC kinds turn it into the kind's status (see each
-    subclass) and a JSON body in the Mikros wire shape, so Go and Rust
-    Mikros services decode it. Raise a subclass, not this class::
+    The HTTP kind answers the subclass's status with the Mikros JSON as
+    body; the gRPC kind sends the JSON as the status message of an UNKNOWN
+    status, which every Mikros client decodes (``[features.errors]
+    grpc_status = "mapped"`` sends the subclass's code instead). Raise a
+    subclass, not this class::
 
         raise NotFoundError(f"item {item_id} does not exist")
 
-    The wire shape is what Mikros Go's ``errors.Error`` marshals: ``code``
-    and ``kind`` always, then ``service_name``, ``message``, ``destination``
-    and ``details`` (Go's ``SubLevelError``, the underlying cause) when not
-    empty, as Go's ``omitempty`` does. Mikros Rust sends ``attributes`` (any
-    JSON) instead of ``details``; both are kept when decoding, and
-    ``cause`` is read as another name of ``details``.
+    The wire shape carries what every Mikros client reads: ``code`` and
+    ``kind`` always (Mikros Rust's client fails without them), then
+    ``service_name``, ``message``, ``destination`` when not empty, and the
+    underlying cause, :attr:`details`, twice: as ``details`` (what Mikros Go
+    v0.19.0 reads) and as ``cause`` (what Go main reads). Rust's
+    ``attributes`` (any JSON) go out when set. Decoding reads all of them.
+    :meth:`decode` types a peer's error body or gRPC status message again.
     """
 
     kind: ClassVar[ErrorKind] = ErrorKind.INTERNAL
@@ -141,21 +144,25 @@ class ServiceError(MikrosTrioError):
         super().__init__(message)
 
     def to_wire(self) -> dict[str, Any]:
-        """The Mikros JSON object for this error, keys in Mikros Go's order.
+        """The Mikros JSON object for this error, keys in Mikros Go v0.19.0's order.
 
         >>> NotFoundError("no item 7", service_name="items").to_wire()
         {'code': 0, 'service_name': 'items', 'message': 'no item 7', 'kind': 'NotFoundError'}
+        >>> InternalError("failed", details="disk full").to_wire()["cause"]
+        'disk full'
         """
         wire: dict[str, Any] = {"code": self.code}
+        # Go and Rust decode these as strings: anything else would lose the
+        # whole error there (Go) or fail the decoding (Rust), so text only.
         if self.service_name:
-            wire["service_name"] = self.service_name
+            wire["service_name"] = _text(self.service_name)
         if self.message:
-            wire["message"] = self.message
+            wire["message"] = _text(self.message)
         if self.destination:
-            wire["destination"] = self.destination
+            wire["destination"] = _text(self.destination)
         wire["kind"] = self.kind.value
         if self.details:
-            wire["details"] = self.details
+            wire["details"] = wire["cause"] = _text(self.details)
         if self.attributes is not None:
             wire["attributes"] = self.attributes
         return wire
@@ -164,9 +171,10 @@ class ServiceError(MikrosTrioError):
     def from_wire(wire: Mapping[str, Any]) -> ServiceError:
         """Rebuild the typed error from a Mikros JSON object sent by Python, Go or Rust.
 
-        Unknown or missing kinds become :class:`InternalError`, as Mikros
-        Go's client does with a payload it cannot place; a ``code`` that is
-        not a 32-bit integer (Go's ``int32``) reads as 0.
+        The cause is read from ``details`` (Go v0.19.0, us) or ``cause`` (Go
+        main). Unknown or missing kinds become :class:`InternalError`, as
+        Mikros Go's client does with a payload it cannot place; a ``code``
+        that is not a 32-bit integer (Go's ``int32``) reads as 0.
 
         >>> ServiceError.from_wire({"code": 0, "kind": "NotFoundError", "message": "gone"})
         NotFoundError('gone')
@@ -186,6 +194,46 @@ class ServiceError(MikrosTrioError):
             destination=_text(wire.get("destination")),
             attributes=wire.get("attributes"),
         )
+
+    @staticmethod
+    def decode(payload: str | bytes, *, destination: str = "", status: str = "") -> ServiceError:
+        """The typed error in a peer's HTTP error body or gRPC status message.
+
+        A Mikros error JSON object (with a ``kind``) becomes its kind,
+        whatever status carried it, as Mikros Go main's and Rust's clients
+        read it; ``destination`` fills its destination when the peer left
+        it empty. Anything else (Go's plain ``internal server error``, a
+        status from a server that is not Mikros) becomes an
+        :class:`InternalError` whose details are the text, as both Mikros Go
+        releases decode it; ``status`` (``"INTERNAL"``, ``"500"``) names
+        what carried it in the message.
+
+        >>> ServiceError.decode('{"code":0,"kind":"NotFoundError","message":"gone"}')
+        NotFoundError('gone')
+        >>> error = ServiceError.decode("oops", destination="users", status="INTERNAL")
+        >>> error, error.details
+        (InternalError('users answered INTERNAL without a Mikros error'), 'oops')
+        """
+        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+        wire = mikros_wire(text)
+        if wire is not None:
+            error = ServiceError.from_wire(wire)
+            error.destination = error.destination or destination
+            return error
+        peer = destination or "the peer"
+        answer = f"answered {status}" if status else "answered"
+        return InternalError(
+            f"{peer} {answer} without a Mikros error", details=text, destination=destination
+        )
+
+
+def mikros_wire(text: str) -> dict[str, Any] | None:
+    """The Mikros error object ``text`` holds (a JSON object with a ``kind``), else ``None``."""
+    try:
+        wire = json.loads(text)
+    except ValueError:
+        return None
+    return wire if isinstance(wire, dict) and "kind" in wire else None
 
 
 # Mikros Go's error code is an int32, Rust's an i32: a wider code would not decode there.
@@ -208,43 +256,47 @@ def _text(value: object) -> str:
 
 
 class ValidationError(ServiceError):
-    """The request is invalid (HTTP 400, gRPC INVALID_ARGUMENT)."""
+    """The request is invalid (HTTP 400; mapped gRPC code INVALID_ARGUMENT)."""
 
     kind = ErrorKind.VALIDATION
 
 
 class NotFoundError(ServiceError):
-    """What the request names does not exist (HTTP 404, gRPC NOT_FOUND)."""
+    """What the request names does not exist (HTTP 404; mapped gRPC code NOT_FOUND)."""
 
     kind = ErrorKind.NOT_FOUND
 
 
 class ConditionError(ServiceError):
-    """A precondition does not hold (HTTP 412, gRPC FAILED_PRECONDITION)."""
+    """A precondition does not hold (HTTP 412; mapped gRPC code FAILED_PRECONDITION)."""
 
     kind = ErrorKind.CONDITION
 
 
 class PermissionDeniedError(ServiceError):
-    """The caller may not do this (HTTP 403, gRPC PERMISSION_DENIED)."""
+    """The caller may not do this (HTTP 403; mapped gRPC code PERMISSION_DENIED)."""
 
     kind = ErrorKind.PERMISSION
 
 
 class InternalError(ServiceError):
-    """The service failed (HTTP 500, gRPC INTERNAL). Unexpected exceptions become this."""
+    """The service failed (HTTP 500; mapped gRPC code INTERNAL); unexpected exceptions become it."""
 
     kind = ErrorKind.INTERNAL
 
 
 class RPCError(ServiceError):
-    """A call to another service failed (HTTP 500, gRPC INTERNAL)."""
+    """A call to another service failed (HTTP 500; mapped gRPC code UNAVAILABLE, as Go main)."""
 
     kind = ErrorKind.RPC
 
 
 class CustomError(ServiceError):
-    """A service-defined failure; set ``code`` to tell them apart (HTTP 500, gRPC INTERNAL)."""
+    """A service-defined failure; ``code`` tells them apart (HTTP 500; mapped gRPC code UNKNOWN).
+
+    Mikros Go v0.19.0 and Rust know this kind; Go main has no such kind and
+    keeps the string as an unknown kind (its ``Is*`` checks all say no).
+    """
 
     kind = ErrorKind.CUSTOM
 

@@ -23,9 +23,13 @@ wrappers) and owns everything around them:
   are logged once and retried;
 - errors: a handler's exception of any kind, ``BaseException`` included,
   fails its own call; only cancellation propagates. A
-  :class:`~mikros_trio.ServiceError` becomes its gRPC code with the Mikros
-  error JSON as the status message; any other exception becomes
-  ``INTERNAL`` with an ``InternalError`` JSON.
+  :class:`~mikros_trio.ServiceError` becomes a status whose message is the
+  Mikros error JSON; any other exception an ``InternalError`` JSON. The
+  status code is UNKNOWN, as Mikros Go v0.19.0 and Rust servers send and
+  as Go v0.19.0's client needs to read the kind (it turns any other code
+  into InternalError); ``[features.errors] grpc_status = "mapped"`` sends
+  :data:`GRPC_STATUS` instead, Go main's codes, which Go main, Rust, grpcio
+  clients and ours decode, but Go v0.19.0 does not.
 
 The server also serves ``grpc.health.v1.Health`` (Check and Watch, for
 ``""`` and each registered service, read from the supervisor's health) and
@@ -86,8 +90,9 @@ from ._grpc_wire import (
 from ._listen import open_anyio_listener
 from ._runtime_settings import GrpcSettings
 from ._telemetry import Telemetry, current_call
+from ._wire import policy as error_policy
 from ._wire import unexpected_error, wire_error
-from .errors import ConfigError, ConfigIssue, ErrorKind, RPCError, ServiceError
+from .errors import ConfigError, ConfigIssue, ErrorKind, RPCError, ServiceError, mikros_wire
 
 __all__ = [
     "GRPC_STATUS",
@@ -101,15 +106,17 @@ __all__ = [
 
 log = logging.getLogger("mikros_trio.grpc")
 
-#: gRPC status code for each Mikros error kind.
+#: gRPC status code of each Mikros error kind with ``grpc_status = "mapped"``:
+#: Mikros Go main's ``grpcCode`` (RPCError is UNAVAILABLE; CustomError, a kind
+#: Go main no longer has, UNKNOWN as Go main sends any kind it does not know).
 GRPC_STATUS: dict[ErrorKind, StatusCode] = {
     ErrorKind.VALIDATION: StatusCode.INVALID_ARGUMENT,
     ErrorKind.NOT_FOUND: StatusCode.NOT_FOUND,
     ErrorKind.PERMISSION: StatusCode.PERMISSION_DENIED,
     ErrorKind.CONDITION: StatusCode.FAILED_PRECONDITION,
     ErrorKind.INTERNAL: StatusCode.INTERNAL,
-    ErrorKind.RPC: StatusCode.INTERNAL,
-    ErrorKind.CUSTOM: StatusCode.INTERNAL,
+    ErrorKind.RPC: StatusCode.UNAVAILABLE,
+    ErrorKind.CUSTOM: StatusCode.UNKNOWN,
 }
 
 
@@ -382,8 +389,61 @@ class _Dispatcher:
 
     def _status(self, error: ServiceError) -> Status:
         wire = wire_error(error, self.service_name, self.telemetry)
-        code = StatusCode.UNKNOWN if self.telemetry.grpc_status_unknown else GRPC_STATUS[error.kind]
-        return Status(code, json.dumps(wire, separators=(",", ":")))
+        mapped = error_policy(self.telemetry).grpc_status == "mapped"
+        code = GRPC_STATUS[error.kind] if mapped else StatusCode.UNKNOWN
+        return Status(code, _fitted_status_message(wire))
+
+
+#: Most bytes of a status message sent. It travels in the trailers, which
+#: grpcio clients refuse past 8 KiB (soft limit, 16 KiB hard: the call fails
+#: RESOURCE_EXHAUSTED and the error's kind is lost; far past it, the call
+#: hangs to its deadline) and Rust's tonic (hyper) past 16 KiB.
+_MAX_STATUS_MESSAGE = 6144
+
+
+def _fitted_status_message(wire: dict[str, Any]) -> str:
+    """``wire`` as a status message of at most :data:`_MAX_STATUS_MESSAGE` bytes.
+
+    Too long, the cause is cut first (it goes out twice, as ``details`` and
+    ``cause``), then the message, then attributes are dropped; ``code``,
+    ``kind`` and the names stay whole, so every Mikros client still reads
+    the kind.
+    """
+    text = _compact(wire)
+    excess = _encoded_size(text) - _MAX_STATUS_MESSAGE
+    if excess <= 0:
+        return text
+    wire = dict(wire)
+    for keys in (("details", "cause"), ("message",)):
+        present = [key for key in keys if isinstance(wire.get(key), str)]
+        if not present:
+            continue
+        value: str = wire[present[0]]
+        # Each character cut saves at least one byte in each copy.
+        keep = max(0, len(value) - (-(-excess // len(present))) - _CUT_MARK_ROOM)
+        cut = f"{value[:keep]}… ({len(value) - keep} characters cut)"
+        for key in present:
+            wire[key] = cut
+        text = _compact(wire)
+        excess = _encoded_size(text) - _MAX_STATUS_MESSAGE
+        if excess <= 0:
+            return text
+    wire.pop("attributes", None)
+    return _compact(wire)
+
+
+#: Room the "… (N characters cut)" mark needs, escaped.
+_CUT_MARK_ROOM = 40
+
+
+def _compact(wire: dict[str, Any]) -> str:
+    return json.dumps(wire, separators=(",", ":"))
+
+
+def _encoded_size(text: str) -> int:
+    # ASCII JSON (json.dumps escapes the rest) is sent as is but for "%",
+    # which the grpc-message encoding writes as three bytes.
+    return len(text) + 2 * text.count("%")
 
 
 async def _linger(stream: Any) -> None:
@@ -722,8 +782,15 @@ class ClientChannel:
             telemetry.end(call, StatusCode.UNAVAILABLE.name, failed=True, error=error)
             raise
 
-        def on_end(code: str) -> None:
-            telemetry.end(call, code, failed=StatusCode[code] in SERVER_FAULTS)
+        def on_end(code: str, message: str) -> None:
+            # A Mikros error travels as UNKNOWN (or any code): its kind says
+            # whose fault it is, as it does for the server's own record.
+            failed = StatusCode[code] in SERVER_FAULTS
+            wire = mikros_wire(message) if message.startswith("{") else None
+            if wire is not None:
+                call.error_kind = ServiceError.from_wire(wire).kind
+                failed = call.error_kind in INTERNAL_KINDS
+            telemetry.end(call, code, failed=failed)
 
         stream.on_end = on_end
         return stream
@@ -823,21 +890,15 @@ def typed_error(error: RpcFailedError, destination: str = "") -> ServiceError:
     """The Mikros error a failed call carries, typed again (``NotFoundError``…).
 
     A status whose message is Mikros error JSON — what this server, and
-    Mikros Go and Rust services, send — becomes that kind; any other status
-    becomes an :class:`~mikros_trio.RPCError` naming the code.
+    Mikros Go and Rust services, send — becomes that kind whatever its code
+    (as Go main's and Rust's clients read it); any other status, such as Go
+    main's ``INTERNAL "internal server error"``, becomes an
+    :class:`~mikros_trio.InternalError` with the text as details, as Mikros
+    Go's client decodes it (see :meth:`ServiceError.decode`).
     """
     status = error.status
-    try:
-        wire = json.loads(status.status_message or "")
-    except ValueError:
-        wire = None
-    if isinstance(wire, dict) and "kind" in wire:
-        typed = ServiceError.from_wire(wire)
-        typed.destination = typed.destination or destination
-        return typed
-    return RPCError(
-        f"{destination or 'peer'} answered {status.status_code.name}: {status.status_message}",
-        destination=destination,
+    return ServiceError.decode(
+        status.status_message or "", destination=destination, status=status.status_code.name
     )
 
 

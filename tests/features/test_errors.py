@@ -1,21 +1,14 @@
-"""The Mikros error API on the wire: every kind, Go's and Rust's payloads, HTTP and gRPC.
+"""The errors feature and the error API: the wire shape, the policy, over HTTP and gRPC.
 
-The payloads "from Go" and "from Rust" below are written exactly as Mikros
-Go's ``errors.Error`` (``json.Marshal``, ``omitempty`` tags, its factory's
-messages) and Mikros Rust's ``ServiceError`` (serde, fields in declaration
-order, ``skip_serializing_if = "Option::is_none"``) serialize them. Over
-the network, services run in-process with real sockets: httpx for HTTP,
-grpcio's C-core client and our ``mikros_trio.grpc.call`` for gRPC, and a
-grpcio server standing in for a Mikros Go or Rust peer (they answer every
-error with status UNKNOWN and the JSON as its message).
+What Mikros Go and Rust send and read, peer by peer, is the conformance
+table in ``tests/test_mikros_errors.py``. Here: our own round trip, what
+``[features.errors]`` and ``MIKROS_HIDE_RESPONSE_FIELDS`` change, on real
+sockets (httpx; grpcio's C-core client and our ``mikros_trio.grpc.call``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from concurrent import futures
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +20,12 @@ from dependency_injector import providers
 from quart_trio import QuartTrio
 
 import mikros_trio.grpc
+from helpers import MIKROS_TRIO, Spawn
 from mikros_trio import (
     BuildContext,
     ConditionError,
+    ConfigError,
     CustomError,
-    ErrorKind,
     InternalError,
     Lifetime,
     NotFoundError,
@@ -43,6 +37,7 @@ from mikros_trio import (
     parse_definition,
 )
 from mikros_trio._telemetry import Telemetry
+from mikros_trio._wire import ErrorPolicy, policy
 from mikros_trio.features.errors import build_errors
 from mikros_trio.features.settings import ErrorsSettings
 from mikros_trio.testing import RunningService, ServiceStarter
@@ -99,8 +94,8 @@ def test_every_kind_round_trips(cls: type[ServiceError]) -> None:
     )
 
 
-def test_wire_is_byte_identical_to_mikros_go() -> None:
-    """Our JSON is exactly what Go's json.Marshal writes for the same errors.Error."""
+def test_wire_is_mikros_go_v0_19_0_s_plus_go_main_s_cause() -> None:
+    """Our JSON is Go v0.19.0's json.Marshal of the same errors.Error, then Go main's cause."""
     minimal = NotFoundError("not found", service_name="users")
     assert compact(minimal.to_wire()) == (
         '{"code":0,"service_name":"users","message":"not found","kind":"NotFoundError"}'
@@ -114,7 +109,8 @@ def test_wire_is_byte_identical_to_mikros_go() -> None:
     )
     assert compact(full.to_wire()) == (
         '{"code":3,"service_name":"users","message":"got an internal error",'
-        '"destination":"billing","kind":"InternalError","details":"sql: no rows in result set"}'
+        '"destination":"billing","kind":"InternalError","details":"sql: no rows in result set",'
+        '"cause":"sql: no rows in result set"}'
     )
 
 
@@ -141,91 +137,11 @@ def test_code_must_fit_in_32_bits() -> None:
         NotFoundError("x", code=2**31)
 
 
-# Mikros Go's errors.Factory messages, marshalled by its errors.Error.
-GO_PAYLOADS = [
-    ('{"code":0,"service_name":"users","message":"not found","kind":"NotFoundError"}',
-     NotFoundError, "not found", ""),
-    ('{"code":0,"service_name":"users","message":"request validation failed",'
-     '"kind":"ValidationError","details":"name: cannot be blank"}',
-     ValidationError, "request validation failed", "name: cannot be blank"),
-    ('{"code":0,"service_name":"users","message":"account is locked","kind":"ConditionError"}',
-     ConditionError, "account is locked", ""),
-    ('{"code":0,"service_name":"users","message":"no permission to access users",'
-     '"kind":"PermissionError"}',
-     PermissionDeniedError, "no permission to access users", ""),
-    ('{"code":0,"service_name":"users","message":"got an internal error",'
-     '"kind":"InternalError","details":"dial tcp: connection refused"}',
-     InternalError, "got an internal error", "dial tcp: connection refused"),
-    ('{"code":0,"service_name":"users","message":"service RPC error","destination":"billing",'
-     '"kind":"RPCError","details":"rpc error: code = Unavailable"}',
-     RPCError, "service RPC error", "rpc error: code = Unavailable"),
-    ('{"code":1042,"service_name":"users","message":"quota exceeded","kind":"CustomError"}',
-     CustomError, "quota exceeded", ""),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    ("payload", "cls", "message", "details"), GO_PAYLOADS, ids=[p[1].__name__ for p in GO_PAYLOADS]
-)
-def test_decodes_mikros_go_payloads(
-    payload: str, cls: type[ServiceError], message: str, details: str
-) -> None:
-    """Each payload a Mikros Go service sends decodes to the matching kind and fields."""
-    error = ServiceError.from_wire(json.loads(payload))
-    assert type(error) is cls
-    assert (error.message, error.details, error.service_name) == (message, details, "users")
-    assert compact(error.to_wire()) == payload  # and we would send back the very same bytes
-
-
-# Mikros Rust's ServiceError, serialized by serde in field order (code, kind, message,
-# service_name, attributes, destination), with the messages of its constructors.
-RUST_PAYLOADS = [
-    ('{"code":0,"kind":"NotFoundError","message":"not found","service_name":"my-service"}',
-     NotFoundError, "not found"),
-    ('{"code":0,"kind":"ValidationError","message":"invalid arguments",'
-     '"service_name":"my-service"}',
-     ValidationError, "invalid arguments"),
-    ('{"code":0,"kind":"PermissionError","message":"no permission to access the service",'
-     '"service_name":"my-service"}',
-     PermissionDeniedError, "no permission to access the service"),
-    ('{"code":0,"kind":"ConditionError","message":"stock is empty","service_name":"my-service"}',
-     ConditionError, "stock is empty"),
-    ('{"code":0,"kind":"InternalError","message":"some internal error",'
-     '"service_name":"my-service"}',
-     InternalError, "some internal error"),
-    ('{"code":42,"kind":"RPCError","message":"connection failed","service_name":"my-service",'
-     '"attributes":{"key":"value"},"destination":"http"}',
-     RPCError, "connection failed"),
-    ('{"code":0,"kind":"CustomError","message":"custom","service_name":"my-service"}',
-     CustomError, "custom"),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    ("payload", "cls", "message"), RUST_PAYLOADS, ids=[p[1].__name__ for p in RUST_PAYLOADS]
-)
-def test_decodes_mikros_rust_payloads(payload: str, cls: type[ServiceError], message: str) -> None:
-    """Each payload a Mikros Rust service sends decodes to the matching kind, attributes kept."""
-    error = ServiceError.from_wire(json.loads(payload))
-    assert type(error) is cls
-    assert (error.message, error.service_name) == (message, "my-service")
-    if cls is RPCError:
-        assert (error.code, error.destination, error.attributes) == (42, "http", {"key": "value"})
-        assert error.to_wire()["attributes"] == {"key": "value"}
-
-
-def test_rust_error_with_hidden_fields() -> None:
-    """Rust's MIKROS_HIDE_RESPONSE_FIELDS leaves only code and kind: still the right kind."""
-    error = ServiceError.from_wire({"code": 42, "kind": "RPCError"})
-    assert type(error) is RPCError
-    assert (error.code, error.message, error.service_name, error.destination) == (42, "", "", "")
-
-
 def test_cause_is_another_name_for_details() -> None:
     """A payload spelling the cause ``cause`` decodes it into details; ``details`` wins if both."""
     cause = ServiceError.from_wire({"code": 0, "kind": "InternalError", "cause": "disk full"})
     assert cause.details == "disk full"
-    assert cause.to_wire()["details"] == "disk full"
+    assert (cause.to_wire()["details"], cause.to_wire()["cause"]) == ("disk full", "disk full")
     both = ServiceError.from_wire({"kind": "InternalError", "details": "a", "cause": "b"})
     assert both.details == "a"
 
@@ -253,21 +169,78 @@ def test_odd_payloads_decode_without_raising(
 # -- the feature -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("expose", [True, False])
-def test_build_sets_the_hub_policy(expose: bool) -> None:
-    """build_errors copies expose_details onto the service's telemetry and returns no component."""
+def build_policy(table: str, environ: dict[str, str] | None = None) -> ErrorPolicy:
+    """The policy build_errors publishes for ``[features.errors]`` ``table``; it builds nothing."""
     definition = parse_definition(
-        'name = "s"\ntypes = ["worker"]\nversion = "v1.0.0"\n'
-        f"[features.errors]\nexpose_details = {str(expose).lower()}\n",
-        environ={},
+        f'name = "s"\ntypes = ["worker"]\nversion = "v1.0.0"\n[features.errors]\n{table}\n',
+        environ=environ or {},
     )
-    settings = definition.features["errors"].settings
-    assert settings == ErrorsSettings(expose_details=expose)
     telemetry = Telemetry("s")
-    telemetry.expose_details = not expose
+    settings = definition.features["errors"].settings
     context = BuildContext("errors", settings, definition, ServiceContainer(), telemetry)
     assert list(build_errors(context)) == []
-    assert telemetry.expose_details is expose
+    return telemetry.get(ErrorPolicy)
+
+
+def test_without_the_feature_the_defaults_hold() -> None:
+    """A hub nobody configured answers as the default policy: details shown, UNKNOWN, no hiding."""
+    assert policy(Telemetry("s")) == ErrorPolicy(True, "unknown", frozenset())
+    assert build_policy("") == ErrorPolicy(True, "unknown", frozenset())
+    assert ErrorsSettings().grpc_status == "unknown"
+
+
+@pytest.mark.parametrize("expose", [True, False])
+def test_build_publishes_the_policy(expose: bool) -> None:
+    """build_errors publishes expose_details, grpc_status and the keys hide_fields removes."""
+    table = f'expose_details = {str(expose).lower()}\ngrpc_status = "mapped"\n'
+    table += 'hide_fields = ["cause", "destination"]'
+    assert build_policy(table) == ErrorPolicy(
+        expose, "mapped", frozenset({"details", "cause", "destination"})
+    )
+
+
+def test_hide_response_fields_reads_as_rust_does_and_adds_to_the_file() -> None:
+    """Comma-separated, any case, blanks and empty entries forgiven; added to hide_fields."""
+    environ = {"MIKROS_HIDE_RESPONSE_FIELDS": " Message, SERVICE_NAME ,,attributes,"}
+    found = build_policy('hide_fields = ["destination"]', environ)
+    assert found.hidden == {"message", "service_name", "attributes", "destination"}
+    assert build_policy("", {"MIKROS_HIDE_RESPONSE_FIELDS": ""}).hidden == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("mesage", "no error field is called 'mesage' (did you mean 'message'?)"),
+        ("message,kind", "'kind' cannot be hidden: Mikros clients cannot decode an error"),
+        ("code", "'code' cannot be hidden"),
+    ],
+)
+def test_a_field_that_cannot_be_hidden_is_a_config_error(value: str, reason: str) -> None:
+    """A typo would leak what it meant to hide, and Rust cannot read an error without code/kind."""
+    with pytest.raises(ConfigError) as caught:
+        build_policy("", {"MIKROS_HIDE_RESPONSE_FIELDS": value})
+    (issue,) = caught.value.issues
+    assert issue.path == "features.errors.hide_fields"
+    assert reason in issue.message
+    assert "MIKROS_HIDE_RESPONSE_FIELDS" in issue.message
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_bad_hide_response_fields_stops_the_real_process(spawn: Spawn, command: str) -> None:
+    """``mikros-trio check`` and ``run``: exit 2, the variable and the bad name, no traceback."""
+    env = {"MIKROS_HIDE_RESPONSE_FIELDS": "message,kind"}
+    child = spawn(MIKROS_TRIO, command, "examples/worker/main.py", env=env)
+    assert child.wait() == 2, child.report()
+    assert "MIKROS_HIDE_RESPONSE_FIELDS" in child.stderr
+    assert "'kind' cannot be hidden" in child.stderr
+    assert "Traceback" not in child.stdout + child.stderr
+
+
+def test_hide_fields_in_the_file_is_checked_with_the_file() -> None:
+    """hide_fields = ["code"] is rejected when service.toml is read, naming the key."""
+    with pytest.raises(ConfigError) as caught:
+        build_policy('hide_fields = ["code"]')
+    assert "features.errors.hide_fields" in str(caught.value)
 
 
 # -- over HTTP ---------------------------------------------------------------------------------
@@ -399,10 +372,10 @@ async def in_thread(fn: Any, *args: Any) -> Any:
 async def test_not_found_over_grpc_with_grpcio(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:
-    """grpcio's client sees NOT_FOUND, and the status message decodes to the same NotFoundError."""
+    """grpcio's client sees UNKNOWN (the default), the message decodes to the same NotFoundError."""
     running = await mikros_service.start(GrpcContainer, write_toml(tmp_path, "grpc"))
     error = await in_thread(grpcio_unary, running.ports["grpc"], EchoRequest(text="7"))
-    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.code() == grpc.StatusCode.UNKNOWN
     typed = ServiceError.from_wire(json.loads(error.details()))
     assert type(typed) is NotFoundError
     assert (typed.message, typed.code, typed.service_name) == ("no user 7", 404, "users")
@@ -426,81 +399,31 @@ async def test_not_found_over_grpc_with_our_client(
 async def test_expose_details_over_grpc(
     mikros_service: ServiceStarter, tmp_path: Path, expose: bool
 ) -> None:
-    """An unexpected exception's text is in INTERNAL's details only with expose_details = true."""
+    """An unexpected exception's text is in the details only with expose_details = true."""
     running = await mikros_service.start(GrpcContainer, write_toml(tmp_path, "grpc", expose=expose))
     error = await in_thread(grpcio_unary, running.ports["grpc"], EchoRequest(fail="runtime"))
-    assert error.code() == grpc.StatusCode.INTERNAL
+    assert error.code() == grpc.StatusCode.UNKNOWN
     typed = ServiceError.from_wire(json.loads(error.details()))
     assert type(typed) is InternalError
     assert (INTERNALS in error.details()) is expose
     assert typed.details == (f"RuntimeError: {INTERNALS}" if expose else "")
 
 
-async def test_grpc_status_unknown_answers_as_mikros_go_does(
+async def test_grpc_status_mapped_answers_go_main_s_codes(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:
-    """grpc_status = "unknown": UNKNOWN with the JSON (Go's convention); our client decodes it."""
+    """grpc_status = "mapped": NOT_FOUND with the JSON, as Go main sends; our client decodes it."""
     path = write_toml(tmp_path, "grpc", extra="")
     path.write_text(
         path.read_text().replace(
-            "[features.errors]\n", '[features.errors]\ngrpc_status = "unknown"\n'
+            "[features.errors]\n", '[features.errors]\ngrpc_status = "mapped"\n'
         )
     )
     server = await mikros_service.start(GrpcContainer, path)
     error = await in_thread(grpcio_unary, server.ports["grpc"], EchoRequest(text="7"))
-    assert error.code() == grpc.StatusCode.UNKNOWN
+    assert error.code() == grpc.StatusCode.NOT_FOUND
     assert type(ServiceError.from_wire(json.loads(error.details()))) is NotFoundError
     caller = await start_caller(mikros_service, tmp_path, server.ports["grpc"])
     stub = testsvc_grpc.EchoStub(caller.container.users())
     with trio.fail_after(BOUND), pytest.raises(NotFoundError):
         await mikros_trio.grpc.call(stub.Unary, EchoRequest(text="7"), destination="users")
-
-
-class MikrosPeer(testsvc_pb2_grpc.EchoServicer):  # type: ignore[misc]  # generated, untyped
-    """Answers as a Mikros Go or Rust server does: status UNKNOWN, the error JSON as message.
-
-    The payload to answer with is the request's ``text``.
-    """
-
-    def Unary(self, request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNKNOWN, request.text)
-
-
-@asynccontextmanager
-async def mikros_peer() -> AsyncIterator[int]:
-    """A grpcio server standing in for a Mikros Go or Rust peer; yields its port."""
-    executor = futures.ThreadPoolExecutor(max_workers=2)
-    server = grpc.server(executor)
-    testsvc_pb2_grpc.add_EchoServicer_to_server(MikrosPeer(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield port
-    finally:
-        await in_thread(lambda: server.stop(None).wait(BOUND))
-        await in_thread(executor.shutdown)
-
-
-PEER_PAYLOADS = [
-    pytest.param(GO_PAYLOADS[0][0], NotFoundError, id="go-not-found"),
-    pytest.param(GO_PAYLOADS[5][0], RPCError, id="go-rpc"),
-    pytest.param(RUST_PAYLOADS[2][0], PermissionDeniedError, id="rust-permission"),
-    pytest.param(RUST_PAYLOADS[5][0], RPCError, id="rust-rpc"),
-]
-
-
-@pytest.mark.parametrize(("payload", "cls"), PEER_PAYLOADS)
-async def test_our_client_decodes_go_and_rust_servers(
-    mikros_service: ServiceStarter, tmp_path: Path, payload: str, cls: type[ServiceError]
-) -> None:
-    """A Go or Rust Mikros error (UNKNOWN status, JSON message) is raised as its own kind."""
-    async with mikros_peer() as port:
-        caller = await start_caller(mikros_service, tmp_path, port)
-        stub = testsvc_grpc.EchoStub(caller.container.users())
-        with trio.fail_after(BOUND), pytest.raises(ServiceError) as caught:
-            await mikros_trio.grpc.call(stub.Unary, EchoRequest(text=payload), destination="users")
-        assert type(caught.value) is cls
-        sent = json.loads(payload)
-        assert caught.value.message == sent["message"]
-        assert caught.value.kind == ErrorKind(sent["kind"])
-        assert await caller.stop() == 0

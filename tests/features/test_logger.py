@@ -997,15 +997,15 @@ async def test_grpc_calls_get_access_lines_with_the_incoming_request_id(
         raise AssertionError("the failing call succeeded")
 
     text, code = await in_thread(calls, running.ports["grpc"])
-    assert (text, code) == ("hi", grpc.StatusCode.NOT_FOUND)
+    assert (text, code) == ("hi", grpc.StatusCode.UNKNOWN)  # a NotFoundError
     running.service.telemetry.get(LogPipeline).flush()
     lines = read_lines(log_path(tmp_path, "echo"))
     ok = by_event(lines, "/mikros.testsvc.v1.Echo/Unary OK")
     assert (ok["kind"], ok["level"], ok["request_id"]) == ("grpc", "info", "rpc-7")
     assert ok["service"] == "echo"
-    missing = by_event(lines, "/mikros.testsvc.v1.Echo/Unary NOT_FOUND")
+    missing = by_event(lines, "/mikros.testsvc.v1.Echo/Unary UNKNOWN")
     assert NEW_ID.match(missing["request_id"])
-    assert missing["error_kind"] == "NotFoundError"
+    assert (missing["error_kind"], missing["level"]) == ("NotFoundError", "info")
 
 
 async def test_worker_iterations_get_a_line(

@@ -405,24 +405,27 @@ async def test_grpc_without_metadata_is_a_root_span(
 async def test_grpc_not_found_is_unset_and_a_runtime_error_is_an_error(
     mikros_service: ServiceStarter, tmp_path: Path
 ) -> None:
-    """NOT_FOUND: UNSET with the kind recorded; an unexpected error: ERROR, INTERNAL, an event."""
+    """A NotFoundError: UNSET with the kind recorded; an unexpected error: ERROR, an event.
+
+    Both travel as UNKNOWN ([features.errors] grpc_status default): the kind decides.
+    """
     running = await start_echo(mikros_service, tmp_path)
     port = running.ports["grpc"]
     assert await in_thread(echo_error, port, EchoRequest(fail="not-found")) is (
-        grpc.StatusCode.NOT_FOUND
+        grpc.StatusCode.UNKNOWN
     )
     assert await in_thread(echo_error, port, EchoRequest(fail="runtime")) is (
-        grpc.StatusCode.INTERNAL
+        grpc.StatusCode.UNKNOWN
     )
     not_found, broken = await spans_of(running, 2)
     assert not_found.status.status_code is StatusCode.UNSET
     assert not_found.attributes is not None
     assert not_found.attributes["mikros.error.kind"] == "NotFoundError"
-    assert not_found.attributes["rpc.grpc.status_code"] == 5
+    assert not_found.attributes["rpc.grpc.status_code"] == 2
     assert not_found.events == ()
     assert broken.status.status_code is StatusCode.ERROR
     assert broken.attributes is not None
-    assert broken.attributes["rpc.grpc.status_code"] == 13
+    assert broken.attributes["rpc.grpc.status_code"] == 2
     assert broken.attributes["error.type"] == "builtins.RuntimeError"
     assert [event.name for event in broken.events] == ["exception"]
 
@@ -433,7 +436,7 @@ async def test_an_internal_service_error_is_an_error_without_an_exception_event(
     """InternalError raised on purpose: status ERROR described by its kind, no stack recorded."""
     running = await start_echo(mikros_service, tmp_path)
     code = await in_thread(echo_error, running.ports["grpc"], EchoRequest(fail="internal"))
-    assert code is grpc.StatusCode.INTERNAL
+    assert code is grpc.StatusCode.UNKNOWN
     (span,) = await spans_of(running, 1)
     assert span.status.status_code is StatusCode.ERROR
     assert span.status.description == "InternalError: raised internal"

@@ -124,7 +124,7 @@ async def test_a_relayed_validation_error_leaves_every_span_unset(
     assert [span.status.status_code for span in spans] == [StatusCode.UNSET] * 3
     served = spans[-1]
     assert (served.attributes or {})["mikros.error.kind"] == "ValidationError"
-    assert (served.attributes or {})["rpc.grpc.status_code"] == 3
+    assert (served.attributes or {})["rpc.grpc.status_code"] == 2  # UNKNOWN, the default
     http = next(span for span in spans if span.name == "GET /hello")
     assert (http.attributes or {})["http.response.status_code"] == 400
     assert (http.attributes or {})["mikros.error.kind"] == "ValidationError"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
+    "HIDE_FIELDS_ENV",
     "METRICS_PORT_ENV",
     "EnvSettings",
     "ErrorsSettings",
@@ -39,9 +40,17 @@ class LoggerSettings:
     )
 
 
+#: Environment variable listing error fields never sent (Mikros Rust's name),
+#: comma-separated; added to ``[features.errors] hide_fields``.
+HIDE_FIELDS_ENV = "MIKROS_HIDE_RESPONSE_FIELDS"
+
+#: What ``hide_fields`` accepts (``cause`` is Go main's name of ``details``).
+HideableField = Literal["message", "service_name", "destination", "attributes", "details", "cause"]
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorsSettings:
-    """``[features.errors]``: how unexpected errors are shown to callers."""
+    """``[features.errors]``: how errors are shown to callers."""
 
     expose_details: bool = field(
         default=True,
@@ -50,12 +59,20 @@ class ErrorsSettings:
             "Mikros Go does; false sends only 'internal error'."
         },
     )
-    grpc_status: Literal["mapped", "unknown"] = field(
-        default="mapped",
+    grpc_status: Literal["unknown", "mapped"] = field(
+        default="unknown",
         metadata={
-            "help": "gRPC status of a Mikros error: mapped (NOT_FOUND, INVALID_ARGUMENT…, what "
-            "grpcio clients expect) or unknown (UNKNOWN for every kind, what Mikros Go and Rust "
-            "servers send and Go clients decode the kind from)."
+            "help": "gRPC status of a Mikros error: unknown (UNKNOWN for every kind, as Mikros "
+            "Go v0.19.0 and Rust servers send; every Mikros client reads the kind) or mapped "
+            "(NOT_FOUND, INVALID_ARGUMENT… as Go main sends; Go v0.19.0 clients then read "
+            "every kind as InternalError)."
+        },
+    )
+    hide_fields: tuple[HideableField, ...] = field(
+        default=(),
+        metadata={
+            "help": "Error fields never sent to callers (code and kind always are); "
+            f"{HIDE_FIELDS_ENV}, comma-separated as Mikros Rust reads it, adds to them."
         },
     )
 

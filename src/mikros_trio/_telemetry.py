@@ -213,12 +213,6 @@ class Telemetry:
         self.observers: list[Observer] = []
         #: Extra paths served with the probes (on the admin port when there is one).
         self.endpoints: dict[str, Endpoint] = {}
-        #: Whether an unexpected exception's text goes into the error's ``details``
-        #: (``[features.errors] expose_details``); secrets are masked either way.
-        self.expose_details = True
-        #: Whether Mikros errors go out as gRPC UNKNOWN, as Go and Rust servers send
-        #: them (``[features.errors] grpc_status = "unknown"``), instead of their codes.
-        self.grpc_status_unknown = False
         #: What masks secrets in output; ``None`` while there are none, so
         #: a hot path pays one identity check (see :meth:`add_secrets`).
         self.masker: Masker | None = None

@@ -208,6 +208,20 @@ def test_hide_response_fields_reads_as_rust_does_and_adds_to_the_file() -> None:
 
 
 @pytest.mark.parametrize(
+    "variable",
+    [
+        "S__MIKROS_HIDE_RESPONSE_FIELDS",
+        "s__MIKROS_HIDE_RESPONSE_FIELDS",
+        "MIKROS_HIDE_RESPONSE_FIELDS_s",
+    ],
+)
+def test_hide_response_fields_per_service_wins(variable: str) -> None:
+    """Ours, Go's and Rust's per-service forms are read before the shared variable."""
+    environ = {variable: "message", "MIKROS_HIDE_RESPONSE_FIELDS": "attributes"}
+    assert build_policy("", environ).hidden == {"message"}
+
+
+@pytest.mark.parametrize(
     ("value", "reason"),
     [
         ("mesage", "no error field is called 'mesage' (did you mean 'message'?)"),

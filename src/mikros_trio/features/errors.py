@@ -68,7 +68,7 @@ def build_errors(context: BuildContext) -> list[Component]:
     """
     settings: ErrorsSettings = context.settings
     definition = context.definition
-    names = (*settings.hide_fields, *_from_environment(definition.environ.get(HIDE_FIELDS_ENV)))
+    names = (*settings.hide_fields, *_from_environment(definition.mikros_env(HIDE_FIELDS_ENV)))
     bad = [name for name in names if name not in HIDEABLE]
     if bad:
         issue = ConfigIssue(definition.source, "features.errors.hide_fields", _why(bad))

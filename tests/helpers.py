@@ -420,9 +420,9 @@ UNARY = f"/{ECHO}/Unary"
 
 #: What :func:`_echo_service` builds: ``EchoRequest`` and ``EchoReply`` (the messages);
 #: ``SERVICE_ERRORS``, the ``EchoRequest.fail`` values that raise a ServiceError, with
-#: the gRPC code each maps to under ``grpc_status = "mapped"`` (the default sends UNKNOWN); ``EchoServicer`` and its ``Container`` (and
-#: ``ClientContainer``, plus a channel to ``[clients.peer]``); ``GrpcioEcho``, the same
-#: echo served by grpcio.
+#: the gRPC code each maps to under ``grpc_status = "mapped"`` (the default sends
+#: UNKNOWN); ``EchoServicer`` and its ``Container`` (and ``ClientContainer``, plus a
+#: channel to ``[clients.peer]``); ``GrpcioEcho``, the same echo served by grpcio.
 _ECHO_NAMES = frozenset(
     {
         "EchoRequest",

@@ -101,36 +101,21 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def codegen(session: nox.Session) -> None:
-    """Compile every .proto under examples/ and tests/ with grpcio-tools and purerpc's plugin.
+    """Regenerate the committed gRPC code with ``mikros-trio codegen``.
 
-    Writes ``<name>_pb2.py`` (messages), ``<name>_pb2.pyi``, ``<name>_grpc.py``
-    (purerpc servicer and stub) and ``<name>_pb2_grpc.py`` (grpcio stubs, for
-    interop tests) next to each proto's folder. The output is committed, so
-    run this after changing a .proto. Pass folders to limit it:
+    Each proto folder becomes a package whose modules import each other
+    relatively: ``<name>_pb2.py`` (messages), ``<name>_pb2.pyi``,
+    ``<name>_grpc.py`` (purerpc servicer and stub) and ``<name>_pb2_grpc.py``
+    (grpcio stubs, for interop tests). The output is committed, so run this
+    after changing a .proto. Pass proto folders to limit it:
     ``nox -s codegen -- examples/grpc/proto``.
     """
-    session.install("-e", ".[grpc]", "grpcio-tools>=1.60")
-    plugin = Path(session.bin) / "protoc-gen-purerpc"
-    folders = [Path(arg) for arg in session.posargs] or sorted(
-        {
-            path.parent
-            for pattern in ("examples/*/proto/*.proto", "tests/protos/*.proto")
-            for path in ROOT.glob(pattern)
-        }
-    )
-    for folder in folders:
-        protos = sorted(str(path.name) for path in folder.glob("*.proto"))
-        # examples/<name>/proto/x.proto → examples/<name>/; tests/protos stays put.
-        out = folder.parent if folder.name == "proto" else folder
-        session.run(
-            "python",
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{folder}",
-            f"--python_out={out}",
-            f"--pyi_out={out}",
-            f"--grpc_python_out={out}",
-            f"--purerpc_out={out}",
-            f"--plugin=protoc-gen-purerpc={plugin}",
-            *protos,
-        )
+    session.install("-e", ".[codegen]")
+    # proto folder → the package it is generated into.
+    packages = {
+        "examples/grpc/proto": "examples/grpc/greeter_proto",
+        "tests/protos": "tests/protos",
+    }
+    for folder in session.posargs or list(packages):
+        out = packages.get(folder.rstrip("/"), folder)
+        session.run("mikros-trio", "codegen", folder, "--out", out, "--grpcio")

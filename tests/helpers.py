@@ -293,7 +293,7 @@ def import_example(path: Path, name: str) -> ModuleType:
     """Import ``path`` (an example's module) as ``name``, its folder on ``sys.path``.
 
     The folder stays on ``sys.path`` (as the gateway example itself does),
-    so the example's own imports (``greeter_pb2``…) resolve. A ``main.py``
+    so the example's own imports (``greeter_proto``…) resolve. A ``main.py``
     needs a ``name`` no other example's module takes; the module is in
     ``sys.modules`` while it runs (dataclasses look it up).
     """

@@ -13,6 +13,7 @@ is bounded; every grpcio channel is closed.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import math
 import re
@@ -71,8 +72,8 @@ def fixture_greeter() -> Iterator[Greeter]:
     try:
         yield Greeter(
             main,
-            import_example(GRPC / "greeter_pb2.py", "greeter_pb2"),
-            import_example(GRPC / "greeter_pb2_grpc.py", "greeter_pb2_grpc"),
+            importlib.import_module("greeter_proto.greeter_pb2"),
+            importlib.import_module("greeter_proto.greeter_pb2_grpc"),
         )
     finally:
         del sys.modules[main.__name__]

@@ -30,8 +30,7 @@ from mikros_trio import ServiceContainer
 
 # The greeter's generated client code lives with the greeter example.
 sys.path.insert(0, str(Path(__file__).parents[1] / "grpc"))
-import greeter_grpc
-import greeter_pb2
+from greeter_proto import greeter_grpc, greeter_pb2
 
 
 def create_app(greeter: greeter_grpc.GreeterStub) -> QuartTrio:

@@ -5,8 +5,8 @@
 
 The server also answers ``grpc.health.v1.Health`` and server reflection, so
 grpcurl and grpc_health_probe work without extra setup. The code in
-``greeter_pb2.py`` / ``greeter_grpc.py`` is generated from
-``proto/greeter.proto`` by ``nox -s codegen``.
+``greeter_proto/`` is generated from ``proto/greeter.proto`` by
+``mikros-trio codegen proto --out greeter_proto`` (``nox -s codegen``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import greeter_grpc
-import greeter_pb2
 import trio
 from dependency_injector import providers
+from greeter_proto import greeter_grpc, greeter_pb2
 
 import mikros_trio
 from mikros_trio import ServiceContainer, ValidationError

@@ -78,8 +78,7 @@ from mikros_trio import (
 
 # The greeter's generated client code lives with the greeter example.
 sys.path.insert(0, str(Path(__file__).parents[1] / "grpc"))
-import greeter_grpc
-import greeter_pb2
+from greeter_proto import greeter_grpc, greeter_pb2
 
 log = logging.getLogger("orders")
 

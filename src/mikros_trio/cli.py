@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from ._codegen import add_codegen
 from ._container import ServiceContainer, container_class
 from ._definition import Definition, definition_schema, load_definition
 from ._graph import NodeSpec, plan
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the JSON Schema of service.toml")
     schema.set_defaults(handler=_schema)
+    add_codegen(commands)
     return parser
 
 

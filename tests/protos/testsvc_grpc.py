@@ -1,5 +1,5 @@
 import purerpc
-import testsvc_pb2 as testsvc__pb2
+from . import testsvc_pb2 as testsvc__pb2
 import google.protobuf.timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 

@@ -1,5 +1,5 @@
 import purerpc
-import greeter_pb2 as greeter__pb2
+from . import greeter_pb2 as greeter__pb2
 
 
 class GreeterServicer(purerpc.Servicer):

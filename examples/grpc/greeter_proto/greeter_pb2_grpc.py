@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-import greeter_pb2 as greeter__pb2
+from . import greeter_pb2 as greeter__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -274,3 +274,10 @@ def test_a_missing_config_exits_2(tmp_path: Path) -> None:
     done = deploy("dockerfile", "--config", tmp_path / "absent.toml")
     assert (done.returncode, "Traceback" in done.stderr) == (2, False)
     assert "cannot read the file" in done.stderr
+
+
+def test_an_out_folder_that_is_a_file_exits_2(tmp_path: Path) -> None:
+    config = write(tmp_path, VARIANTS["http"])
+    done = deploy("k8s", "--config", config, "--out", config)
+    assert (done.returncode, "Traceback" in done.stderr) == (2, False)
+    assert f"--out {config}" in done.stderr

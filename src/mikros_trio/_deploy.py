@@ -100,30 +100,16 @@ def add_deploy(commands: Any) -> None:
         )
         parser.add_argument("--config", type=Path, help="service.toml (default: beside the target)")
         parser.add_argument("--out", type=Path, metavar="DIR", help="write files here, not stdout")
-    k8s.add_argument("--image", help="container image (default NAME:VERSION)")
-    k8s.add_argument("--replicas", type=_replicas, default=2, metavar="N", help="default 2")
-    k8s.add_argument(
-        "--cpu",
-        type=_cpu,
-        default=250,
-        help="CPU request per serving process, as 250m or 0.5 (default 250m); "
-        "times [lifecycle] workers",
-    )
-    k8s.add_argument(
-        "--memory",
-        type=_memory,
-        default=256 * 2**20,
-        help="memory request and limit per serving process, as 256Mi (default); "
-        "times [lifecycle] workers",
-    )
-    k8s.add_argument(
-        "--pdb",
-        type=_pdb,
-        metavar="N|N%",
-        help="add a PodDisruptionBudget with this maxUnavailable",
-    )
+    for flag, parse, default, metavar, text in _K8S_OPTIONS:
+        k8s.add_argument(flag, type=parse, default=default, metavar=metavar, help=text)
     k8s.set_defaults(handler=_k8s)
     dockerfile_parser.set_defaults(handler=_dockerfile)
+
+
+def _image(text: str) -> str:
+    if not text or any(char.isspace() for char in text):
+        raise argparse.ArgumentTypeError(f"expected an image reference, got {text!r}")
+    return text
 
 
 def _replicas(text: str) -> int:
@@ -164,6 +150,29 @@ def _pdb(text: str) -> str:
     return text
 
 
+# (flag, parser, default, metavar, help) of each `deploy k8s` option.
+_K8S_OPTIONS: Final[tuple[tuple[str, Callable[[str], object], object, str, str], ...]] = (
+    ("--image", _image, None, "IMAGE", "container image (default NAME:VERSION)"),
+    ("--replicas", _replicas, 2, "N", "default 2"),
+    (
+        "--cpu",
+        _cpu,
+        250,
+        "CPU",
+        "CPU request per serving process, as 250m or 0.5 (default 250m); times [lifecycle] workers",
+    ),
+    (
+        "--memory",
+        _memory,
+        256 * 2**20,
+        "SIZE",
+        "memory request and limit per serving process, as 256Mi (default); "
+        "times [lifecycle] workers",
+    ),
+    ("--pdb", _pdb, None, "N|N%", "add a PodDisruptionBudget with this maxUnavailable"),
+)
+
+
 def _config_of(target: str, config: Path | None) -> tuple[str, Path]:
     """The run target and the service.toml it uses (beside a .py target, else ./service.toml)."""
     if target.endswith(".toml"):
@@ -192,11 +201,7 @@ def _k8s(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write("---\n".join(to_yaml(document) for document in documents))
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    for document in documents:
-        path = args.out / f"{document['kind'].lower()}.yaml"
-        path.write_text(to_yaml(document))
-        print(path)
+    _write(args.out, {f"{doc['kind'].lower()}.yaml": to_yaml(doc) for doc in documents})
     return 0
 
 
@@ -206,11 +211,21 @@ def _dockerfile(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(text)
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "Dockerfile"
-    path.write_text(text)
-    print(path)
+    _write(args.out, {"Dockerfile": text})
     return 0
+
+
+def _write(folder: Path, files: Mapping[str, str]) -> None:
+    """Write ``files`` into ``folder`` (made if missing), printing each path written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+            print(folder / name)
+    except OSError as error:
+        from .cli import UsageError
+
+        raise UsageError(f"--out {folder}: {error.strerror or error}") from None
 
 
 def _checked(build: Callable[[], T]) -> T:

@@ -281,3 +281,20 @@ def test_an_out_folder_that_is_a_file_exits_2(tmp_path: Path) -> None:
     done = deploy("k8s", "--config", config, "--out", config)
     assert (done.returncode, "Traceback" in done.stderr) == (2, False)
     assert f"--out {config}" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("examples/orders/service.toml",), ("--config", "examples/orders/service.toml"), ()],
+)
+def test_the_default_target_is_main_py_beside_the_config(args: tuple[str, ...]) -> None:
+    done = subprocess.run(
+        [MIKROS_TRIO, "deploy", "dockerfile", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO / ("examples/grpc" if not args else ""),
+    )
+    assert done.returncode == 0, done.stderr
+    assert 'ENTRYPOINT ["mikros-trio", "run", "main.py", "--config", "service.toml"]' in done.stdout

@@ -94,9 +94,8 @@ def add_deploy(commands: Any) -> None:
         parser.add_argument(
             "target",
             nargs="?",
-            default="main.py",
             help="what `mikros-trio run` starts: path/to/main.py[:Container] or "
-            "module[:Container] (default main.py); a .toml path names the config",
+            "module[:Container] (default main.py beside the config); a .toml path names the config",
         )
         parser.add_argument("--config", type=Path, help="service.toml (default: beside the target)")
         parser.add_argument("--out", type=Path, metavar="DIR", help="write files here, not stdout")
@@ -173,19 +172,26 @@ _K8S_OPTIONS: Final[tuple[tuple[str, Callable[[str], object], object, str, str],
 )
 
 
-def _config_of(target: str, config: Path | None) -> tuple[str, Path]:
-    """The run target and the service.toml it uses (beside a .py target, else ./service.toml)."""
-    if target.endswith(".toml"):
-        return "main.py", config if config is not None else Path(target)
-    if config is not None:
-        return target, config
+def _config_of(target: str | None, config: Path | None) -> tuple[str, Path]:
+    """The run target and the service.toml it uses.
+
+    The config defaults to the one beside a ``.py`` target (else
+    ./service.toml), and the target to ``main.py`` beside the config.
+    """
+    if target is not None and target.endswith(".toml"):
+        config, target = config or Path(target), None
+    if target is None:
+        config = config or Path("service.toml")
+        return str(config.parent / "main.py"), config
     spec = target.partition(":")[0]
-    return target, Path(spec).parent / "service.toml" if spec.endswith(".py") else Path(
-        "service.toml"
-    )
+    if config is None:
+        config = (
+            Path(spec).parent / "service.toml" if spec.endswith(".py") else Path("service.toml")
+        )
+    return target, config
 
 
-def _load(target: str, config: Path | None) -> tuple[str, Definition]:
+def _load(target: str | None, config: Path | None) -> tuple[str, Definition]:
     target, path = _config_of(target, config)
     # The manifests describe the file, not this shell: MIKROS_HTTP_PORT here
     # must not change the port written for the cluster.

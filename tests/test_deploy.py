@@ -154,21 +154,47 @@ def probes(main: dict[str, Any]) -> list[dict[str, Any]]:
     return [main[name] for name in ("livenessProbe", "readinessProbe", "startupProbe")]
 
 
-@pytest.mark.parametrize("with_admin", [True, False])
-def test_http_probes_match_the_running_service(
-    tmp_path: Path, spawn: Spawn, with_admin: bool
-) -> None:
+# An HTTP API and a worker in one service, as `mikros-trio run` starts it.
+HTTP_AND_WORKER = """
+from dependency_injector import providers
+from quart_trio import QuartTrio
+
+from mikros_trio import Lifetime, ServiceContainer
+
+
+class Loop:
+    async def run(self, lifetime: Lifetime) -> None:
+        await lifetime.wait_stopping()
+
+
+class Container(ServiceContainer):
+    app = providers.Singleton(QuartTrio, "app")
+    worker = providers.Factory(Loop)
+"""
+
+
+@pytest.mark.parametrize("case", ["http", "http-admin", "http-worker-admin-workers"])
+def test_http_probes_match_the_running_service(tmp_path: Path, spawn: Spawn, case: str) -> None:
     http = free_port()
-    admin = free_port() if with_admin else http
+    admin = http if case == "http" else free_port()
+    types = f'"http:{http}"'
+    program = REPO / "examples/http/main.py"
+    extra = ""
+    if case == "http-worker-admin-workers":
+        types += ', "worker"'
+        program = tmp_path / "main.py"
+        program.write_text(HTTP_AND_WORKER)
+        extra = "[lifecycle]\nworkers = 2\n"
     config = write(
         tmp_path,
-        HEAD.format(name="items", types=f'"http:{http}"')
+        HEAD.format(name="items", types=types)
         + LOCAL
-        + (f"admin_port = {admin}\n" if with_admin else "")
-        + "[features.metrics]\nenabled = true\n",
+        + (f"admin_port = {admin}\n" if admin != http else "")
+        + "[features.metrics]\nenabled = true\n"
+        + extra,
     )
     documents, _ = k8s(config)
-    child = spawn(MIKROS_TRIO, "run", REPO / "examples/http/main.py", "--config", config)
+    child = spawn(MIKROS_TRIO, "run", program, "--config", config)
     wait_until_ok(child, admin)
     main = container(documents)
     for probe in probes(main):

@@ -30,7 +30,7 @@ import trio
 from ._codegen import add_codegen
 from ._container import ServiceContainer, container_class
 from ._definition import Definition, definition_schema, load_definition
-from ._deploy import add_deploy as _add_deploy
+from ._deploy import add_deploy
 from ._graph import NodeSpec, plan
 from ._registry import default_registry
 from ._service import Service, report_config_error, run_process, validate_with_envs
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the JSON Schema of service.toml")
     schema.set_defaults(handler=_schema)
     add_codegen(commands)
-    _add_deploy(commands)
+    add_deploy(commands)
     return parser
 
 

@@ -95,7 +95,7 @@ _GO_HTTP = "Mikros Go's HTTP runtime key"
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    """``[runtime.worker]``: a long-running loop."""
+    """``[runtime.worker]``: a long-running loop, or a periodic job (``interval``)."""
 
     provider: str = field(
         default="worker",
@@ -108,6 +108,31 @@ class WorkerSettings:
             "instead of calling run once; each iteration is logged, timed and traced.",
             "gt": 0,
             "le": _WEEK,
+        },
+    )
+    max_backoff: float = field(
+        default=300.0,
+        metadata={
+            "help": "With interval: after k failed iterations in a row the next one waits "
+            "interval * 2**(k-1) seconds, at most this many (never less than interval).",
+            "gt": 0,
+            "le": _WEEK,
+        },
+    )
+    unhealthy_after: int = field(
+        default=3,
+        metadata={
+            "help": "With interval: this many failed iterations in a row mark the worker not ok "
+            "on /healthz and turn readiness off until one succeeds; 0 never does.",
+            "ge": 0,
+            "le": 1_000_000,
+        },
+    )
+    report_idle: bool = field(
+        default=False,
+        metadata={
+            "help": "With interval: log idle iterations (run_once returned False) at info and "
+            "trace them, as any other; by default they log at debug and make no span.",
         },
     )
 

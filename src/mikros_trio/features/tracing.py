@@ -683,8 +683,8 @@ class _SpanObserver(Observer):
         span, token, task = entry
         if token is not None and task is _current_task():
             otel_context.detach(token)
-        if not isinstance(span, _CallSpan):
-            return  # not sampled: ids only
+        if not isinstance(span, _CallSpan) or call.state.get("quiet"):
+            return  # not sampled (ids only), or a quiet call: a periodic worker's idle tick
         recording = span.end_time is None
         span.end()
         if recording:

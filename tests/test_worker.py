@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,8 @@ import pytest
 import trio
 from dependency_injector import providers
 
-from helpers import BOUND, HttpContainer, toml_text
-from mikros_trio import ConfigError, Lifetime, Service, ServiceContainer
+from helpers import BOUND, HttpContainer, RedisServer, toml_text
+from mikros_trio import ConfigError, Lifetime, Service, ServiceContainer, redis
 from mikros_trio._runtime_settings import _WEEK
 from mikros_trio.features.tracing import Tracing
 from mikros_trio.testing import RunningService, ServiceStarter
@@ -414,3 +414,101 @@ async def test_readiness_of_an_http_service_follows_its_worker(tmp_path: Path) -
             assert body["checks"]["worker"] == {"ok": True, "consecutive_failures": 0}
         with trio.fail_after(BOUND):
             assert await running.stop() == 0
+
+
+class Poll:
+    """Takes a job from Redis when there is one; an idle tick otherwise."""
+
+    def __init__(self, cache: redis.Client[Any]) -> None:
+        self.cache = cache
+        self.jobs: list[Any] = []
+        self.ticks = 0
+
+    async def run_once(self) -> bool:
+        self.ticks += 1
+        job = await self.cache.get("job")
+        if job is None:
+            return False
+        await self.cache.delete(["job"])
+        self.jobs.append(job)
+        return True
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Return once ``condition()`` holds, polled every 10 ms (at most 1000 times)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await trio.sleep(0.01)
+    pytest.fail("the condition never held")
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("report_idle", [False, True])
+async def test_an_idle_ticks_database_poll_makes_no_span_either(
+    mikros_service: ServiceStarter, tmp_path: Path, redis_server: RedisServer, report_idle: bool
+) -> None:
+    """The Redis GET of an idle tick is not exported (no orphan); a busy tick's is, with it."""
+
+    class Polling(ServiceContainer):
+        cache = providers.Resource(redis.client, url=redis_server.url(3), decode_responses=True)
+        worker = providers.Singleton(Poll, cache=cache)
+
+    path = periodic_toml(tmp_path, interval=0.01, report_idle=report_idle)
+    with trio.fail_after(BOUND):
+        running = await mikros_service.start(Polling, path)
+        worker = running.container.worker()
+        await until(lambda: worker.ticks >= 5)
+        await worker.cache.set("job", "j1")
+        await until(lambda: bool(worker.jobs))
+        assert await running.stop() == 0
+    spans = running.service.telemetry.get(Tracing).spans()
+    roots = [span for span in spans if span.parent is None]
+    if report_idle:
+        assert len(roots) == worker.ticks
+        assert len(spans) == 2 * worker.ticks + 1  # a GET each, the busy one's DEL
+        return
+    (root,) = roots
+    assert root.name == "worker"
+    children = [span for span in spans if span.parent is not None]
+    assert [span.name for span in children] == ["GET 3", "DEL 3"]
+    assert {span.parent.span_id for span in children if span.parent} == {root.context.span_id}
+
+
+class Burst:
+    """One busy tick making 300 Redis calls (past the 256 spans a tick holds), then idle."""
+
+    def __init__(self, cache: redis.Client[Any]) -> None:
+        self.cache = cache
+        self.ticks = 0
+
+    async def run_once(self) -> bool:
+        self.ticks += 1
+        if self.ticks > 1:
+            return False
+        for _ in range(300):
+            await self.cache.get("nothing")
+        return True
+
+
+@pytest.mark.redis
+async def test_a_tick_past_the_hold_limit_loses_no_span(
+    mikros_service: ServiceStarter, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A busy tick with more child spans than are held exports every one of them."""
+
+    class Bursting(ServiceContainer):
+        cache = providers.Resource(redis.client, url=redis_server.url(3))
+        worker = providers.Singleton(Burst, cache=cache)
+
+    path = periodic_toml(tmp_path, interval=0.01)
+    with trio.fail_after(BOUND):
+        running = await mikros_service.start(Bursting, path)
+        worker = running.container.worker()
+        await until(lambda: worker.ticks >= 3)
+        assert await running.stop() == 0
+    spans = running.service.telemetry.get(Tracing).spans()
+    (root,) = [span for span in spans if span.parent is None]
+    children = [span for span in spans if span.parent is not None]
+    assert len(children) == 300
+    assert {span.parent.span_id for span in children if span.parent} == {root.context.span_id}

@@ -28,7 +28,8 @@ once::
 - **Idle ticks stay quiet.** An iteration that returns exactly ``False``
   found nothing to do: its call ends with status ``idle`` and is marked
   quiet (``call.state["quiet"]``), so its access line is written at debug
-  and no span is exported for it (metrics still count it, as ``idle``).
+  and no span is exported for it nor for the calls it made (a database
+  poll); metrics still count it, as ``idle``.
   Any other result, ``None`` included, is work done, as before.
   ``report_idle = true`` reports idle ticks like any other.
 - **Failures back off.** A failing iteration is logged and counted and the
@@ -64,7 +65,8 @@ __all__ = ["WorkerComponent", "build_worker"]
 log = logging.getLogger("mikros_trio.worker")
 
 
-#: Marks a call that observers should not report at info or trace (an idle tick).
+#: A call's state key: present (false) while an iteration may still turn out
+#: idle, true once it did; observers then neither log it at info nor trace it.
 QUIET = "quiet"
 
 
@@ -143,6 +145,8 @@ class WorkerComponent(EntryComponent):
     ) -> None:
         telemetry = self._telemetry
         call = telemetry.begin("worker", "internal", self.name)
+        if not self._report_idle:
+            call.state[QUIET] = False  # may turn quiet: tracing holds its children's spans
         token = telemetry.enter(call)
         status, failed = "error", True  # unless the iteration completes
         try:

@@ -512,3 +512,23 @@ async def test_a_tick_past_the_hold_limit_loses_no_span(
     children = [span for span in spans if span.parent is not None]
     assert len(children) == 300
     assert {span.parent.span_id for span in children if span.parent} == {root.context.span_id}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_backoff", "1e9"),
+        ("max_backoff", "0"),
+        ("unhealthy_after", "-1"),
+        ("unhealthy_after", "10000000"),
+        ("report_idle", '"yes"'),
+    ],
+)
+def test_out_of_bounds_worker_settings_are_config_errors(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    """Backoff and threshold settings are bounded; a bad one names its key path."""
+    path = write(tmp_path)
+    path.write_text(path.read_text() + f"[runtime.worker]\ninterval = 1.0\n{key} = {value}\n")
+    with pytest.raises(ConfigError, match=f"runtime.worker.{key}"):
+        Service(PoliteContainer, path).build()

@@ -93,9 +93,14 @@ class MikrosKey:
 _GO_HTTP = "Mikros Go's HTTP runtime key"
 
 
+def _seconds(default: float | None, help: str, *, most: float = 3600) -> Any:
+    """A timeout field: seconds above zero, at most ``most`` (a typo must not disable it)."""
+    return field(default=default, metadata={"help": help, "gt": 0, "le": most})
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    """``[runtime.worker]``: a long-running loop."""
+    """``[runtime.worker]``: a long-running loop, or a periodic job (``interval``)."""
 
     provider: str = field(
         default="worker",
@@ -110,6 +115,28 @@ class WorkerSettings:
             "le": _WEEK,
         },
     )
+    max_backoff: float = _seconds(
+        300.0,
+        "With interval: after k failed iterations in a row the next one waits "
+        "interval * 2**(k-1) seconds, at most this many (never less than interval).",
+        most=_WEEK,
+    )
+    unhealthy_after: int = field(
+        default=3,
+        metadata={
+            "help": "With interval: this many failed iterations in a row mark the worker not ok "
+            "on /healthz and turn readiness off until one succeeds; 0 never does.",
+            "ge": 0,
+            "le": 1_000_000,
+        },
+    )
+    report_idle: bool = field(
+        default=False,
+        metadata={
+            "help": "With interval: log idle iterations (run_once returned False) at info and "
+            "trace them, as any other; by default they log at debug and make no span.",
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +147,6 @@ class ScriptSettings:
         default="script",
         metadata={"help": "Container provider that gives the script (an async callable)."},
     )
-
-
-def _seconds(default: float | None, help: str, *, most: float = 3600) -> Any:
-    """A timeout field: seconds above zero, at most ``most`` (a typo must not disable it)."""
-    return field(default=default, metadata={"help": help, "gt": 0, "le": most})
 
 
 def _described(default: bool | tuple[str, ...], help: str) -> Any:

@@ -1089,8 +1089,10 @@ class _LogObserver(Observer):
         kind, side, status = call.kind, call.side, call.status
         if call.failed:
             levelno = logging.ERROR if side != "client" else logging.WARNING
+        elif side == "client" or call.state.get("quiet"):
+            levelno = logging.DEBUG  # a quiet call: a periodic worker's idle tick
         else:
-            levelno = logging.INFO if side != "client" else logging.DEBUG
+            levelno = logging.INFO
         if levelno < pipeline.levelno:
             return
         name, target, method = call.name, call.target, call.method

@@ -28,6 +28,10 @@ Design decisions:
   client span is a child of whatever is current and is never attached: it
   ends in whatever task sees the response end, and nothing runs "inside"
   it on our side.
+- **A periodic worker's idle tick makes no span, nor do its children.**
+  While an iteration that may turn out idle runs, the spans of the calls
+  it makes (a database poll) wait in its call (at most 256); it exports
+  them with its own, or drops them all when it ends quiet.
 - **Span status follows the Mikros error kind.** ERROR (with a
   description) for server faults (``call.failed``) and the internal, RPC
   and custom kinds; UNSET for the caller's mistakes (validation, not found,
@@ -129,6 +133,7 @@ from mikros_trio._telemetry import (
     Call,
     Observer,
     Telemetry,
+    current_call,
 )
 from mikros_trio.errors import ConfigError, ConfigIssue, ErrorKind, ServiceError
 from mikros_trio.features.logger import DEFAULT_DEPLOY, deploy_env
@@ -179,6 +184,14 @@ _GRPC_CODES: dict[str, int] = {
 #: Bound on the per-method cache: method names come from declared services,
 #: but nothing unbounded may grow from what callers send.
 _CACHE_LIMIT = 1024
+
+#: A call's state key: present while a periodic worker's iteration may turn
+#: out idle, true once it did (see mikros_trio.worker).
+QUIET: Final = "quiet"
+
+#: Key of the children's spans an enclosing call holds (see ``_holder``), and their bound.
+_HELD: Final = object()
+_HOLD_LIMIT: Final = 256
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -685,6 +698,12 @@ class _SpanObserver(Observer):
             otel_context.detach(token)
         if not isinstance(span, _CallSpan):
             return  # not sampled: ids only
+        state = call.state
+        held = state.pop(_HELD, None)
+        if QUIET in state:
+            state[_HELD] = None  # closed: a straggler's span is exported, not held
+        if state.get(QUIET):
+            return  # a periodic worker's idle tick: no span, nor its children's
         recording = span.end_time is None
         span.end()
         if recording:
@@ -693,7 +712,14 @@ class _SpanObserver(Observer):
         # The SDK's own tuple of processors (no public accessor), read per call:
         # a user may add a processor to the provider at any time.
         if processor._span_processors:
-            processor.on_end(span.readable(self._resource, self._scope))
+            readable = span.readable(self._resource, self._scope)
+            holder = _holder(call)
+            if holder is not None:
+                holder.append(readable)
+            else:
+                processor.on_end(readable)
+            for child in held or ():
+                processor.on_end(child)
 
     def _finish(self, span: _CallSpan, call: Call) -> None:
         kind = call.kind
@@ -759,6 +785,26 @@ class _SpanObserver(Observer):
                 },
             )
         )
+
+
+def _holder(call: Call) -> list[ReadableSpan] | None:
+    """Where ``call``'s span waits: the enclosing call, while it may still turn quiet.
+
+    A worker iteration that may turn out idle (``QUIET`` in its state, not
+    yet true) holds its children's spans (a database poll) until it ends,
+    so an idle tick leaves no orphaned child behind; past ``_HOLD_LIMIT``
+    they go out at once (an iteration that busy was hardly idle).
+    """
+    enclosing = current_call()
+    if enclosing is None or enclosing is call:
+        return None
+    state = enclosing.state
+    if QUIET not in state:
+        return None
+    held: list[ReadableSpan] | None = state.setdefault(_HELD, [])
+    if held is None or len(held) >= _HOLD_LIMIT:
+        return None
+    return held
 
 
 def _db_naming(call: Call) -> tuple[str, dict[str, AttributeValue]]:

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ._secrets import Masker
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DB_SYSTEMS",
     "HTTP_METHODS",
+    "QUIET",
     "UNMATCHED",
     "Call",
     "Endpoint",
@@ -65,6 +66,12 @@ HTTP_METHODS = frozenset(
 #: operation, its ``target`` the database, ``state["peer"]`` the server's
 #: (host, port). Metrics and traces name and label them by these.
 DB_SYSTEMS = frozenset({"postgresql", "redis"})
+
+#: ``Call.state`` key of a call that may turn out to have done nothing (a
+#: periodic worker's idle tick): ``False`` while it runs, ``True`` once it
+#: did nothing. The logger writes a quiet call at debug; tracing holds the
+#: spans of its children while it may turn quiet and drops them all if it does.
+QUIET: Final = "quiet"
 
 _CALL: ContextVar[Call | None] = ContextVar("mikros_trio_call", default=None)
 _TELEMETRY: ContextVar[Telemetry | None] = ContextVar("mikros_trio_telemetry", default=None)

@@ -58,16 +58,11 @@ import trio
 from ._component import Component, Lifetime
 from ._container import BuildContext, EntryComponent, entry_point
 from ._runtime_settings import WorkerSettings
-from ._telemetry import Telemetry
+from ._telemetry import QUIET, Telemetry
 
 __all__ = ["WorkerComponent", "build_worker"]
 
 log = logging.getLogger("mikros_trio.worker")
-
-
-#: A call's state key: present (false) while an iteration may still turn out
-#: idle, true once it did; observers then neither log it at info nor trace it.
-QUIET = "quiet"
 
 
 class WorkerComponent(EntryComponent):

@@ -104,7 +104,14 @@ import trio
 
 from mikros_trio._component import Component, Lifetime, Role
 from mikros_trio._secrets import WEAK_LENGTH, Masker
-from mikros_trio._telemetry import Call, Observer, Telemetry, current_call, current_telemetry
+from mikros_trio._telemetry import (
+    QUIET,
+    Call,
+    Observer,
+    Telemetry,
+    current_call,
+    current_telemetry,
+)
 from mikros_trio.errors import ConfigError, ConfigIssue
 from mikros_trio.features.settings import LoggerSettings
 
@@ -1089,7 +1096,7 @@ class _LogObserver(Observer):
         kind, side, status = call.kind, call.side, call.status
         if call.failed:
             levelno = logging.ERROR if side != "client" else logging.WARNING
-        elif side == "client" or call.state.get("quiet"):
+        elif side == "client" or call.state.get(QUIET):
             levelno = logging.DEBUG  # a quiet call: a periodic worker's idle tick
         else:
             levelno = logging.INFO

@@ -28,8 +28,8 @@ name                                         type        labels
 ``grpc_server_in_flight``                    gauge
 ``grpc_client_handled_total``                counter     ``client``, ``method``, ``code``
 ``grpc_client_handling_seconds``             histogram   ``client``, ``method``, ``code``
-``worker_iterations_total``                  counter     ``worker``, ``status`` (ok, error,
-                                                         cancelled)
+``worker_iterations_total``                  counter     ``worker``, ``status`` (ok, idle,
+                                                         error, cancelled)
 ``worker_failures_total``                    counter     ``worker``
 ``worker_iteration_duration_seconds``        histogram   ``worker``
 ``script_duration_seconds``                  gauge       (set when the script ends)
@@ -305,7 +305,7 @@ class _Recorder(Observer):
         )
         self._worker_total = Counter(
             "worker_iterations_total",
-            "Iterations of a periodic worker, by outcome (ok or error).",
+            "Iterations of a periodic worker, by outcome (ok, idle, error, cancelled).",
             ["worker", "status"],
             registry=r,
         )

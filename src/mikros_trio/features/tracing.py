@@ -129,6 +129,7 @@ from mikros_trio._secrets import Masker
 from mikros_trio._telemetry import (
     DB_SYSTEMS,
     HTTP_METHODS,
+    QUIET,
     UNMATCHED,
     Call,
     Observer,
@@ -185,9 +186,6 @@ _GRPC_CODES: dict[str, int] = {
 #: but nothing unbounded may grow from what callers send.
 _CACHE_LIMIT = 1024
 
-#: A call's state key: present while a periodic worker's iteration may turn
-#: out idle, true once it did (see mikros_trio.worker).
-QUIET: Final = "quiet"
 
 #: Key of the children's spans an enclosing call holds (see ``_holder``), and their bound.
 _HELD: Final = object()

@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import trio
 
@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="processes serving the service (0: one per CPU); overrides [lifecycle] workers",
     )
+    run.add_argument(
+        "--reload",
+        action="store_true",
+        help="restart on changes to .py/.toml files beside the target (needs mikros-trio[dev])",
+    )
     run.set_defaults(handler=_run)
 
     check = commands.add_parser(
@@ -95,7 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> NoReturn:
+def _run(args: argparse.Namespace) -> int:
+    if args.reload:
+        from ._reload import run_reloading  # watchfiles only with the flag
+
+        return run_reloading(args)
     container, config = _resolve(args.target, args.config)
     # run() owns the process from here: signals, logging, and the exit
     # code, which it raises as SystemExit exactly as `python main.py` would.

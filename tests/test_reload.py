@@ -141,3 +141,33 @@ def test_reload_refuses_workers(spawn: Spawn, tmp_path: Path) -> None:
     assert parent.wait() == 2
     assert "cannot be combined with --workers" in parent.stderr
     assert "Traceback" not in parent.stderr
+
+
+def test_a_syntax_error_waits_for_the_fix(spawn: Spawn, tmp_path: Path) -> None:
+    main = write_service(tmp_path, "one")
+    write_worker_toml(tmp_path)
+    parent = spawn(MIKROS_TRIO, "run", "--reload", main, cwd=tmp_path)
+    parent.wait_for("serving one")
+    main.write_text(main.read_text() + "\ndef broken(:\n")
+    parent.wait_for("exited with code 2; waiting for a change", stream="stderr")
+    assert "SyntaxError" in parent.stderr
+    assert "Traceback" not in parent.stderr
+    write_service(tmp_path, "two")
+    parent.wait_for("serving two")
+    # Stopped while a fixed child runs: that child's graceful exit code.
+    parent.send(signal.SIGTERM)
+    assert parent.wait() == 0, parent.report()
+    assert "on_shutdown two" in parent.stdout
+
+
+def test_a_signal_while_waiting_for_a_fix_exits_with_the_last_code(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    main = write_service(tmp_path, "one")
+    config = write_worker_toml(tmp_path)
+    config.write_text(config.read_text().replace("drain_timeout = 1.0", "drain_timeout = -1"))
+    parent = spawn(MIKROS_TRIO, "run", "--reload", main, cwd=tmp_path)
+    parent.wait_for("exited with code 2; waiting for a change", stream="stderr")
+    assert "lifecycle.drain_timeout" in parent.stderr
+    parent.send(signal.SIGINT)
+    assert parent.wait() == 2, parent.report()

@@ -7,6 +7,7 @@ signal N forced the exit or cut a script short.
 
     mikros-trio run examples/worker/main.py            # Container, service.toml beside it
     mikros-trio run myservice.app:Container --config service.toml --verbose
+    mikros-trio run --reload examples/worker/main.py   # restart on .py/.toml edits
     mikros-trio check examples/worker/main.py          # validate, print the start order
     mikros-trio check --config service.toml            # the file alone, no container
     mikros-trio schema > service.schema.json

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -171,3 +172,17 @@ def test_a_signal_while_waiting_for_a_fix_exits_with_the_last_code(
     assert "lifecycle.drain_timeout" in parent.stderr
     parent.send(signal.SIGINT)
     assert parent.wait() == 2, parent.report()
+
+
+def test_ctrl_c_to_the_terminal_group_drains_the_child_once(spawn: Spawn, tmp_path: Path) -> None:
+    # A terminal's Ctrl-C signals its whole foreground group. setsid gives
+    # the parent a group of its own so the test can do the same to it alone.
+    main = write_service(tmp_path, "one")
+    write_worker_toml(tmp_path)
+    parent = spawn("setsid", MIKROS_TRIO, "run", "--reload", main, cwd=tmp_path)
+    parent.wait_for("serving one")
+    os.killpg(parent.proc.pid, signal.SIGINT)
+    # Had the child received it twice (from the terminal and the parent), it
+    # would have been forced (130) instead of draining to 0.
+    assert parent.wait() == 0, parent.report()
+    assert "on_shutdown one" in parent.stdout

@@ -24,11 +24,14 @@ import os
 import signal
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
+
+from ._definition import LifecycleSettings
 
 if TYPE_CHECKING:  # watchfiles brings anyio; both load only with --reload
     import anyio
@@ -38,8 +41,8 @@ __all__ = ["run_reloading"]
 #: Seconds past the child's shutdown_timeout before it is killed: its own
 #: watchdog exits at shutdown_timeout, this only catches a wedged process.
 KILL_MARGIN = 2.0
-#: The schema's default, used while service.toml cannot be read.
-_DEFAULT_SHUTDOWN = 20.0
+#: The schema's default and bounds, used to read the value without validating the file.
+_SHUTDOWN = next(f for f in fields(LifecycleSettings) if f.name == "shutdown_timeout")
 _WATCHED_SUFFIXES = (".py", ".toml")
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -77,8 +80,13 @@ def _shutdown_bound(config: Path) -> float:
     except (OSError, tomllib.TOMLDecodeError, AttributeError):
         value = None
     # The child validates the value; here anything odd falls back to the default.
-    if not isinstance(value, int | float) or not 0 < value < 30 or not math.isfinite(value):
-        value = _DEFAULT_SHUTDOWN
+    bounds = _SHUTDOWN.metadata
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not bounds["gt"] < value < bounds["lt"]
+    ):
+        value = _SHUTDOWN.default
     return float(value) + KILL_MARGIN
 
 
@@ -93,7 +101,7 @@ def _say(message: str) -> None:
 
 
 async def _watch(
-    folder: Path, config: Path, changed: trio.MemorySendChannel[str], stop: anyio.Event
+    folder: Path, config: Path, send: trio.MemorySendChannel[tuple[str, object]], stop: anyio.Event
 ) -> None:
     import watchfiles
 
@@ -107,7 +115,7 @@ async def _watch(
         *roots, watch_filter=relevant, debounce=400, stop_event=stop
     ):
         names = sorted({Path(path).name for _, path in changes})
-        changed.send_nowait(", ".join(names))
+        send.send_nowait(("change", ", ".join(names)))
 
 
 async def _supervise(command: Sequence[str], folder: Path, config: Path) -> int:
@@ -116,14 +124,12 @@ async def _supervise(command: Sequence[str], folder: Path, config: Path) -> int:
     send, events = trio.open_memory_channel[tuple[str, object]](math.inf)
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
-            changes_send, changes = trio.open_memory_channel[str](math.inf)
             # The watcher's thread is not cancellable; this event ends its wait.
             import anyio
 
             stop = anyio.Event()
-            nursery.start_soon(_watch, folder, config, changes_send, stop)
-            nursery.start_soon(_forward, changes, send, "change")
-            nursery.start_soon(_forward, signals, send, "signal")
+            nursery.start_soon(_watch, folder, config, send, stop)
+            nursery.start_soon(_forward_signals, signals, send)
             _say(f"watching {folder} and {config.name} (.py, .toml); Ctrl-C stops")
             code = await _loop(command, config, nursery, send, events)
             stop.set()
@@ -131,11 +137,11 @@ async def _supervise(command: Sequence[str], folder: Path, config: Path) -> int:
     return code
 
 
-async def _forward(
-    source: object, send: trio.MemorySendChannel[tuple[str, object]], kind: str
+async def _forward_signals(
+    signals: AsyncIterator[int], send: trio.MemorySendChannel[tuple[str, object]]
 ) -> None:
-    async for item in source:  # type: ignore[attr-defined]
-        send.send_nowait((kind, item))
+    async for signum in signals:
+        send.send_nowait(("signal", signum))
 
 
 async def _loop(

@@ -21,7 +21,7 @@ from helpers import (
     start_http,
     write_http_toml,
 )
-from mikros_trio import ConfigError, Lifetime, Phase, ServiceContainer
+from mikros_trio import ConfigError, Lifetime, Phase, RPCError, ServiceContainer
 from mikros_trio.testing import ServiceStarter, start_service
 from protos import testsvc_grpc
 
@@ -151,8 +151,11 @@ async def test_grpc_channel_talks_to_the_running_service(
     running = await start(mikros_service, tmp_path)
     with trio.fail_after(BOUND):
         async with running.grpc_channel() as channel:
-            reply = await testsvc_grpc.EchoStub(channel).Unary(EchoRequest(text="hi"))
-    assert reply.text == "hi"
+            stub = testsvc_grpc.EchoStub(channel)
+            reply = await stub.Unary(EchoRequest(text="hi"))
+        assert reply.text == "hi"
+        with pytest.raises(RPCError):
+            await stub.Unary(EchoRequest(text="closed"))
     assert port(running) == running.ports["grpc"]
 
 

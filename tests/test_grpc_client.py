@@ -18,6 +18,8 @@ import pytest
 import trio
 from dependency_injector import providers
 from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
+from purerpc.grpclib.exceptions import RpcFailedError
+from purerpc.grpclib.status import Status, StatusCode
 
 import mikros_trio.grpc
 from helpers import (
@@ -35,7 +37,7 @@ from helpers import (
     unary,
     write_toml,
 )
-from mikros_trio import RPCError, Service, ServiceContainer
+from mikros_trio import NotFoundError, RPCError, Service, ServiceContainer
 from mikros_trio.grpc import ClientChannel
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_grpc
@@ -396,3 +398,36 @@ async def test_a_call_the_server_may_have_processed_is_not_retried(
         assert proxy.connections == 1
         assert target.container.echo().finished == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_call_hands_a_fake_the_request_alone() -> None:
+    """A fake stub method taking only the request works; a status it raises comes out typed."""
+    seen: list[Any] = []
+
+    async def say_hello(request: EchoRequest) -> EchoRequest:
+        seen.append(request)
+        return EchoRequest(text=request.text.upper())
+
+    async def missing(request: EchoRequest) -> EchoRequest:
+        wire = NotFoundError("no such user", service_name="users").to_wire()
+        raise RpcFailedError(Status(StatusCode.NOT_FOUND, json.dumps(wire)))
+
+    reply = await mikros_trio.grpc.call(say_hello, EchoRequest(text="hi"), destination="users")
+    assert reply.text == "HI"
+    assert [request.text for request in seen] == ["hi"]
+    with pytest.raises(NotFoundError) as caught:
+        await mikros_trio.grpc.call(missing, EchoRequest(), destination="users")
+    assert (caught.value.message, caught.value.destination) == ("no such user", "users")
+
+
+async def test_call_passes_metadata_when_given() -> None:
+    """With ``metadata=``, the method gets it as stubs take it: ``metadata=`` by keyword."""
+    seen: list[Any] = []
+
+    async def say_hello(request: EchoRequest, *, metadata: Any = None) -> EchoRequest:
+        seen.append(metadata)
+        return request
+
+    await mikros_trio.grpc.call(say_hello, EchoRequest(), metadata=[("x-tenant", "acme")])
+    await mikros_trio.grpc.call(say_hello, EchoRequest())
+    assert seen == [[("x-tenant", "acme")], None]

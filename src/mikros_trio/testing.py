@@ -6,7 +6,9 @@ async context manager for use outside pytest. Network kinds bind ephemeral
 ports (their ``MIKROS_*_PORT`` variable is set to ``0``), provider
 overrides are applied before anything starts and removed afterwards, and
 the service is stopped — gracefully, through its real shutdown sequence —
-when the test ends. Works under pytest-trio, including ``autojump_clock``.
+when the test ends. It runs on pytest-trio (``autojump_clock`` included):
+an ``async def`` test that uses the fixture, directly or through another
+fixture, is marked ``trio`` here, so the project needs no ``trio_mode``.
 
 Example::
 
@@ -14,27 +16,35 @@ Example::
         running = await mikros_service.start(
             Container, "service.toml", overrides={"repo": FakeRepo()}
         )
-        assert running.health.ready
+        async with running.http_client() as client:
+            assert (await client.get("/items/7")).status_code == 404
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
 from dependency_injector import providers
 
 from ._container import ServiceContainer
-from ._definition import Definition
+from ._definition import ClientSettings, Definition
 from ._health import Health
 from ._registry import Registry, default_registry
 from ._service import Service
 from ._supervisor import LifecycleEvent
+
+if TYPE_CHECKING:
+    import httpx
+
+    from .grpc import ClientChannel
 
 __all__ = ["RunningService", "ServiceStarter", "start_service"]
 
@@ -96,6 +106,46 @@ class RunningService:
         """Shut down gracefully and wait for it; return the exit code. Idempotent."""
         self.service.stop("stopped by the test harness")
         return await self.wait()
+
+    def _port(self, name: str) -> int:
+        ports = self.ports
+        if name not in ports:
+            listening = ", ".join(sorted(ports)) or "none"
+            raise KeyError(f"no listener named {name!r} (listening: {listening})")
+        return ports[name]
+
+    @asynccontextmanager
+    async def http_client(
+        self, name: str = "http", **options: Any
+    ) -> AsyncIterator[httpx.AsyncClient]:
+        """An ``httpx.AsyncClient`` whose ``base_url`` is the listener ``name``; closed on exit.
+
+        ``options`` go to ``httpx.AsyncClient`` (``headers``, ``timeout``…).
+        Proxy variables from the environment are ignored (``trust_env``
+        false) unless ``options`` say otherwise: the service is local.
+        """
+        import httpx
+
+        options.setdefault("trust_env", False)
+        base_url = f"http://127.0.0.1:{self._port(name)}"
+        async with httpx.AsyncClient(base_url=base_url, **options) as client:
+            yield client
+
+    @asynccontextmanager
+    async def grpc_channel(self, name: str = "grpc") -> AsyncIterator[ClientChannel]:
+        """A channel to the gRPC listener ``name`` for generated stubs; closed on exit.
+
+        It is the :class:`~mikros_trio.grpc.ClientChannel` services use for
+        ``[clients.*]`` (a failure raises the typed Mikros error when called
+        through :func:`mikros_trio.grpc.call`), with telemetry of its own,
+        so the test's calls do not count as the service's.
+        """
+        from .grpc import ClientChannel
+
+        address = ClientSettings(host="127.0.0.1", port=self._port(name))
+        definition = dataclasses.replace(self.definition, clients={name: address})
+        async with ClientChannel(name, definition) as channel:
+            yield channel
 
     async def _run(self, *, task_status: trio.TaskStatus[Service]) -> None:
         try:
@@ -247,3 +297,49 @@ async def _mikros_service() -> AsyncIterator[ServiceStarter]:
         starter = ServiceStarter(nursery)
         yield starter
         await starter._stop_all()
+
+
+# The plugin's hooks. pytest-trio runs a test on Trio when it carries the
+# ``trio`` marker (``trio_mode`` only adds that marker to every async test);
+# marking the tests that use ``mikros_service`` is enough for the fixture
+# and every async fixture of those tests to run on Trio too.
+
+_FIXTURE = "mikros_service"
+
+
+def _is_async(item: pytest.Function) -> bool:
+    test = item.obj
+    hypothesis = getattr(test, "hypothesis", None)
+    if hypothesis is not None:
+        test = hypothesis.inner_test
+    return inspect.iscoroutinefunction(test)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark async tests using ``mikros_service`` for pytest-trio (trylast: after trio_mode)."""
+    if not config.pluginmanager.hasplugin("trio"):
+        return  # the marker is pytest-trio's: setup says what to install
+    for item in items:
+        if not isinstance(item, pytest.Function) or _FIXTURE not in item.fixturenames:
+            continue
+        if _is_async(item) and item.get_closest_marker("trio") is None:
+            item.add_marker(pytest.mark.trio)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Refuse, in words, what cannot run: a sync test, or no pytest-trio."""
+    if not isinstance(item, pytest.Function) or _FIXTURE not in item.fixturenames:
+        return
+    if not _is_async(item):
+        pytest.fail(
+            f"{item.nodeid}: {_FIXTURE} starts a service on Trio; write the test as `async def`",
+            pytrace=False,
+        )
+    if not item.config.pluginmanager.hasplugin("trio"):
+        pytest.fail(
+            f"{item.nodeid}: {_FIXTURE} needs the pytest-trio plugin; install it "
+            "(`pip install pytest-trio`) in the environment that runs pytest",
+            pytrace=False,
+        )

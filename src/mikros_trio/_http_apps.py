@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import math
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
@@ -29,6 +30,7 @@ import trio
 
 from ._runtime_settings import HttpSettings
 from ._telemetry import UNMATCHED, Telemetry, current_call
+from ._validation import invalid_request
 from ._wire import masked_wire, unexpected_error, wire_error
 from .errors import ErrorKind, ServiceError
 
@@ -149,6 +151,20 @@ def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | N
     async def unexpected(error: BaseException) -> tuple[dict[str, Any], int]:
         return answers.unexpected(error)
 
+    handle_user_exception = app.handle_user_exception
+
+    async def handle_user_exception_raised(error: Exception) -> Any:
+        # A handler turning an error into another (a lookup failure into
+        # NotFoundError) raises it from inside Quart's error handling,
+        # which answered that as a 500. It is handled as if the route had
+        # raised it, once: a handler failing again still ends as a 500.
+        try:
+            return await handle_user_exception(error)
+        except Exception as raised:
+            if raised is error:
+                raise
+            return await handle_user_exception(raised)
+
     handle_request = app.handle_request
 
     async def handle_request_or_fail(request: Any) -> Any:
@@ -186,6 +202,15 @@ def install_error_handlers(app: Any, service_name: str, telemetry: Telemetry | N
     app.register_error_handler(ServiceError, service_error)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected)
+    schema = sys.modules.get("quart_schema.validation")
+    if schema is not None:
+        # Loaded only by an app that declares models with quart-schema;
+        # its failure is a BadRequest whose description names no field.
+        async def invalid(error: Any) -> tuple[dict[str, Any], int]:
+            return answers.service_error(invalid_request(error.validation_error))
+
+        app.register_error_handler(schema.RequestSchemaValidationError, invalid)
+    app.handle_user_exception = handle_user_exception_raised
     app.before_request_funcs.setdefault(None, []).insert(0, name_call)
     app.handle_request = handle_request_or_fail
     app.log_exception = log_request_exception
@@ -362,6 +387,13 @@ def _install_starlette_handlers(app: Any, answers: _Answers) -> Callable[[int, s
         # wrapper knows it has been logged and answered.
         with suppress(AttributeError):
             setattr(error, _ANSWERED, True)
+        # What reaches this last handler unanswered but is a Mikros or HTTP
+        # error was raised by another handler (one turning an error into
+        # NotFoundError) or a middleware: it is answered as itself.
+        if isinstance(error, ServiceError):
+            return await service_error(request, error)
+        if isinstance(error, HTTPException):
+            return await http_error(request, error)
         return respond(answers.unexpected(error))
 
     handlers: dict[Any, Any] = {
@@ -374,12 +406,10 @@ def _install_starlette_handlers(app: Any, answers: _Answers) -> Callable[[int, s
 
         async def invalid(request: Request, error: Exception) -> Response:
             assert isinstance(error, RequestValidationError)
-            problems = [
-                f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
-                for problem in error.errors()[:5]
-            ]
-            message = "request validation failed: " + "; ".join(problems)
-            return respond(answers.http_error(422, message))
+            # FastAPI's own status for it, 422, is kept: its clients and
+            # its OpenAPI document expect it.
+            body, _ = answers.service_error(invalid_request(error))
+            return respond((body, 422))
 
         handlers[RequestValidationError] = invalid
     existing = app.exception_handlers

@@ -43,6 +43,11 @@ class Page(BaseModel):
     limit: int = Field(le=100)
 
 
+class Batch(BaseModel):
+    quantities: list[int] = []
+    prices: dict[str, int] = {}
+
+
 class Missing(Exception):
     """What the apps' own handlers turn into a Mikros NotFoundError."""
 
@@ -56,6 +61,11 @@ def quart_app() -> QuartTrio:
     @validate_response(Placed, 201)
     async def place(data: Order) -> tuple[Placed, int]:
         return Placed(id=1, item=data.item, quantity=data.quantity), 201
+
+    @app.post("/batches")
+    @validate_request(Batch)
+    async def batch(data: Batch) -> dict[str, int]:
+        return {"count": len(data.quantities)}
 
     @app.get("/orders")
     @validate_querystring(Page)
@@ -161,6 +171,27 @@ async def test_quart_schema_failures_are_mikros_validation_errors_with_field_pat
     assert fields(query.json()) == ["limit"]
     not_json = await post(running, "/orders", [1, 2])
     assert (not_json.status_code, not_json.json()["kind"]) == (400, "ValidationError")
+
+
+async def test_a_body_with_thousands_of_faults_gets_a_bounded_answer(
+    mikros_service: ServiceStarter, tmp_path: Path
+) -> None:
+    """5000 bad items: the answer names the first 20 fields, its message the first 5.
+
+    A field path holds the client's own keys: a 100 kB one is clipped.
+    """
+    running = await serve(mikros_service, tmp_path, quart_app)
+    bad = await post(running, "/batches", {"quantities": ["x"] * 5000})
+    assert bad.status_code == 400
+    body = bad.json()
+    assert fields(body) == [f"quantities.{index}" for index in range(20)]
+    assert body["details"].count("quantities.") == 20
+    assert body["message"].count("quantities.") == 5
+    key = "k" * 100_000
+    long = await post(running, "/batches", {"prices": {key: "x"}})
+    (problem,) = long.json()["attributes"]["fields"]
+    assert problem["path"] == "prices." + "k" * 192 + "\u2026"
+    assert len(long.content) < 2048
 
 
 async def test_fastapi_failures_carry_field_paths(

@@ -1,17 +1,15 @@
 """Request validation failures as Mikros ValidationErrors, with the path of every field at fault.
 
 The HTTP kind calls :func:`invalid_request` for what a request model
-refused, whichever library validated it: FastAPI's and pydantic's errors
-list their problems (``errors()``), msgspec's name one path in its text,
-anything else is its text. The paths go out three ways, so every Mikros
+refused: FastAPI's and pydantic's errors list their problems
+(``errors()``); anything else (msgspec's, which names the path in its
+text) is its text. The paths go out three ways, so every Mikros
 client reads them: in the message (what a person reads), in the cause
 (``details``/``cause``, the only free text Go decodes) and as
 ``attributes.fields`` (JSON, which Rust decodes).
 """
 
 from __future__ import annotations
-
-import re
 
 from .errors import ValidationError
 
@@ -20,11 +18,10 @@ __all__ = ["invalid_request"]
 #: Problems reported per request: a body with thousands of bad items must
 #: not become an answer of that size.
 MAX_FIELDS = 20
+#: Characters kept of a path or message: a path holds the client's own keys.
+MAX_TEXT = 200
 #: Problems quoted in the message; the cause and attributes carry the rest.
 MESSAGE_FIELDS = 5
-
-#: msgspec's "Expected `int`, got `str` - at `$.items[0].quantity`".
-_MSGSPEC_PATH = re.compile(r"^(?P<message>.*) - at `\$\.?(?P<path>[^`]*)`$", re.DOTALL)
 
 
 def _problems(error: BaseException) -> list[dict[str, str]]:
@@ -34,17 +31,17 @@ def _problems(error: BaseException) -> list[dict[str, str]]:
     if isinstance(items, list | tuple):
         return [
             {
-                "path": ".".join(str(part) for part in item.get("loc", ())),
-                "message": str(item.get("msg", "")),
+                "path": _clip(".".join(str(part) for part in item.get("loc", ()))),
+                "message": _clip(str(item.get("msg", ""))),
             }
             for item in items[:MAX_FIELDS]
             if isinstance(item, dict)
         ]
-    text = str(error)
-    found = _MSGSPEC_PATH.match(text)
-    if found is not None:
-        return [{"path": found["path"], "message": found["message"]}]
-    return [{"path": "", "message": text}]
+    return [{"path": "", "message": _clip(str(error))}]
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "\u2026"
 
 
 def _line(problem: dict[str, str]) -> str:

@@ -200,6 +200,12 @@ def _files(
         "types": types,
         "dependency": dependencies[0],
         "test_dependency": dependencies[1],
+        # hatchling refuses a `name @ url` dependency unless told it is meant.
+        "direct": (
+            "\n[tool.hatch.metadata]\nallow-direct-references = true\n"
+            if "@" in dependencies[0]
+            else ""
+        ),
         "kinds": " and ".join(kinds),
     }
     toml = SERVICE_TOML + "".join(FEATURE_TOML[feature] for feature in features)
@@ -269,7 +275,7 @@ test = ["$test_dependency"]
 
 [tool.hatch.build.targets.wheel]
 packages = ["src/$package"]
-
+$direct
 [tool.pytest.ini_options]
 addopts = ["-ra", "--strict-markers", "--strict-config"]
 testpaths = ["tests"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import re
 import shlex
@@ -12,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
@@ -57,31 +56,30 @@ def readme_commands(project: Path) -> list[list[list[str]]]:
     return [[shlex.split(part) for part in line.split(" && ")] for line in lines]
 
 
-def run_steps(steps: list[list[str]], project: Path) -> None:
-    """Run each argv in ``project``; fail with its output if one fails."""
-    for argv in steps:
-        done = subprocess.run(
-            argv,
-            cwd=project,
-            env=clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=INSTALL_BOUND,
-            check=False,
-        )
-        assert done.returncode == 0, (
-            f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-        )
+def step(argv: list[str], project: Path, timeout: float = INSTALL_BOUND) -> str:
+    """Run ``argv`` in ``project``; its stdout, or fail with its output if it fails."""
+    done = subprocess.run(
+        argv,
+        cwd=project,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
 
 
-def get(port: int, path: str) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5.0)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+def readme_tests(project: Path, test_line: list[list[str]]) -> str:
+    """Run the README's install-and-test command; its pytest output, once it passed."""
+    for argv in test_line[:-1]:
+        step(argv, project)
+    return step(test_line[-1], project, COMMAND_BOUND)
+
+
+def get(port: int, path: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}{path}", trust_env=False, timeout=5.0)
 
 
 def test_orders_from_empty_folder_runs_and_passes_its_tests(tmp_path: Path, spawn: Spawn) -> None:
@@ -90,30 +88,31 @@ def test_orders_from_empty_folder_runs_and_passes_its_tests(tmp_path: Path, spaw
     project = tmp_path / "orders"
     run_line, test_line = readme_commands(project)
 
-    run_steps(test_line[:-1], project)
-    tests = subprocess.run(
-        test_line[-1],
-        cwd=project,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_BOUND,
-        check=False,
-    )
-    assert tests.returncode == 0, tests.stdout + tests.stderr
-    assert re.search(r"\b3 passed\b", tests.stdout), tests.stdout
+    assert re.search(r"\b3 passed\b", readme_tests(project, test_line)), test_line
 
-    run_steps(run_line[:-1], project)
+    for argv in run_line[:-1]:
+        step(argv, project)
     port = free_port()
     env = clean_env(MIKROS_HTTP_PORT=str(port))
     child = spawn(*run_line[-1], env=env, cwd=project)
     wait_until_ok(child, port, "/readyz", timeout=COMMAND_BOUND)
-    assert get(port, "/livez")[0] == 200
-    status, body = get(port, "/hello/ada")
-    assert (status, json.loads(body)) == (200, {"message": "Hello, ada!"})
+    assert get(port, "/livez").status_code == 200
+    response = get(port, "/hello/ada")
+    assert (response.status_code, response.json()) == (200, {"message": "Hello, ada!"})
     child.send(signal.SIGTERM)
     assert child.wait(COMMAND_BOUND) == 0, child.report()
     assert "worker: Hello, worker!" in child.stdout + child.stderr
+
+
+def test_grpc_project_installs_and_passes_its_tests(tmp_path: Path) -> None:
+    """A gRPC + worker project's README test command passes in its own fresh venv.
+
+    Its generated code meets the protobuf and purerpc its extras install.
+    """
+    assert new(tmp_path, "greeter", "--kind", "grpc", "--kind", "worker").returncode == 0
+    project = tmp_path / "greeter"
+    _, test_line = readme_commands(project)
+    assert re.search(r"\b2 passed\b", readme_tests(project, test_line)), test_line
 
 
 @pytest.mark.parametrize(
@@ -187,6 +186,18 @@ def test_new_refuses_to_overwrite(tmp_path: Path) -> None:
     assert main.read_text() == "# mine\n"
     assert not (tmp_path / "orders" / "service.toml").exists()
     assert not (tmp_path / "orders" / "src" / "orders" / "proto").exists()
+
+
+def test_new_refuses_a_file_where_the_folder_goes(tmp_path: Path) -> None:
+    """A file where the folder (or a parent) goes exits 2 with the path and no traceback."""
+    (tmp_path / "orders").write_text("a file\n")
+    done = new(tmp_path, "orders")
+    assert done.returncode == 2
+    assert "orders exists and is not a folder" in done.stderr
+    done = new(tmp_path, "orders", "--dir", "orders/inside")  # a file as a parent folder
+    assert done.returncode == 2
+    assert "orders/inside" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(

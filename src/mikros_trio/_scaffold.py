@@ -145,6 +145,8 @@ def scaffold(
     spec = spec or default_spec()
     dependencies = (requirement(spec, extras), requirement(spec, ["pytest"]))
     files = _files(name, package, kinds, features, dependencies)
+    if folder.exists() and not folder.is_dir():
+        raise ScaffoldError(f"refusing to overwrite: {folder} exists and is not a folder")
     # What codegen and deploy write too, though their names are known only then.
     paths = [*files, "Dockerfile", "k8s", f"src/{package}/proto"]
     existing = sorted(str(folder / path) for path in paths if (folder / path).exists())
@@ -153,8 +155,11 @@ def scaffold(
     written: list[Path] = []
     for relative, text in files.items():
         path = folder / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as error:
+            raise ScaffoldError(f"{path}: {error.strerror or error}") from None
         written.append(path)
     if "grpc" in kinds:
         try:

@@ -314,7 +314,7 @@ FEATURE_TOML: Final = {
 README: Final = """\
 # $name
 
-A $kinds service on [mikros-trio](https://pypi.org/project/mikros-trio/).
+A service of kinds $kinds, on mikros-trio.
 
 Run it, and test it (each command sets up `.venv` first):
 
@@ -324,9 +324,9 @@ python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python 
 ```
 
 `service.toml` configures it; `src/$package/main.py` is the code. For
-Kubernetes, build the `Dockerfile` in this folder and apply `k8s/` (both
-written by `mikros-trio deploy` from `service.toml`: run it again after
-changing that file).
+Kubernetes, build the `Dockerfile` in this folder and apply `k8s/`. Both
+come from `service.toml`; after changing it, write them again with
+`mikros-trio deploy dockerfile --out .` and `mikros-trio deploy k8s --out k8s`.
 """
 
 PROTO: Final = """\

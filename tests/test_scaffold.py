@@ -147,12 +147,15 @@ def test_every_kind_scaffolds_and_its_tests_pass(tmp_path: Path, kinds: tuple[st
     assert "skipped" not in tests.stdout
 
 
+def documents_paths(project: Path) -> list[Path]:
+    return sorted((project / "k8s").glob("*.yaml"))
+
+
 def test_manifests_are_valid_kubernetes(tmp_path: Path) -> None:
     """k8s/ holds a Deployment and a Service that pass the Kubernetes schema, probing /readyz."""
     assert new(tmp_path, "orders", "--kind", "http", "--kind", "worker").returncode == 0
     documents = {
-        path.stem: yaml.safe_load(path.read_text())
-        for path in sorted((tmp_path / "orders" / "k8s").glob("*.yaml"))
+        path.stem: yaml.safe_load(path.read_text()) for path in documents_paths(tmp_path / "orders")
     }
     assert set(documents) == {"deployment", "service"}
     version = kubernetes_validate.latest_version()
@@ -160,8 +163,18 @@ def test_manifests_are_valid_kubernetes(tmp_path: Path) -> None:
         kubernetes_validate.validate(document, version, strict=True)
     container = documents["deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8080}
-    dockerfile = (tmp_path / "orders" / "Dockerfile").read_text()
+    project = tmp_path / "orders"
+    dockerfile = (project / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["mikros-trio", "run", "orders.main:Container"' in dockerfile
+    # The README's deploy commands write the very same files again (after deleting them).
+    before = {
+        path: path.read_text() for path in [project / "Dockerfile", *documents_paths(project)]
+    }
+    commands = re.findall(r"`mikros-trio (deploy [^`]+)`", (project / "README.md").read_text())
+    assert len(commands) == 2, commands
+    for command in commands:
+        step([MIKROS_TRIO, *shlex.split(command)], project, COMMAND_BOUND)
+    assert {path: path.read_text() for path in before} == before
 
 
 def test_pyproject_depends_on_mikros_trio_with_the_extras() -> None:

@@ -326,7 +326,8 @@ python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python 
 `service.toml` configures it; `src/$package/main.py` is the code. For
 Kubernetes, build the `Dockerfile` in this folder and apply `k8s/`. Both
 come from `service.toml`; after changing it, write them again with
-`mikros-trio deploy dockerfile --out .` and `mikros-trio deploy k8s --out k8s`.
+`mikros-trio deploy dockerfile $package.main:Container --out .` and
+`mikros-trio deploy k8s --out k8s`.
 """
 
 PROTO: Final = """\

@@ -34,6 +34,7 @@ from ._definition import Definition, definition_schema, load_definition
 from ._deploy import add_deploy
 from ._graph import NodeSpec, plan
 from ._registry import default_registry
+from ._scaffold import add_new
 from ._service import Service, report_config_error, run_process, validate_with_envs
 from .errors import ConfigError
 
@@ -98,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     schema.set_defaults(handler=_schema)
     add_codegen(commands)
     add_deploy(commands)
+    add_new(commands)
     return parser
 
 

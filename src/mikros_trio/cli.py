@@ -11,6 +11,9 @@ signal N forced the exit or cut a script short.
     mikros-trio check examples/worker/main.py          # validate, print the start order
     mikros-trio check --config service.toml            # the file alone, no container
     mikros-trio schema > service.schema.json
+    mikros-trio new orders --kind http --kind worker   # a new project
+    mikros-trio codegen src/orders/proto               # gRPC code from .proto files
+    mikros-trio deploy k8s main.py --image IMAGE       # Kubernetes manifests
 """
 
 from __future__ import annotations

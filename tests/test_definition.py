@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tomllib
@@ -1039,18 +1040,18 @@ def test_go_http_keys_are_checked(table: str, path: str, message: str) -> None:
         ("max_header_bytes", 65536),
     ],
 )
-def test_go_http_keys_reach_our_field_or_are_noted_inert(key: str, value: object) -> None:
-    """Each Go key lands in the field of its name, or loads as inert with a note naming it."""
+def test_go_http_keys_reach_our_field(key: str, value: object) -> None:
+    """Each Go key lands in the HTTP kind's field of its name."""
     text = doc(extra=f"[services.http]\n{key} = {toml_value(value)}\n")
     definition = parse_definition(text, environ={})
-    if any(spec.name == key for spec in HttpSettings.__dataclass_fields__.values()):
-        assert getattr(definition.runtime["http"], key) == value
-        assert definition.inert == ()
-    else:
-        (note,) = definition.inert
-        assert note.path == f"services.http.{key}"
-        assert "inert here (Mikros Go" in note.message
-        assert definition.runtime["http"] == HttpSettings()
+    assert getattr(definition.runtime["http"], key) == value
+
+
+def test_every_go_key_targets_a_field() -> None:
+    """A Go key's targets are all fields of the settings class: none is silently dropped."""
+    names = {spec.name for spec in dataclasses.fields(HttpSettings)}
+    for key in HttpSettings.mikros_keys:
+        assert set(key.targets) <= names, key
 
 
 def test_go_keys_do_not_hide_unknown_keys() -> None:

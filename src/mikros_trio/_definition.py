@@ -393,8 +393,6 @@ class Definition:
     deploy_env: str = ""
     #: ``MIKROS_CICD_TEST``, read as Mikros Go reads it (strconv.ParseBool).
     cicd_test: bool = False
-    #: Keys accepted for another Mikros version that have no effect here.
-    inert: tuple[ConfigIssue, ...] = ()
     environ: Mapping[str, str] = field(default_factory=_empty, repr=False, compare=False)
     # Effective port of each kind, resolved at load time because it needs the
     # registry (port_env, default_port) that the definition does not keep.
@@ -732,7 +730,6 @@ class _Loader:
         self.registry = registry
         self.service_model = service_model
         self.issues: list[ConfigIssue] = []
-        self.inert: list[ConfigIssue] = []
         self.full_name = ""
 
     def add(self, path: str, message: str) -> None:
@@ -805,7 +802,6 @@ class _Loader:
             full_name=document.name,
             deploy_env="" if deploy is None else deploy[1],
             cicd_test=cicd_test,
-            inert=tuple(self.inert),
             environ=self.environ,
             _ports=MappingProxyType(ports),
         )
@@ -937,8 +933,7 @@ class _Loader:
     def mikros_keys(self, cls: type, table: Mapping[str, Any], path: str) -> Mapping[str, Any]:
         """``table`` with the keys of other Mikros versions (``cls.mikros_keys``) made ours.
 
-        Inert keys are dropped and noted in ``self.inert``; a value that does
-        not fit is an issue at its key.
+        A value that does not fit is an issue at its key.
         """
         keys: tuple[MikrosKey, ...] = getattr(cls, "mikros_keys", ())
         if not keys or not isinstance(table, Mapping):
@@ -965,12 +960,7 @@ class _Loader:
             except ValueError as error:
                 self.add(where, f"expected {error}, got {show(value)}")
                 continue
-            targets = [name for name in key.targets if name in fields]
-            if not targets:
-                self.inert.append(
-                    ConfigIssue(self.source, where, f"inert here ({key.origin}): {key.inert}")
-                )
-                continue
+            targets = key.targets
             first = targets[0]
             if first != key.name and first in table:
                 self.add(where, f"is {first} in Mikros Go's units; set one of them")

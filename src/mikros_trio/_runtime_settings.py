@@ -42,10 +42,9 @@ class MikrosKey:
     ``unit`` says how that version writes the value: ``"ns"`` an integer of
     nanoseconds (Go's ``time.Duration``; 0 is Go's own default and sets
     nothing), ``"bytes"`` an integer (0 likewise), ``"bool"``, ``"str"``.
-    The value sets each of our fields in ``targets`` that the settings class
-    has and the file does not set itself (nanoseconds become seconds). A key
-    none of whose targets exist is accepted and inert: ``mikros-trio check``
-    says so, with ``inert`` as the reason. A key that is also one of our own
+    The value sets each of our fields in ``targets`` (all fields of the
+    settings class) that the file does not set itself (nanoseconds become
+    seconds). A key that is also one of our own
     fields (``read_timeout``) is the other version's only when its value is
     above our field's upper bound.
     """
@@ -54,7 +53,6 @@ class MikrosKey:
     unit: Literal["ns", "bytes", "bool", "str"]
     targets: tuple[str, ...]
     origin: str
-    inert: str = ""
 
     def schema(self) -> dict[str, Any]:
         """The JSON Schema of the value as the other Mikros version writes it."""

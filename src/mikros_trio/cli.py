@@ -154,10 +154,6 @@ def _check(args: argparse.Namespace) -> int:
     kinds = ", ".join(t.kind for t in definition.types)
     print(f"{definition.source}: ok ({scope})")
     print(f"service {definition.name} {definition.version}; kinds: {kinds}")
-    # Keys of other Mikros versions that load but change nothing here: one
-    # line each, so a team porting a service sees what it does not get.
-    for note in definition.inert:
-        print(f"note: {note.path}: {note.message}")
     print("start order (components on one line start together; stop is the reverse):")
     for number, wave in enumerate(waves, start=1):
         print(f"  {number}. {', '.join(wave)}")

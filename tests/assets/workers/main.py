@@ -4,7 +4,7 @@ Switches, from the environment (each worker inherits it):
 
 - ``WORKERS_TEST_FAIL_START=1``: the app's startup raises, so no worker can start;
 - ``WORKERS_TEST_HOLD=<folder>``: the first worker to claim ``<folder>/token``
-  holds its startup until ``<folder>/go`` exists (at most 20 s), so the
+  holds its startup until ``<folder>/go`` exists (at most 60 s), so the
   others are ready and it is not.
 """
 
@@ -37,7 +37,7 @@ def create_app() -> QuartTrio:
                 os.close(os.open(Path(hold, "token"), os.O_CREAT | os.O_EXCL))
             except FileExistsError:
                 return  # another worker holds
-            with trio.move_on_after(20):
+            with trio.move_on_after(60):
                 # Another process creates the file: there is no event to wait on.
                 while not await trio.Path(hold, "go").exists():  # noqa: ASYNC110
                     await trio.sleep(0.02)

@@ -47,7 +47,6 @@ EXPECTED = {
     "ServiceType",
     "ShutdownTrigger",
     "Supervisor",
-    "Timeouts",
     "default_registry",
     "definition_schema",
     "load_definition",

@@ -12,8 +12,9 @@ import trio.lowlevel
 import trio.testing
 
 from mikros_trio._component import Component, Lifetime, Role
+from mikros_trio._definition import LifecycleSettings
 from mikros_trio._health import ComponentState, Health, Phase
-from mikros_trio._supervisor import SERVICE, LifecycleEvent, Supervisor, Timeouts
+from mikros_trio._supervisor import SERVICE, LifecycleEvent, Supervisor
 
 
 class Probe(Component):
@@ -259,7 +260,7 @@ async def test_failed_start_shows_in_health(autojump_clock: trio.testing.MockClo
 
     supervisor = Supervisor(
         [Probe("db"), Never(), Probe("api", depends_on=["never"])],
-        timeouts=Timeouts(start_timeout=2),
+        lifecycle=LifecycleSettings(start_timeout=2),
     )
     assert await supervisor.run() == 1
     assert supervisor.health.snapshot() == {

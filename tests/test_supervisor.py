@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mikros_trio._component import Component, Lifetime, Role
+from mikros_trio._definition import LifecycleSettings
 from mikros_trio._health import ComponentState, Phase
-from mikros_trio._supervisor import SERVICE, LifecycleEvent, Supervisor, Timeouts
+from mikros_trio._supervisor import SERVICE, LifecycleEvent, Supervisor
 from mikros_trio._watchdog import EXIT_CODE, MARGIN, Watchdog
 
 P = Role.PROCESSING
@@ -198,7 +199,7 @@ async def test_stop_is_reverse_order_and_idempotent(autojump_clock: trio.testing
 async def test_readiness_delay_holds_stops_back(autojump_clock: trio.testing.MockClock) -> None:
     """Readiness is off at once; nothing is asked to stop until the readiness delay elapsed."""
     probe = Probe("a")
-    supervisor = Supervisor([probe], timeouts=Timeouts(readiness_delay=5))
+    supervisor = Supervisor([probe], lifecycle=LifecycleSettings(readiness_delay=5))
     stop_at = -1.0
 
     async with trio.open_nursery() as nursery:
@@ -225,7 +226,7 @@ async def test_drain_deadline_cuts_a_component_ignoring_stop(
 
     supervisor = Supervisor(
         [Probe("db"), Deaf("server", G)],
-        timeouts=Timeouts(drain_timeout=3, shutdown_timeout=20),
+        lifecycle=LifecycleSettings(drain_timeout=3, shutdown_timeout=20),
     )
     stop_at = -1.0
 
@@ -255,7 +256,7 @@ async def test_shutdown_timeout_cuts_whatever_is_still_running(
 
     supervisor = Supervisor(
         [Slow("db"), Probe("cache", depends_on=["db"], drain=4)],
-        timeouts=Timeouts(drain_timeout=50, shutdown_timeout=10),
+        lifecycle=LifecycleSettings(drain_timeout=50, shutdown_timeout=10),
     )
     stop_at = -1.0
 
@@ -289,7 +290,7 @@ async def test_shielded_component_delays_exit_past_shutdown_timeout(
 
     supervisor = Supervisor(
         [Slow("db"), Shielded("server", G)],
-        timeouts=Timeouts(drain_timeout=50, shutdown_timeout=10),
+        lifecycle=LifecycleSettings(drain_timeout=50, shutdown_timeout=10),
     )
     stop_at = -1.0
 
@@ -308,7 +309,9 @@ async def test_shielded_component_delays_exit_past_shutdown_timeout(
 async def test_force_cancels_at_once(autojump_clock: trio.testing.MockClock) -> None:
     """force(signum) during a slow drain cancels everything now; exit code is 128 + signum."""
     components = chain(3, drain=100)
-    supervisor = Supervisor(components, timeouts=Timeouts(drain_timeout=500, shutdown_timeout=900))
+    supervisor = Supervisor(
+        components, lifecycle=LifecycleSettings(drain_timeout=500, shutdown_timeout=900)
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
         supervisor.stop()
@@ -385,7 +388,9 @@ async def test_never_ready_fails_at_start_timeout(autojump_clock: trio.testing.M
         async def setup(self) -> None:
             await trio.sleep_forever()
 
-    supervisor = Supervisor([Probe("db"), Hangs("api", G)], timeouts=Timeouts(start_timeout=7))
+    supervisor = Supervisor(
+        [Probe("db"), Hangs("api", G)], lifecycle=LifecycleSettings(start_timeout=7)
+    )
     t0 = trio.current_time()
     assert await run_to_end(supervisor) == 1
     (failure,) = supervisor.failures
@@ -406,7 +411,7 @@ async def test_shielded_start_past_start_timeout_is_a_failure(
                 await trio.sleep(20)
 
     supervisor = Supervisor(
-        [Shielded("db"), Probe("server", G)], timeouts=Timeouts(start_timeout=1)
+        [Shielded("db"), Probe("server", G)], lifecycle=LifecycleSettings(start_timeout=1)
     )
     with trio.fail_after(100):  # ready late, it would serve forever
         assert await run_to_end(supervisor) == 1
@@ -426,7 +431,7 @@ async def test_start_blocking_the_thread_past_start_timeout_is_a_failure(
         async def setup(self) -> None:
             autojump_clock.jump(20)  # the loop's clock moves on; the task never yields
 
-    supervisor = Supervisor([Blocks("db")], timeouts=Timeouts(start_timeout=1))
+    supervisor = Supervisor([Blocks("db")], lifecycle=LifecycleSettings(start_timeout=1))
     with trio.fail_after(100):  # ready late, it would serve forever
         assert await run_to_end(supervisor) == 1
     (failure,) = supervisor.failures
@@ -654,7 +659,7 @@ async def test_warmup_bounded_by_start_timeout(autojump_clock: trio.testing.Mock
         async def warmup(self) -> None:
             await trio.sleep_forever()
 
-    supervisor = Supervisor([Forever("cache")], timeouts=Timeouts(start_timeout=4))
+    supervisor = Supervisor([Forever("cache")], lifecycle=LifecycleSettings(start_timeout=4))
     t0 = trio.current_time()
     assert await run_to_end(supervisor) == 1
     assert str(supervisor.failures[0]) == "service: warmup did not finish within 4 s"
@@ -809,7 +814,7 @@ async def test_watchdog_follows_start_ready_and_shutdown(
     watchdog = Recorder()
     supervisor = Supervisor(
         [Probe("db", start=2), Probe("server", G, start=3)],
-        timeouts=Timeouts(start_timeout=5, shutdown_timeout=9),
+        lifecycle=LifecycleSettings(start_timeout=5, shutdown_timeout=9),
         watchdog=watchdog,
     )
     t0 = trio.current_time()
@@ -1004,7 +1009,7 @@ async def test_error_during_forced_cancellation_is_recorded(
             except trio.Cancelled:
                 raise Boom("while cancelled") from None
 
-    supervisor = Supervisor([Messy("m")], timeouts=Timeouts(drain_timeout=500))
+    supervisor = Supervisor([Messy("m")], lifecycle=LifecycleSettings(drain_timeout=500))
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
         supervisor.stop()

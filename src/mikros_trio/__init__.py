@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from ._health import ComponentState, Health, Phase
     from ._registry import FeatureSpec, KindSpec, Registry, default_registry, load_registry
     from ._service import Service, run
-    from ._supervisor import LifecycleEvent, Supervisor, Timeouts
+    from ._supervisor import LifecycleEvent, Supervisor
     from ._telemetry import Call, Observer, Telemetry, current_call, current_telemetry
     from .errors import (
         ComponentError,
@@ -102,7 +102,6 @@ __all__ = [
     "ShutdownTrigger",
     "Supervisor",
     "Telemetry",
-    "Timeouts",
     "ValidationError",
     "current_call",
     "current_telemetry",
@@ -156,7 +155,6 @@ _MODULE_OF: dict[str, str] = {
     "ShutdownTrigger": "._component",
     "Supervisor": "._supervisor",
     "Telemetry": "._telemetry",
-    "Timeouts": "._supervisor",
     "ValidationError": ".errors",
     "current_call": "._telemetry",
     "current_telemetry": "._telemetry",

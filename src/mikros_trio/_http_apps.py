@@ -28,10 +28,10 @@ from typing import Any
 
 import trio
 
+from ._error_wire import masked_wire, unexpected_error, wire_error
 from ._runtime_settings import HttpSettings
 from ._telemetry import UNMATCHED, Telemetry, current_call
 from ._validation import invalid_request
-from ._wire import masked_wire, unexpected_error, wire_error
 from .errors import ErrorKind, ServiceError
 
 __all__ = [

@@ -26,7 +26,7 @@ from ._gc import GcTuning
 from ._health import Health
 from ._listen import WORKER_ENV
 from ._registry import Registry, default_registry
-from ._supervisor import LifecycleEvent, Supervisor, Timeouts
+from ._supervisor import LifecycleEvent, Supervisor
 from ._telemetry import Telemetry, redact_current
 from ._watchdog import MARGIN, Watchdog
 from .errors import ConfigError, ConfigIssue
@@ -130,12 +130,7 @@ class Service:
         return Supervisor(
             components,
             nodes=nodes,
-            timeouts=Timeouts(
-                start_timeout=lifecycle.start_timeout,
-                drain_timeout=lifecycle.drain_timeout,
-                shutdown_timeout=lifecycle.shutdown_timeout,
-                readiness_delay=lifecycle.readiness_delay,
-            ),
+            lifecycle=lifecycle,
             handle_signals=self._handle_signals,
             on_event=on_event,
             watchdog=watchdog,
@@ -207,7 +202,7 @@ class Service:
             trigger = supervisor.trigger
             now = trio.current_time()
             began = trigger.time if trigger is not None else now
-            deadline = max(began + supervisor.timeouts.shutdown_timeout, now + FLUSH_FLOOR)
+            deadline = max(began + supervisor.lifecycle.shutdown_timeout, now + FLUSH_FLOOR)
             with trio.move_on_at(deadline) as flush:
                 await self.telemetry.close()
             if flush.cancelled_caught:

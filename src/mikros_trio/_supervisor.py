@@ -45,12 +45,13 @@ from typing import Any
 import trio
 
 from ._component import Component, Lifetime, ShutdownTrigger, _SupervisorView
+from ._definition import LifecycleSettings
 from ._graph import NodeSpec, Plan, plan
 from ._health import ComponentState, Health, Phase
 from ._watchdog import EXIT_CODE, Watchdog
 from .errors import ComponentError
 
-__all__ = ["LifecycleEvent", "Supervisor", "Timeouts"]
+__all__ = ["LifecycleEvent", "Supervisor"]
 
 log = logging.getLogger("mikros_trio")
 
@@ -83,15 +84,8 @@ class LifecycleEvent:
         return f"[{self.time:10.3f}] {self.component}: {self.phase}{tail}"
 
 
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Deadlines, in seconds, that bound each phase (``[lifecycle]`` in service.toml)."""
-
-    start_timeout: float = 15.0
-    drain_timeout: float = 10.0
-    shutdown_timeout: float = 20.0
-    readiness_delay: float = 0.0
-
+#: ``[lifecycle]``'s defaults: a supervisor built without a definition (tests, tools).
+_DEFAULT_LIFECYCLE = LifecycleSettings()
 
 # Per-component run states, kept as small ints in a list: the supervisor
 # walks them for every component on every start and stop.
@@ -123,6 +117,8 @@ class Supervisor(_SupervisorView):
     use :class:`~mikros_trio.Service`, whose ``run`` always resumes the
     caller).
 
+    ``lifecycle`` gives the deadlines that bound each phase (the
+    definition's ``[lifecycle]``; its defaults when not given).
     ``handle_signals`` installs the SIGTERM/SIGINT/SIGHUP handler for the
     run. ``watchdog`` is for a process the service owns
     (:func:`mikros_trio.run`): the supervisor arms it at every start and
@@ -136,7 +132,7 @@ class Supervisor(_SupervisorView):
         self,
         components: Sequence[Component],
         *,
-        timeouts: Timeouts = Timeouts(),
+        lifecycle: LifecycleSettings = _DEFAULT_LIFECYCLE,
         nodes: Sequence[NodeSpec] | None = None,
         handle_signals: bool = False,
         on_event: Callable[[LifecycleEvent], None] | None = None,
@@ -149,7 +145,7 @@ class Supervisor(_SupervisorView):
                 for c in self.components
             ]
         self.plan: Plan = plan(nodes)
-        self.timeouts = timeouts
+        self.lifecycle = lifecycle
         self.events: list[LifecycleEvent] = []
         self.failures: list[ComponentError] = []
         #: Addresses components listen on, by name (see ``Lifetime.publish_address``).
@@ -279,7 +275,7 @@ class Supervisor(_SupervisorView):
         self._state[i] = _STARTING
         self._health._set_component(component.name, ComponentState.STARTING)
         self._event(component.name, "starting")
-        scope = trio.CancelScope(deadline=trio.current_time() + self.timeouts.start_timeout)
+        scope = trio.CancelScope(deadline=trio.current_time() + self.lifecycle.start_timeout)
         self._scopes[i] = scope
         self._start_order.append(i)
         if len(self._start_order) == 1:
@@ -301,7 +297,7 @@ class Supervisor(_SupervisorView):
         first = order[0]
         scope = self._scopes[first]
         assert scope is not None
-        limit = self.timeouts.start_timeout
+        limit = self.lifecycle.start_timeout
         watchdog.arm(
             scope.deadline - trio.current_time(),
             EXIT_CODE,
@@ -392,7 +388,7 @@ class Supervisor(_SupervisorView):
             if type(c).warmup is not Component.warmup and getattr(c, "wants_warmup", True)
         ]
         if warm and self._trigger is None:
-            limit = self.timeouts.start_timeout
+            limit = self.lifecycle.start_timeout
             if self._watchdog is not None:
                 self._watchdog.arm(
                     limit, EXIT_CODE, f"start_timeout ({limit:g} s) passed: warmup did not finish"
@@ -406,7 +402,7 @@ class Supervisor(_SupervisorView):
             if late and self._trigger is None:
                 self._fail(
                     ComponentError(
-                        SERVICE, f"warmup did not finish within {self.timeouts.start_timeout:g} s"
+                        SERVICE, f"warmup did not finish within {self.lifecycle.start_timeout:g} s"
                     ),
                     None,
                 )
@@ -441,9 +437,9 @@ class Supervisor(_SupervisorView):
         self._event(SERVICE, "shutdown", reason)
         self._settled.set()
         if self._root is not None:
-            self._root.deadline = now + self.timeouts.shutdown_timeout
+            self._root.deadline = now + self.lifecycle.shutdown_timeout
         if self._watchdog is not None:
-            limit = self.timeouts.shutdown_timeout
+            limit = self.lifecycle.shutdown_timeout
             self._watchdog.arm(
                 limit, EXIT_CODE, f"shutdown_timeout ({limit:g} s) passed since {reason}"
             )
@@ -466,8 +462,8 @@ class Supervisor(_SupervisorView):
     async def _open_stops(self) -> None:
         # Readiness is already off; the delay lets load balancers notice
         # before anything stops accepting work.
-        if self.timeouts.readiness_delay > 0:
-            await trio.sleep(self.timeouts.readiness_delay)
+        if self.lifecycle.readiness_delay > 0:
+            await trio.sleep(self.lifecycle.readiness_delay)
         self._stops_open = True
         for i in range(self._count + 1):
             if self._holding[i] == 0 and self._state[i] != _DONE:
@@ -483,7 +479,7 @@ class Supervisor(_SupervisorView):
         component = self.components[i]
         self._health._set_component(component.name, ComponentState.DRAINING)
         self._event(component.name, "stopping")
-        deadline = trio.current_time() + self.timeouts.drain_timeout
+        deadline = trio.current_time() + self.lifecycle.drain_timeout
         self._lifetimes[i]._begin_stopping(deadline)
         scope = self._scopes[i]
         assert scope is not None
@@ -505,7 +501,7 @@ class Supervisor(_SupervisorView):
         elif state == _STARTING and not self._aborted[i]:
             scope = self._scopes[i]
             if cut or (scope is not None and scope.cancel_called):
-                message = f"did not report ready within {self.timeouts.start_timeout:g} s"
+                message = f"did not report ready within {self.lifecycle.start_timeout:g} s"
             else:
                 message = "returned before reporting ready (task_status.started() not called)"
             self._fail(ComponentError(name, message), None)
@@ -514,11 +510,11 @@ class Supervisor(_SupervisorView):
             self._event(name, "cut", why)
             log.warning("%s was cancelled by the %s", name, why)
         elif cut and started:
-            self._event(name, "cut", f"drain timeout {self.timeouts.drain_timeout:g} s")
+            self._event(name, "cut", f"drain timeout {self.lifecycle.drain_timeout:g} s")
             log.warning(
                 "%s did not finish draining within %g s and was cancelled",
                 name,
-                self.timeouts.drain_timeout,
+                self.lifecycle.drain_timeout,
             )
         elif state == _SERVING:
             # Returned on its own while serving: the service has nothing
@@ -581,7 +577,7 @@ class Supervisor(_SupervisorView):
                 # Armed from here, the watchdog acts even if the loop never
                 # gets to this signal (a blocked thread, a shielded task).
                 if graceful:
-                    limit = self.timeouts.shutdown_timeout
+                    limit = self.lifecycle.shutdown_timeout
                     why = f"shutdown_timeout ({limit:g} s) passed since {_signal_name(signum)}"
                     watchdog.arm(limit, EXIT_CODE, why, sooner=True)
                 else:

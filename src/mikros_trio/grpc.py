@@ -76,9 +76,12 @@ from purerpc.rpc import Cardinality
 from ._component import Component, Lifetime, Role
 from ._container import BuildContext, ServiceContainer, container_class, provided_type
 from ._definition import Definition
+from ._error_wire import policy as error_policy
+from ._error_wire import unexpected_error, wire_error
 from ._grpc_proto import HEALTH, REFLECTION
 from ._grpc_services import HealthService, ReflectionService
-from ._grpc_wire import (
+from ._listen import open_anyio_listener
+from ._purerpc_fixes import (
     CALLERS,
     GONE,
     ClientSocket,
@@ -87,11 +90,8 @@ from ._grpc_wire import (
     only,
     stream_gone,
 )
-from ._listen import open_anyio_listener
 from ._runtime_settings import GrpcSettings
 from ._telemetry import Telemetry, current_call
-from ._wire import policy as error_policy
-from ._wire import unexpected_error, wire_error
 from .errors import ConfigError, ConfigIssue, ErrorKind, RPCError, ServiceError, mikros_wire
 
 __all__ = [

@@ -36,8 +36,8 @@ from mikros_trio import (
     ValidationError,
     parse_definition,
 )
+from mikros_trio._error_wire import ErrorPolicy, policy
 from mikros_trio._telemetry import Telemetry
-from mikros_trio._wire import ErrorPolicy, policy
 from mikros_trio.features.errors import build_errors
 from mikros_trio.features.settings import ErrorsSettings
 from mikros_trio.testing import RunningService, ServiceStarter

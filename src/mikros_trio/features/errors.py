@@ -27,7 +27,7 @@ services decode. What this feature decides is the policy the kinds share:
   them, so naming them is a configuration error, as is any unknown name (a
   typo would leak what it meant to hide).
 
-Design decision: the policy is an :class:`~mikros_trio._wire.ErrorPolicy`
+Design decision: the policy is an :class:`~mikros_trio._error_wire.ErrorPolicy`
 published on the service's :class:`~mikros_trio.Telemetry` at build time,
 not a component and not an observer. The kinds look it up only when an
 error is being answered, which costs nothing on successful calls; logging
@@ -41,7 +41,7 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING
 
-from mikros_trio._wire import HIDEABLE, ErrorPolicy
+from mikros_trio._error_wire import HIDEABLE, ErrorPolicy
 from mikros_trio.errors import ConfigError, ConfigIssue
 from mikros_trio.features.settings import HIDE_FIELDS_ENV, ErrorsSettings
 

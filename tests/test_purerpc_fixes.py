@@ -15,7 +15,7 @@ import trio
 from hyperframe.frame import RstStreamFrame, WindowUpdateFrame
 from purerpc.grpclib.config import GRPCConfiguration
 
-from mikros_trio._grpc_wire import _Abuse, _ClientConnection, _ServerConnection
+from mikros_trio._purerpc_fixes import _Abuse, _ClientConnection, _ServerConnection
 from mikros_trio._runtime_settings import GrpcSettings
 
 

@@ -1,7 +1,7 @@
 """Mikros errors as the kinds send them: every string masked, at any depth, before encoding.
 
 The HTTP body and the gRPC status message are ``json.dumps`` of what
-:func:`~mikros_trio._wire.wire_error` returns; these tests encode it the
+:func:`~mikros_trio._error_wire.wire_error` returns; these tests encode it the
 same way and look for every form of the secret in the result.
 """
 
@@ -11,8 +11,8 @@ import json
 import urllib.parse
 
 from helpers import leaked_forms
+from mikros_trio._error_wire import ErrorPolicy, unexpected_error, wire_error
 from mikros_trio._telemetry import Telemetry
-from mikros_trio._wire import ErrorPolicy, unexpected_error, wire_error
 from mikros_trio.errors import NotFoundError
 
 #: Characters JSON and repr escape, and a non-ASCII one.

@@ -83,6 +83,7 @@ class Service:
         registry: Registry | None = None,
         handle_signals: bool = False,
         on_event: Callable[[LifecycleEvent], None] | None = None,
+        verbose: bool = False,
     ) -> None:
         self.container: ServiceContainer = container() if isinstance(container, type) else container
         self._config = config
@@ -90,6 +91,7 @@ class Service:
         self._registry = registry or default_registry()
         self._handle_signals = handle_signals
         self._on_event = on_event
+        self._verbose = verbose
         self._definition: Definition | None = None
         self._supervisor: Supervisor | None = None
         self._telemetry: Telemetry | None = None
@@ -111,7 +113,7 @@ class Service:
         return self._supervisor
 
     def _supervise(self, definition: Definition) -> Supervisor:
-        telemetry = Telemetry(definition.name, definition.version)
+        telemetry = Telemetry(definition.name, definition.version, verbose=self._verbose)
         components, nodes = build_components(self.container, definition, self._registry, telemetry)
         self._telemetry = telemetry
         lifecycle = definition.lifecycle
@@ -366,6 +368,7 @@ async def run_process(
             Path(config),
             handle_signals=True,
             on_event=event_printer() if verbose else None,
+            verbose=verbose,
         )
         try:
             service.build()
@@ -386,11 +389,6 @@ async def run_process(
             from ._workers import worker_link
 
             link = worker_link()
-        if verbose and not parent_of:
-            # The logger feature owns logging; --verbose only opens it to debug lines.
-            from .features.logger import show_debug
-
-            show_debug(service.telemetry)
         if service.definition.lifecycle.gc_freeze and not parent_of:
             # Everything built so far lives as long as the process: move it out
             # of the collector's sight, which halves GC time during start and

@@ -211,12 +211,15 @@ class Telemetry:
 
     One per :class:`~mikros_trio.Service`, created before any feature or
     kind is built; builders receive it as ``context.telemetry`` and the
-    container as the ``telemetry`` provider.
+    container as the ``telemetry`` provider. ``verbose`` is the run's
+    ``--verbose``: features with output open it to the framework's debug
+    lines.
     """
 
-    def __init__(self, service: str = "", version: str = "") -> None:
+    def __init__(self, service: str = "", version: str = "", *, verbose: bool = False) -> None:
         self.service = service
         self.version = version
+        self.verbose = verbose
         self.observers: list[Observer] = []
         #: Extra paths served with the probes (on the admin port when there is one).
         self.endpoints: dict[str, Endpoint] = {}

@@ -37,7 +37,7 @@ from quart import request
 from quart_trio import QuartTrio
 
 from helpers import REPO, Examples, Spawn, start_greeter_and_gateway
-from mikros_trio import ConfigError, ServiceContainer, parse_definition
+from mikros_trio import ConfigError, Service, ServiceContainer, parse_definition
 from mikros_trio._container import BuildContext
 from mikros_trio._telemetry import Telemetry
 from mikros_trio.errors import ErrorKind
@@ -1101,6 +1101,22 @@ async def test_verbose_lets_framework_debug_lines_out(
     events = {line["event"] for line in read_lines(log_path(tmp_path))}
     assert "framework detail" in events
     assert "library detail" not in events
+
+
+def test_a_verbose_service_opens_its_logger_to_debug_lines(tmp_path: Path) -> None:
+    """``Service(verbose=True)``, as ``--verbose`` builds it: pipeline and framework at debug."""
+    framework = logging.getLogger("mikros_trio")
+    quiet = Service(Container, service_toml(tmp_path))
+    quiet.build()
+    assert quiet.telemetry.get(LogPipeline).levelno == logging.INFO
+    assert framework.level == logging.NOTSET
+    try:
+        verbose = Service(Container, service_toml(tmp_path), verbose=True)
+        verbose.build()
+        assert verbose.telemetry.get(LogPipeline).levelno == logging.DEBUG
+        assert framework.level == logging.DEBUG
+    finally:
+        framework.setLevel(logging.NOTSET)
 
 
 async def test_request_id_follows_a_call_across_services(

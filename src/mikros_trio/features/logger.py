@@ -1243,6 +1243,8 @@ def build_logger(context: BuildContext) -> Sequence[Component]:
     context.telemetry.publish(pipeline)
     context.telemetry.add_observer(_LogObserver(pipeline))
     context.telemetry.add_closer(pipeline.close)
+    if context.telemetry.verbose:
+        show_debug(context.telemetry)
     return [_LoggerComponent(context.name, pipeline)]
 
 

@@ -1,4 +1,4 @@
-"""``mikros_trio.run``: the garbage collector paused while the service builds, and given back."""
+"""``mikros_trio.run``: where it finds service.toml; the garbage collector paused while building."""
 
 from __future__ import annotations
 
@@ -78,3 +78,81 @@ def test_the_collector_is_paused_while_building_and_given_back(
     assert child.wait() == 0, child.report()
     reports = [line for line in child.stdout.splitlines() if line.startswith('{"building"')]
     assert [json.loads(line) for line in reports] == [{"building": [False], "serving": serving}]
+
+
+# A script service whose main.py names no service.toml: run finds it.
+_FINDS = """
+import sys
+
+import trio
+from dependency_injector import providers
+
+import mikros_trio
+from mikros_trio import ServiceContainer
+
+
+class Report:
+    def __init__(self, settings: dict[str, object]) -> None:
+        self.settings = settings
+
+    async def run(self) -> int:
+        print("found", self.settings["origin"], flush=True)
+        return 0
+
+
+class Container(ServiceContainer):
+    script = providers.Factory(Report, settings=ServiceContainer.settings)
+
+
+if __name__ == "__main__":
+    trio.run(mikros_trio.run, Container)
+"""
+
+_FOUND_TOML = """
+name = "finds"
+types = ["script"]
+version = "v0.1.0"
+product = "TESTS"
+
+[service]
+origin = "{origin}"
+"""
+
+
+def test_run_finds_the_service_toml_beside_the_container_module(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """``trio.run(mikros_trio.run, Container)`` from elsewhere reads the file beside main.py."""
+    folder = tmp_path / "service"
+    folder.mkdir()
+    (folder / "main.py").write_text(_FINDS)
+    (folder / "service.toml").write_text(_FOUND_TOML.format(origin="beside"))
+    (tmp_path / "service.toml").write_text(_FOUND_TOML.format(origin="cwd"))
+    child = spawn(sys.executable, folder / "main.py", cwd=tmp_path)
+    assert child.wait() == 0, child.report()
+    assert "found beside" in child.stdout
+
+
+def test_run_falls_back_to_the_working_directory(spawn: Spawn, tmp_path: Path) -> None:
+    """A container module with no service.toml beside it reads the working directory's."""
+    package = tmp_path / "app"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "main.py").write_text(_FINDS)
+    (tmp_path / "service.toml").write_text(_FOUND_TOML.format(origin="cwd"))
+    child = spawn(sys.executable, "-m", "app.main", cwd=tmp_path)
+    assert child.wait() == 0, child.report()
+    assert "found cwd" in child.stdout
+
+
+def test_run_without_any_service_toml_names_the_one_it_looked_for(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """Neither beside the module nor in the working directory: exit 2 naming the first place."""
+    (tmp_path / "main.py").write_text(_FINDS)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    child = spawn(sys.executable, tmp_path / "main.py", cwd=elsewhere)
+    assert child.wait() == 2, child.report()
+    assert str(tmp_path / "service.toml") in child.stderr
+    assert "Traceback" not in child.stderr

@@ -54,9 +54,5 @@ class Container(ServiceContainer):
     app = providers.Singleton(create_app, greeter=greeter)
 
 
-async def main() -> None:
-    await mikros_trio.run(Container, Path(__file__).with_name("service.toml"))
-
-
 if __name__ == "__main__":
-    trio.run(main)
+    trio.run(mikros_trio.run, Container)

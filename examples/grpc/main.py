@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 from dependency_injector import providers
@@ -56,12 +55,8 @@ class Greeter(greeter_grpc.GreeterServicer):
 class Container(ServiceContainer):
     service_model = Settings
 
-    greeter = providers.Singleton(Greeter, settings=ServiceContainer.definition.provided.service)
-
-
-async def main() -> None:
-    await mikros_trio.run(Container, Path(__file__).with_name("service.toml"))
+    greeter = providers.Singleton(Greeter, settings=ServiceContainer.settings)
 
 
 if __name__ == "__main__":
-    trio.run(main)
+    trio.run(mikros_trio.run, Container)

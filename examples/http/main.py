@@ -20,7 +20,6 @@ container's wiring is the dependency). Bad input raises
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -112,9 +111,5 @@ class Container(ServiceContainer):
     app = providers.Singleton(create_app, store=store)
 
 
-async def main() -> None:
-    await mikros_trio.run(Container, Path(__file__).with_name("service.toml"))
-
-
 if __name__ == "__main__":
-    trio.run(main)
+    trio.run(mikros_trio.run, Container)

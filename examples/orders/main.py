@@ -385,7 +385,6 @@ def create_app(store: OrderStore, settings: Settings) -> QuartTrio:
 
 class Container(ServiceContainer):
     service_model = Settings
-    settings = ServiceContainer.definition.provided.service
 
     db = providers.Resource(
         postgres.pool,
@@ -399,13 +398,11 @@ class Container(ServiceContainer):
     greeter = providers.Singleton(greeter_grpc.GreeterStub, greeter_channel)
     greet = providers.Singleton(Greet, greeter)
 
-    app = providers.Singleton(create_app, store=store, settings=settings)
-    worker = providers.Factory(Confirmer, store=store, greet=greet, settings=settings)
-
-
-async def main() -> None:
-    await mikros_trio.run(Container, Path(__file__).with_name("service.toml"))
+    app = providers.Singleton(create_app, store=store, settings=ServiceContainer.settings)
+    worker = providers.Factory(
+        Confirmer, store=store, greet=greet, settings=ServiceContainer.settings
+    )
 
 
 if __name__ == "__main__":
-    trio.run(main)
+    trio.run(mikros_trio.run, Container)

@@ -10,7 +10,6 @@ input is unusable (an exception, logged), 128 + N when signal N cut it short.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 from dependency_injector import providers
@@ -49,12 +48,8 @@ class BudgetCheck:
 class Container(ServiceContainer):
     service_model = Settings
 
-    script = providers.Factory(BudgetCheck, settings=ServiceContainer.definition.provided.service)
-
-
-async def main() -> None:
-    await mikros_trio.run(Container, Path(__file__).with_name("service.toml"))
+    script = providers.Factory(BudgetCheck, settings=ServiceContainer.settings)
 
 
 if __name__ == "__main__":
-    trio.run(main)
+    trio.run(mikros_trio.run, Container)

@@ -13,7 +13,6 @@ the worker is injected with it (the container's wiring is the dependency).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 from dependency_injector import providers
@@ -64,14 +63,8 @@ class Container(ServiceContainer):
     service_model = Settings
 
     counter = providers.Singleton(Counter)
-    worker = providers.Factory(
-        Ticker, counter=counter, settings=ServiceContainer.definition.provided.service
-    )
-
-
-async def main() -> None:
-    await mikros_trio.run(Container, Path(__file__).with_name("service.toml"))
+    worker = providers.Factory(Ticker, counter=counter, settings=ServiceContainer.settings)
 
 
 if __name__ == "__main__":
-    trio.run(main)
+    trio.run(mikros_trio.run, Container)

@@ -67,7 +67,7 @@ class ServiceContainer(containers.DeclarativeContainer):
     ``config`` holds service.toml as a strict ``Configuration``, so
     ``ServiceContainer.config.service.dsn`` reads ``[service] dsn``. Set
     :attr:`service_model` to a dataclass to have ``[service]`` decoded and
-    validated into it. Example::
+    validated into it, and inject :attr:`settings`. Example::
 
         class Container(ServiceContainer):
             repo = providers.Singleton(Repo, dsn=ServiceContainer.config.service.dsn)
@@ -86,12 +86,17 @@ class ServiceContainer(containers.DeclarativeContainer):
     #: Typed access to the environment (:class:`~mikros_trio.Env`); secrets masked.
     env: providers.Object[Any] = providers.Object(None)
 
+    #: The decoded ``[service]`` table: an instance of :attr:`service_model`
+    #: when one is set, else the table as a dict. Inject it where settings
+    #: are needed: ``providers.Factory(Poller, settings=ServiceContainer.settings)``.
+    settings: providers.Provider[Any] = definition.provided.service
+
     #: Optional dataclass that ``[service]`` is decoded into.
     service_model: ClassVar[type[Any] | None] = None
 
 
 #: Providers of the base container itself: never lifecycle components.
-_RESERVED = frozenset({"definition", "config", "telemetry", "env"})
+_RESERVED = frozenset({"definition", "config", "telemetry", "env", "settings"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -443,7 +443,7 @@ CONTAINER_LINES: Final = {
     "http": "    app = providers.Singleton(create_app, greeter=greeter)\n",
     "grpc": "    servicer = providers.Singleton(GreeterServicer, greeter=greeter)\n",
     "worker": "    worker = providers.Singleton(\n"
-    "        Worker, greeter=greeter, settings=ServiceContainer.definition.provided.service\n"
+    "        Worker, greeter=greeter, settings=ServiceContainer.settings\n"
     "    )\n",
     "script": "    script = providers.Factory(Job, greeter=greeter)\n",
 }

@@ -34,6 +34,7 @@ from .errors import ConfigError, ConfigIssue
 __all__ = [
     "Service",
     "event_printer",
+    "find_config",
     "report_config_error",
     "run",
     "validate_with_envs",
@@ -53,6 +54,10 @@ FLUSH_FLOOR = MARGIN / 2
 
 class Service:
     """One service, built from a container and a service.toml.
+
+    ``config`` is the service.toml (a path, or a parsed
+    :class:`~mikros_trio.Definition`); by default the one
+    :func:`find_config` finds for the container.
 
     ``build()`` validates everything (config, environment, container,
     graph) without constructing or starting any component, raising
@@ -77,7 +82,7 @@ class Service:
     def __init__(
         self,
         container: ServiceContainer | type[ServiceContainer],
-        config: str | os.PathLike[str] | Definition = "service.toml",
+        config: str | os.PathLike[str] | Definition | None = None,
         *,
         environ: Mapping[str, str] | None = None,
         registry: Registry | None = None,
@@ -86,7 +91,7 @@ class Service:
         verbose: bool = False,
     ) -> None:
         self.container: ServiceContainer = container() if isinstance(container, type) else container
-        self._config = config
+        self._config = find_config(self.container) if config is None else config
         self._environ = environ
         self._registry = registry or default_registry()
         self._handle_signals = handle_signals
@@ -319,14 +324,36 @@ def event_printer() -> Callable[[LifecycleEvent], None]:
     return emit
 
 
+def find_config(container: ServiceContainer | type[ServiceContainer]) -> Path:
+    """The service.toml of ``container`` when none is named.
+
+    The one beside the file of the module that defines the container's
+    class (``main.py`` run as a script included), else the one in the
+    working directory (how ``mikros-trio run package.module`` finds it
+    from a project's root); when neither exists, the first, which the
+    error then names.
+    """
+    cls = container if isinstance(container, type) else container_class(container)
+    module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    here = Path("service.toml")
+    if module_file is None:
+        return here
+    beside = Path(module_file).resolve().with_name("service.toml")
+    return here if not beside.is_file() and here.is_file() else beside
+
+
 async def run(
     container: ServiceContainer | type[ServiceContainer],
-    config: str | os.PathLike[str] = "service.toml",
+    config: str | os.PathLike[str] | None = None,
     *,
     verbose: bool | None = None,
     workers: int | None = None,
 ) -> NoReturn:
     """Run a service until it stops, then exit the process with its exit code.
+
+    ``config`` is the service.toml; by default the one beside the module
+    that defines the container (see :func:`find_config`), so a service's
+    ``main.py`` needs one line: ``trio.run(mikros_trio.run, Container)``.
 
     Handles SIGTERM, SIGINT and SIGHUP (another one during shutdown forces
     the exit, 128 + N), ends the process with 124 if a hook holds it past
@@ -339,18 +366,15 @@ async def run(
     run as ``__main__``), which must then be a class, not an instance.
     Call it from ``trio.run``::
 
-        async def main() -> None:
-            await mikros_trio.run(Container, Path(__file__).with_name("service.toml"))
-
         if __name__ == "__main__":
-            trio.run(main)
+            trio.run(mikros_trio.run, Container)
     """
     await run_process(container, config, verbose=verbose, workers=workers, target=None)
 
 
 async def run_process(
     container: ServiceContainer | type[ServiceContainer],
-    config: str | os.PathLike[str],
+    config: str | os.PathLike[str] | None,
     *,
     verbose: bool | None,
     workers: int | None,
@@ -359,6 +383,8 @@ async def run_process(
     """:func:`run`, with the command-line ``target`` workers are started from (None: derive it)."""
     if verbose is None:
         verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    if config is None:
+        config = find_config(container)
     pause_collection()
     parent_of = 0  # workers to start as their parent, or 0: serve in this process
     link = None

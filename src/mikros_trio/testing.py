@@ -173,7 +173,7 @@ def _apply_overrides(
 
 def _prepare(
     container: ServiceContainer | type[ServiceContainer],
-    config: str | os.PathLike[str] | Definition,
+    config: str | os.PathLike[str] | Definition | None = None,
     *,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -197,7 +197,7 @@ def _prepare(
             env[name] = "0"
     applied = _apply_overrides(instance, overrides or {})
     try:
-        config_arg = config if isinstance(config, Definition) else Path(config)
+        config_arg = config if config is None or isinstance(config, Definition) else Path(config)
         service = Service(instance, config_arg, environ=env, registry=registry)
         service.build()
     except BaseException:
@@ -244,7 +244,7 @@ class _Forward:
 @asynccontextmanager
 async def start_service(
     container: ServiceContainer | type[ServiceContainer],
-    config: str | os.PathLike[str] | Definition,
+    config: str | os.PathLike[str] | Definition | None = None,
     **options: Any,
 ) -> AsyncIterator[RunningService]:
     """Start the service, yield it once ready (or finished), stop it on exit.
@@ -273,7 +273,7 @@ class ServiceStarter:
     async def start(
         self,
         container: ServiceContainer | type[ServiceContainer],
-        config: str | os.PathLike[str] | Definition,
+        config: str | os.PathLike[str] | Definition | None = None,
         **options: Any,
     ) -> RunningService:
         """Start a service for this test; it is stopped when the test ends.

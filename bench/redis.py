@@ -49,7 +49,8 @@ async def _load(variant: str, url: str, seconds: float) -> float:
     from coredis.pool import ConnectionPool
     from coredis.retry import NoRetryPolicy
 
-    from mikros_trio import Observer, Telemetry, redis
+    from mikros_trio import redis
+    from mikros_trio.ext import Observer, Telemetry
 
     count = 0
 

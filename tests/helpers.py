@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # grpcio, trio, the framework… are imported by the helpers 
     from opentelemetry.sdk.trace import ReadableSpan
     from quart_trio import QuartTrio
 
-    from mikros_trio import Component, Service, ServiceContainer, Telemetry
+    from mikros_trio import Service, ServiceContainer
+    from mikros_trio.ext import Component, Telemetry
     from mikros_trio.features.metrics import Metrics
     from mikros_trio.features.tracing import Tracing
     from mikros_trio.testing import RunningService, ServiceStarter
@@ -321,9 +322,10 @@ def build_feature(
     Returns the service's fresh telemetry hub (where the feature registered
     its observers and objects) and the feature's components, not started.
     """
-    from mikros_trio import BuildContext, ServiceContainer, Telemetry, default_registry
+    from mikros_trio import ServiceContainer
     from mikros_trio._container import _load_factory
     from mikros_trio._definition import parse_definition
+    from mikros_trio.ext import BuildContext, Telemetry, default_registry
 
     definition = parse_definition(toml, environ=dict(environ or {}))
     telemetry = Telemetry(definition.name, definition.version)

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import MIKROS_TRIO, REPO, Spawn
-from mikros_trio import cli, definition_schema
+from mikros_trio import cli
+from mikros_trio.ext import definition_schema
 
 ASSETS = Path(__file__).parent / "assets"
 

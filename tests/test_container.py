@@ -10,17 +10,8 @@ import trio
 from dependency_injector import providers
 
 from helpers import write_worker_toml
-from mikros_trio import (
-    Component,
-    ConfigError,
-    FeatureSpec,
-    Lifetime,
-    Registry,
-    Role,
-    Service,
-    ServiceContainer,
-    default_registry,
-)
+from mikros_trio import ConfigError, Lifetime, Service, ServiceContainer
+from mikros_trio.ext import Component, FeatureSpec, Registry, Role, default_registry
 from mikros_trio.testing import ServiceStarter
 
 

@@ -14,7 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mikros_trio import (
+from mikros_trio._runtime_settings import GrpcSettings, HttpSettings, WorkerSettings
+from mikros_trio.errors import ConfigError, ConfigIssue
+from mikros_trio.ext import (
     ClientSettings,
     ComponentSettings,
     Definition,
@@ -29,8 +31,6 @@ from mikros_trio import (
     load_definition,
     parse_definition,
 )
-from mikros_trio._runtime_settings import GrpcSettings, HttpSettings, WorkerSettings
-from mikros_trio.errors import ConfigError, ConfigIssue
 
 ASSETS = Path(__file__).parent / "assets"
 GOOD = sorted((ASSETS / "good").glob("*.toml"))

@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
-import mikros_trio
+from types import ModuleType
 
-EXPECTED = {
-    "Env",
-    "Secret",
-    "Call",
-    "Observer",
-    "Telemetry",
-    "current_call",
-    "current_telemetry",
+import pytest
+
+import mikros_trio
+import mikros_trio.ext
+
+#: What a service's author uses: the entry point, the container, hooks'
+#: lifetime, environment access, the Mikros error kinds.
+SERVICE_AUTHORS = [
     "ConditionError",
+    "ConfigError",
     "CustomError",
+    "Env",
     "ErrorKind",
     "InternalError",
+    "Lifetime",
     "NotFoundError",
     "PermissionDeniedError",
     "RPCError",
+    "Secret",
+    "Service",
+    "ServiceContainer",
     "ServiceError",
     "ValidationError",
+    "run",
+]
+
+#: What writing a feature or a kind needs, in mikros_trio.ext.
+EXTENSION_AUTHORS = [
     "BuildContext",
+    "Call",
     "ClientSettings",
     "Component",
     "ComponentError",
     "ComponentSettings",
     "ComponentState",
-    "ConfigError",
     "ConfigIssue",
     "Definition",
     "FeatureConfig",
@@ -36,33 +47,42 @@ EXPECTED = {
     "KindSpec",
     "LifecycleEvent",
     "LifecycleSettings",
-    "Lifetime",
     "LogSettings",
     "MikrosTrioError",
+    "Observer",
     "Phase",
     "Registry",
     "Role",
-    "Service",
-    "ServiceContainer",
     "ServiceType",
     "ShutdownTrigger",
     "Supervisor",
+    "Telemetry",
+    "current_call",
+    "current_telemetry",
     "default_registry",
     "definition_schema",
     "load_definition",
     "load_registry",
     "parse_definition",
-    "run",
-}
+]
 
 
-def test_all_is_exactly_the_public_api() -> None:
-    """__all__ lists exactly the expected names, sorted, each importable and documented."""
-    assert set(mikros_trio.__all__) == EXPECTED
-    assert list(mikros_trio.__all__) == sorted(mikros_trio.__all__)
-    for name in mikros_trio.__all__:
-        obj = getattr(mikros_trio, name)
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [(mikros_trio, SERVICE_AUTHORS), (mikros_trio.ext, EXTENSION_AUTHORS)],
+    ids=["mikros_trio", "mikros_trio.ext"],
+)
+def test_all_is_exactly_the_tier(module: ModuleType, expected: list[str]) -> None:
+    """Each tier's __all__ is exactly its names, sorted, each importable and documented."""
+    assert list(module.__all__) == expected
+    for name in module.__all__:
+        obj = getattr(module, name)
         assert obj.__doc__, f"{name} has no docstring"
+
+
+def test_the_tiers_do_not_overlap() -> None:
+    """A name has one home: a service author never needs ext, nor ext the package's names."""
+    assert set(SERVICE_AUTHORS).isdisjoint(EXTENSION_AUTHORS)
 
 
 def test_importing_the_package_skips_network_stacks() -> None:

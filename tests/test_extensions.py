@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from mikros_trio import ConfigError, ServiceContainer, load_definition
+from mikros_trio import ConfigError, ServiceContainer
 from mikros_trio._definition import definition_schema
 from mikros_trio._registry import (
     FEATURES_GROUP,
@@ -19,6 +19,7 @@ from mikros_trio._registry import (
     load_registry,
 )
 from mikros_trio.cli import main
+from mikros_trio.ext import load_definition
 from mikros_trio.testing import start_service
 
 EXTENSIONS = Path(__file__).parent / "extensions"

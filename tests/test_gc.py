@@ -11,7 +11,8 @@ import pytest
 import trio
 from dependency_injector import providers
 
-from mikros_trio import ConfigError, Lifetime, Service, ServiceContainer, load_definition
+from mikros_trio import ConfigError, Lifetime, Service, ServiceContainer
+from mikros_trio.ext import load_definition
 from mikros_trio.testing import ServiceStarter
 
 TOML = """

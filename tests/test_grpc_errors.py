@@ -27,7 +27,8 @@ from helpers import (
     unary,
     write_toml,
 )
-from mikros_trio import Call, ErrorKind, InternalError, NotFoundError, Observer
+from mikros_trio import ErrorKind, InternalError, NotFoundError
+from mikros_trio.ext import Call, Observer
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_grpc, testsvc_pb2_grpc
 

@@ -35,15 +35,9 @@ from helpers import (
     write_http_toml,
 )
 from helpers import http_port as port
-from mikros_trio import (
-    Call,
-    NotFoundError,
-    Observer,
-    PermissionDeniedError,
-    ServiceContainer,
-    ValidationError,
-)
+from mikros_trio import NotFoundError, PermissionDeniedError, ServiceContainer, ValidationError
 from mikros_trio._telemetry import UNMATCHED
+from mikros_trio.ext import Call, Observer
 from mikros_trio.testing import RunningService, ServiceStarter
 
 ERRORS = {"validation": (ValidationError, 400), "permission": (PermissionDeniedError, 403)}

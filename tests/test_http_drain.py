@@ -37,7 +37,7 @@ from helpers import (
 )
 from helpers import http_port as port
 from helpers import start_http as start
-from mikros_trio import Call, Observer
+from mikros_trio.ext import Call, Observer
 from mikros_trio.testing import RunningService, ServiceStarter
 
 

@@ -14,10 +14,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 import mikros_trio
+import mikros_trio.ext
 from helpers import PATIENCE, REPO, Spawn
 
 #: The optional stacks: the HTTP and gRPC kinds', the metrics and tracing
@@ -89,8 +91,8 @@ def test_reading_the_definition_api_needs_no_runtime() -> None:
     out = _python(
         """
         import json, sys, mikros_trio
-        assert mikros_trio.definition_schema()["type"] == "object"
-        assert issubclass(mikros_trio.ConfigError, mikros_trio.MikrosTrioError)
+        assert mikros_trio.ext.definition_schema()["type"] == "object"
+        assert issubclass(mikros_trio.ConfigError, mikros_trio.ext.MikrosTrioError)
         print(json.dumps(sorted(sys.modules)))
         """
     )
@@ -191,9 +193,11 @@ def test_wire_and_unwire_reach_the_real_wiring(
     )
 
 
-def test_lazy_exports_match_the_type_checkers_imports() -> None:
+@pytest.mark.parametrize("module", [mikros_trio, mikros_trio.ext], ids=lambda m: m.__name__)
+def test_lazy_exports_match_the_type_checkers_imports(module: ModuleType) -> None:
     """Each name is loaded from the module the ``TYPE_CHECKING`` imports name; dir() lists all."""
-    tree = ast.parse(Path(mikros_trio.__file__).read_text())
+    assert module.__file__ is not None
+    tree = ast.parse(Path(module.__file__).read_text())
     guarded = next(
         node
         for node in tree.body
@@ -204,16 +208,38 @@ def test_lazy_exports_match_the_type_checkers_imports() -> None:
         assert isinstance(node, ast.ImportFrom)
         for alias in node.names:
             static[alias.name] = "." * node.level + (node.module or "")
-    assert static == mikros_trio._MODULE_OF
-    assert set(static) == set(mikros_trio.__all__)
-    assert set(mikros_trio.__all__) <= set(dir(mikros_trio))
-    for name, module in static.items():
-        source = importlib.import_module(module, "mikros_trio")
-        assert getattr(mikros_trio, name) is getattr(source, name)
+    assert static == module._MODULE_OF
+    assert set(static) == set(module.__all__)
+    assert set(module.__all__) <= set(dir(module))
+    for name, source_name in static.items():
+        source = importlib.import_module(source_name, "mikros_trio")
+        assert getattr(module, name) is getattr(source, name)
 
 
 def test_unknown_names_are_attribute_errors() -> None:
     """A name the package does not export is an AttributeError (so ``hasattr`` is False)."""
     assert not hasattr(mikros_trio, "Nonexistent")
-    with pytest.raises(AttributeError, match="has no attribute 'run_forever'"):
+    with pytest.raises(AttributeError, match=r"has no attribute 'run_forever'$"):
         mikros_trio.run_forever  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_a_name_of_the_other_tier_says_where_it_is() -> None:
+    """``mikros_trio.Telemetry`` and ``mikros_trio.ext.run`` name the module that has them."""
+    with pytest.raises(AttributeError, match=r"from mikros_trio\.ext import Telemetry"):
+        mikros_trio.Telemetry  # type: ignore[attr-defined]  # noqa: B018
+    with pytest.raises(AttributeError, match="from mikros_trio import run"):
+        mikros_trio.ext.run  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_public_modules_are_attributes_of_the_package() -> None:
+    """``import mikros_trio`` then ``mikros_trio.ext`` / ``.grpc``: imported on first access."""
+    out = _python(
+        """
+        import sys, mikros_trio
+        assert "mikros_trio.ext" not in sys.modules
+        assert mikros_trio.ext.Telemetry.__name__ == "Telemetry"
+        assert callable(mikros_trio.grpc.client)
+        print("ok")
+        """
+    )
+    assert out.strip() == "ok"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from mikros_trio import (
+from mikros_trio.errors import ConfigError
+from mikros_trio.ext import (
     ClientSettings,
     Definition,
     FeatureSpec,
@@ -29,7 +30,6 @@ from mikros_trio import (
     default_registry,
     load_definition,
 )
-from mikros_trio.errors import ConfigError
 
 CORPUS = Path(__file__).parent / "assets" / "mikros"
 FILES = sorted(path.relative_to(CORPUS).as_posix() for path in CORPUS.rglob("*.toml"))

@@ -34,7 +34,8 @@ from helpers import (
     toml_text,
     value,
 )
-from mikros_trio import Call, Lifetime, Observer, Secret, ServiceContainer, Telemetry, redis
+from mikros_trio import Lifetime, Secret, ServiceContainer, redis
+from mikros_trio.ext import Call, Observer, Telemetry
 from mikros_trio.testing import ServiceStarter
 
 pytestmark = pytest.mark.redis

@@ -36,9 +36,10 @@ from helpers import (
     Container as GrpcContainer,
 )
 from helpers import write_toml as grpc_toml
-from mikros_trio import Call, Observer, ServiceContainer, Telemetry, current_call
+from mikros_trio import ServiceContainer
 from mikros_trio._registry import FeatureSpec, Registry, default_registry
 from mikros_trio._telemetry import _HEADER_FORMS, redact_current
+from mikros_trio.ext import Call, Observer, Telemetry, current_call
 from mikros_trio.testing import RunningService, ServiceStarter
 from protos import testsvc_grpc
 

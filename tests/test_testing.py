@@ -21,7 +21,8 @@ from helpers import (
     start_http,
     write_http_toml,
 )
-from mikros_trio import ConfigError, Lifetime, Phase, RPCError, ServiceContainer
+from mikros_trio import ConfigError, Lifetime, RPCError, ServiceContainer
+from mikros_trio.ext import Phase
 from mikros_trio.testing import ServiceStarter, start_service
 from protos import testsvc_grpc
 

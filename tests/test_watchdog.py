@@ -11,9 +11,10 @@ from typing import NoReturn
 import pytest
 from dependency_injector import providers
 
-from mikros_trio import Service, ServiceContainer, Telemetry
+from mikros_trio import Service, ServiceContainer
 from mikros_trio._service import _flush_logs
 from mikros_trio._watchdog import LAST_WORDS_LIMIT, Alarm, Watchdog
+from mikros_trio.ext import Telemetry
 
 
 class Exited(Exception):

@@ -5,12 +5,12 @@ asyncio and do not run under Trio, so lifecycle belongs to the supervisor
 (a ``providers.Resource`` becomes a component that the supervisor runs:
 see :mod:`._resources`). What this module does:
 
-- wires the :class:`~mikros_trio.Definition` and its values into a
+- wires the :class:`~mikros_trio.ext.Definition` and its values into a
   :class:`ServiceContainer` (``container.definition``, ``container.config``);
 - asks each kind in ``types`` and each enabled feature for its components,
   importing their modules only now;
 - finds the user's lifecycle components: every ``Singleton`` or ``Object``
-  provider whose value is a :class:`~mikros_trio.Component` (run as
+  provider whose value is a :class:`~mikros_trio.ext.Component` (run as
   itself: its ``run`` and ``warmup``), or has ``on_start`` /
   ``on_shutdown`` / ``warmup`` hooks, or is an async context manager
   (entered at start, exited at stop, even on a forced exit, when hooks no
@@ -63,7 +63,7 @@ _HOOKS = ("on_start", "on_shutdown", "warmup")
 class ServiceContainer(containers.DeclarativeContainer):
     """Base container of a service; subclass it and add providers.
 
-    ``definition`` gives the loaded :class:`~mikros_trio.Definition`;
+    ``definition`` gives the loaded :class:`~mikros_trio.ext.Definition`;
     ``config`` holds service.toml as a strict ``Configuration``, so
     ``ServiceContainer.config.service.dsn`` reads ``[service] dsn``. Set
     :attr:`service_model` to a dataclass to have ``[service]`` decoded and
@@ -74,14 +74,14 @@ class ServiceContainer(containers.DeclarativeContainer):
             worker = providers.Factory(Poller, repo=repo)
 
     Any ``Singleton`` whose class defines ``on_start`` / ``on_shutdown``
-    (sync or async), or is a :class:`~mikros_trio.Component`, becomes a
+    (sync or async), or is a :class:`~mikros_trio.ext.Component`, becomes a
     lifecycle component named after its attribute; override providers before the service starts
     (``container.repo.override(fake)``) and the service uses the override.
     """
 
     definition: providers.Object[Any] = providers.Object(None)
     config = providers.Configuration(strict=True)
-    #: The service's :class:`~mikros_trio.Telemetry` (features' objects, secrets).
+    #: The service's :class:`~mikros_trio.ext.Telemetry` (features' objects, secrets).
     telemetry: providers.Object[Any] = providers.Object(None)
     #: Typed access to the environment (:class:`~mikros_trio.Env`); secrets masked.
     env: providers.Object[Any] = providers.Object(None)
@@ -179,7 +179,7 @@ class HookComponent(_Provided):
 
 
 class ProvidedComponent(_Provided):
-    """A :class:`~mikros_trio.Component` the container provides, run as itself.
+    """A :class:`~mikros_trio.ext.Component` the container provides, run as itself.
 
     Its name is the provider's attribute; ``role``, ``depends_on`` and
     ``enhanced_by`` are read from its class (the graph is planned before
@@ -415,7 +415,7 @@ def build_components(
 
     Kinds' and features' components first (features, then kinds, as
     declared), then the user's. Features start one after another in
-    :meth:`~mikros_trio.Definition.enabled_features` order (each depends
+    :meth:`~mikros_trio.ext.Definition.enabled_features` order (each depends
     on the one before), so their order never varies between runs. Raises
     ``ConfigError`` with every problem found across all of them.
     """

@@ -21,7 +21,7 @@ Shape of the pool, and why:
   handed out is polled for a closed socket first (no I/O), and pinged when
   it sat idle longer than ``check_interval``.
 - **Telemetry only when a service runs**: the hub current when the pool is
-  made (:func:`~mikros_trio.current_telemetry`) sees one client call per
+  made (:func:`~mikros_trio.ext.current_telemetry`) sees one client call per
   ``execute`` (system ``postgresql``, the SQL verb, the database name; never
   the query's text or parameters); outside a service the cursors are
   psycopg's own and cost nothing extra.

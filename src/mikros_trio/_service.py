@@ -56,7 +56,7 @@ class Service:
     """One service, built from a container and a service.toml.
 
     ``config`` is the service.toml (a path, or a parsed
-    :class:`~mikros_trio.Definition`); by default the one
+    :class:`~mikros_trio.ext.Definition`); by default the one
     :func:`find_config` finds for the container.
 
     ``build()`` validates everything (config, environment, container,

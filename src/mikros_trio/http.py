@@ -96,7 +96,7 @@ class _Front:
 
     ``app`` is ``None`` on an admin listener, which serves only probes and
     endpoints. Every request that reaches the app is reported to the
-    service's telemetry as a :class:`~mikros_trio.Call` (current for the
+    service's telemetry as a :class:`~mikros_trio.ext.Call` (current for the
     request's task, so handlers' log lines carry its ids).
     """
 

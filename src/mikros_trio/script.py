@@ -28,7 +28,7 @@ log = logging.getLogger("mikros_trio")
 class ScriptComponent(EntryComponent):
     """Runs the user's script once, then stops the service with its exit code.
 
-    The run is one :class:`~mikros_trio.Call` (kind ``script``), so features
+    The run is one :class:`~mikros_trio.ext.Call` (kind ``script``), so features
     log, time and trace it like a request.
     """
 

@@ -249,6 +249,10 @@ async def start_service(
 ) -> AsyncIterator[RunningService]:
     """Start the service, yield it once ready (or finished), stop it on exit.
 
+    ``config`` is the service.toml (a path or a parsed definition); by
+    default the one beside the container's module, as for
+    :class:`~mikros_trio.Service`.
+
     Options: ``overrides`` maps provider names to replacement values
     (wrapped in ``providers.Object``) or providers; ``environ`` replaces the
     process environment for the definition (required envs, port

@@ -15,7 +15,7 @@ own ends the service, exit 0::
 Or, with ``[runtime.worker] interval = <seconds>``, a periodic job: the
 framework calls the worker's ``run_once`` (or the worker itself) every
 ``interval`` seconds after the previous iteration ended. Each iteration is
-a :class:`~mikros_trio.Call` (kind ``worker``): features log, time, count
+a :class:`~mikros_trio.ext.Call` (kind ``worker``): features log, time, count
 and trace it. Stopping waits for the iteration in flight (bounded by the
 drain deadline) and starts no new one; a wait between iterations ends at
 once::

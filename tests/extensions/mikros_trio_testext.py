@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import trio
 
-from mikros_trio import BuildContext, Component, FeatureSpec, KindSpec, Lifetime, Role
+from mikros_trio import Lifetime
+from mikros_trio.ext import BuildContext, Component, FeatureSpec, KindSpec, Role
 
 #: What the extension's components did, in order; tests clear it.
 JOURNAL: list[str] = []

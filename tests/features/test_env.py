@@ -19,17 +19,10 @@ import pytest
 from dependency_injector import providers
 
 from helpers import MIKROS_TRIO, Spawn, run_http_service
-from mikros_trio import (
-    BuildContext,
-    ConfigError,
-    Definition,
-    Lifetime,
-    Service,
-    ServiceContainer,
-    parse_definition,
-)
+from mikros_trio import ConfigError, Lifetime, Service, ServiceContainer
 from mikros_trio._definition import env_forms, mikros_env_forms
 from mikros_trio._telemetry import Telemetry
+from mikros_trio.ext import BuildContext, Definition, parse_definition
 from mikros_trio.features.env import Env, Secret, build_env
 from mikros_trio.features.settings import EnvSettings
 from mikros_trio.testing import ServiceStarter

@@ -22,7 +22,6 @@ from quart_trio import QuartTrio
 import mikros_trio.grpc
 from helpers import MIKROS_TRIO, Spawn
 from mikros_trio import (
-    BuildContext,
     ConditionError,
     ConfigError,
     CustomError,
@@ -34,10 +33,10 @@ from mikros_trio import (
     ServiceContainer,
     ServiceError,
     ValidationError,
-    parse_definition,
 )
 from mikros_trio._error_wire import ErrorPolicy, policy
 from mikros_trio._telemetry import Telemetry
+from mikros_trio.ext import BuildContext, parse_definition
 from mikros_trio.features.errors import build_errors
 from mikros_trio.features.settings import ErrorsSettings
 from mikros_trio.testing import RunningService, ServiceStarter

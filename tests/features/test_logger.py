@@ -37,10 +37,11 @@ from quart import request
 from quart_trio import QuartTrio
 
 from helpers import REPO, Examples, Spawn, start_greeter_and_gateway
-from mikros_trio import ConfigError, Service, ServiceContainer, parse_definition
+from mikros_trio import ConfigError, Service, ServiceContainer
 from mikros_trio._container import BuildContext
 from mikros_trio._telemetry import Telemetry
 from mikros_trio.errors import ErrorKind
+from mikros_trio.ext import parse_definition
 from mikros_trio.features.logger import _HEADS_KEPT, LogPipeline, build_logger, show_debug
 from mikros_trio.features.settings import LoggerSettings
 from mikros_trio.testing import RunningService, ServiceStarter

@@ -34,14 +34,10 @@ from helpers import (
 )
 from helpers import metrics_toml as service_toml
 from helpers import write_metrics_service as write_service
-from mikros_trio import (
-    ConfigError,
-    LifecycleEvent,
-    ServiceContainer,
-    parse_definition,
-)
+from mikros_trio import ConfigError, ServiceContainer
 from mikros_trio._telemetry import Call, Telemetry
 from mikros_trio.errors import ErrorKind
+from mikros_trio.ext import LifecycleEvent, parse_definition
 from mikros_trio.features.metrics import Metrics, MetricsListener
 from mikros_trio.testing import RunningService, ServiceStarter
 

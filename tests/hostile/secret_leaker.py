@@ -32,7 +32,8 @@ from opentelemetry.trace import Link, Status, StatusCode
 from quart import abort
 from quart_trio import QuartTrio
 
-from mikros_trio import Lifetime, NotFoundError, ServiceContainer, Telemetry
+from mikros_trio import Lifetime, NotFoundError, ServiceContainer
+from mikros_trio.ext import Telemetry
 from mikros_trio.features.env import Env
 from mikros_trio.features.tracing import Tracing
 

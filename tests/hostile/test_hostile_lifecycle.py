@@ -33,7 +33,8 @@ import trio
 from dependency_injector import providers
 
 import mikros_trio
-from mikros_trio import Component, Lifetime, Role, ServiceContainer
+from mikros_trio import Lifetime, ServiceContainer
+from mikros_trio.ext import Component, Role
 
 HOOK = os.environ.get("HOOK", "")
 

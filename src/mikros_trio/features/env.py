@@ -4,7 +4,7 @@ Design decisions:
 
 - **Checked at boot, read from a snapshot.** Every name in ``envs`` must be
   set, and not empty (as Mikros Go requires), before anything starts
-  (:meth:`~mikros_trio.Definition.missing_envs`, all missing names in one
+  (:meth:`~mikros_trio.ext.Definition.missing_envs`, all missing names in one
   error, exit code 2). :class:`Env` reads only the
   definition's ``environ`` (the copy taken when service.toml was loaded),
   never ``os.environ`` again, so what was checked is what is read, and a
@@ -16,7 +16,7 @@ Design decisions:
   first form that is set is the value, even when it is empty (then a
   declared name is missing). Mikros' own variables (``MIKROS_*``) also take
   Mikros Rust's ``MIKROS_X_<service>``: see
-  :meth:`~mikros_trio.Definition.mikros_env`.
+  :meth:`~mikros_trio.ext.Definition.mikros_env`.
 - **Only declared names.** Reading a name that ``envs`` does not list is an
   error unless the read gives a ``default=`` (or uses :meth:`Env.get`):
   a silent read of an undeclared name would defeat the boot check, and the

@@ -28,7 +28,7 @@ services decode. What this feature decides is the policy the kinds share:
   typo would leak what it meant to hide).
 
 Design decision: the policy is an :class:`~mikros_trio._error_wire.ErrorPolicy`
-published on the service's :class:`~mikros_trio.Telemetry` at build time,
+published on the service's :class:`~mikros_trio.ext.Telemetry` at build time,
 not a component and not an observer. The kinds look it up only when an
 error is being answered, which costs nothing on successful calls; logging
 the failure is the logger's duty (it sees ``call.error``), so at run time

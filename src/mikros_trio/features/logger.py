@@ -26,7 +26,7 @@ Design decisions:
   logging root handler are configured once per process (both are global),
   but every service has its own :class:`LogPipeline` (level, renderer,
   output, identity). The handler picks the pipeline of the service whose
-  task emitted the line through :func:`~mikros_trio.current_telemetry`, so
+  task emitted the line through :func:`~mikros_trio.ext.current_telemetry`, so
   two services in one test process keep their own outputs and names; lines
   from outside any service go to the most recently started pipeline.
 - **Everything through the standard library.** structlog hands its event
@@ -37,7 +37,7 @@ Design decisions:
   stay a cheap level check; the handler adds itself and never removes the
   handlers others installed.
 - **Ids read at write time.** A line takes the ids of
-  :func:`~mikros_trio.current_call` when it is written, so the order in
+  :func:`~mikros_trio.ext.current_call` when it is written, so the order in
   which observers fill them in does not matter, and a handler's lines and
   its access line share the request id without anything being passed.
 - **Request ids cross services.** A served call keeps an incoming

@@ -9,7 +9,7 @@ It is published on the service's hub as :class:`Metrics`; user code adds
 its own metrics to it (see :class:`Metrics`).
 
 Numbers come from the telemetry seam, not from the kinds: an
-:class:`~mikros_trio.Observer` turns each :class:`~mikros_trio.Call` and
+:class:`~mikros_trio.ext.Observer` turns each :class:`~mikros_trio.ext.Call` and
 lifecycle event into samples. The hot path is one dict lookup for the
 call's kind, one for its label tuple (``.labels()`` is slow, so each
 labelled child is made once and cached), then a counter increment and a
@@ -145,7 +145,7 @@ class Metrics:
 
     ``telemetry.get(Metrics)`` raises ``LookupError`` when the feature is
     off; code running inside the service can also reach the hub through
-    :func:`mikros_trio.current_telemetry`.
+    :func:`mikros_trio.ext.current_telemetry`.
     """
 
     __slots__ = ("_exposed", "_pools", "registry")
@@ -201,7 +201,7 @@ class Metrics:
     def scrape(self) -> tuple[int, str, bytes]:
         """What a scrape gets: ``(status, content type, body)``; 500 if a collector broke.
 
-        A hub endpoint (see :meth:`~mikros_trio.Telemetry.add_endpoint`).
+        A hub endpoint (see :meth:`~mikros_trio.ext.Telemetry.add_endpoint`).
         """
         try:
             return 200, CONTENT_TYPE_LATEST, self.render()

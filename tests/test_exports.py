@@ -11,60 +11,21 @@ import mikros_trio.ext
 
 #: What a service's author uses: the entry point, the container, hooks'
 #: lifetime, environment access, the Mikros error kinds.
-SERVICE_AUTHORS = [
-    "ConditionError",
-    "ConfigError",
-    "CustomError",
-    "Env",
-    "ErrorKind",
-    "InternalError",
-    "Lifetime",
-    "NotFoundError",
-    "PermissionDeniedError",
-    "RPCError",
-    "Secret",
-    "Service",
-    "ServiceContainer",
-    "ServiceError",
-    "ValidationError",
-    "run",
-]
+SERVICE_AUTHORS = (
+    "ConditionError ConfigError CustomError Env ErrorKind InternalError Lifetime "
+    "NotFoundError PermissionDeniedError RPCError Secret Service ServiceContainer "
+    "ServiceError ValidationError run"
+).split()
 
 #: What writing a feature or a kind needs, in mikros_trio.ext.
-EXTENSION_AUTHORS = [
-    "BuildContext",
-    "Call",
-    "ClientSettings",
-    "Component",
-    "ComponentError",
-    "ComponentSettings",
-    "ComponentState",
-    "ConfigIssue",
-    "Definition",
-    "FeatureConfig",
-    "FeatureSpec",
-    "Health",
-    "KindSpec",
-    "LifecycleEvent",
-    "LifecycleSettings",
-    "LogSettings",
-    "MikrosTrioError",
-    "Observer",
-    "Phase",
-    "Registry",
-    "Role",
-    "ServiceType",
-    "ShutdownTrigger",
-    "Supervisor",
-    "Telemetry",
-    "current_call",
-    "current_telemetry",
-    "default_registry",
-    "definition_schema",
-    "load_definition",
-    "load_registry",
-    "parse_definition",
-]
+EXTENSION_AUTHORS = (
+    "BuildContext Call ClientSettings Component ComponentError ComponentSettings "
+    "ComponentState ConfigIssue Definition FeatureConfig FeatureSpec Health KindSpec "
+    "LifecycleEvent LifecycleSettings LogSettings MikrosTrioError Observer Phase "
+    "Registry Role ServiceType ShutdownTrigger Supervisor Telemetry current_call "
+    "current_telemetry default_registry definition_schema load_definition "
+    "load_registry parse_definition"
+).split()
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ followed by a code span. This rewrites each into a link to the object's
 reference entry when the site documents it, and into the bare code span
 otherwise (an ``optional`` autoref never warns), so the docstrings need no
 mass edit. A ``~`` prefix shows the last component only, as in Sphinx.
+A paragraph ending in Sphinx's ``::`` (a code block follows) ends in one
+colon, as Sphinx shows it.
 """
 
 from __future__ import annotations
@@ -25,4 +27,4 @@ def _link(match: re.Match[str]) -> str:
 
 
 def on_page_content(html: str, **kwargs: Any) -> str:
-    return _ROLE.sub(_link, html)
+    return _ROLE.sub(_link, html).replace("::</p>", ":</p>")

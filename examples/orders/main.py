@@ -57,6 +57,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+# --8<-- [start:imports]
 import trio
 from dependency_injector import providers
 from quart import request
@@ -76,13 +77,18 @@ from mikros_trio import (
     postgres,
 )
 
+# --8<-- [end:imports]
+# --8<-- [start:greeter-import]
 # The greeter's generated client code lives with the greeter example.
 sys.path.insert(0, str(Path(__file__).parents[1] / "grpc"))
 from greeter_proto import greeter_grpc, greeter_pb2
 
+# --8<-- [end:greeter-import]
+
 log = logging.getLogger("orders")
 
 
+# --8<-- [start:settings]
 @dataclass(frozen=True)
 class Settings:
     """The ``[service]`` table; every number is bounded, as the framework's own are."""
@@ -103,11 +109,13 @@ class Settings:
             raise ValueError("page_size must not exceed max_page_size")
 
 
+# --8<-- [end:settings]
 # -- the data layer: every statement the service runs --------------------------------
 #
 # Kept as named constants so the whole schema and every query can be read in
 # one place (and a test's fake pool can recognise them).
 
+# --8<-- [start:queries]
 #: Replicas starting together would race on CREATE TABLE IF NOT EXISTS (it is
 #: not atomic against a concurrent one): a transaction-scoped advisory lock
 #: makes them take turns. The number is this service's own choice.
@@ -160,6 +168,7 @@ CONFIRM = """
     UPDATE orders SET status = 'confirmed', confirmation = %s, confirmed_at = now()
     WHERE id = %s
 """
+# --8<-- [end:queries]
 
 #: Ids are PostgreSQL bigints: a larger number in a URL names no order (and
 #: must not reach the driver, which would refuse it with a 500).
@@ -204,6 +213,7 @@ _QUANTITY_MAX = 1000
 _KEY_MAX = 200
 
 
+# --8<-- [start:parse]
 def parse_order(body: Any) -> NewOrder:
     """A :class:`NewOrder` from a request body, or a ``ValidationError`` saying what is wrong."""
     if not isinstance(body, dict):
@@ -225,6 +235,7 @@ def parse_order(body: Any) -> NewOrder:
     return NewOrder(body["customer"], body["item"], quantity)
 
 
+# --8<-- [end:parse]
 def parse_key(header: str | None) -> str | None:
     """The ``Idempotency-Key`` header's value (optional), or a ``ValidationError``."""
     if header is None:
@@ -245,6 +256,7 @@ def parse_int(args: Mapping[str, str], name: str, default: int, low: int, high: 
     return int(text)
 
 
+# --8<-- [start:store]
 class OrderStore:
     """The orders table: the only code that speaks SQL.
 
@@ -292,6 +304,8 @@ class OrderStore:
         orders = [Order.from_row(row) for row in rows[:limit]]
         return orders, orders[-1].id if len(rows) > limit else None
 
+    # --8<-- [end:store]
+    # --8<-- [start:confirm-batch]
     async def confirm_batch(self, size: int, greet: Greet) -> int:
         """Confirm up to ``size`` new orders in one transaction; return how many.
 
@@ -321,6 +335,8 @@ class OrderStore:
         return confirmed
 
 
+# --8<-- [end:confirm-batch]
+# --8<-- [start:greet]
 class Greet:
     """The greeter's SayHello, as the worker needs it: a name in, the message out."""
 
@@ -335,6 +351,8 @@ class Greet:
         return message
 
 
+# --8<-- [end:greet]
+# --8<-- [start:worker]
 class Confirmer:
     """The worker: ``[runtime.worker] interval`` calls ``run_once`` periodically.
 
@@ -355,6 +373,8 @@ class Confirmer:
                 return
 
 
+# --8<-- [end:worker]
+# --8<-- [start:app]
 def create_app(store: OrderStore, settings: Settings) -> QuartTrio:
     """The HTTP API; the framework adds probes, metrics, limits and JSON errors around it."""
     app = QuartTrio("orders")
@@ -383,6 +403,8 @@ def create_app(store: OrderStore, settings: Settings) -> QuartTrio:
     return app
 
 
+# --8<-- [end:app]
+# --8<-- [start:container]
 class Container(ServiceContainer):
     service_model = Settings
 
@@ -404,5 +426,8 @@ class Container(ServiceContainer):
     )
 
 
+# --8<-- [end:container]
+# --8<-- [start:main]
 if __name__ == "__main__":
     trio.run(mikros_trio.run, Container)
+# --8<-- [end:main]

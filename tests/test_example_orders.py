@@ -101,6 +101,7 @@ def _client(service: RunningService) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.ports['http']}", timeout=PATIENCE)
 
 
+# --8<-- [start:world]
 @dataclass
 class World:
     """What a test starts services with: the harness, both examples, a folder, a database."""
@@ -151,6 +152,9 @@ class World:
         else:
             config = _config(self.tmp_path, greeter_port)
         return await self.service(config, overrides=overrides)
+
+
+# --8<-- [end:world]
 
 
 @pytest.fixture(name="world")
@@ -210,6 +214,7 @@ async def _eventually(check: Callable[[], Any], what: str) -> None:
 # -- the API ------------------------------------------------------------------------
 
 
+# --8<-- [start:round-trip]
 async def test_create_then_get_round_trip(client: httpx.AsyncClient, postgres_dsn: str) -> None:
     """POST answers 201 with the order, GET /orders/<id> answers it, the row is in the table."""
     before = datetime.now(UTC)
@@ -226,6 +231,9 @@ async def test_create_then_get_round_trip(client: httpx.AsyncClient, postgres_ds
     }
     rows = await _read(postgres_dsn, "SELECT id, customer, item, quantity FROM orders")
     assert rows == [(order["id"], "Ada", "pen", 2)]
+
+
+# --8<-- [end:round-trip]
 
 
 async def test_same_idempotency_key_and_body_returns_the_same_order(
@@ -613,6 +621,7 @@ def fixture_no_database(
     return World(mikros_service, examples, orders, tmp_path, _nowhere())
 
 
+# --8<-- [start:fake-pool]
 async def test_pool_overridden_by_a_fake_serves_everything(
     no_database: World, orders: ModuleType
 ) -> None:
@@ -638,6 +647,9 @@ async def test_pool_overridden_by_a_fake_serves_everything(
     assert [order["id"] for order in page["orders"]] == [first.json()["id"]]
     assert page["next"] == str(first.json()["id"])
     assert "db" not in started.health.components  # an object: nothing to start
+
+
+# --8<-- [end:fake-pool]
 
 
 class BrokenPool(FakePool):

@@ -130,6 +130,8 @@ async def test_missing_item_is_a_mikros_404(
         "message": "item 7 does not exist",
         "service_name": "items",
     }
+    # The README's error example is this very body, byte for byte (but its newline).
+    assert f"`{response.text.strip()}`" in (REPO / "README.md").read_text()
 
 
 class FakeStore:

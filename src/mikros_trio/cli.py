@@ -9,7 +9,7 @@ signal N forced the exit or cut a script short.
     mikros-trio run myservice.app:Container --config service.toml --verbose
     mikros-trio run --reload examples/worker/main.py   # restart on .py/.toml edits
     mikros-trio check examples/worker/main.py          # validate, print the start order
-    mikros-trio check --config service.toml            # the file alone, no container
+    mikros-trio check service.toml                     # the file alone, no container
     mikros-trio schema > service.schema.json
     mikros-trio new orders --kind http --kind worker   # a new project
     mikros-trio codegen src/orders/proto               # gRPC code from .proto files
@@ -96,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="validate config, environment and graph; print the start order"
     )
-    check.add_argument("target", nargs="?", help="container, as for run (optional)")
+    check.add_argument(
+        "target",
+        nargs="?",
+        help="container, as for run; or a service.toml, or a directory holding one, checked alone",
+    )
     check.add_argument("--config", type=Path, help="service.toml (default: beside the target)")
     check.set_defaults(handler=_check)
 

@@ -131,11 +131,13 @@ def test_check_worker_example_prints_start_order(spawn: Spawn) -> None:
     assert child.stderr == ""
 
 
-def test_check_through_python_m(spawn: Spawn) -> None:
-    """``python -m mikros_trio.cli`` is the same command as the console script."""
-    child = spawn(sys.executable, "-m", "mikros_trio.cli", "check", "examples/script/main.py")
+@pytest.mark.parametrize("target", ["examples/script/main.py", "examples/script/service.toml"])
+def test_check_through_python_m(spawn: Spawn, target: str) -> None:
+    """``python -m mikros_trio.cli`` is the same command as the console script, both forms."""
+    child = spawn(sys.executable, "-m", "mikros_trio.cli", "check", target)
     assert child.wait() == 0, child.report()
     assert "examples/script/service.toml: ok" in child.stdout
+    assert child.stdout == _check_output(spawn, target)
 
 
 def _check_output(spawn: Spawn, *args: str | Path, env: dict[str, str] | None = None) -> str:

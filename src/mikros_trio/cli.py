@@ -215,7 +215,8 @@ def _file_nodes(definition: Definition) -> list[NodeSpec]:
     registry = dataclasses.replace(
         registry,
         kinds={
-            name: dataclasses.replace(spec, factory=f"{__name__}:{_no_components.__name__}")
+            # By its import path: under `python -m mikros_trio.cli` __name__ is __main__.
+            name: dataclasses.replace(spec, factory="mikros_trio.cli:_no_components")
             for name, spec in registry.kinds.items()
         },
     )

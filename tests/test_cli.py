@@ -172,6 +172,15 @@ def test_check_toml_target_checks_the_file(spawn: Spawn, tmp_path: Path, target:
     assert _check_output(spawn, tmp_path / target) == expected
 
 
+def test_run_toml_target_says_to_pass_it_as_config(spawn: Spawn) -> None:
+    """``run service.toml`` exits 2: run needs the container, and takes the file as --config."""
+    child = spawn(MIKROS_TRIO, "run", "examples/worker/service.toml")
+    assert child.wait() == EXIT_USAGE, child.report()
+    assert "--config examples/worker/service.toml" in child.stderr, child.report()
+    assert "cannot import" not in child.stderr
+    _no_traceback(child.stdout, child.stderr)
+
+
 def test_check_toml_target_and_config_is_a_usage_error(spawn: Spawn) -> None:
     """Naming the file twice (TARGET and --config) exits 2 rather than guess which one wins."""
     toml = "examples/worker/service.toml"

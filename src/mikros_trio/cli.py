@@ -255,6 +255,11 @@ def _resolve(target: str, config: Path | None) -> tuple[type[ServiceContainer], 
     spec, _, attribute = target.partition(":")
     attribute = attribute or "Container"
     path = Path(spec)
+    if spec.endswith(".toml"):  # check takes these as the file alone; run needs a container
+        raise UsageError(
+            f"{spec} is a service.toml; run needs the container "
+            f"(path/to/main.py[:Container] or module[:Container]) and takes it as --config {spec}"
+        )
     if spec.endswith(".py") or path.is_file():
         if not path.is_file():
             raise UsageError(f"target file {spec} does not exist")

@@ -1417,6 +1417,16 @@ def log_lines(output: str) -> list[dict[str, Any]]:
     return lines
 
 
+def events_of(output: str, logger: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``output`` that ``logger`` wrote (an example's own lines), in order."""
+    return [line for line in log_lines(output) if line.get("logger") == logger]
+
+
+def event_names(output: str, logger: str) -> list[str]:
+    """The ``event`` of each line :func:`events_of` finds."""
+    return [line["event"] for line in events_of(output, logger)]
+
+
 # -- raw HTTP/2 (a blocking client, a trio one), and a process's resources --------------
 
 

@@ -132,11 +132,141 @@ def test_check_worker_example_prints_start_order(spawn: Spawn) -> None:
     assert child.stderr == ""
 
 
-def test_check_through_python_m(spawn: Spawn) -> None:
-    """``python -m mikros_trio.cli`` is the same command as the console script."""
-    child = spawn(sys.executable, "-m", "mikros_trio.cli", "check", "examples/script/main.py")
+@pytest.mark.parametrize("target", ["examples/script/main.py", "examples/script/service.toml"])
+def test_check_through_python_m(spawn: Spawn, target: str) -> None:
+    """``python -m mikros_trio.cli`` is the same command as the console script, both forms."""
+    child = spawn(sys.executable, "-m", "mikros_trio.cli", "check", target)
     assert child.wait() == 0, child.report()
     assert "examples/script/service.toml: ok" in child.stdout
+    assert child.stdout == _check_output(spawn, target)
+
+
+def _check_output(spawn: Spawn, *args: str | Path, env: dict[str, str] | None = None) -> str:
+    """What ``mikros-trio check ARGS`` prints, once it exited 0."""
+    child = spawn(MIKROS_TRIO, "check", *args, env=env or {})
+    assert child.wait() == 0, child.report()
+    assert child.stderr == "", child.report()
+    return child.stdout
+
+
+def _features(output: str) -> list[str]:
+    """The ``features:`` line of check's output, as names."""
+    match = re.search(r"(?m)^features: (.*)$", output)
+    assert match is not None, output
+    return match.group(1).split(", ")
+
+
+def _start_order(output: str) -> list[str]:
+    """The components of check's start order, wave by wave."""
+    return [
+        name for line in re.findall(r"(?m)^\s+\d+\. (.+)$", output) for name in line.split(", ")
+    ]
+
+
+@pytest.mark.parametrize("target", ["service.toml", "./service.toml", "", "."])
+def test_check_toml_target_checks_the_file(spawn: Spawn, tmp_path: Path, target: str) -> None:
+    """A service.toml path, or a directory holding one, as TARGET is checked as ``--config``."""
+    config = tmp_path / "service.toml"
+    config.write_text((REPO / "examples" / "worker" / "service.toml").read_text())
+    expected = _check_output(spawn, "--config", config)
+    assert "the file alone" in expected
+    assert _check_output(spawn, tmp_path / target) == expected
+
+
+def test_run_toml_target_says_to_pass_it_as_config(spawn: Spawn) -> None:
+    """``run service.toml`` exits 2: run needs the container, and takes the file as --config."""
+    child = spawn(MIKROS_TRIO, "run", "examples/worker/service.toml")
+    assert child.wait() == EXIT_USAGE, child.report()
+    assert "--config examples/worker/service.toml" in child.stderr, child.report()
+    assert "cannot import" not in child.stderr
+    _no_traceback(child.stdout, child.stderr)
+
+
+def test_check_toml_target_and_config_is_a_usage_error(spawn: Spawn) -> None:
+    """Naming the file twice (TARGET and --config) exits 2 rather than guess which one wins."""
+    toml = "examples/worker/service.toml"
+    child = spawn(MIKROS_TRIO, "check", toml, "--config", toml)
+    assert child.wait() == EXIT_USAGE, child.report()
+    assert "give the file once" in child.stderr
+    _no_traceback(child.stdout, child.stderr)
+
+
+@pytest.mark.parametrize("target", ["missing.toml", "empty-dir"])
+def test_check_toml_target_that_is_not_there_exits_2(
+    spawn: Spawn, tmp_path: Path, target: str
+) -> None:
+    """A missing .toml, or a directory with no service.toml (and no package), says so: exit 2."""
+    (tmp_path / "empty-dir").mkdir()
+    child = spawn(MIKROS_TRIO, "check", tmp_path / target)
+    assert child.wait() == EXIT_USAGE, child.report()
+    assert target in child.stderr
+    assert "cannot import" not in child.stderr
+    _no_traceback(child.stdout, child.stderr)
+
+
+# The examples, each with its container's own components: the only names
+# the file alone cannot know.
+CHECKED_EXAMPLES = {
+    "http": {"store"},
+    "grpc": set(),
+    "gateway": {"greeter_channel"},
+    "worker": {"counter"},
+    "script": set(),
+}
+
+
+@pytest.mark.parametrize("example", sorted(CHECKED_EXAMPLES))
+def test_check_forms_list_the_same_features(spawn: Spawn, example: str) -> None:
+    """With and without the container, check lists the same features and feature components."""
+    folder = REPO / "examples" / example
+    with_container = _check_output(spawn, folder / "main.py")
+    file_alone = _check_output(spawn, "--config", folder / "service.toml")
+    assert _features(file_alone) == _features(with_container)
+    own = CHECKED_EXAMPLES[example]
+    assert _start_order(file_alone) == [
+        name for name in _start_order(with_container) if name not in own
+    ]
+
+
+@pytest.mark.parametrize("kind", ["worker", "http"])
+def test_check_lists_every_enabled_feature(spawn: Spawn, tmp_path: Path, kind: str) -> None:
+    """Every feature enabled in the file is listed by both forms, metrics included."""
+    (tmp_path / "main.py").write_text(
+        "from dependency_injector import providers\n"
+        "from quart_trio import QuartTrio\n"
+        "from mikros_trio import ServiceContainer\n\n\n"
+        "class Worker:\n"
+        "    async def run(self, lifetime):\n"
+        "        await lifetime.wait_stopping()\n\n\n"
+        "class Container(ServiceContainer):\n"
+        "    worker = providers.Factory(Worker)\n"
+        "    app = providers.Singleton(QuartTrio, 'app')\n"
+    )
+    (tmp_path / "service.toml").write_text(
+        f'name = "all"\ntypes = ["{kind}"]\nversion = "v1"\n'
+        "[features.metrics]\nenabled = true\nport = 0\n"
+        "[features.tracing]\nenabled = true\n"
+    )
+    everything = ["logger", "errors", "env", "metrics", "tracing"]
+    for args in (["--config", tmp_path / "service.toml"], [tmp_path / "main.py"]):
+        output = _check_output(spawn, *args, env={"OTEL_TRACES_EXPORTER": "none"})
+        assert _features(output) == everything, output
+        # A worker service serves metrics from a listener of its own; an
+        # HTTP one through the HTTP kind, with no component of its own.
+        assert ("metrics" in _start_order(output)) is (kind == "worker"), output
+
+
+def test_check_file_alone_runs_the_feature_builders(spawn: Spawn) -> None:
+    """Without a container, check still refuses what a feature's builder refuses, exit 2."""
+    child = spawn(
+        MIKROS_TRIO,
+        "check",
+        "examples/http/service.toml",
+        env={"MIKROS_HIDE_RESPONSE_FIELDS": "bogus"},
+    )
+    assert child.wait() == EXIT_USAGE, child.report()
+    assert "features.errors.hide_fields" in child.stderr
+    _no_traceback(child.stdout, child.stderr)
 
 
 def test_schema_is_json(spawn: Spawn) -> None:

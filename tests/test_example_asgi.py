@@ -9,7 +9,6 @@ before the service is ready and ends after the drain. Every wait is bounded.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,16 @@ from types import ModuleType
 import httpx
 import pytest
 
-from helpers import MIKROS_TRIO, PATIENCE, REPO, Spawn, free_port, import_example, wait_until_ok
+from helpers import (
+    MIKROS_TRIO,
+    PATIENCE,
+    REPO,
+    Spawn,
+    free_port,
+    import_example,
+    log_lines,
+    wait_until_ok,
+)
 from mikros_trio.testing import ServiceStarter
 
 STARLETTE = REPO / "examples" / "starlette"
@@ -103,11 +111,14 @@ def test_example_process_runs_its_lifespan_around_serving(
     assert missing.status_code == 404
     child.send(signal.SIGTERM)
     assert child.wait() == 0, child.report()
-    lines = child.stdout.splitlines()
-    serving = lines.index(f"{app}: serving")
-    drained = next(n for n, line in enumerate(lines) if line.startswith(f"{app}: drained"))
-    ready = next(n for n, line in enumerate(lines) if '"service ready"' in line)
-    access = [json.loads(line) for line in lines if '"mikros_trio.access"' in line]
+    lines = log_lines(child.stdout)
+    assert len(lines) == len(child.stdout.splitlines()), child.report()  # nothing printed
+    events = [(line["logger"], line["event"]) for line in lines]
+    serving = events.index((app, f"{app} serving"))
+    drained = events.index((app, f"{app} drained"))
+    ready = events.index(("mikros_trio.lifecycle", "service ready"))
+    access = [line for line in lines if line["logger"] == "mikros_trio.access"]
     assert serving < ready < drained, child.report()
+    assert lines[drained][app] == 0, child.report()  # nothing was written
     assert [(line["name"], line["status"]) for line in access] == [(route, "404")]
     assert "Traceback" not in child.stderr

@@ -32,7 +32,7 @@ import httpx
 import pytest
 import trio
 
-from helpers import PATIENCE, REPO, Child, Spawn, free_port, wait_until_ok
+from helpers import PATIENCE, REPO, Child, Spawn, event_names, events_of, free_port, wait_until_ok
 from mikros_trio import ServiceError, ValidationError
 from mikros_trio.testing import RunningService, ServiceStarter
 
@@ -130,6 +130,8 @@ async def test_missing_item_is_a_mikros_404(
         "message": "item 7 does not exist",
         "service_name": "items",
     }
+    # The README's error example is this very body, byte for byte (but its newline).
+    assert f"`{response.text.strip()}`" in (REPO / "README.md").read_text()
 
 
 class FakeStore:
@@ -205,13 +207,16 @@ def test_process_serves_curl_and_stops_on_sigterm(spawn: Spawn) -> None:
     assert _curl(port, "/items") == (200, {"items": [item]})
     child.send(signal.SIGTERM)
     assert child.wait() == 0, child.report()
-    # The store starts before the server and stops once it has drained (log lines are JSON).
-    assert [line for line in child.stdout.splitlines() if not line.startswith("{")] == [
-        "store: on_start",
-        "api: serving",
-        "api: drained",
-        "store: on_shutdown with 1 items",
+    # The store starts before the server and stops once it has drained; the
+    # example says so in log lines, and prints nothing beside them.
+    assert event_names(child.stdout, "items") == [
+        "store started",
+        "api serving",
+        "api drained",
+        "store stopped",
     ], child.report()
+    assert events_of(child.stdout, "items")[-1]["items"] == 1, child.report()
+    assert all(line.startswith("{") for line in child.stdout.splitlines()), child.report()
     events = [line.split("] ", 1)[1] for line in child.stderr.splitlines() if line.startswith("[")]
     assert events.index("http: stopped") < events.index("store: stopping"), child.report()
     assert "Traceback" not in child.stderr
@@ -445,8 +450,7 @@ async def test_request_longer_than_the_drain_is_cut(spawn: Spawn, tmp_path: Path
         child.report()
     )
     # The store still stops, after the server.
-    printed = [line for line in child.stdout.splitlines() if not line.startswith("{")]
-    assert printed[-1] == "store: on_shutdown with 0 items", child.report()
+    assert event_names(child.stdout, "items")[-1] == "store stopped", child.report()
 
 
 def test_request_queued_behind_a_draining_response_does_not_hold_the_exit(

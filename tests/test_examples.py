@@ -17,15 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MIKROS_TRIO, REPO, Spawn
+from helpers import MIKROS_TRIO, REPO, Spawn, event_names, events_of
 
 WORKER = REPO / "examples" / "worker"
 SCRIPT = REPO / "examples" / "script"
-
-
-def _lines_with(text: str, output: str) -> list[int]:
-    """Indexes of the lines of ``output`` that start with ``text``."""
-    return [n for n, line in enumerate(output.splitlines()) if line.startswith(text)]
 
 
 def _edited(source: Path, target: Path, **values: str) -> Path:
@@ -45,15 +40,20 @@ def _edited(source: Path, target: Path, **values: str) -> Path:
 def test_worker_stops_cleanly_on_signal(spawn: Spawn, signum: signal.Signals) -> None:
     """A signal drains the worker, then runs the counter's stop hook once, and exits 0."""
     child = spawn(sys.executable, WORKER / "main.py")
-    child.wait_for("ticker: running")
+    child.wait_for('"event":"ticker running"')
     child.send(signum)
     assert child.wait() == 0, child.report()
-    out = child.stdout
-    starts = _lines_with("counter: on_start", out)
-    drains = _lines_with("ticker: drained", out)
-    stops = _lines_with("counter: on_shutdown", out)
-    assert (len(starts), len(drains), len(stops)) == (1, 1, 1), child.report()
-    assert starts[0] < drains[0] < stops[0], child.report()
+    # The example logs through the logger feature: JSON lines, nothing printed beside them.
+    assert event_names(child.stdout, "ticker") == [
+        "counter started",
+        "ticker running",
+        "ticker drained",
+        "counter stopped",
+    ], child.report()
+    stopped = events_of(child.stdout, "ticker")[-1]
+    assert stopped["jobs"] >= 1, child.report()
+    assert stopped["service"] == "ticker", child.report()  # the logger feature's fields
+    assert all(line.startswith("{") for line in child.stdout.splitlines()), child.report()
     assert "Traceback" not in child.stderr
 
 
@@ -91,7 +91,7 @@ def test_worker_hanging_stop_hook_is_cut(spawn: Spawn, tmp_path: Path) -> None:
         )
     )
     child = spawn(sys.executable, main, env={"MIKROS_TRIO_VERBOSE": "1"})
-    child.wait_for("ticker: running")
+    child.wait_for('"event":"ticker running"')
     sent = child.send(signal.SIGTERM)
     child.wait_for("counter: hanging")
     # service.toml: drain_timeout 2 s, shutdown_timeout 5 s. The bound is
@@ -115,7 +115,7 @@ def test_worker_second_sigint_forces_exit(spawn: Spawn, tmp_path: Path) -> None:
         shutdown_timeout="25",
     )
     child = spawn(MIKROS_TRIO, "run", "examples/worker/main.py", "--config", config, "--verbose")
-    child.wait_for("ticker: running")
+    child.wait_for('"event":"ticker running"')
     child.send(signal.SIGINT)
     # The first signal has been handled once the shutdown is logged.
     child.wait_for("service: shutdown (SIGINT)", stream="stderr")
@@ -124,8 +124,7 @@ def test_worker_second_sigint_forces_exit(spawn: Spawn, tmp_path: Path) -> None:
     assert time.perf_counter() - sent < 5.0  # the drain timeout is 20 s
     assert code == 128 + signal.SIGINT, child.report()
     assert "service: forced (SIGINT)" in child.stderr, child.report()
-    assert "ticker: drained" not in child.stdout
-    assert "counter: on_shutdown" not in child.stdout
+    assert event_names(child.stdout, "ticker") == ["counter started", "ticker running"]
 
 
 # -- a start that fails ---------------------------------------------------------
@@ -215,10 +214,13 @@ def test_failed_start_stops_what_started(spawn: Spawn, tmp_path: Path) -> None:
 
 
 def test_script_within_limit_exits_0(spawn: Spawn) -> None:
-    """The script example with its own service.toml prints its verdict and exits 0."""
+    """The script example with its own service.toml logs its verdict and exits 0."""
     child = spawn(sys.executable, SCRIPT / "main.py")
     assert child.wait() == 0, child.report()
-    assert "is within the limit" in child.stdout
+    [verdict] = events_of(child.stdout, "budget")
+    assert verdict["event"] == "budget checked", child.report()
+    assert (verdict["total"], verdict["limit"], verdict["verdict"]) == (242.75, 500.0, "within")
+    assert all(line.startswith("{") for line in child.stdout.splitlines()), child.report()
 
 
 def test_script_over_limit_exits_3(spawn: Spawn, tmp_path: Path) -> None:
@@ -226,7 +228,8 @@ def test_script_over_limit_exits_3(spawn: Spawn, tmp_path: Path) -> None:
     config = _edited(SCRIPT / "service.toml", tmp_path / "service.toml", limit="100.0")
     child = spawn(MIKROS_TRIO, "run", "examples/script/main.py", "--config", config)
     assert child.wait() == 3, child.report()
-    assert "is over the limit" in child.stdout
+    [verdict] = events_of(child.stdout, "budget")
+    assert (verdict["limit"], verdict["verdict"]) == (100.0, "over"), child.report()
 
 
 def test_script_error_exits_1_and_logs_it(spawn: Spawn, tmp_path: Path) -> None:
@@ -254,4 +257,4 @@ def test_script_cut_by_sigterm_exits_143(spawn: Spawn, tmp_path: Path) -> None:
     code = child.wait(timeout=5.0)
     assert time.perf_counter() - sent < 5.0  # the pause is 30 s
     assert code == 128 + signal.SIGTERM, child.report()
-    assert "limit" not in child.stdout  # it never got to answer
+    assert events_of(child.stdout, "budget") == [], child.report()  # it never got to answer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -162,7 +163,10 @@ def test_check_and_schema_see_them(
     assert main(["check", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "kinds: cron" in out
-    assert "4. audit" in out
+    assert "features: logger, errors, env, audit" in out
+    # The file alone builds the features, third-party ones included: the
+    # order the supervisor starts them in (test_runs_under_the_supervisor).
+    assert re.findall(r"(?m)^\s+\d+\. (.+)$", out) == ["logger", "audit", "cron"]
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert "cron" in schema["properties"]["runtime"]["properties"]

@@ -101,7 +101,7 @@ def test_reading_the_definition_api_needs_no_runtime() -> None:
 
 @pytest.mark.parametrize(
     ("example", "ready"),
-    [("worker", "ticker: running"), ("script", "total 242.75 is within the limit")],
+    [("worker", '"event":"ticker running"'), ("script", '"event":"budget checked"')],
 )
 def test_worker_and_script_services_never_import_network_stacks(
     spawn: Spawn, tmp_path: Path, example: str, ready: str

@@ -20,11 +20,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
 from dependency_injector import providers
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 from mikros_trio import NotFoundError, ServiceContainer
+
+log = structlog.get_logger("orders")  # the logger feature's lines, with the service's fields
 
 
 class NewOrder(BaseModel):
@@ -58,9 +61,9 @@ class Orders:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Around serving: starts before the first request, ends once the last has drained."""
     orders: Orders = app.state.orders
-    print("orders: serving", flush=True)
+    log.info("orders serving")
     yield
-    print(f"orders: drained with {len(orders.orders)} orders", flush=True)
+    log.info("orders drained", orders=len(orders.orders))
 
 
 def create_app(orders: Orders) -> FastAPI:

@@ -14,7 +14,9 @@ stops accepting, lets requests in flight finish, and only then does the
 store's ``on_shutdown`` run, because the app is built with the store (the
 container's wiring is the dependency). Bad input raises
 ``mikros_trio.ValidationError`` (400) and unknown ids ``NotFoundError``
-(404); the framework answers both with Mikros JSON error bodies.
+(404); the framework answers both with Mikros JSON error bodies. The store
+and the app log through the logger feature (``structlog.get_logger``), so
+their lines carry the service's fields like the framework's own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import structlog
 import trio
 from dependency_injector import providers
 from quart import request
@@ -29,6 +32,8 @@ from quart_trio import QuartTrio
 
 import mikros_trio
 from mikros_trio import NotFoundError, ServiceContainer, ValidationError
+
+log = structlog.get_logger("items")
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,10 @@ class ItemStore:
         self._items: dict[int, Item] = {}
 
     async def on_start(self) -> None:
-        print("store: on_start", flush=True)
+        log.info("store started")
 
     async def on_shutdown(self) -> None:
-        print(f"store: on_shutdown with {len(self._items)} items", flush=True)
+        log.info("store stopped", items=len(self._items))
 
     def add(self, name: str, price: float) -> Item:
         item = Item(len(self._items) + 1, name, price)
@@ -83,11 +88,11 @@ def create_app(store: ItemStore) -> QuartTrio:
 
     @app.before_serving
     async def serving() -> None:
-        print("api: serving", flush=True)
+        log.info("api serving")
 
     @app.after_serving
     async def drained() -> None:
-        print("api: drained", flush=True)
+        log.info("api drained")
 
     @app.post("/items")
     async def create_item() -> tuple[dict[str, Any], int]:

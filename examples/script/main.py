@@ -5,12 +5,15 @@
 
 Exit codes: 0 within the limit, 3 over it (a returned int), 1 when the
 input is unusable (an exception, logged), 128 + N when signal N cut it short.
+The verdict is a log line too (``structlog.get_logger``), with the total,
+the limit and the verdict as fields.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import structlog
 import trio
 from dependency_injector import providers
 
@@ -18,6 +21,8 @@ import mikros_trio
 from mikros_trio import ServiceContainer
 
 OVER_BUDGET = 3
+
+log = structlog.get_logger("budget")
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class BudgetCheck:
         await trio.sleep(self.settings.pause)
         total = sum(self.settings.expenses)
         verdict = "within" if total <= self.settings.limit else "over"
-        print(f"total {total:.2f} is {verdict} the limit {self.settings.limit:.2f}", flush=True)
+        log.info("budget checked", total=total, limit=self.settings.limit, verdict=verdict)
         return 0 if total <= self.settings.limit else OVER_BUDGET
 
 

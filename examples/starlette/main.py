@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
 from dependency_injector import providers
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,6 +29,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from mikros_trio import NotFoundError, ServiceContainer, ValidationError
+
+log = structlog.get_logger("notes")  # the logger feature's lines, with the service's fields
 
 
 class Notebook:
@@ -55,9 +58,9 @@ def create_app(notebook: Notebook) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        print("notes: serving", flush=True)
+        log.info("notes serving")
         yield
-        print(f"notes: drained with {len(notebook.notes)} notes", flush=True)
+        log.info("notes drained", notes=len(notebook.notes))
 
     async def write(request: Request) -> JSONResponse:
         note_id = notebook.write((await request.body()).decode())

@@ -9,7 +9,7 @@ signal N forced the exit or cut a script short.
     mikros-trio run myservice.app:Container --config service.toml --verbose
     mikros-trio run --reload examples/worker/main.py   # restart on .py/.toml edits
     mikros-trio check examples/worker/main.py          # validate, print the start order
-    mikros-trio check --config service.toml            # the file alone, no container
+    mikros-trio check service.toml                     # the file alone, no container
     mikros-trio schema > service.schema.json
     mikros-trio new orders --kind http --kind worker   # a new project
     mikros-trio codegen src/orders/proto               # gRPC code from .proto files
@@ -19,6 +19,7 @@ signal N forced the exit or cut a script short.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -32,7 +33,8 @@ from typing import Any
 import trio
 
 from ._codegen import add_codegen
-from ._container import ServiceContainer, container_class
+from ._component import Component, Role
+from ._container import BuildContext, ServiceContainer, build_components, container_class
 from ._definition import Definition, definition_schema, load_definition
 from ._deploy import add_deploy
 from ._graph import NodeSpec, plan
@@ -94,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="validate config, environment and graph; print the start order"
     )
-    check.add_argument("target", nargs="?", help="container, as for run (optional)")
+    check.add_argument(
+        "target",
+        nargs="?",
+        help="container, as for run; or a service.toml, or a directory holding one, checked alone",
+    )
     check.add_argument("--config", type=Path, help="service.toml (default: beside the target)")
     check.set_defaults(handler=_check)
 
@@ -139,44 +145,92 @@ def _workers_count(text: str) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    if args.target is None and args.config is None:
+    target, config = args.target, args.config
+    file = _config_target(target) if target is not None else None
+    if file is not None:
+        if config is not None:
+            raise UsageError(
+                f"{target} names a service.toml: give the file once, as TARGET or --config"
+            )
+        target, config = None, file
+    if target is None and config is None:
         raise UsageError("check needs a target, --config, or both")
-    if args.target is None:
-        definition = load_definition(args.config)
+    if target is None:
+        definition = load_definition(config)
         waves = validate_with_envs(definition, lambda: plan(_file_nodes(definition)).waves())
         scope = "the file alone; give a target to check the container too"
     else:
-        container, config = _resolve(args.target, args.config)
+        container, config = _resolve(target, config)
         service = Service(container, config)
         definition = service.definition
         waves = service.supervisor.plan.waves()
         scope = f"with container {container_class(service.container).__name__}"
     kinds = ", ".join(t.kind for t in definition.types)
+    # Every feature that runs, from the file: some serve through a kind or
+    # only publish a policy (errors, env, metrics beside HTTP) and so have no
+    # line in the start order.
+    features = ", ".join(definition.enabled_features(default_registry()))
     print(f"{definition.source}: ok ({scope})")
     print(f"service {definition.name} {definition.version}; kinds: {kinds}")
+    print(f"features: {features}")
     print("start order (components on one line start together; stop is the reverse):")
     for number, wave in enumerate(waves, start=1):
         print(f"  {number}. {', '.join(wave)}")
     return EXIT_OK
 
 
-def _file_nodes(definition: Definition) -> list[NodeSpec]:
-    """The graph service.toml alone declares: kinds, features, ``[components]``."""
-    from ._component import Role
+def _config_target(target: str) -> Path | None:
+    """The service.toml a ``check`` target names, or ``None`` for a container target.
 
+    A ``.toml`` path is that file, a directory holding service.toml is its
+    service.toml: both are checked as ``--config`` would (a user pointing at
+    the file means the file). A Python package directory without one stays a
+    module target.
+    """
+    path = Path(target)
+    if target.endswith(".toml"):
+        return path
+    if path.is_dir():
+        if (path / "service.toml").is_file():
+            return path / "service.toml"
+        if not (path / "__init__.py").is_file():
+            raise UsageError(
+                f"directory {target} holds no service.toml (give a service.toml, "
+                "a container as path/to/main.py[:Container] or module[:Container], or --config)"
+            )
+    return None
+
+
+def _file_nodes(definition: Definition) -> list[NodeSpec]:
+    """The graph service.toml alone declares: features, kinds, ``[components]``.
+
+    The features' components are built as for a service, on a bare
+    container, so both forms of ``check`` list the same ones and the file
+    form catches what a feature's builder refuses. Kinds need the user's
+    container to build; here each is one node, as its component would be.
+    """
     registry = default_registry()
-    features = definition.enabled_features(registry)
-    # Features start one at a time, in this order (as build_components chains them).
-    nodes = [
-        NodeSpec(name, Role.PROCESSING, features[index - 1 : index], path=f"features.{name}")
-        for index, name in enumerate(features)
-    ]
-    nodes += [NodeSpec(t.kind, Role.GENERATING, path="types") for t in definition.types]
+    # Kinds build nothing here (their factory needs the user's providers),
+    # and [components] are nodes from the file, not the bare container's.
+    registry = dataclasses.replace(
+        registry,
+        kinds={
+            # By its import path: under `python -m mikros_trio.cli` __name__ is __main__.
+            name: dataclasses.replace(spec, factory="mikros_trio.cli:_no_components")
+            for name, spec in registry.kinds.items()
+        },
+    )
+    bare = dataclasses.replace(definition, components={})
+    _, nodes = build_components(ServiceContainer(), bare, registry)
+    # As build_components does for the container's components: all start
+    # after the last feature.
+    last = [node.name for node in nodes][-1:]
+    nodes += [NodeSpec(t.kind, Role.GENERATING, last, path="types") for t in definition.types]
     nodes += [
         NodeSpec(
             name,
             Role.PROCESSING,
-            settings.depends_on,
+            (*last, *settings.depends_on),
             settings.enhanced_by,
             definition.source,
             f"components.{name}",
@@ -184,6 +238,11 @@ def _file_nodes(definition: Definition) -> list[NodeSpec]:
         for name, settings in definition.components.items()
     ]
     return nodes
+
+
+def _no_components(context: BuildContext) -> list[Component]:
+    """A kind's builder for ``check --config``: the kind is a node of its own (see above)."""
+    return []
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -196,6 +255,11 @@ def _resolve(target: str, config: Path | None) -> tuple[type[ServiceContainer], 
     spec, _, attribute = target.partition(":")
     attribute = attribute or "Container"
     path = Path(spec)
+    if spec.endswith(".toml"):  # check takes these as the file alone; run needs a container
+        raise UsageError(
+            f"{spec} is a service.toml; run needs the container "
+            f"(path/to/main.py[:Container] or module[:Container]) and takes it as --config {spec}"
+        )
     if spec.endswith(".py") or path.is_file():
         if not path.is_file():
             raise UsageError(f"target file {spec} does not exist")

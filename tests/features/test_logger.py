@@ -1050,11 +1050,13 @@ def test_worker_example_writes_json_lines_to_stdout(spawn: Spawn) -> None:
     child.send(signal.SIGTERM)
     assert child.wait() == 0, child.report()
     lines = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
-    assert [line["event"] for line in lines] == [
+    assert [line["event"] for line in lines if line["logger"] == "mikros_trio.lifecycle"] == [
         "service ready",
         "service shutdown (SIGTERM)",
         "service stopped (exit code 0)",
     ], child.report()
+    # The example's own lines (structlog.get_logger("ticker")) carry the same identity.
+    assert {line["logger"] for line in lines} == {"mikros_trio.lifecycle", "ticker"}
     identities = {(line["service"], line["version"], line["deploy_env"]) for line in lines}
     assert identities == {("ticker", "v0.1.0", "prod")}
     assert child.stderr == "", child.report()

@@ -372,6 +372,28 @@ def test_request_id_goes_on_to_client_calls(
     assert client_line["request_id"] == served_line["request_id"] == "req-42"
 
 
+@pytest.mark.parametrize("kind", ["worker", "script"])
+def test_worker_iterations_and_script_runs_get_a_request_id(tmp_path: Path, kind: str) -> None:
+    """An internal call has its own request id, its lines carry it, and its client calls send it."""
+    pipeline, telemetry = built(tmp_path)
+    call = telemetry.begin(kind, "internal", "job")
+    token = telemetry.enter(call)
+    try:
+        request_id = call.ids["request_id"]
+        assert NEW_ID.match(request_id)
+        outgoing = telemetry.begin("grpc", "client", "/greeter.Greeter/SayHello")
+        assert outgoing.outgoing == {"x-request-id": request_id}
+        telemetry.end(outgoing, "OK")
+        pipeline.log(logging.INFO, "inside the job")
+    finally:
+        telemetry.leave(token)
+        telemetry.end(call, "ok")
+    pipeline.close()
+    lines = read_lines(log_path(tmp_path, "unit"))
+    inside = next(line for line in lines if line["event"] == "inside the job")
+    assert inside["request_id"] == request_id
+
+
 @pytest.mark.parametrize(
     "incoming",
     ["", "x" * 129, "two words", "new\u2028line", "<script>"],

@@ -1059,7 +1059,7 @@ def _new_request_id() -> str:
 
 
 class _LogObserver(Observer):
-    """Gives server calls a request id and writes the access and lifecycle lines."""
+    """Gives server and internal calls a request id and writes the access and lifecycle lines."""
 
     def __init__(self, pipeline: LogPipeline) -> None:
         self._pipeline = pipeline
@@ -1080,6 +1080,10 @@ class _LogObserver(Observer):
             call.ids["request_id"] = request_id
             if call.kind == "http":
                 call.outgoing[header] = request_id
+        elif side == "internal":
+            # A worker iteration or script run is a unit of work as a
+            # request is: its lines, and the services it calls, share an id.
+            call.ids["request_id"] = _new_request_id()
         elif side == "client":
             # The request id goes on to the services this call reaches, so
             # their lines and ours share it.

@@ -26,16 +26,30 @@ COMMAND_BOUND = 120.0
 _SH_BLOCK = re.compile(r"```sh\n(.*?)```", re.DOTALL)
 
 
-def new(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def new(folder: Path, *args: str, spec: str = SPEC) -> subprocess.CompletedProcess[str]:
     """``mikros-trio new ARGS`` run in ``folder``, as a user types it."""
     return subprocess.run(
-        [MIKROS_TRIO, "new", *args, "--mikros-trio-spec", SPEC],
+        [MIKROS_TRIO, "new", *args, "--mikros-trio-spec", spec],
         cwd=folder,
         capture_output=True,
         text=True,
         timeout=COMMAND_BOUND,
         check=False,
     )
+
+
+@pytest.fixture(name="wheel_spec", scope="module")
+def fixture_wheel_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """This checkout built into a wheel now, as the spec fresh venvs install.
+
+    pip caches the wheel it builds for a ``file://`` folder under that URL,
+    so a second run from the same folder would install the first run's code.
+    """
+    out = tmp_path_factory.mktemp("wheel")
+    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)]
+    subprocess.run(argv, check=True, timeout=INSTALL_BOUND, capture_output=True)
+    [wheel] = out.glob("mikros_trio-*.whl")
+    return f"mikros-trio @ {wheel.as_uri()}"
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -82,9 +96,12 @@ def get(port: int, path: str) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{port}{path}", trust_env=False, timeout=5.0)
 
 
-def test_orders_from_empty_folder_runs_and_passes_its_tests(tmp_path: Path, spawn: Spawn) -> None:
+def test_orders_from_empty_folder_runs_and_passes_its_tests(
+    tmp_path: Path, spawn: Spawn, wheel_spec: str
+) -> None:
     """new orders --kind http --kind worker, then the README's two commands, for real."""
-    assert new(tmp_path, "orders", "--kind", "http", "--kind", "worker").returncode == 0
+    kinds = ("--kind", "http", "--kind", "worker")
+    assert new(tmp_path, "orders", *kinds, spec=wheel_spec).returncode == 0
     project = tmp_path / "orders"
     run_line, test_line = readme_commands(project)
 
@@ -104,12 +121,13 @@ def test_orders_from_empty_folder_runs_and_passes_its_tests(tmp_path: Path, spaw
     assert "worker: Hello, worker!" in child.stdout + child.stderr
 
 
-def test_grpc_project_installs_and_passes_its_tests(tmp_path: Path) -> None:
+def test_grpc_project_installs_and_passes_its_tests(tmp_path: Path, wheel_spec: str) -> None:
     """A gRPC + worker project's README test command passes in its own fresh venv.
 
     Its generated code meets the protobuf and purerpc its extras install.
     """
-    assert new(tmp_path, "greeter", "--kind", "grpc", "--kind", "worker").returncode == 0
+    kinds = ("--kind", "grpc", "--kind", "worker")
+    assert new(tmp_path, "greeter", *kinds, spec=wheel_spec).returncode == 0
     project = tmp_path / "greeter"
     _, test_line = readme_commands(project)
     assert re.search(r"\b2 passed\b", readme_tests(project, test_line)), test_line

@@ -1032,20 +1032,22 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 def metrics_toml(
     *,
-    types: str = "http",
+    types: str | tuple[str, ...] = "http",
     metrics: Mapping[str, Any] | None = LOCAL_METRICS,
     tables: Mapping[str, Mapping[str, Any]] | None = None,
     name: str = "svc",
 ) -> str:
     """A service.toml on 127.0.0.1 with short timeouts; ``metrics=None`` leaves the feature off."""
+    kinds = [types] if isinstance(types, str) else list(types)
     all_tables: dict[str, Mapping[str, Any]] = {"lifecycle": TIMEOUTS}
-    if types in ("http", "grpc"):
-        all_tables[f"runtime.{types}"] = {"host": "127.0.0.1"}
+    for kind in kinds:
+        if kind in ("http", "grpc"):
+            all_tables[f"runtime.{kind}"] = {"host": "127.0.0.1"}
     if metrics is not None:
         all_tables["features.metrics"] = {"enabled": True, **metrics}
     for table, values in (tables or {}).items():
         all_tables[table] = {**all_tables.get(table, {}), **values}
-    return toml_text({"name": name, "types": [types], "version": "1.2.3"}, all_tables)
+    return toml_text({"name": name, "types": kinds, "version": "1.2.3"}, all_tables)
 
 
 def write_metrics_service(tmp_path: Path, **options: Any) -> Path:

@@ -98,7 +98,7 @@ def test_http_calls_are_counted_and_timed_per_method_route_and_status() -> None:
 
 def test_in_flight_gauges_follow_started_and_finished_server_calls() -> None:
     """http_requests_in_flight and grpc_server_in_flight count calls begun and not yet ended."""
-    telemetry, metrics, _ = built(service_toml())
+    telemetry, metrics, _ = built(service_toml(types=("http", "grpc")))
     registry = metrics.registry
     http = [telemetry.begin("http", "server", "", method="GET") for _ in range(3)]
     grpc = [telemetry.begin("grpc", "server", "/p.S/M") for _ in range(2)]
@@ -109,6 +109,29 @@ def test_in_flight_gauges_follow_started_and_finished_server_calls() -> None:
     finish(telemetry, grpc[0], "OK")
     assert registry.get_sample_value("http_requests_in_flight") == 2
     assert registry.get_sample_value("grpc_server_in_flight") == 1
+
+
+#: The families each kind's calls feed, by name prefix.
+KIND_FAMILIES = {
+    "http": "http_requests_",
+    "grpc": "grpc_server_",
+    "worker": "worker_",
+    "script": "script_",
+}
+
+
+@pytest.mark.parametrize(
+    "types", [("http", "worker"), ("grpc",), ("script",), ("worker", "grpc")], ids=str
+)
+def test_only_the_served_kinds_families_are_exposed(types: tuple[str, ...]) -> None:
+    """A kind the service does not run has no series, no HELP line, no always-zero gauge."""
+    _, metrics, _ = built(service_toml(types=types))
+    text = metrics.render().decode()
+    for kind, prefix in KIND_FAMILIES.items():
+        assert (f"# HELP {prefix}" in text) == (kind in types), (kind, text)
+    assert "# HELP grpc_client_handled_total" in text  # any service may call others
+    assert "# HELP db_client_operations_total" in text
+    assert "# HELP service_start_duration_seconds" in text
 
 
 def test_label_values_stay_bounded() -> None:

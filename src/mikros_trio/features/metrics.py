@@ -46,6 +46,9 @@ name                                         type        labels
 ``db_client_connections_max``                gauge       ``system``, ``pool``
 ===========================================  ==========  =====================================
 
+The ``http_``, ``grpc_server_``, ``worker_`` and ``script_`` families exist
+only on a service that runs that kind.
+
 Database calls are the client calls a resource reports with its system as
 the call's kind (``postgresql``, ``redis``): ``operation`` is the SQL verb
 or the command name (``SELECT``, ``GET``; the resource bounds it),
@@ -88,7 +91,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import trio
@@ -250,46 +253,32 @@ _Pair = tuple[Any, Any]
 class _Recorder(Observer):
     """Turns calls and lifecycle events into samples on one registry."""
 
-    def __init__(self, registry: CollectorRegistry, buckets: Sequence[float]) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, buckets: Sequence[float], kinds: Collection[str]
+    ) -> None:
         r, b = registry, tuple(buckets)
-        self._http_total = Counter(
-            "http_requests_total",
-            "HTTP requests served, by method, route rule and status.",
-            ["method", "route", "status"],
-            registry=r,
-        )
-        self._http_seconds = Histogram(
-            "http_request_duration_seconds",
-            "Time to serve an HTTP request, until its response was sent.",
-            ["method", "route", "status"],
-            buckets=b,
-            registry=r,
-        )
-        self._http_flight = Gauge(
-            "http_requests_in_flight",
-            "HTTP requests being served now.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self._grpc_total = Counter(
-            "grpc_server_handled_total",
-            "gRPC calls served, by full method and status code.",
-            ["method", "code"],
-            registry=r,
-        )
-        self._grpc_seconds = Histogram(
-            "grpc_server_handling_seconds",
-            "Time to serve a gRPC call, until its status was sent.",
-            ["method", "code"],
-            buckets=b,
-            registry=r,
-        )
-        self._grpc_flight = Gauge(
-            "grpc_server_in_flight",
-            "gRPC calls being served now.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
+        # Child caches: label tuple -> (counter child, histogram child).
+        self._http: dict[tuple[str, str, str], _Pair] = {}
+        self._grpc: dict[tuple[str, str], _Pair] = {}
+        self._client: dict[tuple[str, str, str], _Pair] = {}
+        self._worker: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._db: dict[tuple[str, str, str], _Pair] = {}
+        self._in_flight: dict[str, Gauge] = {}
+        self._finish: dict[tuple[str, str], Callable[[Call], None]] = {
+            ("grpc", "client"): self._client_finished,
+        }
+        for system in DB_SYSTEMS:
+            self._finish[(system, "client")] = self._db_finished
+        # A kind the service does not run gets no families: no HELP lines,
+        # no gauges stuck at zero for a scraper to alert on.
+        if "http" in kinds:
+            self._http_families(r, b)
+        if "grpc" in kinds:
+            self._grpc_families(r, b)
+        if "worker" in kinds:
+            self._worker_families(r, b)
+        if "script" in kinds:
+            self._script_families(r)
         self._client_total = Counter(
             "grpc_client_handled_total",
             "gRPC calls made to other services, by client, full method and status code.",
@@ -302,37 +291,6 @@ class _Recorder(Observer):
             ["client", "method", "code"],
             buckets=b,
             registry=r,
-        )
-        self._worker_total = Counter(
-            "worker_iterations_total",
-            "Iterations of a periodic worker, by outcome (ok, idle, error, cancelled).",
-            ["worker", "status"],
-            registry=r,
-        )
-        self._worker_failures = Counter(
-            "worker_failures_total",
-            "Iterations of a periodic worker that failed.",
-            ["worker"],
-            registry=r,
-        )
-        self._worker_seconds = Histogram(
-            "worker_iteration_duration_seconds",
-            "Time one iteration of a periodic worker took.",
-            ["worker"],
-            buckets=b,
-            registry=r,
-        )
-        self._script_seconds = Gauge(
-            "script_duration_seconds",
-            "How long the script ran (set when it ends).",
-            registry=r,
-            multiprocess_mode="max",
-        )
-        self._script_success = Gauge(
-            "script_success",
-            "1 if the script succeeded, 0 if it failed.",
-            registry=r,
-            multiprocess_mode="min",
         )
         self._service_start = Gauge(
             "service_start_duration_seconds",
@@ -368,27 +326,94 @@ class _Recorder(Observer):
             registry=r,
             multiprocess_mode="max",
         )
-        # Child caches: label tuple -> (counter child, histogram child).
-        self._http: dict[tuple[str, str, str], _Pair] = {}
-        self._grpc: dict[tuple[str, str], _Pair] = {}
-        self._client: dict[tuple[str, str, str], _Pair] = {}
-        self._worker: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
-        self._db: dict[tuple[str, str, str], _Pair] = {}
-        self._in_flight = {"http": self._http_flight, "grpc": self._grpc_flight}
-        self._finish: dict[tuple[str, str], Callable[[Call], None]] = {
-            ("http", "server"): self._http_finished,
-            ("grpc", "server"): self._grpc_finished,
-            ("grpc", "client"): self._client_finished,
-            ("worker", "internal"): self._worker_finished,
-            ("script", "internal"): self._script_finished,
-        }
-        for system in DB_SYSTEMS:
-            self._finish[(system, "client")] = self._db_finished
         # Lifecycle bookkeeping: Trio times of the phase each span began at.
         self._first_start: float | None = None
         self._shutdown_at: float | None = None
         self._starting: dict[str, float] = {}
         self._stopping: dict[str, float] = {}
+
+    def _http_families(self, r: CollectorRegistry, b: tuple[float, ...]) -> None:
+        self._http_total = Counter(
+            "http_requests_total",
+            "HTTP requests served, by method, route rule and status.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self._http_seconds = Histogram(
+            "http_request_duration_seconds",
+            "Time to serve an HTTP request, until its response was sent.",
+            ["method", "route", "status"],
+            buckets=b,
+            registry=r,
+        )
+        self._http_flight = Gauge(
+            "http_requests_in_flight",
+            "HTTP requests being served now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._in_flight["http"] = self._http_flight
+        self._finish[("http", "server")] = self._http_finished
+
+    def _grpc_families(self, r: CollectorRegistry, b: tuple[float, ...]) -> None:
+        self._grpc_total = Counter(
+            "grpc_server_handled_total",
+            "gRPC calls served, by full method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self._grpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time to serve a gRPC call, until its status was sent.",
+            ["method", "code"],
+            buckets=b,
+            registry=r,
+        )
+        self._grpc_flight = Gauge(
+            "grpc_server_in_flight",
+            "gRPC calls being served now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._in_flight["grpc"] = self._grpc_flight
+        self._finish[("grpc", "server")] = self._grpc_finished
+
+    def _worker_families(self, r: CollectorRegistry, b: tuple[float, ...]) -> None:
+        self._worker_total = Counter(
+            "worker_iterations_total",
+            "Iterations of a periodic worker, by outcome (ok, idle, error, cancelled).",
+            ["worker", "status"],
+            registry=r,
+        )
+        self._worker_failures = Counter(
+            "worker_failures_total",
+            "Iterations of a periodic worker that failed.",
+            ["worker"],
+            registry=r,
+        )
+        self._worker_seconds = Histogram(
+            "worker_iteration_duration_seconds",
+            "Time one iteration of a periodic worker took.",
+            ["worker"],
+            buckets=b,
+            registry=r,
+        )
+        self._finish[("worker", "internal")] = self._worker_finished
+
+    def _script_families(self, r: CollectorRegistry) -> None:
+        self._script_seconds = Gauge(
+            "script_duration_seconds",
+            "How long the script ran (set when it ends).",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self._script_success = Gauge(
+            "script_success",
+            "1 if the script succeeded, 0 if it failed.",
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self._finish[("script", "internal")] = self._script_finished
 
     # -- calls: the hot path --------------------------------------------------
 
@@ -527,7 +552,7 @@ def build_metrics(context: BuildContext) -> Sequence[Component]:
     )
     telemetry = context.telemetry
     telemetry.publish(metrics)
-    telemetry.add_observer(_Recorder(metrics.registry, settings.buckets))
+    telemetry.add_observer(_Recorder(metrics.registry, settings.buckets, definition.kinds))
     if "http" in definition.kinds:
         telemetry.add_endpoint(settings.path, metrics.scrape)
         return ()

@@ -92,7 +92,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, Final
 
 import trio
 from prometheus_client import (
@@ -246,6 +246,26 @@ def _timed_counter(
     return counter, histogram
 
 
+#: Per server kind: calls served (counter), their durations (histogram),
+#: those in flight (gauge), each as (name, help), and the labels of the first two.
+_SERVED_FAMILIES: Final = {
+    "http": (
+        ("http_requests_total", "HTTP requests served, by method, route rule and status."),
+        (
+            "http_request_duration_seconds",
+            "Time to serve an HTTP request, until its response was sent.",
+        ),
+        ("http_requests_in_flight", "HTTP requests being served now."),
+        ["method", "route", "status"],
+    ),
+    "grpc": (
+        ("grpc_server_handled_total", "gRPC calls served, by full method and status code."),
+        ("grpc_server_handling_seconds", "Time to serve a gRPC call, until its status was sent."),
+        ("grpc_server_in_flight", "gRPC calls being served now."),
+        ["method", "code"],
+    ),
+}
+
 # Labelled children of one (counter, histogram) pair, by label values.
 _Pair = tuple[Any, Any]
 
@@ -272,9 +292,11 @@ class _Recorder(Observer):
         # A kind the service does not run gets no families: no HELP lines,
         # no gauges stuck at zero for a scraper to alert on.
         if "http" in kinds:
-            self._http_families(r, b)
+            self._http_total, self._http_seconds, self._http_flight = self._served(r, b, "http")
+            self._finish[("http", "server")] = self._http_finished
         if "grpc" in kinds:
-            self._grpc_families(r, b)
+            self._grpc_total, self._grpc_seconds, self._grpc_flight = self._served(r, b, "grpc")
+            self._finish[("grpc", "server")] = self._grpc_finished
         if "worker" in kinds:
             self._worker_families(r, b)
         if "script" in kinds:
@@ -332,51 +354,18 @@ class _Recorder(Observer):
         self._starting: dict[str, float] = {}
         self._stopping: dict[str, float] = {}
 
-    def _http_families(self, r: CollectorRegistry, b: tuple[float, ...]) -> None:
-        self._http_total = Counter(
-            "http_requests_total",
-            "HTTP requests served, by method, route rule and status.",
-            ["method", "route", "status"],
-            registry=r,
+    def _served(
+        self, r: CollectorRegistry, b: tuple[float, ...], kind: str
+    ) -> tuple[Counter, Histogram, Gauge]:
+        """A server kind's families: calls served, their durations, and those in flight."""
+        total, seconds, flight, labels = _SERVED_FAMILIES[kind]
+        gauge = Gauge(*flight, registry=r, multiprocess_mode="livesum")
+        self._in_flight[kind] = gauge
+        return (
+            Counter(*total, labels, registry=r),
+            Histogram(*seconds, labels, buckets=b, registry=r),
+            gauge,
         )
-        self._http_seconds = Histogram(
-            "http_request_duration_seconds",
-            "Time to serve an HTTP request, until its response was sent.",
-            ["method", "route", "status"],
-            buckets=b,
-            registry=r,
-        )
-        self._http_flight = Gauge(
-            "http_requests_in_flight",
-            "HTTP requests being served now.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self._in_flight["http"] = self._http_flight
-        self._finish[("http", "server")] = self._http_finished
-
-    def _grpc_families(self, r: CollectorRegistry, b: tuple[float, ...]) -> None:
-        self._grpc_total = Counter(
-            "grpc_server_handled_total",
-            "gRPC calls served, by full method and status code.",
-            ["method", "code"],
-            registry=r,
-        )
-        self._grpc_seconds = Histogram(
-            "grpc_server_handling_seconds",
-            "Time to serve a gRPC call, until its status was sent.",
-            ["method", "code"],
-            buckets=b,
-            registry=r,
-        )
-        self._grpc_flight = Gauge(
-            "grpc_server_in_flight",
-            "gRPC calls being served now.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self._in_flight["grpc"] = self._grpc_flight
-        self._finish[("grpc", "server")] = self._grpc_finished
 
     def _worker_families(self, r: CollectorRegistry, b: tuple[float, ...]) -> None:
         self._worker_total = Counter(

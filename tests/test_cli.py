@@ -346,6 +346,28 @@ def test_module_target_resolves_from_working_directory(spawn: Spawn, tmp_path: P
     assert child.wait() == 0, child.report()
 
 
+def test_module_target_reads_the_service_toml_beside_its_module(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """``check pkg.main``: the file beside the module wins over the working directory's, as
+    ``python -m pkg.main`` calling ``mikros_trio.run(Container)`` reads it."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "main.py").write_text((REPO / "examples" / "worker" / "main.py").read_text())
+    beside = (REPO / "examples" / "worker" / "service.toml").read_text()
+    (package / "service.toml").write_text(beside)
+    (tmp_path / "service.toml").write_text(beside.replace('name = "', 'name = "cwd-'))
+    child = spawn(MIKROS_TRIO, "check", "pkg.main", cwd=tmp_path)
+    assert child.wait() == 0, child.report()
+    assert f"{package / 'service.toml'}: ok" in child.stdout
+    (package / "service.toml").unlink()
+    child = spawn(MIKROS_TRIO, "check", "pkg.main", cwd=tmp_path)
+    assert child.wait() == 0, child.report()
+    assert "service.toml: ok" in child.stdout
+    assert "service cwd-" in child.stdout
+
+
 # -- property: any document -----------------------------------------------------
 
 

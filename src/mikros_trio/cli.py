@@ -40,7 +40,13 @@ from ._deploy import add_deploy
 from ._graph import NodeSpec, plan
 from ._registry import default_registry
 from ._scaffold import add_new
-from ._service import Service, report_config_error, run_process, validate_with_envs
+from ._service import (
+    Service,
+    find_config,
+    report_config_error,
+    run_process,
+    validate_with_envs,
+)
 from .errors import ConfigError
 
 __all__ = ["main"]
@@ -264,7 +270,7 @@ def _resolve(target: str, config: Path | None) -> tuple[type[ServiceContainer], 
         if not path.is_file():
             raise UsageError(f"target file {spec} does not exist")
         module = _import_file(path)
-        default_config = path.parent / "service.toml"
+        default_config: Path | None = path.parent / "service.toml"
     else:
         if not spec or spec.startswith("."):
             raise UsageError(f"target {target!r} needs a module name or a .py file")
@@ -275,14 +281,16 @@ def _resolve(target: str, config: Path | None) -> tuple[type[ServiceContainer], 
             module = importlib.import_module(spec)
         except Exception as error:  # any failure in the user's import is a usage error
             raise UsageError(f"cannot import {spec!r}: {type(error).__name__}: {error}") from None
-        default_config = Path("service.toml")
+        default_config = None  # as mikros_trio.run finds it: beside the module, else here
     container = getattr(module, attribute, None)
     if not (isinstance(container, type) and issubclass(container, ServiceContainer)):
         raise UsageError(
             f"{spec} has no ServiceContainer subclass named {attribute!r} "
             "(name it with TARGET:Name)"
         )
-    return container, config if config is not None else default_config
+    if config is not None:
+        return container, config
+    return container, default_config if default_config is not None else find_config(container)
 
 
 def _import_file(path: Path) -> Any:

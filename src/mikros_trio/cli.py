@@ -230,7 +230,7 @@ def _file_nodes(definition: Definition) -> list[NodeSpec]:
     _, nodes = build_components(ServiceContainer(), bare, registry)
     # As build_components does for the container's components: all start
     # after the last feature.
-    last = [node.name for node in nodes][-1:]
+    last = [nodes[-1].name] if nodes else []
     nodes += [NodeSpec(t.kind, Role.GENERATING, last, path="types") for t in definition.types]
     nodes += [
         NodeSpec(
